@@ -1,0 +1,254 @@
+//! The one validated description of a tied LoRA: shapes, scale and loss options.
+
+use crate::error::{Error, Result};
+use std::fmt;
+
+/// How per-token cross-entropy losses are combined.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
+pub enum Reduction {
+    /// Mean over the tokens whose target is not `ignore_index` (0 if there are none).
+    #[default]
+    Mean,
+    /// Sum over the tokens whose target is not `ignore_index`.
+    Sum,
+}
+
+impl Reduction {
+    /// Parses `mean` or `sum`.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "mean" => Some(Reduction::Mean),
+            "sum" => Some(Reduction::Sum),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Reduction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Reduction::Mean => "mean",
+            Reduction::Sum => "sum",
+        })
+    }
+}
+
+/// Largest vocabulary / hidden size / rank accepted: kernels index rows with 32-bit ints.
+pub const MAX_DIM: usize = i32::MAX as usize;
+
+/// A validated tied-LoRA configuration. Build it with [`LoraConfig::builder`];
+/// once built, every field is in its domain, so the ops only check buffers.
+///
+/// ```
+/// use tiedlora::{LoraConfig, Reduction};
+/// let cfg = LoraConfig::builder(256_000, 2304, 16)
+///     .alpha(32.0)
+///     .embed_scale((2304f64).sqrt()) // Gemma scales embeddings by sqrt(d)
+///     .logit_softcap(30.0)            // Gemma 2
+///     .reduction(Reduction::Mean)
+///     .build()?;
+/// assert_eq!(cfg.scale(), 2.0);
+/// # Ok::<(), tiedlora::Error>(())
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraConfig {
+    vocab: usize,
+    hidden: usize,
+    rank: usize,
+    alpha: f64,
+    use_rslora: bool,
+    embed_scale: f64,
+    logit_softcap: Option<f64>,
+    ignore_index: i64,
+    reduction: Reduction,
+}
+
+/// Builder for [`LoraConfig`]; defaults follow PEFT (`lora_alpha = 8`, no rsLoRA)
+/// and PyTorch's `cross_entropy` (`ignore_index = -100`, mean).
+#[derive(Debug, Clone)]
+pub struct LoraConfigBuilder {
+    cfg: LoraConfig,
+}
+
+impl LoraConfig {
+    /// Starts a config for a tied weight `w` [vocab, hidden] with LoRA rank `rank`.
+    pub fn builder(vocab: usize, hidden: usize, rank: usize) -> LoraConfigBuilder {
+        LoraConfigBuilder {
+            cfg: LoraConfig {
+                vocab,
+                hidden,
+                rank,
+                alpha: 8.0,
+                use_rslora: false,
+                embed_scale: 1.0,
+                logit_softcap: None,
+                ignore_index: -100,
+                reduction: Reduction::Mean,
+            },
+        }
+    }
+
+    /// V: rows of `w` and `lora_vocab`.
+    pub fn vocab(&self) -> usize {
+        self.vocab
+    }
+    /// d: columns of `w` and `lora_hidden`.
+    pub fn hidden(&self) -> usize {
+        self.hidden
+    }
+    /// r: the LoRA rank.
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+    /// PEFT's `lora_alpha`.
+    pub fn alpha(&self) -> f64 {
+        self.alpha
+    }
+    /// Whether the scale is `alpha / sqrt(r)` (rsLoRA) rather than `alpha / r`.
+    pub fn use_rslora(&self) -> bool {
+        self.use_rslora
+    }
+    /// The LoRA scale s: `alpha / r`, or `alpha / sqrt(r)` with rsLoRA.
+    pub fn scale(&self) -> f64 {
+        if self.use_rslora {
+            self.alpha / (self.rank as f64).sqrt()
+        } else {
+            self.alpha / self.rank as f64
+        }
+    }
+    /// c: the embedding output multiplier (1 unless the model scales, e.g. Gemma's sqrt(d)).
+    pub fn embed_scale(&self) -> f64 {
+        self.embed_scale
+    }
+    /// κ of the logit softcap `κ·tanh(z/κ)`, if any.
+    pub fn logit_softcap(&self) -> Option<f64> {
+        self.logit_softcap
+    }
+    /// Target value that contributes no loss and no gradient.
+    pub fn ignore_index(&self) -> i64 {
+        self.ignore_index
+    }
+    /// Loss reduction.
+    pub fn reduction(&self) -> Reduction {
+        self.reduction
+    }
+}
+
+impl LoraConfigBuilder {
+    /// PEFT's `lora_alpha` (default 8). Must be finite.
+    pub fn alpha(mut self, alpha: f64) -> Self {
+        self.cfg.alpha = alpha;
+        self
+    }
+    /// rsLoRA scaling `alpha / sqrt(r)` (default off).
+    pub fn use_rslora(mut self, on: bool) -> Self {
+        self.cfg.use_rslora = on;
+        self
+    }
+    /// Embedding output multiplier c (default 1). Must be finite.
+    pub fn embed_scale(mut self, c: f64) -> Self {
+        self.cfg.embed_scale = c;
+        self
+    }
+    /// Logit softcap κ (Gemma 2 uses 30). Must be finite and > 0.
+    pub fn logit_softcap(mut self, kappa: f64) -> Self {
+        self.cfg.logit_softcap = Some(kappa);
+        self
+    }
+    /// Softcap as an option; `None` or `Some(0.0)` (the golden-file convention) turns it off.
+    pub fn logit_softcap_opt(mut self, kappa: Option<f64>) -> Self {
+        self.cfg.logit_softcap = kappa.filter(|&k| k != 0.0);
+        self
+    }
+    /// Target value to ignore (default -100). With `u32` targets, a target holding
+    /// the 32-bit two's-complement pattern of a negative `ignore_index`
+    /// (`-100i32 as u32`) is ignored too.
+    pub fn ignore_index(mut self, ignore_index: i64) -> Self {
+        self.cfg.ignore_index = ignore_index;
+        self
+    }
+    /// Loss reduction (default mean).
+    pub fn reduction(mut self, reduction: Reduction) -> Self {
+        self.cfg.reduction = reduction;
+        self
+    }
+
+    /// Checks every field and returns the config.
+    pub fn build(self) -> Result<LoraConfig> {
+        let c = self.cfg;
+        let dim = |field: &'static str, v: usize| -> Result<()> {
+            if v == 0 {
+                return Err(Error::InvalidConfig {
+                    field,
+                    value: v.to_string(),
+                    reason: "must be at least 1",
+                });
+            }
+            if v > MAX_DIM {
+                return Err(Error::InvalidConfig {
+                    field,
+                    value: v.to_string(),
+                    reason: "must be at most 2^31 - 1",
+                });
+            }
+            Ok(())
+        };
+        dim("vocab", c.vocab)?;
+        dim("hidden", c.hidden)?;
+        dim("rank", c.rank)?;
+        if c.vocab.checked_mul(c.hidden.max(c.rank)).is_none() {
+            return Err(Error::InvalidConfig {
+                field: "vocab",
+                value: format!("{} x {}", c.vocab, c.hidden),
+                reason: "vocab * hidden overflows usize",
+            });
+        }
+        let finite = |field: &'static str, v: f64| -> Result<()> {
+            if v.is_finite() {
+                Ok(())
+            } else {
+                Err(Error::InvalidConfig {
+                    field,
+                    value: v.to_string(),
+                    reason: "must be finite",
+                })
+            }
+        };
+        finite("alpha", c.alpha)?;
+        finite("embed_scale", c.embed_scale)?;
+        if !c.scale().is_finite() {
+            return Err(Error::InvalidConfig {
+                field: "scale",
+                value: c.scale().to_string(),
+                reason: "alpha / r (or alpha / sqrt(r)) must be finite",
+            });
+        }
+        if let Some(k) = c.logit_softcap {
+            if !(k.is_finite() && k > 0.0) {
+                return Err(Error::InvalidConfig {
+                    field: "logit_softcap",
+                    value: k.to_string(),
+                    reason: "must be finite and > 0",
+                });
+            }
+        }
+        Ok(c)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scale_plain_and_rslora() {
+        let c = LoraConfig::builder(10, 4, 4).alpha(8.0).build().unwrap();
+        assert_eq!(c.scale(), 2.0);
+        let c = LoraConfig::builder(10, 4, 16)
+            .alpha(8.0)
+            .use_rslora(true)
+            .build()
+            .unwrap();
+        assert_eq!(c.scale(), 2.0);
+    }
+}
