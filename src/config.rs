@@ -203,28 +203,29 @@ impl LoraConfigBuilder {
                 reason: "vocab * hidden overflows usize",
             });
         }
+        // Kernels use these values in f32, so they must be finite there too.
         let finite = |field: &'static str, v: f64| -> Result<()> {
-            if v.is_finite() {
+            if v.is_finite() && (v as f32).is_finite() {
                 Ok(())
             } else {
                 Err(Error::InvalidConfig {
                     field,
                     value: v.to_string(),
-                    reason: "must be finite",
+                    reason: "must be finite (also as f32)",
                 })
             }
         };
         finite("alpha", c.alpha)?;
         finite("embed_scale", c.embed_scale)?;
-        if !c.scale().is_finite() {
+        if !(c.scale() as f32).is_finite() {
             return Err(Error::InvalidConfig {
                 field: "scale",
                 value: c.scale().to_string(),
-                reason: "alpha / r (or alpha / sqrt(r)) must be finite",
+                reason: "alpha / r (or alpha / sqrt(r)) must be finite in f32",
             });
         }
         if let Some(k) = c.logit_softcap {
-            if !(k.is_finite() && k > 0.0) {
+            if !(k.is_finite() && (k as f32).is_finite() && k > 0.0) {
                 return Err(Error::InvalidConfig {
                     field: "logit_softcap",
                     value: k.to_string(),

@@ -1,0 +1,354 @@
+//! One golden runner for every backend. A backend plugs in by implementing
+//! [`Harness`] over host vectors (a device backend uploads and downloads
+//! inside its impl); the runner does the rest: loads inputs, poisons
+//! outputs, runs every op, compares every expected tensor.
+
+use super::golden::{rel_err, CasePath, Check, Golden};
+use tiedlora::io::TensorFile;
+use tiedlora::{bf16, f16, Backend, Cpu, DType, Element, Grads, LoraConfig, Result, Weights};
+
+/// The tied parameters on the host.
+#[derive(Clone, Copy)]
+pub struct HostWeights<'a, T> {
+    pub w: &'a [T],
+    pub u: &'a [f32],
+    pub vh: &'a [f32],
+}
+
+/// Gradient accumulators on the host.
+#[derive(Debug, Clone)]
+pub struct HostGrads {
+    pub lora_vocab: Vec<f32>,
+    pub lora_hidden: Vec<f32>,
+    pub w: Option<Vec<f32>>,
+}
+
+impl HostGrads {
+    pub fn zeros(cfg: &LoraConfig, with_w: bool) -> Self {
+        HostGrads {
+            lora_vocab: vec![0.0; cfg.vocab() * cfg.rank()],
+            lora_hidden: vec![0.0; cfg.rank() * cfg.hidden()],
+            w: with_w.then(|| vec![0.0; cfg.vocab() * cfg.hidden()]),
+        }
+    }
+}
+
+/// What a backend must offer the golden runner. Outputs come back as fresh
+/// vectors; implementations must poison (NaN-fill) output buffers before the op.
+pub trait Harness {
+    fn name(&self) -> String;
+    /// Tolerance for an output of dtype `out` in a case stored as `storage`.
+    /// Default: the CPU-reference rule (by the output's own dtype).
+    fn tolerance(&self, _storage: DType, out: DType) -> f64 {
+        out.tolerance()
+    }
+    fn embed_forward<T: Element>(&self, cfg: &LoraConfig, wt: HostWeights<T>, ids: &[i64]) -> Result<Vec<T>>;
+    fn embed_backward<T: Element, G: Element>(
+        &self,
+        cfg: &LoraConfig,
+        wt: HostWeights<T>,
+        ids: &[i64],
+        d_embed: &[G],
+        grads: &mut HostGrads,
+    ) -> Result<()>;
+    fn head_forward<T: Element>(&self, cfg: &LoraConfig, wt: HostWeights<T>, h: &[T]) -> Result<Vec<T>>;
+    fn head_backward<T: Element, G: Element>(
+        &self,
+        cfg: &LoraConfig,
+        wt: HostWeights<T>,
+        h: &[T],
+        d_logits: &[G],
+        grads: &mut HostGrads,
+    ) -> Result<Vec<T>>;
+    fn xent_forward<T: Element>(&self, cfg: &LoraConfig, wt: HostWeights<T>, h: &[T], targets: &[i64]) -> Result<(f32, Vec<f32>)>;
+    #[allow(clippy::too_many_arguments)]
+    fn xent_backward<T: Element>(
+        &self,
+        cfg: &LoraConfig,
+        wt: HostWeights<T>,
+        h: &[T],
+        targets: &[i64],
+        lse: &[f32],
+        grad_loss: f32,
+        grads: &mut HostGrads,
+    ) -> Result<Vec<T>>;
+    fn merge<T: Element>(&self, cfg: &LoraConfig, w: &mut [T], u: &[f32], vh: &[f32], sign: f64) -> Result<()>;
+}
+
+pub fn nan<T: Element>(n: usize) -> Vec<T> {
+    vec![T::from_f64(f64::NAN); n]
+}
+
+/// Any backend whose buffers are host slices.
+impl Harness for Cpu {
+    fn name(&self) -> String {
+        Backend::name(self).to_string()
+    }
+    fn embed_forward<T: Element>(&self, cfg: &LoraConfig, wt: HostWeights<T>, ids: &[i64]) -> Result<Vec<T>> {
+        let mut out = nan(ids.len() * cfg.hidden());
+        Backend::embed_forward(self, cfg, &weights(wt), ids, &mut out)?;
+        Ok(out)
+    }
+    fn embed_backward<T: Element, G: Element>(
+        &self,
+        cfg: &LoraConfig,
+        wt: HostWeights<T>,
+        ids: &[i64],
+        d_embed: &[G],
+        g: &mut HostGrads,
+    ) -> Result<()> {
+        Backend::embed_backward(self, cfg, &weights(wt), ids, d_embed, &mut grads(g))
+    }
+    fn head_forward<T: Element>(&self, cfg: &LoraConfig, wt: HostWeights<T>, h: &[T]) -> Result<Vec<T>> {
+        let mut out = nan(h.len() / cfg.hidden() * cfg.vocab());
+        Backend::head_forward(self, cfg, &weights(wt), h, &mut out)?;
+        Ok(out)
+    }
+    fn head_backward<T: Element, G: Element>(
+        &self,
+        cfg: &LoraConfig,
+        wt: HostWeights<T>,
+        h: &[T],
+        d_logits: &[G],
+        g: &mut HostGrads,
+    ) -> Result<Vec<T>> {
+        let mut dh = nan(h.len());
+        Backend::head_backward(self, cfg, &weights(wt), h, d_logits, &mut dh, &mut grads(g))?;
+        Ok(dh)
+    }
+    fn xent_forward<T: Element>(&self, cfg: &LoraConfig, wt: HostWeights<T>, h: &[T], targets: &[i64]) -> Result<(f32, Vec<f32>)> {
+        let mut loss = [f32::NAN];
+        let mut lse = nan(targets.len());
+        Backend::head_xent_forward(self, cfg, &weights(wt), h, targets, &mut loss, &mut lse)?;
+        Ok((loss[0], lse))
+    }
+    fn xent_backward<T: Element>(
+        &self,
+        cfg: &LoraConfig,
+        wt: HostWeights<T>,
+        h: &[T],
+        targets: &[i64],
+        lse: &[f32],
+        grad_loss: f32,
+        g: &mut HostGrads,
+    ) -> Result<Vec<T>> {
+        let mut dh = nan(h.len());
+        Backend::head_xent_backward(self, cfg, &weights(wt), h, targets, lse, grad_loss, &mut dh, &mut grads(g))?;
+        Ok(dh)
+    }
+    fn merge<T: Element>(&self, cfg: &LoraConfig, w: &mut [T], u: &[f32], vh: &[f32], sign: f64) -> Result<()> {
+        if sign > 0.0 {
+            Backend::merge(self, cfg, w, u, vh)
+        } else {
+            Backend::unmerge(self, cfg, w, u, vh)
+        }
+    }
+}
+
+fn weights<'a, T: Element>(wt: HostWeights<'a, T>) -> Weights<'a, Cpu, T> {
+    Weights {
+        w: wt.w,
+        lora_vocab: wt.u,
+        lora_hidden: wt.vh,
+    }
+}
+
+fn grads(g: &mut HostGrads) -> Grads<'_, Cpu> {
+    Grads {
+        lora_vocab: &mut g.lora_vocab,
+        lora_hidden: &mut g.lora_hidden,
+        w: g.w.as_deref_mut(),
+    }
+}
+
+pub fn widen<T: Element>(v: &[T]) -> Vec<f64> {
+    v.iter().map(|x| x.to_f64()).collect()
+}
+
+/// Collects comparisons for one case.
+struct Recorder<'a, H: Harness> {
+    h: &'a H,
+    case: String,
+    storage: DType,
+    checks: Vec<Check>,
+}
+
+impl<H: Harness> Recorder<'_, H> {
+    fn check(&mut self, op: &'static str, tensor: &str, out_dtype: DType, out: &[f64], expected: &[f64]) {
+        self.checks.push(Check {
+            case: self.case.clone(),
+            op,
+            backend: self.h.name(),
+            tensor: tensor.to_string(),
+            err: rel_err(out, expected),
+            tol: self.h.tolerance(self.storage, out_dtype),
+        });
+    }
+    fn grads(&mut self, op: &'static str, g: &Golden, prefix: &str, got: &HostGrads) -> Result<()> {
+        let cfg = &g.cfg;
+        let (v, d, r) = (cfg.vocab(), cfg.hidden(), cfg.rank());
+        let name = format!("{prefix}_grad_lora_vocab");
+        let e = g.expected(&name, v * r)?;
+        self.check(op, &name, DType::F32, &widen(&got.lora_vocab), &e);
+        let name = format!("{prefix}_grad_lora_hidden");
+        let e = g.expected(&name, r * d)?;
+        self.check(op, &name, DType::F32, &widen(&got.lora_hidden), &e);
+        let name = format!("{prefix}_grad_w");
+        if g.file.contains(&name) {
+            let e = g.expected(&name, v * d)?;
+            let got_w = got.w.as_ref().expect("grad_w requested");
+            self.check(op, &name, DType::F32, &widen(got_w), &e);
+        }
+        Ok(())
+    }
+}
+
+/// Runs every op of a standard golden case through `h`.
+pub fn run_standard<H: Harness>(h: &H, path: &std::path::Path, case: &str) -> Result<Vec<Check>> {
+    let g = Golden::open(path)?;
+    match g.dtype {
+        DType::F32 => run_typed::<f32, H>(h, &g, case),
+        DType::F16 => run_typed::<f16, H>(h, &g, case),
+        DType::BF16 => run_typed::<bf16, H>(h, &g, case),
+    }
+}
+
+fn run_typed<T: Element, H: Harness>(h: &H, g: &Golden, case: &str) -> Result<Vec<Check>> {
+    let cfg = &g.cfg;
+    let (v, d, r) = (cfg.vocab(), cfg.hidden(), cfg.rank());
+    let (w, _) = g.file.exact::<T>("w")?;
+    let (u, _) = g.file.f32("lora_vocab")?;
+    let (vh, _) = g.file.f32("lora_hidden")?;
+    let (hs, _) = g.file.exact::<T>("h")?;
+    let ids = g.tokens("ids")?;
+    let targets = g.tokens("targets")?;
+    let t = ids.len();
+    let (d_embed, _) = g.file.f32("d_embed")?;
+    let (d_logits, _) = g.file.f32("d_logits")?;
+    let wt = HostWeights { w: &w, u: &u, vh: &vh };
+    let mut rec = Recorder {
+        h,
+        case: case.to_string(),
+        storage: T::DTYPE,
+        checks: Vec::new(),
+    };
+    let want_w = |prefix: &str| g.file.contains(&format!("{prefix}_grad_w"));
+
+    let e = h.embed_forward(cfg, wt, &ids)?;
+    let expected_e = g.expected("embed_out", t * d)?;
+    rec.check("embed_forward", "embed_out", T::DTYPE, &widen(&e), &expected_e);
+
+    let mut gr = HostGrads::zeros(cfg, want_w("embed"));
+    h.embed_backward(cfg, wt, &ids, &d_embed, &mut gr)?;
+    rec.grads("embed_backward", g, "embed", &gr)?;
+
+    let z = h.head_forward(cfg, wt, &hs)?;
+    rec.check("head_forward", "logits", T::DTYPE, &widen(&z), &g.expected("logits", t * v)?);
+
+    let mut gr = HostGrads::zeros(cfg, want_w("head"));
+    let dh = h.head_backward(cfg, wt, &hs, &d_logits, &mut gr)?;
+    rec.check("head_backward", "head_grad_h", T::DTYPE, &widen(&dh), &g.expected("head_grad_h", t * d)?);
+    rec.grads("head_backward", g, "head", &gr)?;
+
+    let (loss, lse) = h.xent_forward(cfg, wt, &hs, &targets)?;
+    rec.check("head_xent_forward", "xent_loss", DType::F32, &[loss as f64], &g.expected("xent_loss", 1)?);
+    rec.check("head_xent_forward", "xent_lse", DType::F32, &widen(&lse), &g.expected("xent_lse", t)?);
+
+    let mut gr = HostGrads::zeros(cfg, want_w("xent"));
+    let dh = h.xent_backward(cfg, wt, &hs, &targets, &lse, 1.0, &mut gr)?;
+    rec.check("head_xent_backward", "xent_grad_h", T::DTYPE, &widen(&dh), &g.expected("xent_grad_h", t * d)?);
+    rec.grads("head_xent_backward", g, "xent", &gr)?;
+
+    // merge: the merged W looked up with no LoRA must give the golden embedding
+    // (c·(W + s·U·Vh)[ids]); unmerge must give W back up to one rounding.
+    let mut merged = w.clone();
+    h.merge(cfg, &mut merged, &u, &vh, 1.0)?;
+    let c = cfg.embed_scale();
+    let looked_up: Vec<f64> = ids
+        .iter()
+        .flat_map(|&i| merged[i as usize * d..(i as usize + 1) * d].iter().map(move |x| c * x.to_f64()))
+        .collect();
+    rec.check("merge", "embed_out(merged W)", T::DTYPE, &looked_up, &expected_e);
+    let mut restored = merged.clone();
+    h.merge(cfg, &mut restored, &u, &vh, -1.0)?;
+    rec.check("unmerge", "w", T::DTYPE, &widen(&restored), &widen(&w));
+    let _ = r;
+    Ok(rec.checks)
+}
+
+/// The PEFT end-to-end pipeline: embed → tanh → head + cross-entropy → tanh' → embed backward,
+/// both paths adding into ONE pair of gradient buffers, with the adapter read from PEFT's files.
+pub fn run_peft_e2e<H: Harness>(h: &H, dir: &std::path::Path, case: &str) -> Result<Vec<Check>> {
+    let e2e = TensorFile::open(dir.join("e2e.safetensors"))?;
+    let adapter = tiedlora::peft::PeftAdapter::read(dir)?;
+    let embedding_module = e2e.meta("peft_embedding_module")?;
+    if !adapter.embedding_module().ends_with(embedding_module) {
+        return Err(e2e.err(format!(
+            "e2e says the embedding module is {embedding_module:?}, the adapter has {:?}",
+            adapter.embedding_module()
+        )));
+    }
+    let reduction = tiedlora::Reduction::parse(e2e.meta("reduction")?)
+        .ok_or_else(|| e2e.err("metadata `reduction` is not mean or sum"))?;
+    let softcap: f64 = e2e.meta("logit_softcap")?.parse().map_err(|_| e2e.err("bad logit_softcap"))?;
+    let ignore: i64 = e2e.meta("ignore_index")?.parse().map_err(|_| e2e.err("bad ignore_index"))?;
+    let embed_scale: f64 = e2e.meta("embed_scale")?.parse().map_err(|_| e2e.err("bad embed_scale"))?;
+    let cfg = adapter
+        .config_builder()
+        .embed_scale(embed_scale)
+        .logit_softcap_opt(Some(softcap))
+        .ignore_index(ignore)
+        .reduction(reduction)
+        .build()?;
+    let dtype = e2e.meta("dtype")?;
+    if dtype != "f32" {
+        return Err(e2e.err(format!("PEFT e2e cases are f32, this one says {dtype:?}")));
+    }
+    let (v, d, r) = (cfg.vocab(), cfg.hidden(), cfg.rank());
+    let (w, _) = e2e.exact::<f32>("w")?;
+    let (ids, _) = e2e.i64("ids")?;
+    let (targets, _) = e2e.i64("targets")?;
+    let t = ids.len();
+    let expect = |name: &str, len: usize| -> Result<Vec<f64>> {
+        let (x, shape) = e2e.f64(name)?;
+        if x.len() != len {
+            return Err(e2e.err(format!("`{name}` has shape {shape:?}, expected {len} values")));
+        }
+        Ok(x)
+    };
+    let wt = HostWeights {
+        w: &w,
+        u: &adapter.lora_vocab,
+        vh: &adapter.lora_hidden,
+    };
+    let mut rec = Recorder {
+        h,
+        case: case.to_string(),
+        storage: DType::F32,
+        checks: Vec::new(),
+    };
+    let e = h.embed_forward(&cfg, wt, &ids)?;
+    rec.check("e2e embed_forward", "embed_out", DType::F32, &widen(&e), &expect("embed_out", t * d)?);
+    let hs: Vec<f32> = e.iter().map(|x| x.tanh()).collect();
+    let z = h.head_forward(&cfg, wt, &hs)?;
+    rec.check("e2e head_forward", "logits", DType::F32, &widen(&z), &expect("logits", t * v)?);
+    let (loss, lse) = h.xent_forward(&cfg, wt, &hs, &targets)?;
+    rec.check("e2e head_xent_forward", "e2e_loss", DType::F32, &[loss as f64], &expect("e2e_loss", 1)?);
+    // One set of gradient buffers for both paths.
+    let mut grads = HostGrads::zeros(&cfg, false);
+    let dh = h.xent_backward(&cfg, wt, &hs, &targets, &lse, 1.0, &mut grads)?;
+    let de: Vec<f32> = dh.iter().zip(&hs).map(|(g, y)| g * (1.0 - y * y)).collect();
+    h.embed_backward(&cfg, wt, &ids, &de, &mut grads)?;
+    rec.check("e2e shared backward", "e2e_grad_lora_vocab", DType::F32, &widen(&grads.lora_vocab), &expect("e2e_grad_lora_vocab", v * r)?);
+    rec.check("e2e shared backward", "e2e_grad_lora_hidden", DType::F32, &widen(&grads.lora_hidden), &expect("e2e_grad_lora_hidden", r * d)?);
+    Ok(rec.checks)
+}
+
+/// Runs one case of either kind.
+pub fn run_case<H: Harness>(h: &H, case: &CasePath, label: &str) -> Result<Vec<Check>> {
+    let name = format!("{label}/{}", case.name());
+    match case {
+        CasePath::Standard(p) => run_standard(h, p, &name),
+        CasePath::PeftE2e(p) => run_peft_e2e(h, p, &name),
+    }
+}
