@@ -178,18 +178,10 @@ impl LoraConfigBuilder {
         let c = self.cfg;
         let dim = |field: &'static str, v: usize| -> Result<()> {
             if v == 0 {
-                return Err(Error::InvalidConfig {
-                    field,
-                    value: v.to_string(),
-                    reason: "must be at least 1",
-                });
+                return Err(Error::InvalidConfig { field, value: v.to_string(), reason: "must be at least 1" });
             }
             if v > MAX_DIM {
-                return Err(Error::InvalidConfig {
-                    field,
-                    value: v.to_string(),
-                    reason: "must be at most 2^31 - 1",
-                });
+                return Err(Error::InvalidConfig { field, value: v.to_string(), reason: "must be at most 2^31 - 1" });
             }
             Ok(())
         };
@@ -208,11 +200,7 @@ impl LoraConfigBuilder {
             if v.is_finite() && (v as f32).is_finite() {
                 Ok(())
             } else {
-                Err(Error::InvalidConfig {
-                    field,
-                    value: v.to_string(),
-                    reason: "must be finite (also as f32)",
-                })
+                Err(Error::InvalidConfig { field, value: v.to_string(), reason: "must be finite (also as f32)" })
             }
         };
         finite("alpha", c.alpha)?;
@@ -245,11 +233,7 @@ mod tests {
     fn scale_plain_and_rslora() {
         let c = LoraConfig::builder(10, 4, 4).alpha(8.0).build().unwrap();
         assert_eq!(c.scale(), 2.0);
-        let c = LoraConfig::builder(10, 4, 16)
-            .alpha(8.0)
-            .use_rslora(true)
-            .build()
-            .unwrap();
+        let c = LoraConfig::builder(10, 4, 16).alpha(8.0).use_rslora(true).build().unwrap();
         assert_eq!(c.scale(), 2.0);
     }
 }

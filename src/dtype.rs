@@ -118,9 +118,7 @@ impl Element for bf16 {
 }
 
 /// A token id / target type. Sealed: implemented for `u32` and `i64`.
-pub trait TokenId:
-    sealed::Sealed + Copy + Send + Sync + PartialEq + fmt::Debug + bytemuck::Pod + 'static
-{
+pub trait TokenId: sealed::Sealed + Copy + Send + Sync + PartialEq + fmt::Debug + bytemuck::Pod + 'static {
     /// Name for messages (`u32` or `i64`).
     const NAME: &'static str;
     /// The id as a signed 64-bit integer (`u32` widens exactly).

@@ -80,11 +80,6 @@ pub enum Error {
 impl Error {
     /// Shorthand used by the shape checks.
     pub(crate) fn len(arg: &'static str, expected: usize, actual: usize, shape: String) -> Self {
-        Error::BufferLength {
-            arg,
-            expected,
-            actual,
-            shape,
-        }
+        Error::BufferLength { arg, expected, actual, shape }
     }
 }

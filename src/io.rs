@@ -53,10 +53,7 @@ impl TensorFile {
 
     /// A metadata value, or an error naming the missing key.
     pub fn meta(&self, key: &str) -> Result<&str> {
-        self.metadata
-            .get(key)
-            .map(String::as_str)
-            .ok_or_else(|| self.err(format!("metadata key `{key}` is missing")))
+        self.metadata.get(key).map(String::as_str).ok_or_else(|| self.err(format!("metadata key `{key}` is missing")))
     }
 
     fn tensors(&self) -> SafeTensors<'_> {
@@ -97,18 +94,9 @@ impl TensorFile {
         let data = t.data();
         let values = match t.dtype() {
             Dtype::F64 => data.chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().unwrap())).collect(),
-            Dtype::F32 => data
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes(b.try_into().unwrap()) as f64)
-                .collect(),
-            Dtype::F16 => data
-                .chunks_exact(2)
-                .map(|b| f16::from_le_bytes(b.try_into().unwrap()).to_f64())
-                .collect(),
-            Dtype::BF16 => data
-                .chunks_exact(2)
-                .map(|b| bf16::from_le_bytes(b.try_into().unwrap()).to_f64())
-                .collect(),
+            Dtype::F32 => data.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap()) as f64).collect(),
+            Dtype::F16 => data.chunks_exact(2).map(|b| f16::from_le_bytes(b.try_into().unwrap()).to_f64()).collect(),
+            Dtype::BF16 => data.chunks_exact(2).map(|b| bf16::from_le_bytes(b.try_into().unwrap()).to_f64()).collect(),
             other => return Err(self.bad_dtype(name, other, FLOAT_DTYPES)),
         };
         Ok((values, t.shape().to_vec()))
@@ -144,14 +132,8 @@ impl TensorFile {
         let data = t.data();
         let values = match t.dtype() {
             Dtype::I64 => data.chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap())).collect(),
-            Dtype::I32 => data
-                .chunks_exact(4)
-                .map(|b| i32::from_le_bytes(b.try_into().unwrap()) as i64)
-                .collect(),
-            Dtype::U32 => data
-                .chunks_exact(4)
-                .map(|b| u32::from_le_bytes(b.try_into().unwrap()) as i64)
-                .collect(),
+            Dtype::I32 => data.chunks_exact(4).map(|b| i32::from_le_bytes(b.try_into().unwrap()) as i64).collect(),
+            Dtype::U32 => data.chunks_exact(4).map(|b| u32::from_le_bytes(b.try_into().unwrap()) as i64).collect(),
             other => return Err(self.bad_dtype(name, other, "I64, I32, U32")),
         };
         Ok((values, t.shape().to_vec()))
@@ -159,10 +141,7 @@ impl TensorFile {
 
     /// An [`Error::File`] about this file.
     pub fn err(&self, reason: impl Into<String>) -> Error {
-        Error::File {
-            path: self.path.display().to_string(),
-            reason: reason.into(),
-        }
+        Error::File { path: self.path.display().to_string(), reason: reason.into() }
     }
 
     fn missing(&self, name: &str) -> Error {
@@ -179,10 +158,7 @@ impl TensorFile {
 }
 
 fn file_err(path: &Path, e: impl std::fmt::Display) -> Error {
-    Error::File {
-        path: path.display().to_string(),
-        reason: e.to_string(),
-    }
+    Error::File { path: path.display().to_string(), reason: e.to_string() }
 }
 
 /// Writes f32 tensors (name, shape, values) and string metadata as a safetensors file.

@@ -8,6 +8,7 @@ pub mod dtype;
 pub mod error;
 pub mod init;
 pub mod io;
+pub mod peft;
 pub mod validate;
 
 pub use backend::{Backend, Grads, Weights};

@@ -6,16 +6,10 @@ use crate::dtype::TokenId;
 use crate::error::{Error, Result};
 
 /// Checks that `arg` holds `rows * cols` elements; `shape` names the dims, e.g. `"T, d"`.
-pub fn check_len(
-    arg: &'static str,
-    actual: usize,
-    rows: usize,
-    cols: usize,
-    shape: &str,
-) -> Result<()> {
-    let expected = rows.checked_mul(cols).ok_or_else(|| {
-        Error::ShapeMismatch(format!("`{arg}` shape [{shape}] = [{rows}, {cols}] overflows"))
-    })?;
+pub fn check_len(arg: &'static str, actual: usize, rows: usize, cols: usize, shape: &str) -> Result<()> {
+    let expected = rows
+        .checked_mul(cols)
+        .ok_or_else(|| Error::ShapeMismatch(format!("`{arg}` shape [{shape}] = [{rows}, {cols}] overflows")))?;
     if actual != expected {
         let names: Vec<&str> = shape.split(',').map(str::trim).collect();
         let dims = if names.len() == 2 {

@@ -35,24 +35,18 @@ fn setup() -> Setup {
 }
 
 fn wt(s: &Setup) -> Weights<'_, Cpu, f32> {
-    Weights {
-        w: &s.w,
-        lora_vocab: &s.u,
-        lora_hidden: &s.vh,
-    }
+    Weights { w: &s.w, lora_vocab: &s.u, lora_hidden: &s.vh }
 }
 
 fn expect_len(err: Error, arg: &str, expected: usize, actual: usize) {
     match &err {
-        Error::BufferLength {
-            arg: a,
-            expected: e,
-            actual: got,
-            ..
-        } => {
+        Error::BufferLength { arg: a, expected: e, actual: got, .. } => {
             assert_eq!((*a, *e, *got), (arg, expected, actual), "{err}");
             let msg = err.to_string();
-            assert!(msg.contains(arg) && msg.contains(&expected.to_string()) && msg.contains(&actual.to_string()), "{msg}");
+            assert!(
+                msg.contains(arg) && msg.contains(&expected.to_string()) && msg.contains(&actual.to_string()),
+                "{msg}"
+            );
         }
         other => panic!("expected BufferLength for {arg}, got {other:?}"),
     }
@@ -86,11 +80,7 @@ fn wrong_output_and_gradient_lengths() {
     let mut du = vec![0f32; V * R];
     let mut dvh = vec![0f32; R * D - 1];
     let d_embed = vec![1f32; T * D];
-    let mut g = Grads::<Cpu> {
-        lora_vocab: &mut du,
-        lora_hidden: &mut dvh,
-        w: None,
-    };
+    let mut g = Grads::<Cpu> { lora_vocab: &mut du, lora_hidden: &mut dvh, w: None };
     expect_len(
         cpu.embed_backward(&s.cfg, &wt(&s), &s.ids, &d_embed, &mut g).unwrap_err(),
         "grad_lora_hidden",
@@ -99,29 +89,11 @@ fn wrong_output_and_gradient_lengths() {
     );
     let mut dvh = vec![0f32; R * D];
     let mut dw = vec![0f32; V * D + 3];
-    let mut g = Grads::<Cpu> {
-        lora_vocab: &mut du,
-        lora_hidden: &mut dvh,
-        w: Some(&mut dw),
-    };
-    expect_len(
-        cpu.embed_backward(&s.cfg, &wt(&s), &s.ids, &d_embed, &mut g).unwrap_err(),
-        "grad_w",
-        V * D,
-        V * D + 3,
-    );
+    let mut g = Grads::<Cpu> { lora_vocab: &mut du, lora_hidden: &mut dvh, w: Some(&mut dw) };
+    expect_len(cpu.embed_backward(&s.cfg, &wt(&s), &s.ids, &d_embed, &mut g).unwrap_err(), "grad_w", V * D, V * D + 3);
     // d_embed must match ids: T x d.
-    let mut g = Grads::<Cpu> {
-        lora_vocab: &mut du,
-        lora_hidden: &mut dvh,
-        w: None,
-    };
-    expect_len(
-        cpu.embed_backward(&s.cfg, &wt(&s), &s.ids, &d_embed[..D], &mut g).unwrap_err(),
-        "d_embed",
-        T * D,
-        D,
-    );
+    let mut g = Grads::<Cpu> { lora_vocab: &mut du, lora_hidden: &mut dvh, w: None };
+    expect_len(cpu.embed_backward(&s.cfg, &wt(&s), &s.ids, &d_embed[..D], &mut g).unwrap_err(), "d_embed", T * D, D);
     assert!(du.iter().chain(&dvh).all(|&x| x == 0.0), "gradients touched on error");
 }
 
@@ -136,11 +108,7 @@ fn head_and_xent_shape_mismatches() {
     // d_logits of the wrong size.
     let (mut du, mut dvh) = (vec![0f32; V * R], vec![0f32; R * D]);
     let mut dh = vec![f32::NAN; T * D];
-    let mut g = Grads::<Cpu> {
-        lora_vocab: &mut du,
-        lora_hidden: &mut dvh,
-        w: None,
-    };
+    let mut g = Grads::<Cpu> { lora_vocab: &mut du, lora_hidden: &mut dvh, w: None };
     let d_logits = vec![0.5f32; T * V - V];
     let err = cpu.head_backward(&s.cfg, &wt(&s), &s.h, &d_logits, &mut dh, &mut g).unwrap_err();
     expect_len(err, "d_logits", T * V, (T - 1) * V);
@@ -179,27 +147,15 @@ fn ids_out_of_range() {
         let mut ids = s.ids.clone();
         ids[3] = bad;
         let err = cpu.embed_forward(&s.cfg, &wt(&s), &ids, &mut out).unwrap_err();
-        assert_eq!(
-            err,
-            Error::TokenOutOfRange {
-                arg: "ids",
-                index: 3,
-                value: bad,
-                vocab: V
-            }
-        );
+        assert_eq!(err, Error::TokenOutOfRange { arg: "ids", index: 3, value: bad, vocab: V });
         assert!(err.to_string().contains(&bad.to_string()) && err.to_string().contains("ids[3]"), "{err}");
     }
     let ids_u32: Vec<u32> = vec![0, 1, V as u32, 2, 3];
     let err = cpu.embed_forward(&s.cfg, &wt(&s), &ids_u32, &mut out).unwrap_err();
     assert!(matches!(err, Error::TokenOutOfRange { index: 2, .. }), "{err}");
     let (mut du, mut dvh) = (vec![0f32; V * R], vec![0f32; R * D]);
-    let mut g = Grads::<Cpu> {
-        lora_vocab: &mut du,
-        lora_hidden: &mut dvh,
-        w: None,
-    };
-    let err = cpu.embed_backward(&s.cfg, &wt(&s), &ids_u32, &vec![1f32; T * D], &mut g).unwrap_err();
+    let mut g = Grads::<Cpu> { lora_vocab: &mut du, lora_hidden: &mut dvh, w: None };
+    let err = cpu.embed_backward(&s.cfg, &wt(&s), &ids_u32, &[1f32; T * D], &mut g).unwrap_err();
     assert!(matches!(err, Error::TokenOutOfRange { arg: "ids", .. }), "{err}");
     assert!(out.iter().all(|x| x.is_nan()));
 }
@@ -217,14 +173,8 @@ fn targets_out_of_range_but_ignore_index_is_fine() {
         let err = cpu.head_xent_forward(&s.cfg, &wt(&s), &s.h, &targets, &mut loss, &mut lse).unwrap_err();
         assert!(matches!(err, Error::TokenOutOfRange { arg: "targets", index: 1, .. }), "{err}");
         let (mut du, mut dvh, mut dh) = (vec![0f32; V * R], vec![0f32; R * D], vec![f32::NAN; T * D]);
-        let mut g = Grads::<Cpu> {
-            lora_vocab: &mut du,
-            lora_hidden: &mut dvh,
-            w: None,
-        };
-        let err = cpu
-            .head_xent_backward(&s.cfg, &wt(&s), &s.h, &targets, &lse, 1.0, &mut dh, &mut g)
-            .unwrap_err();
+        let mut g = Grads::<Cpu> { lora_vocab: &mut du, lora_hidden: &mut dvh, w: None };
+        let err = cpu.head_xent_backward(&s.cfg, &wt(&s), &s.h, &targets, &lse, 1.0, &mut dh, &mut g).unwrap_err();
         assert!(matches!(err, Error::TokenOutOfRange { arg: "targets", .. }), "{err}");
         assert!(dh.iter().all(|x| x.is_nan()) && du.iter().all(|&x| x == 0.0));
     }
@@ -293,11 +243,7 @@ fn nan_inputs_propagate_without_panicking() {
     cpu.head_xent_forward(&s.cfg, &wt(&s), &s.h, &targets, &mut loss, &mut lse).unwrap();
     assert!(loss[0].is_nan() && lse[0].is_nan());
     let (mut du, mut dvh, mut dh) = (vec![0f32; V * R], vec![0f32; R * D], vec![0f32; T * D]);
-    let mut g = Grads::<Cpu> {
-        lora_vocab: &mut du,
-        lora_hidden: &mut dvh,
-        w: None,
-    };
+    let mut g = Grads::<Cpu> { lora_vocab: &mut du, lora_hidden: &mut dvh, w: None };
     cpu.head_xent_backward(&s.cfg, &wt(&s), &s.h, &targets, &lse, 1.0, &mut dh, &mut g).unwrap();
     assert!(dh[..D].iter().all(|x| x.is_nan()));
     // NaN alpha is rejected at build time, but a NaN upstream gradient just propagates.

@@ -116,7 +116,8 @@ fn golden_with_a_wrong_expected_value_fails() {
             owned.push((name, s, v));
         }
     }
-    let views: Vec<(&str, Vec<usize>, &[f32])> = owned.iter().map(|(n, s, v)| (n.as_str(), s.clone(), v.as_slice())).collect();
+    let views: Vec<(&str, Vec<usize>, &[f32])> =
+        owned.iter().map(|(n, s, v)| (n.as_str(), s.clone(), v.as_slice())).collect();
     let path = dir.join("perturbed.safetensors");
     tiedlora::io::write_f32(&path, &views, Some(src.metadata().clone())).unwrap();
     // Re-add the integer tensors by rewriting with safetensors directly.

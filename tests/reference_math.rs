@@ -43,11 +43,7 @@ fn case(rng: &mut StdRng, v: usize, d: usize, r: usize, t: usize, softcap: Optio
 
 impl Case {
     fn wt(&self) -> HostWeights<'_, f32> {
-        HostWeights {
-            w: &self.w,
-            u: &self.u,
-            vh: &self.vh,
-        }
+        HostWeights { w: &self.w, u: &self.u, vh: &self.vh }
     }
 }
 
@@ -161,11 +157,8 @@ fn both_paths_add_into_one_shared_gradient() {
     cpu.embed_backward(&c.cfg, c.wt(), &c.ids, &de, &mut shared).unwrap();
     cpu.xent_backward(&c.cfg, c.wt(), &c.h, &c.targets, &lse, 1.0, &mut shared).unwrap();
     let sum = |a: &[f32], b: &[f32]| -> Vec<f64> { a.iter().zip(b).map(|(&x, &y)| x as f64 + y as f64).collect() };
-    let want_u: Vec<f64> = sum(&only_embed.lora_vocab, &only_head.lora_vocab)
-        .iter()
-        .zip(&start)
-        .map(|(a, &s)| a + s as f64)
-        .collect();
+    let want_u: Vec<f64> =
+        sum(&only_embed.lora_vocab, &only_head.lora_vocab).iter().zip(&start).map(|(a, &s)| a + s as f64).collect();
     assert!(rel_err(&widen(&shared.lora_vocab), &want_u) < 1e-6);
     let want_vh = sum(&only_embed.lora_hidden, &only_head.lora_hidden);
     assert!(rel_err(&widen(&shared.lora_hidden), &want_vh) < 1e-6);

@@ -23,9 +23,7 @@ pub fn forward<T: Element, I: TokenId>(
             let w_row = &w[i * d..(i + 1) * d];
             let u_row = &lora_vocab[i * r..(i + 1) * r];
             for (k, e) in e_row.iter_mut().enumerate() {
-                let delta: f64 = (0..r)
-                    .map(|j| u_row[j] as f64 * lora_hidden[j * d + k] as f64)
-                    .sum();
+                let delta: f64 = (0..r).map(|j| u_row[j] as f64 * lora_hidden[j * d + k] as f64).sum();
                 *e = T::from_f64(c * (w_row[k].to_f64() + s * delta));
             }
         }

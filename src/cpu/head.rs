@@ -117,11 +117,8 @@ pub fn backward_from_rows<T: Element, F>(
         part
     });
     // Combine the partials in row order, then round once into the f32 buffers.
-    let mut total = Partial {
-        lora_vocab: vec![0f64; v * r],
-        lora_hidden: vec![0f64; r * d],
-        w: want_w.then(|| vec![0f64; v * d]),
-    };
+    let mut total =
+        Partial { lora_vocab: vec![0f64; v * r], lora_hidden: vec![0f64; r * d], w: want_w.then(|| vec![0f64; v * d]) };
     for part in &partials {
         sum_into(&mut total.lora_vocab, &part.lora_vocab);
         sum_into(&mut total.lora_hidden, &part.lora_hidden);

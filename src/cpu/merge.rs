@@ -5,7 +5,14 @@ use crate::config::LoraConfig;
 use crate::dtype::Element;
 
 /// `sign` = +1 merges, −1 unmerges.
-pub fn apply<T: Element>(cfg: &LoraConfig, threads: usize, sign: f64, w: &mut [T], lora_vocab: &[f32], lora_hidden: &[f32]) {
+pub fn apply<T: Element>(
+    cfg: &LoraConfig,
+    threads: usize,
+    sign: f64,
+    w: &mut [T],
+    lora_vocab: &[f32],
+    lora_hidden: &[f32],
+) {
     let (d, r) = (cfg.hidden(), cfg.rank());
     let s = sign * cfg.scale();
     for_row_chunks(w, d, threads, |rows, chunk| {

@@ -2,6 +2,10 @@
 //! formulas in DESIGN.md §2. It is the yardstick the kernels are tested
 //! against, and a usable backend for small models and tests.
 
+// The reference spells the formulas with explicit indices on purpose: a reader
+// checks `dU[v*r + j] += s * G[v] * p[j]` against DESIGN.md line by line.
+#![allow(clippy::needless_range_loop)]
+
 mod embed;
 mod head;
 mod math;
@@ -221,7 +225,13 @@ impl Backend for Cpu {
         Ok(())
     }
 
-    fn unmerge<T: Element>(&self, cfg: &LoraConfig, w: &mut [T], lora_vocab: &[f32], lora_hidden: &[f32]) -> Result<()> {
+    fn unmerge<T: Element>(
+        &self,
+        cfg: &LoraConfig,
+        w: &mut [T],
+        lora_vocab: &[f32],
+        lora_hidden: &[f32],
+    ) -> Result<()> {
         check_weights(cfg, w.len(), lora_vocab.len(), lora_hidden.len())?;
         merge::apply(cfg, self.threads, -1.0, w, lora_vocab, lora_hidden);
         Ok(())

@@ -28,7 +28,7 @@ where
     R: Send,
     F: Fn(Range<usize>, &mut [T]) -> R + Sync,
 {
-    let rows = if row_len == 0 { 0 } else { out.len() / row_len };
+    let rows = out.len().checked_div(row_len).unwrap_or(0);
     let ranges = ranges(rows, threads);
     if ranges.len() <= 1 {
         return vec![f(0..rows, out)];
@@ -42,10 +42,7 @@ where
             let f = &f;
             handles.push(scope.spawn(move || f(range, chunk)));
         }
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("reference worker thread panicked"))
-            .collect()
+        handles.into_iter().map(|h| h.join().expect("reference worker thread panicked")).collect()
     })
 }
 

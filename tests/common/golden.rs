@@ -36,12 +36,7 @@ pub fn discover(dir: &Path) -> Result<Vec<CasePath>> {
     })?;
     let mut cases = Vec::new();
     for entry in entries {
-        let path = entry
-            .map_err(|e| Error::File {
-                path: dir.display().to_string(),
-                reason: e.to_string(),
-            })?
-            .path();
+        let path = entry.map_err(|e| Error::File { path: dir.display().to_string(), reason: e.to_string() })?.path();
         if path.is_dir() && path.join("e2e.safetensors").is_file() {
             cases.push(CasePath::PeftE2e(path));
         } else if path.extension().is_some_and(|e| e == "safetensors") {
@@ -54,10 +49,8 @@ pub fn discover(dir: &Path) -> Result<Vec<CasePath>> {
 
 /// Built-in cases plus those in `$TIEDLORA_GOLDENS` if it is set.
 pub fn all_cases() -> Result<Vec<(String, CasePath)>> {
-    let mut out: Vec<(String, CasePath)> = discover(&builtin_dir())?
-        .into_iter()
-        .map(|c| ("builtin".to_string(), c))
-        .collect();
+    let mut out: Vec<(String, CasePath)> =
+        discover(&builtin_dir())?.into_iter().map(|c| ("builtin".to_string(), c)).collect();
     if let Some(extra) = std::env::var_os("TIEDLORA_GOLDENS") {
         let dir = PathBuf::from(extra);
         let found = discover(&dir)?;
@@ -81,8 +74,7 @@ pub struct Golden {
 
 fn parse<T: std::str::FromStr>(file: &TensorFile, key: &str) -> Result<T> {
     let raw = file.meta(key)?;
-    raw.parse()
-        .map_err(|_| file.err(format!("metadata `{key}` = {raw:?} does not parse")))
+    raw.parse().map_err(|_| file.err(format!("metadata `{key}` = {raw:?} does not parse")))
 }
 
 impl Golden {
@@ -112,7 +104,9 @@ impl Golden {
             .build()?;
         let scale: f64 = parse(&file, "scale")?;
         if (cfg.scale() - scale).abs() > 1e-9 * scale.abs().max(1.0) {
-            return Err(file.err(format!("metadata scale {scale} disagrees with alpha/rank/use_rslora ({})", cfg.scale())));
+            return Err(
+                file.err(format!("metadata scale {scale} disagrees with alpha/rank/use_rslora ({})", cfg.scale()))
+            );
         }
         Ok(Golden { file, cfg, dtype })
     }
@@ -121,7 +115,9 @@ impl Golden {
     pub fn expected(&self, name: &str, len: usize) -> Result<Vec<f64>> {
         let (v, shape) = self.file.f64(name)?;
         if v.len() != len {
-            return Err(self.file.err(format!("tensor `{name}` has shape {shape:?} ({} values), expected {len}", v.len())));
+            return Err(self
+                .file
+                .err(format!("tensor `{name}` has shape {shape:?} ({} values), expected {len}", v.len())));
         }
         Ok(v)
     }

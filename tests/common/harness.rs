@@ -60,7 +60,13 @@ pub trait Harness {
         d_logits: &[G],
         grads: &mut HostGrads,
     ) -> Result<Vec<T>>;
-    fn xent_forward<T: Element>(&self, cfg: &LoraConfig, wt: HostWeights<T>, h: &[T], targets: &[i64]) -> Result<(f32, Vec<f32>)>;
+    fn xent_forward<T: Element>(
+        &self,
+        cfg: &LoraConfig,
+        wt: HostWeights<T>,
+        h: &[T],
+        targets: &[i64],
+    ) -> Result<(f32, Vec<f32>)>;
     #[allow(clippy::too_many_arguments)]
     fn xent_backward<T: Element>(
         &self,
@@ -116,7 +122,13 @@ impl Harness for Cpu {
         Backend::head_backward(self, cfg, &weights(wt), h, d_logits, &mut dh, &mut grads(g))?;
         Ok(dh)
     }
-    fn xent_forward<T: Element>(&self, cfg: &LoraConfig, wt: HostWeights<T>, h: &[T], targets: &[i64]) -> Result<(f32, Vec<f32>)> {
+    fn xent_forward<T: Element>(
+        &self,
+        cfg: &LoraConfig,
+        wt: HostWeights<T>,
+        h: &[T],
+        targets: &[i64],
+    ) -> Result<(f32, Vec<f32>)> {
         let mut loss = [f32::NAN];
         let mut lse = nan(targets.len());
         Backend::head_xent_forward(self, cfg, &weights(wt), h, targets, &mut loss, &mut lse)?;
@@ -146,19 +158,11 @@ impl Harness for Cpu {
 }
 
 fn weights<'a, T: Element>(wt: HostWeights<'a, T>) -> Weights<'a, Cpu, T> {
-    Weights {
-        w: wt.w,
-        lora_vocab: wt.u,
-        lora_hidden: wt.vh,
-    }
+    Weights { w: wt.w, lora_vocab: wt.u, lora_hidden: wt.vh }
 }
 
 fn grads(g: &mut HostGrads) -> Grads<'_, Cpu> {
-    Grads {
-        lora_vocab: &mut g.lora_vocab,
-        lora_hidden: &mut g.lora_hidden,
-        w: g.w.as_deref_mut(),
-    }
+    Grads { lora_vocab: &mut g.lora_vocab, lora_hidden: &mut g.lora_hidden, w: g.w.as_deref_mut() }
 }
 
 pub fn widen<T: Element>(v: &[T]) -> Vec<f64> {
@@ -226,12 +230,7 @@ fn run_typed<T: Element, H: Harness>(h: &H, g: &Golden, case: &str) -> Result<Ve
     let (d_embed, _) = g.file.f32("d_embed")?;
     let (d_logits, _) = g.file.f32("d_logits")?;
     let wt = HostWeights { w: &w, u: &u, vh: &vh };
-    let mut rec = Recorder {
-        h,
-        case: case.to_string(),
-        storage: T::DTYPE,
-        checks: Vec::new(),
-    };
+    let mut rec = Recorder { h, case: case.to_string(), storage: T::DTYPE, checks: Vec::new() };
     let want_w = |prefix: &str| g.file.contains(&format!("{prefix}_grad_w"));
 
     let e = h.embed_forward(cfg, wt, &ids)?;
@@ -316,17 +315,8 @@ pub fn run_peft_e2e<H: Harness>(h: &H, dir: &std::path::Path, case: &str) -> Res
         }
         Ok(x)
     };
-    let wt = HostWeights {
-        w: &w,
-        u: &adapter.lora_vocab,
-        vh: &adapter.lora_hidden,
-    };
-    let mut rec = Recorder {
-        h,
-        case: case.to_string(),
-        storage: DType::F32,
-        checks: Vec::new(),
-    };
+    let wt = HostWeights { w: &w, u: &adapter.lora_vocab, vh: &adapter.lora_hidden };
+    let mut rec = Recorder { h, case: case.to_string(), storage: DType::F32, checks: Vec::new() };
     let e = h.embed_forward(&cfg, wt, &ids)?;
     rec.check("e2e embed_forward", "embed_out", DType::F32, &widen(&e), &expect("embed_out", t * d)?);
     let hs: Vec<f32> = e.iter().map(|x| x.tanh()).collect();
@@ -339,8 +329,20 @@ pub fn run_peft_e2e<H: Harness>(h: &H, dir: &std::path::Path, case: &str) -> Res
     let dh = h.xent_backward(&cfg, wt, &hs, &targets, &lse, 1.0, &mut grads)?;
     let de: Vec<f32> = dh.iter().zip(&hs).map(|(g, y)| g * (1.0 - y * y)).collect();
     h.embed_backward(&cfg, wt, &ids, &de, &mut grads)?;
-    rec.check("e2e shared backward", "e2e_grad_lora_vocab", DType::F32, &widen(&grads.lora_vocab), &expect("e2e_grad_lora_vocab", v * r)?);
-    rec.check("e2e shared backward", "e2e_grad_lora_hidden", DType::F32, &widen(&grads.lora_hidden), &expect("e2e_grad_lora_hidden", r * d)?);
+    rec.check(
+        "e2e shared backward",
+        "e2e_grad_lora_vocab",
+        DType::F32,
+        &widen(&grads.lora_vocab),
+        &expect("e2e_grad_lora_vocab", v * r)?,
+    );
+    rec.check(
+        "e2e shared backward",
+        "e2e_grad_lora_hidden",
+        DType::F32,
+        &widen(&grads.lora_hidden),
+        &expect("e2e_grad_lora_hidden", r * d)?,
+    );
     Ok(rec.checks)
 }
 
