@@ -4,10 +4,14 @@
 pub mod backend;
 pub mod config;
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod dtype;
 pub mod error;
 pub mod init;
 pub mod io;
+#[cfg(any(feature = "cuda", feature = "cpu-kernels"))]
+pub mod kernels;
 pub mod peft;
 pub mod validate;
 
@@ -17,3 +21,28 @@ pub use cpu::Cpu;
 pub use dtype::{DType, Element, TokenId};
 pub use error::{Error, Result};
 pub use half::{bf16, f16};
+
+/// Checks that the CUDA backend can be used in this build on this machine:
+/// the kernels were compiled in (feature `cuda`) and a CUDA driver library is
+/// present. The `Err` says exactly what is missing and how to get it.
+pub fn require_cuda() -> Result<()> {
+    #[cfg(not(feature = "cuda"))]
+    {
+        Err(Error::BackendUnavailable(
+            "this build of tiedlora has no CUDA kernels: run `bash scripts/install-nvcc.sh` \
+             (or set NVCC / CUDA_HOME) and build with `--features cuda`"
+                .into(),
+        ))
+    }
+    #[cfg(feature = "cuda")]
+    {
+        // SAFETY: only probes whether the driver library can be loaded.
+        if unsafe { cudarc::driver::sys::is_culib_present() } {
+            Ok(())
+        } else {
+            Err(Error::BackendUnavailable(
+                "no CUDA driver library (libcuda.so) on this machine: the CUDA backend needs an NVIDIA driver".into(),
+            ))
+        }
+    }
+}

@@ -85,3 +85,112 @@ pub fn check_targets<I: TokenId>(arg: &'static str, targets: &[I], vocab: usize,
     }
     Ok(())
 }
+
+/// Buffer lengths of the tied parameters, for the per-op checks below.
+#[derive(Debug, Clone, Copy)]
+pub struct WeightLens {
+    /// `w`.
+    pub w: usize,
+    /// `lora_vocab`.
+    pub lora_vocab: usize,
+    /// `lora_hidden`.
+    pub lora_hidden: usize,
+}
+
+/// Buffer lengths of the gradient accumulators.
+#[derive(Debug, Clone, Copy)]
+pub struct GradLens {
+    /// `grad_lora_vocab`.
+    pub lora_vocab: usize,
+    /// `grad_lora_hidden`.
+    pub lora_hidden: usize,
+    /// `grad_w`, if present.
+    pub w: Option<usize>,
+}
+
+/// Every length check of `embed_forward`; returns T.
+pub fn embed_forward_lens(cfg: &LoraConfig, wl: WeightLens, ids: usize, out: usize) -> Result<usize> {
+    check_weights(cfg, wl.w, wl.lora_vocab, wl.lora_hidden)?;
+    let t = check_tokens("ids", ids)?;
+    check_len("out", out, t, cfg.hidden(), "T, d")?;
+    Ok(t)
+}
+
+/// Every length check of `embed_backward`; returns T.
+pub fn embed_backward_lens(
+    cfg: &LoraConfig,
+    wl: WeightLens,
+    ids: usize,
+    d_embed: usize,
+    gl: GradLens,
+) -> Result<usize> {
+    check_weights(cfg, wl.w, wl.lora_vocab, wl.lora_hidden)?;
+    check_grads(cfg, gl.lora_vocab, gl.lora_hidden, gl.w)?;
+    let t = check_tokens("ids", ids)?;
+    check_len("d_embed", d_embed, t, cfg.hidden(), "T, d")?;
+    Ok(t)
+}
+
+/// Every length check of `head_forward`; returns T.
+pub fn head_forward_lens(cfg: &LoraConfig, wl: WeightLens, h: usize, logits: usize) -> Result<usize> {
+    check_weights(cfg, wl.w, wl.lora_vocab, wl.lora_hidden)?;
+    let t = check_tokens("h", h / cfg.hidden())?;
+    check_len("h", h, t, cfg.hidden(), "T, d")?;
+    check_len("logits", logits, t, cfg.vocab(), "T, V")?;
+    Ok(t)
+}
+
+/// Every length check of `head_backward`; returns T.
+pub fn head_backward_lens(
+    cfg: &LoraConfig,
+    wl: WeightLens,
+    h: usize,
+    d_logits: usize,
+    dh: usize,
+    gl: GradLens,
+) -> Result<usize> {
+    check_weights(cfg, wl.w, wl.lora_vocab, wl.lora_hidden)?;
+    check_grads(cfg, gl.lora_vocab, gl.lora_hidden, gl.w)?;
+    let t = check_tokens("h", h / cfg.hidden())?;
+    check_len("h", h, t, cfg.hidden(), "T, d")?;
+    check_len("d_logits", d_logits, t, cfg.vocab(), "T, V")?;
+    check_len("dh", dh, t, cfg.hidden(), "T, d")?;
+    Ok(t)
+}
+
+/// Every length check of `head_xent_forward`; returns T.
+pub fn xent_forward_lens(
+    cfg: &LoraConfig,
+    wl: WeightLens,
+    h: usize,
+    targets: usize,
+    loss: usize,
+    lse: usize,
+) -> Result<usize> {
+    check_weights(cfg, wl.w, wl.lora_vocab, wl.lora_hidden)?;
+    let t = check_tokens("targets", targets)?;
+    check_len("h", h, t, cfg.hidden(), "T, d")?;
+    check_len("loss", loss, 1, 1, "1, 1")?;
+    check_len("lse", lse, t, 1, "T, 1")?;
+    Ok(t)
+}
+
+/// Every length check of `head_xent_backward`; returns T.
+#[allow(clippy::too_many_arguments)]
+pub fn xent_backward_lens(
+    cfg: &LoraConfig,
+    wl: WeightLens,
+    h: usize,
+    targets: usize,
+    lse: usize,
+    dh: usize,
+    gl: GradLens,
+) -> Result<usize> {
+    check_weights(cfg, wl.w, wl.lora_vocab, wl.lora_hidden)?;
+    check_grads(cfg, gl.lora_vocab, gl.lora_hidden, gl.w)?;
+    let t = check_tokens("targets", targets)?;
+    check_len("h", h, t, cfg.hidden(), "T, d")?;
+    check_len("lse", lse, t, 1, "T, 1")?;
+    check_len("dh", dh, t, cfg.hidden(), "T, d")?;
+    Ok(t)
+}

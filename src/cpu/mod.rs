@@ -19,7 +19,10 @@ use crate::backend::{Backend, Grads, Weights};
 use crate::config::LoraConfig;
 use crate::dtype::{Element, TokenId};
 use crate::error::Result;
-use crate::validate::{check_grads, check_ids, check_len, check_targets, check_tokens, check_weights};
+use crate::validate::{
+    check_ids, check_targets, check_weights, embed_backward_lens, embed_forward_lens, head_backward_lens,
+    head_forward_lens, xent_backward_lens, xent_forward_lens, GradLens, WeightLens,
+};
 
 /// The CPU reference backend. Buffers are host slices.
 ///
@@ -55,12 +58,22 @@ impl Cpu {
     }
 }
 
-fn check_w<T: Element>(cfg: &LoraConfig, wt: &Weights<'_, Cpu, T>) -> Result<()> {
-    check_weights(cfg, wt.w.len(), wt.lora_vocab.len(), wt.lora_hidden.len())
+/// Lengths of host-slice weights (shared by every host-buffer backend).
+pub(crate) fn weight_lens<T>(w: &[T], u: &[f32], vh: &[f32]) -> WeightLens {
+    WeightLens { w: w.len(), lora_vocab: u.len(), lora_hidden: vh.len() }
 }
 
-fn check_g(cfg: &LoraConfig, g: &Grads<'_, Cpu>) -> Result<()> {
-    check_grads(cfg, g.lora_vocab.len(), g.lora_hidden.len(), g.w.as_ref().map(|w| w.len()))
+/// Lengths of host-slice gradients.
+pub(crate) fn grad_lens(u: &[f32], vh: &[f32], w: Option<&[f32]>) -> GradLens {
+    GradLens { lora_vocab: u.len(), lora_hidden: vh.len(), w: w.map(<[f32]>::len) }
+}
+
+fn wl<T: Element>(wt: &Weights<'_, Cpu, T>) -> WeightLens {
+    weight_lens(wt.w, wt.lora_vocab, wt.lora_hidden)
+}
+
+fn gl(g: &Grads<'_, Cpu>) -> GradLens {
+    grad_lens(g.lora_vocab, g.lora_hidden, g.w.as_deref())
 }
 
 impl Backend for Cpu {
@@ -78,9 +91,7 @@ impl Backend for Cpu {
         ids: &[I],
         out: &mut [T],
     ) -> Result<()> {
-        check_w(cfg, weights)?;
-        let t = check_tokens("ids", ids.len())?;
-        check_len("out", out.len(), t, cfg.hidden(), "T, d")?;
+        embed_forward_lens(cfg, wl(weights), ids.len(), out.len())?;
         check_ids("ids", ids, cfg.vocab())?;
         embed::forward(cfg, self.threads, weights.w, weights.lora_vocab, weights.lora_hidden, ids, out);
         Ok(())
@@ -94,10 +105,7 @@ impl Backend for Cpu {
         d_embed: &[G],
         grads: &mut Grads<'_, Self>,
     ) -> Result<()> {
-        check_w(cfg, weights)?;
-        check_g(cfg, grads)?;
-        let t = check_tokens("ids", ids.len())?;
-        check_len("d_embed", d_embed.len(), t, cfg.hidden(), "T, d")?;
+        embed_backward_lens(cfg, wl(weights), ids.len(), d_embed.len(), gl(grads))?;
         check_ids("ids", ids, cfg.vocab())?;
         embed::backward(
             cfg,
@@ -119,10 +127,7 @@ impl Backend for Cpu {
         h: &[T],
         logits: &mut [T],
     ) -> Result<()> {
-        check_w(cfg, weights)?;
-        let t = check_tokens("h", h.len() / cfg.hidden())?;
-        check_len("h", h.len(), t, cfg.hidden(), "T, d")?;
-        check_len("logits", logits.len(), t, cfg.vocab(), "T, V")?;
+        head_forward_lens(cfg, wl(weights), h.len(), logits.len())?;
         head::forward(cfg, self.threads, weights.w, weights.lora_vocab, weights.lora_hidden, h, logits);
         Ok(())
     }
@@ -136,12 +141,7 @@ impl Backend for Cpu {
         dh: &mut [T],
         grads: &mut Grads<'_, Self>,
     ) -> Result<()> {
-        check_w(cfg, weights)?;
-        check_g(cfg, grads)?;
-        let t = check_tokens("h", h.len() / cfg.hidden())?;
-        check_len("h", h.len(), t, cfg.hidden(), "T, d")?;
-        check_len("d_logits", d_logits.len(), t, cfg.vocab(), "T, V")?;
-        check_len("dh", dh.len(), t, cfg.hidden(), "T, d")?;
+        head_backward_lens(cfg, wl(weights), h.len(), d_logits.len(), dh.len(), gl(grads))?;
         let v = cfg.vocab();
         let g_row = |t: usize, _h: &[f64], _p: &[f64], g: &mut [f64]| {
             for (gv, &x) in g.iter_mut().zip(&d_logits[t * v..(t + 1) * v]) {
@@ -173,11 +173,7 @@ impl Backend for Cpu {
         loss: &mut [f32],
         lse: &mut [f32],
     ) -> Result<()> {
-        check_w(cfg, weights)?;
-        let t = check_tokens("targets", targets.len())?;
-        check_len("h", h.len(), t, cfg.hidden(), "T, d")?;
-        check_len("loss", loss.len(), 1, 1, "1, 1")?;
-        check_len("lse", lse.len(), t, 1, "T, 1")?;
+        xent_forward_lens(cfg, wl(weights), h.len(), targets.len(), loss.len(), lse.len())?;
         check_targets("targets", targets, cfg.vocab(), cfg.ignore_index())?;
         loss[0] = xent::forward(cfg, self.threads, weights.w, weights.lora_vocab, weights.lora_hidden, h, targets, lse);
         Ok(())
@@ -194,12 +190,7 @@ impl Backend for Cpu {
         dh: &mut [T],
         grads: &mut Grads<'_, Self>,
     ) -> Result<()> {
-        check_w(cfg, weights)?;
-        check_g(cfg, grads)?;
-        let t = check_tokens("targets", targets.len())?;
-        check_len("h", h.len(), t, cfg.hidden(), "T, d")?;
-        check_len("lse", lse.len(), t, 1, "T, 1")?;
-        check_len("dh", dh.len(), t, cfg.hidden(), "T, d")?;
+        xent_backward_lens(cfg, wl(weights), h.len(), targets.len(), lse.len(), dh.len(), gl(grads))?;
         check_targets("targets", targets, cfg.vocab(), cfg.ignore_index())?;
         xent::backward(
             cfg,

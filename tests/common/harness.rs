@@ -42,6 +42,11 @@ pub trait Harness {
     fn tolerance(&self, _storage: DType, out: DType) -> f64 {
         out.tolerance()
     }
+    /// Whether the backend implements `op` (a golden op name); unsupported ops
+    /// are reported as skipped lines, never silently passed.
+    fn supports(&self, _op: &str) -> bool {
+        true
+    }
     fn embed_forward<T: Element>(&self, cfg: &LoraConfig, wt: HostWeights<T>, ids: &[i64]) -> Result<Vec<T>>;
     fn embed_backward<T: Element, G: Element>(
         &self,
@@ -85,83 +90,116 @@ pub fn nan<T: Element>(n: usize) -> Vec<T> {
     vec![T::from_f64(f64::NAN); n]
 }
 
-/// Any backend whose buffers are host slices.
-impl Harness for Cpu {
-    fn name(&self) -> String {
-        Backend::name(self).to_string()
-    }
-    fn embed_forward<T: Element>(&self, cfg: &LoraConfig, wt: HostWeights<T>, ids: &[i64]) -> Result<Vec<T>> {
-        let mut out = nan(ids.len() * cfg.hidden());
-        Backend::embed_forward(self, cfg, &weights(wt), ids, &mut out)?;
-        Ok(out)
-    }
-    fn embed_backward<T: Element, G: Element>(
-        &self,
-        cfg: &LoraConfig,
-        wt: HostWeights<T>,
-        ids: &[i64],
-        d_embed: &[G],
-        g: &mut HostGrads,
-    ) -> Result<()> {
-        Backend::embed_backward(self, cfg, &weights(wt), ids, d_embed, &mut grads(g))
-    }
-    fn head_forward<T: Element>(&self, cfg: &LoraConfig, wt: HostWeights<T>, h: &[T]) -> Result<Vec<T>> {
-        let mut out = nan(h.len() / cfg.hidden() * cfg.vocab());
-        Backend::head_forward(self, cfg, &weights(wt), h, &mut out)?;
-        Ok(out)
-    }
-    fn head_backward<T: Element, G: Element>(
-        &self,
-        cfg: &LoraConfig,
-        wt: HostWeights<T>,
-        h: &[T],
-        d_logits: &[G],
-        g: &mut HostGrads,
-    ) -> Result<Vec<T>> {
-        let mut dh = nan(h.len());
-        Backend::head_backward(self, cfg, &weights(wt), h, d_logits, &mut dh, &mut grads(g))?;
-        Ok(dh)
-    }
-    fn xent_forward<T: Element>(
-        &self,
-        cfg: &LoraConfig,
-        wt: HostWeights<T>,
-        h: &[T],
-        targets: &[i64],
-    ) -> Result<(f32, Vec<f32>)> {
-        let mut loss = [f32::NAN];
-        let mut lse = nan(targets.len());
-        Backend::head_xent_forward(self, cfg, &weights(wt), h, targets, &mut loss, &mut lse)?;
-        Ok((loss[0], lse))
-    }
-    fn xent_backward<T: Element>(
-        &self,
-        cfg: &LoraConfig,
-        wt: HostWeights<T>,
-        h: &[T],
-        targets: &[i64],
-        lse: &[f32],
-        grad_loss: f32,
-        g: &mut HostGrads,
-    ) -> Result<Vec<T>> {
-        let mut dh = nan(h.len());
-        Backend::head_xent_backward(self, cfg, &weights(wt), h, targets, lse, grad_loss, &mut dh, &mut grads(g))?;
-        Ok(dh)
-    }
-    fn merge<T: Element>(&self, cfg: &LoraConfig, w: &mut [T], u: &[f32], vh: &[f32], sign: f64) -> Result<()> {
-        if sign > 0.0 {
-            Backend::merge(self, cfg, w, u, vh)
-        } else {
-            Backend::unmerge(self, cfg, w, u, vh)
+/// Implements [`Harness`] for a backend whose buffers are host slices.
+/// `$kernel_tol`: true for kernel backends (storage-dtype tolerance on every output).
+macro_rules! host_harness {
+    ($backend:ty, $kernel_tol:expr, $supports:expr) => {
+        impl Harness for $backend {
+            fn name(&self) -> String {
+                Backend::name(self).to_string()
+            }
+            fn tolerance(&self, storage: DType, out: DType) -> f64 {
+                if $kernel_tol {
+                    storage.tolerance()
+                } else {
+                    out.tolerance()
+                }
+            }
+            fn supports(&self, op: &str) -> bool {
+                ($supports)(op)
+            }
+            fn embed_forward<T: Element>(&self, cfg: &LoraConfig, wt: HostWeights<T>, ids: &[i64]) -> Result<Vec<T>> {
+                let mut out = nan(ids.len() * cfg.hidden());
+                Backend::embed_forward(self, cfg, &weights(wt), ids, &mut out)?;
+                Ok(out)
+            }
+            fn embed_backward<T: Element, G: Element>(
+                &self,
+                cfg: &LoraConfig,
+                wt: HostWeights<T>,
+                ids: &[i64],
+                d_embed: &[G],
+                g: &mut HostGrads,
+            ) -> Result<()> {
+                Backend::embed_backward(self, cfg, &weights(wt), ids, d_embed, &mut grads(g))
+            }
+            fn head_forward<T: Element>(&self, cfg: &LoraConfig, wt: HostWeights<T>, h: &[T]) -> Result<Vec<T>> {
+                let mut out = nan(h.len() / cfg.hidden() * cfg.vocab());
+                Backend::head_forward(self, cfg, &weights(wt), h, &mut out)?;
+                Ok(out)
+            }
+            fn head_backward<T: Element, G: Element>(
+                &self,
+                cfg: &LoraConfig,
+                wt: HostWeights<T>,
+                h: &[T],
+                d_logits: &[G],
+                g: &mut HostGrads,
+            ) -> Result<Vec<T>> {
+                let mut dh = nan(h.len());
+                Backend::head_backward(self, cfg, &weights(wt), h, d_logits, &mut dh, &mut grads(g))?;
+                Ok(dh)
+            }
+            fn xent_forward<T: Element>(
+                &self,
+                cfg: &LoraConfig,
+                wt: HostWeights<T>,
+                h: &[T],
+                targets: &[i64],
+            ) -> Result<(f32, Vec<f32>)> {
+                let mut loss = [f32::NAN];
+                let mut lse = nan(targets.len());
+                Backend::head_xent_forward(self, cfg, &weights(wt), h, targets, &mut loss, &mut lse)?;
+                Ok((loss[0], lse))
+            }
+            fn xent_backward<T: Element>(
+                &self,
+                cfg: &LoraConfig,
+                wt: HostWeights<T>,
+                h: &[T],
+                targets: &[i64],
+                lse: &[f32],
+                grad_loss: f32,
+                g: &mut HostGrads,
+            ) -> Result<Vec<T>> {
+                let mut dh = nan(h.len());
+                Backend::head_xent_backward(
+                    self,
+                    cfg,
+                    &weights(wt),
+                    h,
+                    targets,
+                    lse,
+                    grad_loss,
+                    &mut dh,
+                    &mut grads(g),
+                )?;
+                Ok(dh)
+            }
+            fn merge<T: Element>(&self, cfg: &LoraConfig, w: &mut [T], u: &[f32], vh: &[f32], sign: f64) -> Result<()> {
+                if sign > 0.0 {
+                    Backend::merge(self, cfg, w, u, vh)
+                } else {
+                    Backend::unmerge(self, cfg, w, u, vh)
+                }
+            }
         }
-    }
+    };
 }
 
-fn weights<'a, T: Element>(wt: HostWeights<'a, T>) -> Weights<'a, Cpu, T> {
+host_harness!(Cpu, false, |_: &str| true);
+
+fn weights<'a, B, T: Element>(wt: HostWeights<'a, T>) -> Weights<'a, B, T>
+where
+    B: for<'b> Backend<Src<'b, T> = &'b [T], Src<'b, f32> = &'b [f32]>,
+{
     Weights { w: wt.w, lora_vocab: wt.u, lora_hidden: wt.vh }
 }
 
-fn grads(g: &mut HostGrads) -> Grads<'_, Cpu> {
+fn grads<B>(g: &mut HostGrads) -> Grads<'_, B>
+where
+    B: for<'b> Backend<Dst<'b, f32> = &'b mut [f32]>,
+{
     Grads { lora_vocab: &mut g.lora_vocab, lora_hidden: &mut g.lora_hidden, w: g.w.as_deref_mut() }
 }
 
@@ -186,7 +224,24 @@ impl<H: Harness> Recorder<'_, H> {
             tensor: tensor.to_string(),
             err: rel_err(out, expected),
             tol: self.h.tolerance(self.storage, out_dtype),
+            skipped: false,
         });
+    }
+    /// Whether to run `op`; records a SKIP line if the backend lacks it.
+    fn run(&mut self, op: &'static str) -> bool {
+        if self.h.supports(op) {
+            return true;
+        }
+        self.checks.push(Check {
+            case: self.case.clone(),
+            op,
+            backend: self.h.name(),
+            tensor: String::new(),
+            err: f64::NAN,
+            tol: 0.0,
+            skipped: true,
+        });
+        false
     }
     fn grads(&mut self, op: &'static str, g: &Golden, prefix: &str, got: &HostGrads) -> Result<()> {
         let cfg = &g.cfg;
@@ -219,7 +274,7 @@ pub fn run_standard<H: Harness>(h: &H, path: &std::path::Path, case: &str) -> Re
 
 fn run_typed<T: Element, H: Harness>(h: &H, g: &Golden, case: &str) -> Result<Vec<Check>> {
     let cfg = &g.cfg;
-    let (v, d, r) = (cfg.vocab(), cfg.hidden(), cfg.rank());
+    let (v, d) = (cfg.vocab(), cfg.hidden());
     let (w, _) = g.file.exact::<T>("w")?;
     let (u, _) = g.file.f32("lora_vocab")?;
     let (vh, _) = g.file.f32("lora_hidden")?;
@@ -233,45 +288,57 @@ fn run_typed<T: Element, H: Harness>(h: &H, g: &Golden, case: &str) -> Result<Ve
     let mut rec = Recorder { h, case: case.to_string(), storage: T::DTYPE, checks: Vec::new() };
     let want_w = |prefix: &str| g.file.contains(&format!("{prefix}_grad_w"));
 
-    let e = h.embed_forward(cfg, wt, &ids)?;
     let expected_e = g.expected("embed_out", t * d)?;
-    rec.check("embed_forward", "embed_out", T::DTYPE, &widen(&e), &expected_e);
+    if rec.run("embed_forward") {
+        let e = h.embed_forward(cfg, wt, &ids)?;
+        rec.check("embed_forward", "embed_out", T::DTYPE, &widen(&e), &expected_e);
+    }
 
-    let mut gr = HostGrads::zeros(cfg, want_w("embed"));
-    h.embed_backward(cfg, wt, &ids, &d_embed, &mut gr)?;
-    rec.grads("embed_backward", g, "embed", &gr)?;
+    if rec.run("embed_backward") {
+        let mut gr = HostGrads::zeros(cfg, want_w("embed"));
+        h.embed_backward(cfg, wt, &ids, &d_embed, &mut gr)?;
+        rec.grads("embed_backward", g, "embed", &gr)?;
+    }
 
-    let z = h.head_forward(cfg, wt, &hs)?;
-    rec.check("head_forward", "logits", T::DTYPE, &widen(&z), &g.expected("logits", t * v)?);
+    if rec.run("head_forward") {
+        let z = h.head_forward(cfg, wt, &hs)?;
+        rec.check("head_forward", "logits", T::DTYPE, &widen(&z), &g.expected("logits", t * v)?);
+    }
 
-    let mut gr = HostGrads::zeros(cfg, want_w("head"));
-    let dh = h.head_backward(cfg, wt, &hs, &d_logits, &mut gr)?;
-    rec.check("head_backward", "head_grad_h", T::DTYPE, &widen(&dh), &g.expected("head_grad_h", t * d)?);
-    rec.grads("head_backward", g, "head", &gr)?;
+    if rec.run("head_backward") {
+        let mut gr = HostGrads::zeros(cfg, want_w("head"));
+        let dh = h.head_backward(cfg, wt, &hs, &d_logits, &mut gr)?;
+        rec.check("head_backward", "head_grad_h", T::DTYPE, &widen(&dh), &g.expected("head_grad_h", t * d)?);
+        rec.grads("head_backward", g, "head", &gr)?;
+    }
 
-    let (loss, lse) = h.xent_forward(cfg, wt, &hs, &targets)?;
-    rec.check("head_xent_forward", "xent_loss", DType::F32, &[loss as f64], &g.expected("xent_loss", 1)?);
-    rec.check("head_xent_forward", "xent_lse", DType::F32, &widen(&lse), &g.expected("xent_lse", t)?);
-
-    let mut gr = HostGrads::zeros(cfg, want_w("xent"));
-    let dh = h.xent_backward(cfg, wt, &hs, &targets, &lse, 1.0, &mut gr)?;
-    rec.check("head_xent_backward", "xent_grad_h", T::DTYPE, &widen(&dh), &g.expected("xent_grad_h", t * d)?);
-    rec.grads("head_xent_backward", g, "xent", &gr)?;
+    if rec.run("head_xent_forward") {
+        let (loss, lse) = h.xent_forward(cfg, wt, &hs, &targets)?;
+        rec.check("head_xent_forward", "xent_loss", DType::F32, &[loss as f64], &g.expected("xent_loss", 1)?);
+        rec.check("head_xent_forward", "xent_lse", DType::F32, &widen(&lse), &g.expected("xent_lse", t)?);
+        if rec.run("head_xent_backward") {
+            let mut gr = HostGrads::zeros(cfg, want_w("xent"));
+            let dh = h.xent_backward(cfg, wt, &hs, &targets, &lse, 1.0, &mut gr)?;
+            rec.check("head_xent_backward", "xent_grad_h", T::DTYPE, &widen(&dh), &g.expected("xent_grad_h", t * d)?);
+            rec.grads("head_xent_backward", g, "xent", &gr)?;
+        }
+    }
 
     // merge: the merged W looked up with no LoRA must give the golden embedding
     // (c·(W + s·U·Vh)[ids]); unmerge must give W back up to one rounding.
-    let mut merged = w.clone();
-    h.merge(cfg, &mut merged, &u, &vh, 1.0)?;
-    let c = cfg.embed_scale();
-    let looked_up: Vec<f64> = ids
-        .iter()
-        .flat_map(|&i| merged[i as usize * d..(i as usize + 1) * d].iter().map(move |x| c * x.to_f64()))
-        .collect();
-    rec.check("merge", "embed_out(merged W)", T::DTYPE, &looked_up, &expected_e);
-    let mut restored = merged.clone();
-    h.merge(cfg, &mut restored, &u, &vh, -1.0)?;
-    rec.check("unmerge", "w", T::DTYPE, &widen(&restored), &widen(&w));
-    let _ = r;
+    if rec.run("merge") {
+        let mut merged = w.clone();
+        h.merge(cfg, &mut merged, &u, &vh, 1.0)?;
+        let c = cfg.embed_scale();
+        let looked_up: Vec<f64> = ids
+            .iter()
+            .flat_map(|&i| merged[i as usize * d..(i as usize + 1) * d].iter().map(move |x| c * x.to_f64()))
+            .collect();
+        rec.check("merge", "embed_out(merged W)", T::DTYPE, &looked_up, &expected_e);
+        let mut restored = merged.clone();
+        h.merge(cfg, &mut restored, &u, &vh, -1.0)?;
+        rec.check("unmerge", "w", T::DTYPE, &widen(&restored), &widen(&w));
+    }
     Ok(rec.checks)
 }
 
@@ -317,6 +384,11 @@ pub fn run_peft_e2e<H: Harness>(h: &H, dir: &std::path::Path, case: &str) -> Res
     };
     let wt = HostWeights { w: &w, u: &adapter.lora_vocab, vh: &adapter.lora_hidden };
     let mut rec = Recorder { h, case: case.to_string(), storage: DType::F32, checks: Vec::new() };
+    for op in ["embed_forward", "head_forward", "head_xent_forward", "head_xent_backward", "embed_backward"] {
+        if !rec.run(op) {
+            return Ok(rec.checks);
+        }
+    }
     let e = h.embed_forward(&cfg, wt, &ids)?;
     rec.check("e2e embed_forward", "embed_out", DType::F32, &widen(&e), &expect("embed_out", t * d)?);
     let hs: Vec<f32> = e.iter().map(|x| x.tanh()).collect();
@@ -354,3 +426,11 @@ pub fn run_case<H: Harness>(h: &H, case: &CasePath, label: &str) -> Result<Vec<C
         CasePath::PeftE2e(p) => run_peft_e2e(h, p, &name),
     }
 }
+
+/// Ops the kernel backends implement so far (the fused cross-entropy comes with its own kernels).
+pub fn kernel_ops(op: &str) -> bool {
+    !matches!(op, "head_xent_forward" | "head_xent_backward")
+}
+
+#[cfg(feature = "cpu-kernels")]
+host_harness!(tiedlora::kernels::CpuKernels, true, kernel_ops);

@@ -2,5 +2,7 @@
 #![allow(dead_code)]
 
 pub mod golden;
+pub mod gpu_harness;
 pub mod harness;
+pub mod parity;
 pub mod rand_inputs;

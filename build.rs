@@ -1,0 +1,462 @@
+//! Build script: compiles the hand-written kernels `kernels/*.cu`.
+//!
+//! Only the top-level `kernels/*.cu` files are compiled; everything else under
+//! `kernels/` (`common.cuh`, `shim/`) is a header they include.
+//!
+//! - Feature `cuda`: nvcc compiles every kernel file to PTX for `compute_80`
+//!   and to cubins for `sm_80` and `sm_90` (`-O3 -lineinfo --std=c++17
+//!   -Ikernels -Xptxas -v`). The files are embedded in the crate through
+//!   `$OUT_DIR/kernels_embedded.rs` (`src/kernels/mod.rs` includes it). Each
+//!   kernel's registers and shared memory are printed as `cargo:warning`
+//!   lines, and the build FAILS if any function reports spill stores/loads,
+//!   a stack frame or local memory (`TIEDLORA_ALLOW_SPILLS=1` turns that into
+//!   warnings, for experiments only).
+//!   nvcc is found through `$NVCC`, then `$CUDA_HOME/bin/nvcc`,
+//!   `$CUDA_PATH/bin/nvcc`, `PATH`, and last the repo-local install made by
+//!   `bash scripts/install-nvcc.sh` (`.nvcc/site/nvidia/cu13/bin/nvcc`).
+//!   `$NVCC_CCBIN` picks nvcc's host compiler (default: its own choice).
+//! - Feature `cpu-kernels`: the host C++ compiler (the `cc` crate; `$CXX`
+//!   overrides) compiles the same files as C++20 with
+//!   `-include kernels/shim/cuda_shim.h -Ikernels/shim/include -pthread
+//!   -fno-strict-aliasing`, at least `-O1`, always `-g`, into a static library
+//!   linked into the crate.
+//! - Neither: nothing is compiled (no nvcc, no C++ compiler needed).
+//!
+//! Sanitizers for the CPU-executed kernels: `TIEDLORA_SANITIZE=thread` or
+//! `=address` adds `-fsanitize=... -fno-omit-frame-pointer` to the C++ build
+//! and links gcc's static sanitizer runtime (whole archive, plus its preinit
+//! object) into this package's tests, examples, benches and binaries through
+//! `cargo:rustc-link-arg`. (`-C link-arg=-fsanitize=...` alone does not work:
+//! rustc links with `-nodefaultlibs`, which makes gcc drop the runtime.) The
+//! Rust code itself is not instrumented (that needs nightly `-Zsanitizer`);
+//! the kernels, the shim and all their memory accesses are. Use a separate
+//! target directory so switching does not rebuild everything each time:
+//!
+//! ```text
+//! TIEDLORA_SANITIZE=thread CARGO_TARGET_DIR=target/tsan \
+//!   TSAN_OPTIONS="halt_on_error=1 suppressions=$PWD/kernels/shim/tsan.supp" \
+//!   cargo test --features cpu-kernels --test shim_selftest
+//! TIEDLORA_SANITIZE=address CARGO_TARGET_DIR=target/asan \
+//!   cargo test --features cpu-kernels --test shim_selftest
+//! ```
+//!
+//! `kernels/shim/tsan.supp` silences reports inside libtest's own
+//! (uninstrumented) bookkeeping; without `halt_on_error=1` TSan only exits
+//! with status 66 at the end. ASan aborts on the first error. Run integration
+//! tests (`--test NAME` / `--tests`): doctests are linked by rustdoc, which
+//! does not get the link arguments.
+
+use std::env;
+use std::fmt::Write as _;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+fn main() {
+    println!("cargo:rerun-if-changed=build.rs");
+    let cuda = env::var_os("CARGO_FEATURE_CUDA").is_some();
+    let cpu = env::var_os("CARGO_FEATURE_CPU_KERNELS").is_some();
+    if !cuda && !cpu {
+        return;
+    }
+    let root = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR"));
+    let kernels = root.join("kernels");
+    let sources = kernel_sources(&kernels);
+    // A directory makes cargo rerun when any file below it changes or appears.
+    println!("cargo:rerun-if-changed={}", kernels.display());
+    for f in sources.iter().chain(headers(&kernels).iter()) {
+        println!("cargo:rerun-if-changed={}", f.display());
+    }
+    if cuda {
+        build_cuda(&root, &kernels, &sources);
+    }
+    if cpu {
+        build_cpu(&kernels, &sources);
+    }
+}
+
+/// The top-level `kernels/*.cu` files, sorted.
+fn kernel_sources(kernels: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = fs::read_dir(kernels)
+        .unwrap_or_else(|e| fail(&format!("cannot read {}: {e}", kernels.display())))
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_file() && p.extension().is_some_and(|x| x == "cu"))
+        .collect();
+    v.sort();
+    v
+}
+
+/// Every other file under `kernels/` (headers, the shim).
+fn headers(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = fs::read_dir(&d) else { continue };
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if !(d == dir && p.extension().is_some_and(|x| x == "cu")) {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+fn fail(msg: &str) -> ! {
+    eprintln!("error: {msg}");
+    std::process::exit(1);
+}
+
+fn jobs() -> usize {
+    env::var("NUM_JOBS").ok().and_then(|s| s.parse().ok()).unwrap_or(1usize).max(1)
+}
+
+// ------------------------------------------------------------------ cuda ---
+
+const INSTALL_HINT: &str = "run `bash scripts/install-nvcc.sh` (or set NVCC / CUDA_HOME) and rebuild";
+
+fn find_nvcc(root: &Path) -> Option<PathBuf> {
+    for var in ["NVCC", "CUDA_HOME", "CUDA_PATH"] {
+        println!("cargo:rerun-if-env-changed={var}");
+    }
+    println!("cargo:rerun-if-env-changed=NVCC_CCBIN");
+    let on_path = |name: &str| {
+        env::var_os("PATH").and_then(|paths| env::split_paths(&paths).map(|d| d.join(name)).find(|p| p.is_file()))
+    };
+    if let Some(nvcc) = env::var_os("NVCC").filter(|s| !s.is_empty()) {
+        let p = PathBuf::from(&nvcc);
+        if p.is_file() {
+            return Some(p);
+        }
+        if let Some(p) = on_path(&p.to_string_lossy()) {
+            return Some(p);
+        }
+        fail(&format!("NVCC={} is not an existing file nor a program on PATH; {INSTALL_HINT}", p.display()));
+    }
+    for var in ["CUDA_HOME", "CUDA_PATH"] {
+        if let Some(home) = env::var_os(var).filter(|s| !s.is_empty()) {
+            let p = PathBuf::from(home).join("bin").join("nvcc");
+            if p.is_file() {
+                return Some(p);
+            }
+        }
+    }
+    if let Some(p) = on_path("nvcc") {
+        return Some(p);
+    }
+    let local = root.join(".nvcc/site/nvidia/cu13/bin/nvcc");
+    if local.is_file() {
+        return Some(local);
+    }
+    None
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Target {
+    Ptx,
+    Cubin(&'static str),
+}
+
+/// What ptxas -v said about one function.
+#[derive(Debug, Default, Clone)]
+struct FnInfo {
+    name: String,
+    entry: bool,
+    registers: u64,
+    smem: u64,
+    stack: u64,
+    spill_stores: u64,
+    spill_loads: u64,
+    lmem: u64,
+}
+
+/// The number just before `unit` in `line` ("12 registers", "0 bytes smem").
+fn num_before(line: &str, unit: &str) -> Option<u64> {
+    let idx = line.find(unit)?;
+    line[..idx].split_whitespace().last()?.parse().ok()
+}
+
+fn parse_ptxas(log: &str) -> Vec<FnInfo> {
+    let mut fns: Vec<FnInfo> = Vec::new();
+    let mut cur: Option<usize> = None;
+    let get = |fns: &mut Vec<FnInfo>, name: &str| -> usize {
+        if let Some(i) = fns.iter().position(|f| f.name == name) {
+            i
+        } else {
+            fns.push(FnInfo { name: name.to_string(), ..FnInfo::default() });
+            fns.len() - 1
+        }
+    };
+    for line in log.lines() {
+        if let Some(rest) = line.split("Compiling entry function '").nth(1) {
+            let name = rest.split('\'').next().unwrap_or_default();
+            let i = get(&mut fns, name);
+            fns[i].entry = true;
+            cur = Some(i);
+        } else if let Some(rest) = line.split("Function properties for ").nth(1) {
+            cur = Some(get(&mut fns, rest.trim()));
+        } else if line.contains("bytes stack frame") {
+            if let Some(i) = cur {
+                let f = &mut fns[i];
+                f.stack = num_before(line, "bytes stack frame").unwrap_or(0);
+                f.spill_stores = num_before(line, "bytes spill stores").unwrap_or(0);
+                f.spill_loads = num_before(line, "bytes spill loads").unwrap_or(0);
+            }
+        } else if line.contains("Used ") && line.contains("registers") {
+            if let Some(i) = cur {
+                let f = &mut fns[i];
+                f.registers = num_before(line, "registers").unwrap_or(0);
+                f.smem = num_before(line, "bytes smem").unwrap_or(0);
+                f.lmem = num_before(line, "bytes lmem").unwrap_or(0);
+            }
+        }
+    }
+    fns
+}
+
+struct Compiled {
+    stem: String,
+    target: Target,
+    out: PathBuf,
+    fns: Vec<FnInfo>,
+}
+
+fn build_cuda(root: &Path, kernels: &Path, sources: &[PathBuf]) {
+    println!("cargo:rerun-if-env-changed=TIEDLORA_ALLOW_SPILLS");
+    let nvcc = find_nvcc(root).unwrap_or_else(|| {
+        fail(&format!(
+            "feature `cuda` needs nvcc and none was found ($NVCC, $CUDA_HOME/bin, $CUDA_PATH/bin, \
+             PATH, {}): {INSTALL_HINT}",
+            root.join(".nvcc").display()
+        ))
+    });
+    let out_dir = PathBuf::from(env::var("OUT_DIR").expect("OUT_DIR")).join("kernels");
+    fs::create_dir_all(&out_dir).unwrap_or_else(|e| fail(&format!("cannot create {}: {e}", out_dir.display())));
+    let ccbin = env::var_os("NVCC_CCBIN").filter(|s| !s.is_empty());
+
+    let targets = [Target::Ptx, Target::Cubin("sm_80"), Target::Cubin("sm_90")];
+    let work: Vec<(&PathBuf, Target)> = sources.iter().flat_map(|s| targets.iter().map(move |t| (s, *t))).collect();
+    let next = AtomicUsize::new(0);
+    let results: Mutex<Vec<Result<Compiled, String>>> = Mutex::new(Vec::new());
+    std::thread::scope(|scope| {
+        for _ in 0..jobs().min(work.len()) {
+            scope.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(&(src, target)) = work.get(i) else {
+                    break;
+                };
+                let stem = src.file_stem().expect("kernel file stem").to_string_lossy().into_owned();
+                let (flag, arch, file) = match target {
+                    Target::Ptx => ("--ptx", "compute_80".to_string(), format!("{stem}.ptx")),
+                    Target::Cubin(sm) => ("--cubin", sm.to_string(), format!("{stem}.{sm}.cubin")),
+                };
+                let out = out_dir.join(file);
+                let mut cmd = Command::new(&nvcc);
+                if let Some(cc) = &ccbin {
+                    cmd.arg("-ccbin").arg(cc);
+                }
+                cmd.args(["-O3", "-lineinfo", "--std=c++17", "-Xptxas", "-v"])
+                    .arg(format!("-I{}", kernels.display()))
+                    .arg(flag)
+                    .arg(format!("-arch={arch}"))
+                    .arg("-o")
+                    .arg(&out)
+                    .arg(src);
+                let res = match cmd.output() {
+                    Err(e) => Err(format!("cannot run {}: {e}; {INSTALL_HINT}", nvcc.display())),
+                    Ok(o) => {
+                        let log =
+                            format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+                        if o.status.success() {
+                            for line in log.lines() {
+                                let l = line.to_ascii_lowercase();
+                                if l.contains("warning") && !l.starts_with("ptxas info") {
+                                    println!("cargo:warning=nvcc {stem}.cu [{arch}]: {line}");
+                                }
+                            }
+                            Ok(Compiled { stem, target, out, fns: parse_ptxas(&log) })
+                        } else {
+                            Err(format!("nvcc failed on {} for {arch} ({}):\n{log}", src.display(), o.status))
+                        }
+                    }
+                };
+                results.lock().expect("results lock").push(res);
+            });
+        }
+    });
+    let mut done = Vec::new();
+    let mut errors = Vec::new();
+    for r in results.into_inner().expect("results") {
+        match r {
+            Ok(c) => done.push(c),
+            Err(e) => errors.push(e),
+        }
+    }
+    if !errors.is_empty() {
+        fail(&errors.join("\n"));
+    }
+
+    // Resource report and the no-spill rule.
+    done.sort_by(|a, b| a.stem.cmp(&b.stem));
+    let allow_spills = env::var("TIEDLORA_ALLOW_SPILLS").is_ok_and(|v| v == "1");
+    let mut violations = Vec::new();
+    for c in &done {
+        let Target::Cubin(sm) = c.target else {
+            continue;
+        };
+        for f in &c.fns {
+            if f.entry {
+                println!(
+                    "cargo:warning=ptxas {sm} {}: {} registers, {} B smem, {} B stack, {} B spill stores, {} B spill loads",
+                    f.name, f.registers, f.smem, f.stack, f.spill_stores, f.spill_loads
+                );
+            }
+            if f.spill_stores > 0 || f.spill_loads > 0 || f.stack > 0 || f.lmem > 0 {
+                violations.push(format!(
+                    "{}.cu [{sm}] {}{}: {} B stack frame, {} B spill stores, {} B spill loads, {} B lmem",
+                    c.stem,
+                    if f.entry { "kernel " } else { "function " },
+                    f.name,
+                    f.stack,
+                    f.spill_stores,
+                    f.spill_loads,
+                    f.lmem
+                ));
+            }
+        }
+    }
+    if !violations.is_empty() {
+        if allow_spills {
+            for v in &violations {
+                println!("cargo:warning=local memory (allowed by TIEDLORA_ALLOW_SPILLS=1): {v}");
+            }
+        } else {
+            fail(&format!(
+                "kernels use local memory (register spills or a stack frame); fix them, or set \
+                 TIEDLORA_ALLOW_SPILLS=1 to build anyway:\n  {}",
+                violations.join("\n  ")
+            ));
+        }
+    }
+
+    // kernels_embedded.rs
+    let mut src = String::from("// @generated by build.rs from kernels/*.cu; do not edit.\n");
+    let mut statics = String::new();
+    src.push_str("/// Every `kernels/*.cu` file, compiled by nvcc.\npub static MODULES: &[EmbeddedModule] = &[\n");
+    let stems: Vec<&String> = {
+        let mut s: Vec<&String> = done.iter().map(|c| &c.stem).collect();
+        s.dedup();
+        s
+    };
+    for (i, stem) in stems.iter().enumerate() {
+        let find = |t: Target| done.iter().find(|c| &c.stem == *stem && c.target == t).expect("every target compiled");
+        let ptx = find(Target::Ptx);
+        let sm80 = find(Target::Cubin("sm_80"));
+        let sm90 = find(Target::Cubin("sm_90"));
+        for (tag, c) in [("SM80", sm80), ("SM90", sm90)] {
+            let len = fs::metadata(&c.out).unwrap_or_else(|e| fail(&format!("{}: {e}", c.out.display()))).len();
+            writeln!(
+                statics,
+                "static CUBIN_{i}_{tag}: Aligned<{len}> = Aligned(*include_bytes!({:?}));",
+                c.out.display().to_string()
+            )
+            .expect("write to string");
+        }
+        let mut names: Vec<&str> = sm90.fns.iter().filter(|f| f.entry).map(|f| f.name.as_str()).collect();
+        names.sort_unstable();
+        let res = |c: &Compiled, name: &str| {
+            let f = c.fns.iter().find(|f| f.name == name).cloned().unwrap_or_default();
+            format!("KernelResources {{ registers: {}, shared_bytes: {} }}", f.registers, f.smem)
+        };
+        writeln!(
+            src,
+            "    EmbeddedModule {{\n        name: {stem:?},\n        ptx: include_str!({:?}),\n        cubin_sm80: &CUBIN_{i}_SM80.0,\n        cubin_sm90: &CUBIN_{i}_SM90.0,\n        kernels: &[",
+            ptx.out.display().to_string()
+        )
+        .expect("write to string");
+        for name in names {
+            writeln!(
+                src,
+                "            EmbeddedKernel {{ name: {name:?}, sm80: {}, sm90: {} }},",
+                res(sm80, name),
+                res(sm90, name)
+            )
+            .expect("write to string");
+        }
+        src.push_str("        ],\n    },\n");
+    }
+    src.push_str("];\n");
+    src.push_str(&statics);
+    let gen = PathBuf::from(env::var("OUT_DIR").expect("OUT_DIR")).join("kernels_embedded.rs");
+    fs::write(&gen, src).unwrap_or_else(|e| fail(&format!("{}: {e}", gen.display())));
+}
+
+// ----------------------------------------------------------- cpu-kernels ---
+
+fn build_cpu(kernels: &Path, sources: &[PathBuf]) {
+    println!("cargo:rerun-if-env-changed=TIEDLORA_SANITIZE");
+    let shim_header = kernels.join("shim").join("cuda_shim.h");
+    let mut b = cc::Build::new();
+    b.cpp(true)
+        .std("c++20")
+        .flag("-x")
+        .flag("c++")
+        .flag("-include")
+        .flag(shim_header.to_string_lossy().as_ref())
+        .include(kernels)
+        .include(kernels.join("shim").join("include"))
+        .flag("-pthread")
+        // CUDA code type-puns through reinterpret_cast (uint4/float4 vector
+        // loads); without this, that is undefined behaviour for host C++.
+        .flag("-fno-strict-aliasing")
+        .flag("-Wno-unknown-pragmas")
+        .flag("-Wno-unused-parameter")
+        .debug(true)
+        .files(sources);
+    // Tests run the kernels with up to 1024 threads per block: at least -O1.
+    if env::var("OPT_LEVEL").is_ok_and(|o| o == "0") {
+        b.opt_level(1);
+    }
+    match env::var("TIEDLORA_SANITIZE").as_deref() {
+        Err(_) | Ok("") => {}
+        Ok(s @ ("thread" | "address")) => {
+            b.flag(format!("-fsanitize={s}")).flag("-fno-omit-frame-pointer");
+            link_sanitizer_runtime(&b, s);
+        }
+        Ok(other) => fail(&format!("TIEDLORA_SANITIZE={other}: expected `thread` or `address`")),
+    }
+    b.compile("tiedlora_cpu_kernels");
+}
+
+/// Links the sanitizer runtime into this package's tests, examples, benches
+/// and binaries. rustc links with `-nodefaultlibs`, which makes gcc drop the
+/// runtime that `-fsanitize=...` would add, so add it by hand the way gcc's
+/// `-static-libtsan` / `-static-libasan` do: the preinit object and the whole
+/// static runtime, inside the executable so its interceptors (malloc, pthread)
+/// take precedence over libc's. Other compilers fall back to `-fsanitize=...`.
+fn link_sanitizer_runtime(b: &cc::Build, which: &str) {
+    let lib = if which == "thread" { "tsan" } else { "asan" };
+    let compiler = b.get_compiler();
+    let locate = |name: &str| -> Option<PathBuf> {
+        let out = Command::new(compiler.path()).arg(format!("-print-file-name={name}")).output().ok()?;
+        let p = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        p.is_absolute().then_some(p).filter(|p| p.is_file())
+    };
+    match (locate(&format!("lib{lib}_preinit.o")), locate(&format!("lib{lib}.a"))) {
+        (Some(preinit), Some(runtime)) => {
+            println!("cargo:rustc-link-arg={}", preinit.display());
+            println!("cargo:rustc-link-arg=-Wl,--whole-archive");
+            println!("cargo:rustc-link-arg={}", runtime.display());
+            println!("cargo:rustc-link-arg=-Wl,--no-whole-archive");
+            for l in ["-lstdc++", "-lpthread", "-ldl", "-lrt", "-lm"] {
+                println!("cargo:rustc-link-arg={l}");
+            }
+        }
+        _ => println!("cargo:rustc-link-arg=-fsanitize={which}"),
+    }
+}

@@ -1,0 +1,111 @@
+// head.cu: the tied LM head, forward and backward, on the shared tile GEMM.
+//
+// forward   logits[t, v] = [h_t | p_t] . [W_v | U_v]        K = d + r, one reduction
+//           (p = s h Vh^T from lora_down), so the base projection and the LoRA
+//           update land in the same accumulator tile and logits are written once.
+// grad_h    dh = G W + s (G U) Vh: one reduction over V with B = W plus RX extra
+//           columns U, so G U comes out of the same pass; its rows are finished
+//           in the block and applied to the tile in the epilogue. Blocks of the
+//           first column tile also write gu = G U [T, r] for the dVh pass.
+// grad_param  grad[v, :] += scale * G^T B   (B = p for dU, B = h for dW): A is G
+//           read transposed; every output element belongs to exactly one block
+//           (no split-K, no atomics), so the result is bitwise deterministic.
+//
+// Launch: 256 threads, dynamic shared memory GemmShape::SMEM_BYTES (mirrored in
+// src/kernels/plan.rs). forward grid (ceil(T/128), ceil(V/128));
+// grad_h grid (ceil(T/128), ceil(d/128)); grad_param grid (ceil(V/128), ceil(ncols/BN)).
+#include "params.h"
+#include "tile_gemm.cuh"
+
+namespace {
+
+using tl::SegRows;
+
+template <class T>
+TL_DEVICE void head_forward(const HeadForwardParams& p) {
+  using S = tl::GemmShape<T, 128, 128, 32, false, true, 0>;
+  TL_DYNAMIC_SMEM(unsigned char, smem);
+  const SegRows<T, T> a{static_cast<const T*>(p.h), p.hidden, p.hidden, static_cast<const T*>(p.p), p.rank, p.rank,
+                        p.tokens};
+  const SegRows<T, float> b{static_cast<const T*>(p.w), p.hidden, p.hidden, p.u, p.rank, p.rank, p.vocab};
+  const SegRows<float, float> none{nullptr, 0, 0, nullptr, 0, 0, 0};
+  T* out = static_cast<T*>(p.out);
+  const long long ldo = p.vocab;
+  tl::tile_gemm<T, S, 2, 4>(
+      smem, a, b, none, p.tokens, p.vocab, p.hidden + p.rank, static_cast<int>(blockIdx.x) * S::BM,
+      static_cast<int>(blockIdx.y) * S::BN,
+      [&](int m, int n, float v, const float*) { out[m * ldo + n] = tl_from_float<T>(v); }, [](int, int, float) {});
+}
+
+template <class T, class G, int RX>
+TL_DEVICE void head_grad_h(const HeadGradHParams& p) {
+  using S = tl::GemmShape<T, 128, 128, 32, false, false, RX>;
+  TL_DYNAMIC_SMEM(unsigned char, smem);
+  const SegRows<G, float> a{static_cast<const G*>(p.g), p.vocab, p.vocab, nullptr, 0, 0, p.tokens};
+  const SegRows<T, float> b{static_cast<const T*>(p.w), p.hidden, p.hidden, nullptr, 0, 0, p.vocab};
+  const SegRows<float, float> x{p.u, p.rank, p.rank, nullptr, 0, 0, p.vocab};
+  T* dh = static_cast<T*>(p.dh);
+  const long long d = p.hidden;
+  const int r = p.rank;
+  const float s = p.scale;
+  const bool write_gu = blockIdx.y == 0;
+  tl::tile_gemm<T, S, 2, 4>(
+      smem, a, b, x, p.tokens, p.hidden, p.vocab, static_cast<int>(blockIdx.x) * S::BM,
+      static_cast<int>(blockIdx.y) * S::BN,
+      [&](int m, int n, float v, const float* gu_row) {
+        float lora = 0.0f;
+        for (int j = 0; j < r; ++j) lora = fmaf(gu_row[j], p.vh[j * d + n], lora);
+        dh[m * d + n] = tl_from_float<T>(fmaf(s, lora, v));
+      },
+      [&](int m, int j, float v) {
+        if (write_gu && j < r) p.gu[static_cast<long long>(m) * r + j] = v;
+      });
+}
+
+template <class T, class G, int BN, int WM, int WN>
+TL_DEVICE void head_grad_param(const HeadGradParamParams& p) {
+  using S = tl::GemmShape<T, 128, BN, 32, true, false, 0>;
+  TL_DYNAMIC_SMEM(unsigned char, smem);
+  const SegRows<G, float> a{static_cast<const G*>(p.g), p.vocab, p.vocab, nullptr, 0, 0, p.tokens};
+  const SegRows<T, float> b{static_cast<const T*>(p.b), p.ncols, p.ncols, nullptr, 0, 0, p.tokens};
+  const SegRows<float, float> none{nullptr, 0, 0, nullptr, 0, 0, 0};
+  const long long ld = p.ncols;
+  tl::tile_gemm<T, S, WM, WN>(
+      smem, a, b, none, p.vocab, p.ncols, p.tokens, static_cast<int>(blockIdx.x) * S::BM,
+      static_cast<int>(blockIdx.y) * S::BN, [&](int m, int n, float v, const float*) { p.grad[m * ld + n] += p.scale * v; },
+      [](int, int, float) {});
+}
+
+}  // namespace
+
+#define TL_HEAD_FORWARD(name, T) \
+  TL_KERNEL_BOUNDED(tl_head_forward_##name, HeadForwardParams, 256) { head_forward<T>(p); }
+TL_HEAD_FORWARD(f32, float)
+TL_HEAD_FORWARD(f16, __half)
+TL_HEAD_FORWARD(bf16, __nv_bfloat16)
+
+#define TL_HEAD_GRAD_H(name, T, G, RX) \
+  TL_KERNEL_BOUNDED(tl_head_grad_h_##name##_rx##RX, HeadGradHParams, 256) { head_grad_h<T, G, RX>(p); }
+#define TL_HEAD_GRAD_H_ALL(name, T, G) \
+  TL_HEAD_GRAD_H(name, T, G, 16)       \
+  TL_HEAD_GRAD_H(name, T, G, 32)       \
+  TL_HEAD_GRAD_H(name, T, G, 64)
+TL_HEAD_GRAD_H_ALL(f32_f32, float, float)
+TL_HEAD_GRAD_H_ALL(f16_f16, __half, __half)
+TL_HEAD_GRAD_H_ALL(f16_f32, __half, float)
+TL_HEAD_GRAD_H_ALL(bf16_bf16, __nv_bfloat16, __nv_bfloat16)
+TL_HEAD_GRAD_H_ALL(bf16_f32, __nv_bfloat16, float)
+
+// n64: dU (r columns, 8 warps stacked along V); n128: dW (d columns).
+#define TL_HEAD_GRAD_PARAM(name, T, G)                                                  \
+  TL_KERNEL_BOUNDED(tl_head_grad_param_##name##_n64, HeadGradParamParams, 256) {        \
+    head_grad_param<T, G, 64, 8, 1>(p);                                                 \
+  }                                                                                     \
+  TL_KERNEL_BOUNDED(tl_head_grad_param_##name##_n128, HeadGradParamParams, 256) {       \
+    head_grad_param<T, G, 128, 2, 4>(p);                                                \
+  }
+TL_HEAD_GRAD_PARAM(f32_f32, float, float)
+TL_HEAD_GRAD_PARAM(f16_f16, __half, __half)
+TL_HEAD_GRAD_PARAM(f16_f32, __half, float)
+TL_HEAD_GRAD_PARAM(bf16_bf16, __nv_bfloat16, __nv_bfloat16)
+TL_HEAD_GRAD_PARAM(bf16_f32, __nv_bfloat16, float)

@@ -1,0 +1,103 @@
+// params.h: the parameter struct of every kernel, mirrored field for field by
+// src/kernels/params.rs (`#[repr(C)]`). Pointers are 8 bytes (u64 in Rust),
+// 8-byte fields first, explicit padding, no implicit holes.
+#pragma once
+#include "common.cuh"
+
+// ids.cu: validate and narrow token ids / targets to int32.
+//   out[t] = id            if 0 <= id < vocab
+//          = -1            if allow_ignore and id == ignore_index (u32: also its 32-bit pattern)
+//          = -2            otherwise (invalid; status[0] counts them, status[1] = min bad index)
+//   status[2] counts the ids that are neither ignored nor invalid.
+struct PrepareIdsParams {
+  const void* ids;  // [n] u32 or i64 (by kernel)
+  int* out;         // [n]
+  int* status;      // [4]: bad count, first bad index (init INT_MAX), valid count, unused
+  long long ignore_index;
+  int n;
+  int vocab;
+  int allow_ignore;
+  unsigned _pad;
+};
+TL_CHECK_PARAMS(PrepareIdsParams, 48);
+
+// lora_small.cu: out[t, j] = scale * sum_k x[t, k] * vh[j, k]   (x: [rows, d], vh: [r, d] f32)
+struct LoraDownParams {
+  const void* x;
+  const float* vh;
+  void* out;  // [rows, r], dtype by kernel
+  int rows;
+  int hidden;
+  int rank;
+  float scale;
+};
+TL_CHECK_PARAMS(LoraDownParams, 40);
+
+// lora_small.cu: partial[s, j, k] = sum_{t in chunk s} X[row(t), j] * Y[t, k]
+//   row(t) = ids ? ids[t] : t  (tokens with ids[t] < 0 are skipped); X f32 [*, r], Y [T, d].
+struct LoraUpPartialParams {
+  const float* x;
+  const int* ids;  // may be null
+  const void* y;
+  float* partial;  // [chunks, r, d]
+  int tokens;
+  int hidden;
+  int rank;
+  int chunk;  // tokens per chunk
+};
+TL_CHECK_PARAMS(LoraUpPartialParams, 48);
+
+// lora_small.cu: out[j, k] += scale * sum_s partial[s, j, k], s in order.
+struct LoraUpReduceParams {
+  const float* partial;
+  float* out;  // [r, d]
+  int chunks;
+  int count;  // r * d
+  float scale;
+  unsigned _pad;
+};
+TL_CHECK_PARAMS(LoraUpReduceParams, 32);
+
+// head.cu: logits[t, v] = [h_t | p_t] . [W_v | U_v]   (p = s * h Vh^T, from lora_down)
+struct HeadForwardParams {
+  const void* h;   // [T, d]
+  const void* p;   // [T, r], storage dtype
+  const void* w;   // [V, d]
+  const float* u;  // [V, r]
+  void* out;       // [T, V]
+  int tokens;
+  int vocab;
+  int hidden;
+  int rank;
+};
+TL_CHECK_PARAMS(HeadForwardParams, 56);
+
+// head.cu: dh = G W + s (G U) Vh, and gu = G U (f32 [T, r]) for the dVh pass.
+struct HeadGradHParams {
+  const void* g;    // [T, V], dtype G
+  const void* w;    // [V, d]
+  const float* u;   // [V, r]
+  const float* vh;  // [r, d]
+  void* dh;         // [T, d]
+  float* gu;        // [T, r]
+  int tokens;
+  int vocab;
+  int hidden;
+  int rank;
+  float scale;
+  unsigned _pad;
+};
+TL_CHECK_PARAMS(HeadGradHParams, 72);
+
+// head.cu: grad[v, n] += scale * sum_t g[t, v] * b[t, n]   (b: [T, ncols] storage dtype)
+//   used for dU (b = p = s h Vh^T, ncols = r, scale 1) and dW (b = h, ncols = d, scale 1).
+struct HeadGradParamParams {
+  const void* g;  // [T, V], dtype G
+  const void* b;  // [T, ncols]
+  float* grad;    // [V, ncols] f32, added into
+  int tokens;
+  int vocab;
+  int ncols;
+  float scale;
+};
+TL_CHECK_PARAMS(HeadGradParamParams, 40);

@@ -1,0 +1,139 @@
+//! [`CudaExec`]: the [`Executor`] of one CUDA stream. Kernels come from the
+//! modules embedded at build time (cubin for the device's architecture when
+//! one was built, else the compute_80 PTX, JIT-compiled by the driver).
+
+use crate::error::{Error, Result};
+use crate::kernels::exec::Executor;
+use crate::kernels::params::KernelParams;
+use crate::kernels::plan::LaunchPlan;
+use crate::kernels::{module_of, EmbeddedModule};
+use cudarc::driver::{result, sys, CudaSlice, CudaStream, DevicePtr};
+use std::collections::HashMap;
+use std::ffi::{c_void, CString};
+use std::sync::{Arc, Mutex};
+
+/// Static shared memory a block may use without an opt-in attribute.
+const DEFAULT_SHARED_LIMIT: u32 = 48 * 1024;
+
+pub(crate) fn driver_err(what: &str, e: impl std::fmt::Debug) -> Error {
+    Error::Backend(format!("{what}: {e:?}"))
+}
+
+/// Loaded modules and resolved kernels of one context.
+pub(crate) struct KernelCache {
+    cc: (i32, i32),
+    modules: Mutex<HashMap<&'static str, sys::CUmodule>>,
+    functions: Mutex<HashMap<&'static str, sys::CUfunction>>,
+}
+
+// SAFETY: CUmodule / CUfunction are driver handles usable from any thread
+// once the owning context is current; all access goes through the mutexes.
+unsafe impl Send for KernelCache {}
+// SAFETY: as above.
+unsafe impl Sync for KernelCache {}
+
+impl KernelCache {
+    pub(crate) fn new(cc: (i32, i32)) -> Self {
+        KernelCache { cc, modules: Mutex::new(HashMap::new()), functions: Mutex::new(HashMap::new()) }
+    }
+
+    fn load(&self, m: &'static EmbeddedModule) -> Result<sys::CUmodule> {
+        let mut modules = self.modules.lock().map_err(|_| Error::Backend("kernel cache poisoned".into()))?;
+        if let Some(&h) = modules.get(m.name) {
+            return Ok(h);
+        }
+        let handle = match m.cubin_for(self.cc.0 as u32, self.cc.1 as u32) {
+            // SAFETY: an ELF cubin embedded at build time, 64-byte aligned, alive for 'static.
+            Some(cubin) => unsafe { result::module::load_data(cubin.as_ptr() as *const c_void) },
+            None => {
+                let ptx = CString::new(m.ptx).map_err(|_| Error::Backend(format!("PTX of {} has a NUL", m.name)))?;
+                // SAFETY: a NUL-terminated PTX string, alive for the call.
+                unsafe { result::module::load_data(ptx.as_ptr() as *const c_void) }
+            }
+        }
+        .map_err(|e| driver_err(&format!("loading kernels/{}.cu for sm_{}{}", m.name, self.cc.0, self.cc.1), e))?;
+        modules.insert(m.name, handle);
+        Ok(handle)
+    }
+
+    pub(crate) fn function(&self, kernel: &'static str) -> Result<sys::CUfunction> {
+        if let Some(&f) = self.functions.lock().map_err(|_| Error::Backend("kernel cache poisoned".into()))?.get(kernel)
+        {
+            return Ok(f);
+        }
+        let m = module_of(kernel)
+            .ok_or_else(|| Error::Backend(format!("kernel {kernel} is not in the embedded modules")))?;
+        let module = self.load(m)?;
+        let name = CString::new(kernel).map_err(|_| Error::Backend(format!("bad kernel name {kernel}")))?;
+        // SAFETY: `module` was loaded above and is never unloaded while the cache lives.
+        let f = unsafe { result::module::get_function(module, name) }.map_err(|e| driver_err(kernel, e))?;
+        self.functions.lock().map_err(|_| Error::Backend("kernel cache poisoned".into()))?.insert(kernel, f);
+        Ok(f)
+    }
+}
+
+impl Drop for KernelCache {
+    fn drop(&mut self) {
+        if let Ok(modules) = self.modules.lock() {
+            for &m in modules.values() {
+                // SAFETY: each module was loaded once by this cache; functions
+                // resolved from it are dropped with the cache.
+                let _ = unsafe { result::module::unload(m) };
+            }
+        }
+    }
+}
+
+/// Launches on one stream, scratch from that stream's allocator.
+pub(crate) struct CudaExec<'a> {
+    pub(crate) stream: &'a Arc<CudaStream>,
+    pub(crate) cache: &'a KernelCache,
+    pub(crate) sms: u32,
+}
+
+impl Executor for CudaExec<'_> {
+    type Scratch = CudaSlice<u8>;
+
+    fn scratch(&self, bytes: usize) -> Result<CudaSlice<u8>> {
+        // Device allocations are 256-byte aligned.
+        self.stream.alloc_zeros::<u8>(bytes.max(16)).map_err(|e| driver_err("scratch allocation", e))
+    }
+    fn addr(&self, s: &CudaSlice<u8>) -> u64 {
+        let (ptr, _sync) = s.device_ptr(self.stream);
+        ptr
+    }
+    fn upload(&self, s: &mut CudaSlice<u8>, data: &[u8]) -> Result<()> {
+        let mut dst = s.slice_mut(..data.len());
+        self.stream.memcpy_htod(data, &mut dst).map_err(|e| driver_err("upload", e))
+    }
+    fn download(&self, s: &CudaSlice<u8>, out: &mut [u8]) -> Result<()> {
+        self.stream.memcpy_dtoh(&s.slice(..out.len()), out).map_err(|e| driver_err("download", e))?;
+        self.stream.synchronize().map_err(|e| driver_err("synchronize", e))
+    }
+    fn read_at(&self, addr: u64, out: &mut [u8]) -> Result<()> {
+        self.stream.synchronize().map_err(|e| driver_err("synchronize", e))?;
+        self.stream.context().bind_to_thread().map_err(|e| driver_err("bind context", e))?;
+        // SAFETY: `addr` lies inside a caller buffer with out.len() readable
+        // bytes (checked by the caller); the stream has finished all work.
+        unsafe { result::memcpy_dtoh_sync(out, addr) }.map_err(|e| driver_err("read", e))
+    }
+    fn multiprocessors(&self) -> u32 {
+        self.sms
+    }
+    unsafe fn launch<P: KernelParams>(&self, plan: &LaunchPlan, params: &P) -> Result<()> {
+        if plan.shared_bytes > DEFAULT_SHARED_LIMIT {
+            return Err(Error::Backend(format!("{plan}: more than 48 KiB of dynamic shared memory")));
+        }
+        self.stream.context().bind_to_thread().map_err(|e| driver_err("bind context", e))?;
+        let f = self.cache.function(plan.kernel)?;
+        let mut args = [params as *const P as *mut c_void];
+        // SAFETY: the kernel takes exactly one argument, a `P` by value
+        // (kernels/common.cuh); cuLaunchKernel copies it before returning.
+        // The caller guarantees every address in `params` is valid for the
+        // kernel (Executor::launch contract).
+        unsafe {
+            result::launch_kernel(f, plan.grid, plan.block, plan.shared_bytes, self.stream.cu_stream(), &mut args)
+        }
+        .map_err(|e| driver_err(&format!("launch {plan}"), e))
+    }
+}

@@ -1,0 +1,261 @@
+//! The CUDA backend (feature `cuda`): the same [`Backend`] ops on device
+//! buffers, with the kernels compiled into the crate at build time.
+//!
+//! Buffers are cudarc views on the backend's stream, so a trainer hands in its
+//! own allocations (a raw cudarc `CudaSlice`, candle's storage) without copies:
+//! `slice.as_view()` / `slice.as_view_mut()` (or `.slice(..)`).
+//!
+//! ```no_run
+//! # fn main() -> tiedlora::Result<()> {
+//! use tiedlora::{cuda::Cuda, Backend, LoraConfig, Weights};
+//! let gpu = Cuda::new(0)?; // Err (never a panic) without a driver or GPU
+//! let cfg = LoraConfig::builder(1000, 64, 8).build()?;
+//! let s = gpu.stream();
+//! let w = s.clone_htod(&vec![0.01f32; 1000 * 64]).unwrap();
+//! let u = s.clone_htod(&vec![0.0f32; 1000 * 8]).unwrap();
+//! let vh = s.clone_htod(&vec![0.1f32; 8 * 64]).unwrap();
+//! let ids = s.clone_htod(&[1u32, 5, 999]).unwrap();
+//! let mut e = s.alloc_zeros::<f32>(3 * 64).unwrap();
+//! let weights = Weights { w: w.as_view(), lora_vocab: u.as_view(), lora_hidden: vh.as_view() };
+//! gpu.embed_forward(&cfg, &weights, ids.as_view(), e.as_view_mut())?;
+//! # Ok(())
+//! # }
+//! ```
+
+mod exec;
+
+use crate::backend::{Backend, Grads, Weights};
+use crate::config::LoraConfig;
+use crate::dtype::{Element, TokenId};
+use crate::error::{Error, Result};
+use crate::kernels::ops::{self, id_kind, GradAddrs, WeightAddrs};
+use crate::validate::{self, GradLens, WeightLens};
+use cudarc::driver::{CudaContext, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut};
+use exec::{driver_err, CudaExec, KernelCache};
+use std::sync::Arc;
+
+/// The CUDA backend on one stream.
+pub struct Cuda {
+    stream: Arc<CudaStream>,
+    cache: KernelCache,
+    sms: u32,
+}
+
+impl std::fmt::Debug for Cuda {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cuda").field("device", &self.stream.context().ordinal()).finish()
+    }
+}
+
+impl Cuda {
+    /// The backend on a new stream of GPU `ordinal`. Without a CUDA driver or
+    /// device this is an `Err`, never a panic.
+    pub fn new(ordinal: usize) -> Result<Self> {
+        crate::require_cuda()?;
+        let ctx = CudaContext::new(ordinal).map_err(|e| driver_err(&format!("opening GPU {ordinal}"), e))?;
+        let stream = ctx.new_stream().map_err(|e| driver_err("creating a stream", e))?;
+        Self::with_stream(stream)
+    }
+
+    /// The backend on a caller's stream (e.g. the trainer's): every op is
+    /// enqueued there, ordered with the caller's own work.
+    pub fn with_stream(stream: Arc<CudaStream>) -> Result<Self> {
+        crate::require_cuda()?;
+        let cc = stream.context().compute_capability().map_err(|e| driver_err("compute capability", e))?;
+        if cc.0 < 8 {
+            return Err(Error::BackendUnavailable(format!(
+                "GPU compute capability {}.{}: the kernels need sm_80 or newer",
+                cc.0, cc.1
+            )));
+        }
+        let sms = stream
+            .context()
+            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(|e| driver_err("multiprocessor count", e))?;
+        Ok(Cuda { stream, cache: KernelCache::new(cc), sms: sms.max(1) as u32 })
+    }
+
+    /// The stream every op runs on.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// Waits for every op issued so far.
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream.synchronize().map_err(|e| driver_err("synchronize", e))
+    }
+
+    fn exec(&self) -> CudaExec<'_> {
+        CudaExec { stream: &self.stream, cache: &self.cache, sms: self.sms }
+    }
+}
+
+fn wl<T: Element>(w: &Weights<'_, Cuda, T>) -> WeightLens {
+    WeightLens { w: w.w.len(), lora_vocab: w.lora_vocab.len(), lora_hidden: w.lora_hidden.len() }
+}
+
+fn gl(g: &Grads<'_, Cuda>) -> GradLens {
+    GradLens { lora_vocab: g.lora_vocab.len(), lora_hidden: g.lora_hidden.len(), w: g.w.as_ref().map(|w| w.len()) }
+}
+
+fn src<T>(v: &CudaView<'_, T>, s: &CudaStream) -> u64 {
+    v.device_ptr(s).0
+}
+
+fn dst<T>(v: &mut CudaViewMut<'_, T>, s: &CudaStream) -> u64 {
+    v.device_ptr_mut(s).0
+}
+
+impl Cuda {
+    fn weight_addrs<T: Element>(&self, w: &Weights<'_, Cuda, T>) -> WeightAddrs {
+        WeightAddrs {
+            w: src(&w.w, &self.stream),
+            u: src(&w.lora_vocab, &self.stream),
+            vh: src(&w.lora_hidden, &self.stream),
+        }
+    }
+    fn grad_addrs(&self, g: &mut Grads<'_, Cuda>) -> GradAddrs {
+        GradAddrs {
+            u: dst(&mut g.lora_vocab, &self.stream),
+            vh: dst(&mut g.lora_hidden, &self.stream),
+            w: g.w.as_mut().map(|w| dst(w, &self.stream)),
+        }
+    }
+}
+
+fn not_yet(op: &str) -> Error {
+    Error::BackendUnavailable(format!("{op} has no CUDA kernel yet"))
+}
+
+impl Backend for Cuda {
+    type Src<'a, T: 'static> = CudaView<'a, T>;
+    type Dst<'a, T: 'static> = CudaViewMut<'a, T>;
+
+    fn name(&self) -> &'static str {
+        "cuda"
+    }
+
+    fn embed_forward<T: Element, I: TokenId>(
+        &self,
+        cfg: &LoraConfig,
+        weights: &Weights<'_, Self, T>,
+        ids: CudaView<'_, I>,
+        mut out: CudaViewMut<'_, T>,
+    ) -> Result<()> {
+        let t = validate::embed_forward_lens(cfg, wl(weights), ids.len(), out.len())?;
+        let (ids_addr, out_addr) = (src(&ids, &self.stream), dst(&mut out, &self.stream));
+        ops::embed_forward(
+            &self.exec(),
+            cfg,
+            T::DTYPE,
+            self.weight_addrs(weights),
+            ids_addr,
+            id_kind::<I>(),
+            out_addr,
+            t,
+        )
+    }
+
+    fn embed_backward<T: Element, G: Element, I: TokenId>(
+        &self,
+        cfg: &LoraConfig,
+        weights: &Weights<'_, Self, T>,
+        ids: CudaView<'_, I>,
+        d_embed: CudaView<'_, G>,
+        grads: &mut Grads<'_, Self>,
+    ) -> Result<()> {
+        let t = validate::embed_backward_lens(cfg, wl(weights), ids.len(), d_embed.len(), gl(grads))?;
+        let g = self.grad_addrs(grads);
+        let (ids_addr, de) = (src(&ids, &self.stream), src(&d_embed, &self.stream));
+        ops::embed_backward(&self.exec(), cfg, G::DTYPE, self.weight_addrs(weights), ids_addr, id_kind::<I>(), de, g, t)
+    }
+
+    fn head_forward<T: Element>(
+        &self,
+        cfg: &LoraConfig,
+        weights: &Weights<'_, Self, T>,
+        h: CudaView<'_, T>,
+        mut logits: CudaViewMut<'_, T>,
+    ) -> Result<()> {
+        let t = validate::head_forward_lens(cfg, wl(weights), h.len(), logits.len())?;
+        let (h_addr, out) = (src(&h, &self.stream), dst(&mut logits, &self.stream));
+        ops::head_forward(&self.exec(), cfg, T::DTYPE, self.weight_addrs(weights), h_addr, out, t)
+    }
+
+    fn head_backward<T: Element, G: Element>(
+        &self,
+        cfg: &LoraConfig,
+        weights: &Weights<'_, Self, T>,
+        h: CudaView<'_, T>,
+        d_logits: CudaView<'_, G>,
+        mut dh: CudaViewMut<'_, T>,
+        grads: &mut Grads<'_, Self>,
+    ) -> Result<()> {
+        let t = validate::head_backward_lens(cfg, wl(weights), h.len(), d_logits.len(), dh.len(), gl(grads))?;
+        let g = self.grad_addrs(grads);
+        let (h_addr, g_addr, dh_addr) =
+            (src(&h, &self.stream), src(&d_logits, &self.stream), dst(&mut dh, &self.stream));
+        ops::head_backward(
+            &self.exec(),
+            cfg,
+            T::DTYPE,
+            G::DTYPE,
+            self.weight_addrs(weights),
+            h_addr,
+            g_addr,
+            dh_addr,
+            g,
+            t,
+        )
+    }
+
+    fn head_xent_forward<T: Element, I: TokenId>(
+        &self,
+        _cfg: &LoraConfig,
+        _weights: &Weights<'_, Self, T>,
+        _h: CudaView<'_, T>,
+        _targets: CudaView<'_, I>,
+        _loss: CudaViewMut<'_, f32>,
+        _lse: CudaViewMut<'_, f32>,
+    ) -> Result<()> {
+        Err(not_yet("head_xent_forward"))
+    }
+
+    fn head_xent_backward<T: Element, I: TokenId>(
+        &self,
+        _cfg: &LoraConfig,
+        _weights: &Weights<'_, Self, T>,
+        _h: CudaView<'_, T>,
+        _targets: CudaView<'_, I>,
+        _lse: CudaView<'_, f32>,
+        _grad_loss: f32,
+        _dh: CudaViewMut<'_, T>,
+        _grads: &mut Grads<'_, Self>,
+    ) -> Result<()> {
+        Err(not_yet("head_xent_backward"))
+    }
+
+    fn merge<T: Element>(
+        &self,
+        cfg: &LoraConfig,
+        mut w: CudaViewMut<'_, T>,
+        u: CudaView<'_, f32>,
+        vh: CudaView<'_, f32>,
+    ) -> Result<()> {
+        validate::check_weights(cfg, w.len(), u.len(), vh.len())?;
+        let (w_addr, u_addr, vh_addr) = (dst(&mut w, &self.stream), src(&u, &self.stream), src(&vh, &self.stream));
+        ops::merge(&self.exec(), cfg, T::DTYPE, w_addr, u_addr, vh_addr, false)
+    }
+
+    fn unmerge<T: Element>(
+        &self,
+        cfg: &LoraConfig,
+        mut w: CudaViewMut<'_, T>,
+        u: CudaView<'_, f32>,
+        vh: CudaView<'_, f32>,
+    ) -> Result<()> {
+        validate::check_weights(cfg, w.len(), u.len(), vh.len())?;
+        let (w_addr, u_addr, vh_addr) = (dst(&mut w, &self.stream), src(&u, &self.stream), src(&vh, &self.stream));
+        ops::merge(&self.exec(), cfg, T::DTYPE, w_addr, u_addr, vh_addr, true)
+    }
+}

@@ -1,0 +1,39 @@
+//! [`Executor`]: what an op needs from the machine that runs its kernels.
+//!
+//! The op sequences in [`super::ops`] are written once against this trait;
+//! the CPU shim ([`super::host::HostExec`]) and the GPU ([`crate::cuda`])
+//! implement it. Both therefore run the same launches (plans and params) in
+//! the same order, so the CPU run also tests the host side of every op.
+
+use super::params::KernelParams;
+use super::plan::LaunchPlan;
+use crate::error::Result;
+
+/// Memory and launches on one machine (host threads or one CUDA stream).
+pub trait Executor {
+    /// An owned scratch buffer (host memory or device memory).
+    type Scratch;
+
+    /// A zero-filled scratch buffer of at least `bytes` bytes, 16-byte aligned.
+    fn scratch(&self, bytes: usize) -> Result<Self::Scratch>;
+    /// The address kernels use for `s`.
+    fn addr(&self, s: &Self::Scratch) -> u64;
+    /// Copies `data` to the start of `s`.
+    fn upload(&self, s: &mut Self::Scratch, data: &[u8]) -> Result<()>;
+    /// Copies the first `out.len()` bytes of `s` to the host, after every
+    /// launch issued so far has finished.
+    fn download(&self, s: &Self::Scratch, out: &mut [u8]) -> Result<()>;
+    /// Reads `out.len()` bytes at `addr` inside a caller buffer (used to quote
+    /// an offending token id in an error), after every launch so far.
+    fn read_at(&self, addr: u64, out: &mut [u8]) -> Result<()>;
+    /// Streaming multiprocessors of the device (sizes grid-stride launches;
+    /// results never depend on it).
+    fn multiprocessors(&self) -> u32;
+    /// Runs one kernel.
+    ///
+    /// # Safety
+    /// `params` must be the params struct of `plan.kernel`, and every address
+    /// in it must be valid for the reads and writes that kernel does under
+    /// `plan` until the launch has finished.
+    unsafe fn launch<P: KernelParams>(&self, plan: &LaunchPlan, params: &P) -> Result<()>;
+}

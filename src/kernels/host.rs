@@ -1,0 +1,292 @@
+//! The kernels executed on the CPU (feature `cpu-kernels`): [`HostExec`]
+//! replays every op's launches through the shim, and [`CpuKernels`] is the
+//! [`Backend`] over host slices that tests compare with the reference.
+
+use super::exec::Executor;
+use super::ops::{self, id_kind, GradAddrs, WeightAddrs};
+use super::params::KernelParams;
+use super::plan::LaunchPlan;
+use super::shim::{self, ShimEntry};
+use crate::backend::{Backend, Grads, Weights};
+use crate::config::LoraConfig;
+use crate::cpu::{grad_lens, weight_lens};
+use crate::dtype::{Element, TokenId};
+use crate::error::{Error, Result};
+use crate::validate;
+
+macro_rules! shim_table {
+    ($($name:ident),* $(,)?) => {
+        super::shim::shim_kernels!($($name),*);
+        /// Every kernel the ops launch, by symbol.
+        static TABLE: &[(&str, ShimEntry)] = &[$((stringify!($name), $name as ShimEntry)),*];
+    };
+}
+
+shim_table!(
+    tl_prepare_ids_u32,
+    tl_prepare_ids_i64,
+    tl_lora_down_f32_f32,
+    tl_lora_down_f16_f16,
+    tl_lora_down_f16_f32,
+    tl_lora_down_bf16_bf16,
+    tl_lora_down_bf16_f32,
+    tl_lora_up_partial_f32,
+    tl_lora_up_partial_f16,
+    tl_lora_up_partial_bf16,
+    tl_lora_up_reduce,
+    tl_head_forward_f32,
+    tl_head_forward_f16,
+    tl_head_forward_bf16,
+    tl_head_grad_h_f32_f32_rx16,
+    tl_head_grad_h_f32_f32_rx32,
+    tl_head_grad_h_f32_f32_rx64,
+    tl_head_grad_h_f16_f16_rx16,
+    tl_head_grad_h_f16_f16_rx32,
+    tl_head_grad_h_f16_f16_rx64,
+    tl_head_grad_h_f16_f32_rx16,
+    tl_head_grad_h_f16_f32_rx32,
+    tl_head_grad_h_f16_f32_rx64,
+    tl_head_grad_h_bf16_bf16_rx16,
+    tl_head_grad_h_bf16_bf16_rx32,
+    tl_head_grad_h_bf16_bf16_rx64,
+    tl_head_grad_h_bf16_f32_rx16,
+    tl_head_grad_h_bf16_f32_rx32,
+    tl_head_grad_h_bf16_f32_rx64,
+    tl_head_grad_param_f32_f32_n64,
+    tl_head_grad_param_f32_f32_n128,
+    tl_head_grad_param_f16_f16_n64,
+    tl_head_grad_param_f16_f16_n128,
+    tl_head_grad_param_f16_f32_n64,
+    tl_head_grad_param_f16_f32_n128,
+    tl_head_grad_param_bf16_bf16_n64,
+    tl_head_grad_param_bf16_bf16_n128,
+    tl_head_grad_param_bf16_f32_n64,
+    tl_head_grad_param_bf16_f32_n128,
+    tl_embed_forward_f32_r8,
+    tl_embed_forward_f32_r16,
+    tl_embed_forward_f32_r32,
+    tl_embed_forward_f32_r64,
+    tl_embed_forward_f16_r8,
+    tl_embed_forward_f16_r16,
+    tl_embed_forward_f16_r32,
+    tl_embed_forward_f16_r64,
+    tl_embed_forward_bf16_r8,
+    tl_embed_forward_bf16_r16,
+    tl_embed_forward_bf16_r32,
+    tl_embed_forward_bf16_r64,
+    tl_sort_ids_hist,
+    tl_sort_ids_scan,
+    tl_sort_ids_scatter,
+    tl_group_rows_partial_f32,
+    tl_group_rows_partial_f16,
+    tl_group_rows_partial_bf16,
+    tl_group_rows_combine,
+    tl_merge_f32,
+    tl_merge_f16,
+    tl_merge_bf16,
+);
+
+/// Runs launches on CPU threads through the shim; scratch lives in host memory.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct HostExec;
+
+/// Host scratch: 16-byte aligned, zero-filled.
+#[derive(Debug)]
+pub struct HostScratch(Vec<u128>);
+
+impl Executor for HostExec {
+    type Scratch = HostScratch;
+
+    fn scratch(&self, bytes: usize) -> Result<HostScratch> {
+        Ok(HostScratch(vec![0u128; bytes.div_ceil(16).max(1)]))
+    }
+    fn addr(&self, s: &HostScratch) -> u64 {
+        s.0.as_ptr() as u64
+    }
+    fn upload(&self, s: &mut HostScratch, data: &[u8]) -> Result<()> {
+        let dst: &mut [u8] = bytemuck::cast_slice_mut(&mut s.0);
+        let cap = dst.len();
+        dst.get_mut(..data.len())
+            .ok_or_else(|| Error::Backend(format!("upload of {} bytes into {cap} bytes of scratch", data.len())))?
+            .copy_from_slice(data);
+        Ok(())
+    }
+    fn download(&self, s: &HostScratch, out: &mut [u8]) -> Result<()> {
+        let src: &[u8] = bytemuck::cast_slice(&s.0);
+        out.copy_from_slice(
+            src.get(..out.len())
+                .ok_or_else(|| Error::Backend(format!("download of {} bytes from {} bytes", out.len(), src.len())))?,
+        );
+        Ok(())
+    }
+    fn read_at(&self, addr: u64, out: &mut [u8]) -> Result<()> {
+        // SAFETY: callers pass an address inside a live caller buffer with at
+        // least out.len() readable bytes (ops::prepare_ids reads one id of a
+        // buffer whose length was checked); launches are synchronous here.
+        unsafe { std::ptr::copy_nonoverlapping(addr as *const u8, out.as_mut_ptr(), out.len()) };
+        Ok(())
+    }
+    fn multiprocessors(&self) -> u32 {
+        // Few blocks: the shim runs them one after another.
+        2
+    }
+    unsafe fn launch<P: KernelParams>(&self, plan: &LaunchPlan, params: &P) -> Result<()> {
+        let entry = TABLE
+            .iter()
+            .find(|(name, _)| *name == plan.kernel)
+            .map(|(_, e)| *e)
+            .ok_or_else(|| Error::Backend(format!("kernel {} is not in the shim table", plan.kernel)))?;
+        // SAFETY: the table maps each symbol to its own entry point, and the
+        // caller guarantees params/addresses fit the kernel (Executor::launch).
+        unsafe { shim::launch(entry, plan, params) }
+    }
+}
+
+/// The `kernels/*.cu` sources executed on the CPU, as a [`Backend`] over host
+/// slices: the same launches, plans and params as the GPU, run by the shim.
+/// Slow (one OS thread per CUDA thread); meant for tests.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct CpuKernels;
+
+fn addr<T>(s: &[T]) -> u64 {
+    s.as_ptr() as u64
+}
+
+fn addr_mut<T>(s: &mut [T]) -> u64 {
+    s.as_mut_ptr() as u64
+}
+
+fn weight_addrs<T: Element>(w: &Weights<'_, CpuKernels, T>) -> WeightAddrs {
+    WeightAddrs { w: addr(w.w), u: addr(w.lora_vocab), vh: addr(w.lora_hidden) }
+}
+
+fn grad_addrs(g: &mut Grads<'_, CpuKernels>) -> GradAddrs {
+    GradAddrs { u: addr_mut(g.lora_vocab), vh: addr_mut(g.lora_hidden), w: g.w.as_deref_mut().map(addr_mut) }
+}
+
+fn wl<T: Element>(w: &Weights<'_, CpuKernels, T>) -> validate::WeightLens {
+    weight_lens(w.w, w.lora_vocab, w.lora_hidden)
+}
+
+fn gl(g: &Grads<'_, CpuKernels>) -> validate::GradLens {
+    grad_lens(g.lora_vocab, g.lora_hidden, g.w.as_deref())
+}
+
+fn not_yet(op: &str) -> Error {
+    Error::BackendUnavailable(format!("{op} has no kernel yet"))
+}
+
+impl Backend for CpuKernels {
+    type Src<'a, T: 'static> = &'a [T];
+    type Dst<'a, T: 'static> = &'a mut [T];
+
+    fn name(&self) -> &'static str {
+        "kernels-on-cpu"
+    }
+
+    fn embed_forward<T: Element, I: TokenId>(
+        &self,
+        cfg: &LoraConfig,
+        weights: &Weights<'_, Self, T>,
+        ids: &[I],
+        out: &mut [T],
+    ) -> Result<()> {
+        let t = validate::embed_forward_lens(cfg, wl(weights), ids.len(), out.len())?;
+        ops::embed_forward(&HostExec, cfg, T::DTYPE, weight_addrs(weights), addr(ids), id_kind::<I>(), addr_mut(out), t)
+    }
+
+    fn embed_backward<T: Element, G: Element, I: TokenId>(
+        &self,
+        cfg: &LoraConfig,
+        weights: &Weights<'_, Self, T>,
+        ids: &[I],
+        d_embed: &[G],
+        grads: &mut Grads<'_, Self>,
+    ) -> Result<()> {
+        let t = validate::embed_backward_lens(cfg, wl(weights), ids.len(), d_embed.len(), gl(grads))?;
+        let g = grad_addrs(grads);
+        ops::embed_backward(
+            &HostExec,
+            cfg,
+            G::DTYPE,
+            weight_addrs(weights),
+            addr(ids),
+            id_kind::<I>(),
+            addr(d_embed),
+            g,
+            t,
+        )
+    }
+
+    fn head_forward<T: Element>(
+        &self,
+        cfg: &LoraConfig,
+        weights: &Weights<'_, Self, T>,
+        h: &[T],
+        logits: &mut [T],
+    ) -> Result<()> {
+        let t = validate::head_forward_lens(cfg, wl(weights), h.len(), logits.len())?;
+        ops::head_forward(&HostExec, cfg, T::DTYPE, weight_addrs(weights), addr(h), addr_mut(logits), t)
+    }
+
+    fn head_backward<T: Element, G: Element>(
+        &self,
+        cfg: &LoraConfig,
+        weights: &Weights<'_, Self, T>,
+        h: &[T],
+        d_logits: &[G],
+        dh: &mut [T],
+        grads: &mut Grads<'_, Self>,
+    ) -> Result<()> {
+        let t = validate::head_backward_lens(cfg, wl(weights), h.len(), d_logits.len(), dh.len(), gl(grads))?;
+        let g = grad_addrs(grads);
+        ops::head_backward(
+            &HostExec,
+            cfg,
+            T::DTYPE,
+            G::DTYPE,
+            weight_addrs(weights),
+            addr(h),
+            addr(d_logits),
+            addr_mut(dh),
+            g,
+            t,
+        )
+    }
+
+    fn head_xent_forward<T: Element, I: TokenId>(
+        &self,
+        _cfg: &LoraConfig,
+        _weights: &Weights<'_, Self, T>,
+        _h: &[T],
+        _targets: &[I],
+        _loss: &mut [f32],
+        _lse: &mut [f32],
+    ) -> Result<()> {
+        Err(not_yet("head_xent_forward"))
+    }
+
+    fn head_xent_backward<T: Element, I: TokenId>(
+        &self,
+        _cfg: &LoraConfig,
+        _weights: &Weights<'_, Self, T>,
+        _h: &[T],
+        _targets: &[I],
+        _lse: &[f32],
+        _grad_loss: f32,
+        _dh: &mut [T],
+        _grads: &mut Grads<'_, Self>,
+    ) -> Result<()> {
+        Err(not_yet("head_xent_backward"))
+    }
+
+    fn merge<T: Element>(&self, cfg: &LoraConfig, w: &mut [T], u: &[f32], vh: &[f32]) -> Result<()> {
+        validate::check_weights(cfg, w.len(), u.len(), vh.len())?;
+        ops::merge(&HostExec, cfg, T::DTYPE, addr_mut(w), addr(u), addr(vh), false)
+    }
+
+    fn unmerge<T: Element>(&self, cfg: &LoraConfig, w: &mut [T], u: &[f32], vh: &[f32]) -> Result<()> {
+        validate::check_weights(cfg, w.len(), u.len(), vh.len())?;
+        ops::merge(&HostExec, cfg, T::DTYPE, addr_mut(w), addr(u), addr(vh), true)
+    }
+}

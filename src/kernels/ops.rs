@@ -1,0 +1,621 @@
+//! The op sequences: which kernels each op launches, in which order, with
+//! which plans, params and scratch buffers. Written once over [`Executor`],
+//! so the GPU and the CPU shim replay exactly the same launches.
+//!
+//! Inputs are addresses of buffers whose lengths the caller (a [`crate::Backend`]
+//! impl) has already checked against the config.
+
+use super::exec::Executor;
+use super::params::*;
+use super::plan::LaunchPlan;
+use crate::config::LoraConfig;
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+
+/// Element type of an id buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdKind {
+    /// `u32` ids.
+    U32,
+    /// `i64` ids.
+    I64,
+}
+
+/// The [`IdKind`] of a token-id type.
+pub fn id_kind<I: crate::dtype::TokenId>() -> IdKind {
+    if I::NAME == "u32" {
+        IdKind::U32
+    } else {
+        IdKind::I64
+    }
+}
+
+impl IdKind {
+    fn size(self) -> usize {
+        match self {
+            IdKind::U32 => 4,
+            IdKind::I64 => 8,
+        }
+    }
+}
+
+/// Device addresses of the tied parameters.
+#[derive(Debug, Clone, Copy)]
+pub struct WeightAddrs {
+    /// W [V, d], storage dtype.
+    pub w: u64,
+    /// U [V, r], f32.
+    pub u: u64,
+    /// Vh [r, d], f32.
+    pub vh: u64,
+}
+
+/// Device addresses of the gradient accumulators (f32, added into).
+#[derive(Debug, Clone, Copy)]
+pub struct GradAddrs {
+    /// dU [V, r].
+    pub u: u64,
+    /// dVh [r, d].
+    pub vh: u64,
+    /// dW [V, d], full tied fine-tune only.
+    pub w: Option<u64>,
+}
+
+const THREADS: u32 = 256;
+const GEMM_TILE: u32 = 128;
+/// Tokens per partial sum in the deterministic dVh reduction.
+const UP_CHUNK: usize = 256;
+/// Largest rank the fused head backward keeps in its extra tile columns.
+pub const MAX_HEAD_RANK: usize = 64;
+
+fn i32_of(what: &str, v: usize) -> Result<i32> {
+    i32::try_from(v).map_err(|_| Error::ShapeMismatch(format!("{what} = {v} does not fit the kernels' 32-bit sizes")))
+}
+
+fn blocks(n: usize, per: u32) -> u32 {
+    LaunchPlan::blocks_for(n, per)
+}
+
+/// Dynamic shared memory of `tl::GemmShape` in `kernels/tile_gemm.cuh` (same formula).
+pub fn gemm_shared_bytes(elem: usize, bm: usize, bn: usize, bk: usize, a_col: bool, b_col: bool, rx: usize) -> u32 {
+    let pad = 16 / elem;
+    let (a_out, a_in) = if a_col { (bk, bm) } else { (bm, bk) };
+    let (b_out, b_in) = if b_col { (bn, bk) } else { (bk, bn) };
+    let x = if rx > 0 { bk * (rx + pad) } else { 0 };
+    let tile = (a_out * (a_in + pad) + b_out * (b_in + pad) + x) * elem;
+    let epi = (bm * rx + 8 * 256) * 4;
+    tile.max(epi) as u32
+}
+
+macro_rules! by_dtype {
+    ($dt:expr, $prefix:literal, $suffix:literal) => {
+        match $dt {
+            DType::F32 => concat!($prefix, "f32", $suffix),
+            DType::F16 => concat!($prefix, "f16", $suffix),
+            DType::BF16 => concat!($prefix, "bf16", $suffix),
+        }
+    };
+}
+
+/// `<storage>_<grad>` kernel-name infix; the gradient is the storage dtype or f32.
+fn tg_name(t: DType, g: DType, names: [&'static str; 5]) -> Result<&'static str> {
+    Ok(match (t, g) {
+        (DType::F32, DType::F32) => names[0],
+        (DType::F16, DType::F16) => names[1],
+        (DType::F16, DType::F32) => names[2],
+        (DType::BF16, DType::BF16) => names[3],
+        (DType::BF16, DType::F32) => names[4],
+        _ => {
+            return Err(Error::UnsupportedCombination(format!(
+                "upstream gradient in {g} for {t} weights: the kernels take the storage dtype or f32"
+            )))
+        }
+    })
+}
+
+/// Validates ids (or targets, with `ignore`) on the device and narrows them
+/// to int32. Returns the int32 buffer and the count of valid entries; an
+/// out-of-range id is an [`Error::TokenOutOfRange`] quoting its index and value.
+pub fn prepare_ids<E: Executor>(
+    e: &E,
+    arg: &'static str,
+    ids: u64,
+    kind: IdKind,
+    n: usize,
+    vocab: usize,
+    ignore: Option<i64>,
+) -> Result<(E::Scratch, usize)> {
+    let out = e.scratch(n * 4)?;
+    let mut status = e.scratch(16)?;
+    e.upload(&mut status, bytemuck::cast_slice(&[0i32, i32::MAX, 0, 0]))?;
+    let params = PrepareIdsParams {
+        ids,
+        out: e.addr(&out),
+        status: e.addr(&status),
+        ignore_index: ignore.unwrap_or(0),
+        n: i32_of("tokens", n)?,
+        vocab: i32_of("vocab", vocab)?,
+        allow_ignore: i32::from(ignore.is_some()),
+        _pad: 0,
+    };
+    let kernel = match kind {
+        IdKind::U32 => "tl_prepare_ids_u32",
+        IdKind::I64 => "tl_prepare_ids_i64",
+    };
+    let plan = LaunchPlan::linear(kernel, blocks(n, THREADS), THREADS);
+    // SAFETY: `ids` holds n ids of `kind` (checked by the caller); `out` and
+    // `status` are scratch buffers of n*4 and 16 bytes owned here.
+    unsafe { e.launch(&plan, &params)? };
+    let mut st = [0i32; 4];
+    e.download(&status, bytemuck::cast_slice_mut(&mut st))?;
+    if st[0] > 0 {
+        let index = st[1] as usize;
+        let value = match kind {
+            IdKind::U32 => {
+                let mut b = [0u8; 4];
+                e.read_at(ids + (index * kind.size()) as u64, &mut b)?;
+                u32::from_le_bytes(b) as i64
+            }
+            IdKind::I64 => {
+                let mut b = [0u8; 8];
+                e.read_at(ids + (index * kind.size()) as u64, &mut b)?;
+                i64::from_le_bytes(b)
+            }
+        };
+        return Err(Error::TokenOutOfRange { arg, index, value, vocab });
+    }
+    Ok((out, st[2] as usize))
+}
+
+/// `out[rows, r] = scale · x[rows, d] · Vhᵀ`, `x` in `xt`, `out` in `ot` (xt or f32).
+#[allow(clippy::too_many_arguments)]
+fn lora_down<E: Executor>(
+    e: &E,
+    cfg: &LoraConfig,
+    xt: DType,
+    ot: DType,
+    x: u64,
+    vh: u64,
+    out: u64,
+    rows: usize,
+    scale: f64,
+) -> Result<()> {
+    let kernel = match (xt, ot) {
+        (DType::F32, DType::F32) => "tl_lora_down_f32_f32",
+        (DType::F16, DType::F16) => "tl_lora_down_f16_f16",
+        (DType::F16, DType::F32) => "tl_lora_down_f16_f32",
+        (DType::BF16, DType::BF16) => "tl_lora_down_bf16_bf16",
+        (DType::BF16, DType::F32) => "tl_lora_down_bf16_f32",
+        _ => return Err(Error::UnsupportedCombination(format!("lora_down from {xt} to {ot}"))),
+    };
+    let params = LoraDownParams {
+        x,
+        vh,
+        out,
+        rows: i32_of("tokens", rows)?,
+        hidden: i32_of("hidden", cfg.hidden())?,
+        rank: i32_of("rank", cfg.rank())?,
+        scale: scale as f32,
+    };
+    let plan = LaunchPlan::linear(kernel, blocks(rows, THREADS / 32), THREADS);
+    // SAFETY: x [rows, d] in xt, vh [r, d] f32 and out [rows, r] in ot are
+    // checked (caller) or allocated (here) with those sizes.
+    unsafe { e.launch(&plan, &params) }
+}
+
+/// `grad[r, d] += scale · Σ_t X[row(t)]ᵀ · Y[t]` with a fixed reduction order.
+#[allow(clippy::too_many_arguments)]
+pub fn lora_up<E: Executor>(
+    e: &E,
+    cfg: &LoraConfig,
+    yt: DType,
+    x: u64,
+    ids: u64,
+    y: u64,
+    grad: u64,
+    tokens: usize,
+    scale: f64,
+) -> Result<()> {
+    let (d, r) = (cfg.hidden(), cfg.rank());
+    let chunks = tokens.div_ceil(UP_CHUNK);
+    let partial = e.scratch(chunks * r * d * 4)?;
+    let params = LoraUpPartialParams {
+        x,
+        ids,
+        y,
+        partial: e.addr(&partial),
+        tokens: i32_of("tokens", tokens)?,
+        hidden: i32_of("hidden", d)?,
+        rank: i32_of("rank", r)?,
+        chunk: UP_CHUNK as i32,
+    };
+    let kernel = by_dtype!(yt, "tl_lora_up_partial_", "");
+    let mut plan = LaunchPlan::linear(kernel, blocks(d, THREADS), THREADS);
+    plan.grid.1 = chunks as u32;
+    // SAFETY: x rows addressed by ids (validated) or by t < tokens, y [T, d],
+    // partial [chunks, r, d] allocated above.
+    unsafe { e.launch(&plan, &params)? };
+    let reduce = LoraUpReduceParams {
+        partial: e.addr(&partial),
+        out: grad,
+        chunks: chunks as i32,
+        count: i32_of("rank * hidden", r * d)?,
+        scale: scale as f32,
+        _pad: 0,
+    };
+    let plan = LaunchPlan::linear("tl_lora_up_reduce", blocks(r * d, THREADS), THREADS);
+    // SAFETY: partial as above; grad is the caller's [r, d] f32 buffer.
+    unsafe { e.launch(&plan, &reduce) }
+}
+
+/// `logits[T, V] = [h | s·h·Vhᵀ] · [W | U]ᵀ`, one K = d + r reduction.
+pub fn head_forward<E: Executor>(
+    e: &E,
+    cfg: &LoraConfig,
+    t: DType,
+    wt: WeightAddrs,
+    h: u64,
+    logits: u64,
+    tokens: usize,
+) -> Result<()> {
+    let (v, d, r) = (cfg.vocab(), cfg.hidden(), cfg.rank());
+    let p = e.scratch(tokens * r * t.size())?;
+    lora_down(e, cfg, t, t, h, wt.vh, e.addr(&p), tokens, cfg.scale())?;
+    let params = HeadForwardParams {
+        h,
+        p: e.addr(&p),
+        w: wt.w,
+        u: wt.u,
+        out: logits,
+        tokens: i32_of("tokens", tokens)?,
+        vocab: i32_of("vocab", v)?,
+        hidden: i32_of("hidden", d)?,
+        rank: i32_of("rank", r)?,
+    };
+    let plan = LaunchPlan {
+        kernel: by_dtype!(t, "tl_head_forward_", ""),
+        grid: (blocks(tokens, GEMM_TILE), blocks(v, GEMM_TILE), 1),
+        block: (THREADS, 1, 1),
+        shared_bytes: gemm_shared_bytes(t.size(), 128, 128, 32, false, true, 0),
+    };
+    // SAFETY: h [T, d], p [T, r], W [V, d], U [V, r], logits [T, V] (checked
+    // by the caller or allocated above).
+    unsafe { e.launch(&plan, &params) }
+}
+
+/// Head backward: `dh = G W + s (G U) Vh`, `dU += Gᵀ (s h Vhᵀ)`, `dVh += s (G U)ᵀ h`, `dW += Gᵀ h`.
+#[allow(clippy::too_many_arguments)]
+pub fn head_backward<E: Executor>(
+    e: &E,
+    cfg: &LoraConfig,
+    t: DType,
+    gt: DType,
+    wt: WeightAddrs,
+    h: u64,
+    g: u64,
+    dh: u64,
+    grads: GradAddrs,
+    tokens: usize,
+) -> Result<()> {
+    let (v, d, r) = (cfg.vocab(), cfg.hidden(), cfg.rank());
+    if r > MAX_HEAD_RANK {
+        return Err(Error::UnsupportedCombination(format!(
+            "rank {r}: the fused head backward kernels support rank <= {MAX_HEAD_RANK}"
+        )));
+    }
+    let (rx, rx_index): (usize, usize) = if r <= 16 {
+        (16, 0)
+    } else if r <= 32 {
+        (32, 1)
+    } else {
+        (64, 2)
+    };
+    let p = e.scratch(tokens * r * t.size())?;
+    lora_down(e, cfg, t, t, h, wt.vh, e.addr(&p), tokens, cfg.scale())?;
+    let gu = e.scratch(tokens * r * 4)?;
+    let base = HeadGradHParams {
+        g,
+        w: wt.w,
+        u: wt.u,
+        vh: wt.vh,
+        dh,
+        gu: e.addr(&gu),
+        tokens: i32_of("tokens", tokens)?,
+        vocab: i32_of("vocab", v)?,
+        hidden: i32_of("hidden", d)?,
+        rank: i32_of("rank", r)?,
+        scale: cfg.scale() as f32,
+        _pad: 0,
+    };
+    let names: [[&'static str; 5]; 3] = [
+        [
+            "tl_head_grad_h_f32_f32_rx16",
+            "tl_head_grad_h_f16_f16_rx16",
+            "tl_head_grad_h_f16_f32_rx16",
+            "tl_head_grad_h_bf16_bf16_rx16",
+            "tl_head_grad_h_bf16_f32_rx16",
+        ],
+        [
+            "tl_head_grad_h_f32_f32_rx32",
+            "tl_head_grad_h_f16_f16_rx32",
+            "tl_head_grad_h_f16_f32_rx32",
+            "tl_head_grad_h_bf16_bf16_rx32",
+            "tl_head_grad_h_bf16_f32_rx32",
+        ],
+        [
+            "tl_head_grad_h_f32_f32_rx64",
+            "tl_head_grad_h_f16_f16_rx64",
+            "tl_head_grad_h_f16_f32_rx64",
+            "tl_head_grad_h_bf16_bf16_rx64",
+            "tl_head_grad_h_bf16_f32_rx64",
+        ],
+    ];
+    let kernel = tg_name(t, gt, names[rx_index])?;
+    let plan = LaunchPlan {
+        kernel,
+        grid: (blocks(tokens, GEMM_TILE), blocks(d, GEMM_TILE), 1),
+        block: (THREADS, 1, 1),
+        shared_bytes: gemm_shared_bytes(t.size(), 128, 128, 32, false, false, rx),
+    };
+    // SAFETY: G [T, V] in gt, W [V, d], U [V, r], Vh [r, d], dh [T, d] (caller),
+    // gu [T, r] f32 (here).
+    unsafe { e.launch(&plan, &base)? };
+
+    // dU += Gᵀ p, p = s·h·Vhᵀ already carries the scale.
+    let du = HeadGradParamParams {
+        g,
+        b: e.addr(&p),
+        grad: grads.u,
+        tokens: base.tokens,
+        vocab: base.vocab,
+        ncols: base.rank,
+        scale: 1.0,
+    };
+    let kernel = tg_name(
+        t,
+        gt,
+        [
+            "tl_head_grad_param_f32_f32_n64",
+            "tl_head_grad_param_f16_f16_n64",
+            "tl_head_grad_param_f16_f32_n64",
+            "tl_head_grad_param_bf16_bf16_n64",
+            "tl_head_grad_param_bf16_f32_n64",
+        ],
+    )?;
+    let plan = LaunchPlan {
+        kernel,
+        grid: (blocks(v, GEMM_TILE), blocks(r, 64), 1),
+        block: (THREADS, 1, 1),
+        shared_bytes: gemm_shared_bytes(t.size(), 128, 64, 32, true, false, 0),
+    };
+    // SAFETY: G [T, V], p [T, r] (here), dU [V, r] f32 (caller).
+    unsafe { e.launch(&plan, &du)? };
+
+    // dVh += s · guᵀ h.
+    lora_up(e, cfg, t, e.addr(&gu), 0, h, grads.vh, tokens, cfg.scale())?;
+
+    if let Some(dw) = grads.w {
+        let params = HeadGradParamParams {
+            g,
+            b: h,
+            grad: dw,
+            tokens: base.tokens,
+            vocab: base.vocab,
+            ncols: base.hidden,
+            scale: 1.0,
+        };
+        let kernel = tg_name(
+            t,
+            gt,
+            [
+                "tl_head_grad_param_f32_f32_n128",
+                "tl_head_grad_param_f16_f16_n128",
+                "tl_head_grad_param_f16_f32_n128",
+                "tl_head_grad_param_bf16_bf16_n128",
+                "tl_head_grad_param_bf16_f32_n128",
+            ],
+        )?;
+        let plan = LaunchPlan {
+            kernel,
+            grid: (blocks(v, GEMM_TILE), blocks(d, GEMM_TILE), 1),
+            block: (THREADS, 1, 1),
+            shared_bytes: gemm_shared_bytes(t.size(), 128, 128, 32, true, false, 0),
+        };
+        // SAFETY: G [T, V], h [T, d], dW [V, d] f32 (caller).
+        unsafe { e.launch(&plan, &params)? };
+    }
+    Ok(())
+}
+
+/// `(kernel, columns per thread, min blocks per SM, waves)` of `embed_forward`
+/// for rank chunk RC (table in `kernels/embed.cu`).
+fn embed_forward_kernel(t: DType, r: usize) -> (&'static str, usize, u32, u32) {
+    let rc = match r {
+        0..=8 => 0,
+        9..=16 => 1,
+        17..=32 => 2,
+        _ => 3,
+    };
+    match (t, rc) {
+        (DType::F32, 0) => ("tl_embed_forward_f32_r8", 4, 4, 4),
+        (DType::F32, 1) => ("tl_embed_forward_f32_r16", 4, 4, 4),
+        (DType::F32, 2) => ("tl_embed_forward_f32_r32", 4, 3, 2),
+        (DType::F32, _) => ("tl_embed_forward_f32_r64", 2, 3, 2),
+        (DType::F16, 0) => ("tl_embed_forward_f16_r8", 8, 4, 4),
+        (DType::F16, 1) => ("tl_embed_forward_f16_r16", 8, 3, 2),
+        (DType::F16, 2) => ("tl_embed_forward_f16_r32", 2, 4, 4),
+        (DType::F16, _) => ("tl_embed_forward_f16_r64", 2, 3, 2),
+        (DType::BF16, 0) => ("tl_embed_forward_bf16_r8", 8, 4, 4),
+        (DType::BF16, 1) => ("tl_embed_forward_bf16_r16", 8, 3, 2),
+        (DType::BF16, 2) => ("tl_embed_forward_bf16_r32", 2, 4, 4),
+        (DType::BF16, _) => ("tl_embed_forward_bf16_r64", 2, 3, 2),
+    }
+}
+
+/// `e[t] = c·(W[ids[t]] + s·U[ids[t]]·Vh)` after validating the ids on the device.
+#[allow(clippy::too_many_arguments)]
+pub fn embed_forward<E: Executor>(
+    e: &E,
+    cfg: &LoraConfig,
+    t: DType,
+    wt: WeightAddrs,
+    ids: u64,
+    kind: IdKind,
+    out: u64,
+    tokens: usize,
+) -> Result<()> {
+    let (v, d, r) = (cfg.vocab(), cfg.hidden(), cfg.rank());
+    let (ids32, _) = prepare_ids(e, "ids", ids, kind, tokens, v, None)?;
+    let (kernel, nc, minb, waves) = embed_forward_kernel(t, r);
+    let (bx, by) = EMBED_BLOCK;
+    let gx = blocks(d.div_ceil(nc), bx);
+    let want = (waves * e.multiprocessors() * minb).div_ceil(gx).max(1);
+    let gy = blocks(tokens, by).min(65535).min(want).max(1);
+    let params = EmbedForwardParams {
+        ids: e.addr(&ids32),
+        w: wt.w,
+        u: wt.u,
+        vh: wt.vh,
+        out,
+        tokens: i32_of("tokens", tokens)?,
+        vocab: i32_of("vocab", v)?,
+        hidden: i32_of("hidden", d)?,
+        rank: i32_of("rank", r)?,
+        scale: cfg.scale() as f32,
+        embed_scale: cfg.embed_scale() as f32,
+    };
+    let plan = LaunchPlan { kernel, grid: (gx, gy, 1), block: (bx, by, 1), shared_bytes: 0 };
+    // SAFETY: ids32 [T] validated here; W [V, d], U [V, r], Vh [r, d] and out
+    // [T, d] checked by the caller.
+    unsafe { e.launch(&plan, &params) }
+}
+
+/// Stable sort of token positions by id: returns (keys, perm), skipped ids last.
+fn sort_ids<E: Executor>(e: &E, ids32: u64, tokens: usize, vocab: usize) -> Result<(E::Scratch, E::Scratch)> {
+    let bits = 32 - (vocab as u32).leading_zeros();
+    let passes = bits.div_ceil(8).max(1) as usize;
+    let nblocks = tokens.div_ceil(SORT_TILE);
+    let keys = e.scratch(tokens * 4)?;
+    let perm = e.scratch(tokens * 4)?;
+    let tmp_keys = e.scratch(tokens * 4)?;
+    let tmp_vals = e.scratch(tokens * 4)?;
+    let hist = e.scratch(nblocks * 256 * 4)?;
+    let (mut k_in, mut v_in) = (ids32, 0u64);
+    for p in 0..passes {
+        let (k_out, v_out) = if (passes - 1 - p) % 2 == 0 {
+            (e.addr(&keys), e.addr(&perm))
+        } else {
+            (e.addr(&tmp_keys), e.addr(&tmp_vals))
+        };
+        let params = SortPassParams {
+            keys_in: k_in,
+            vals_in: v_in,
+            keys_out: k_out,
+            vals_out: v_out,
+            hist: e.addr(&hist),
+            n: i32_of("tokens", tokens)?,
+            vocab: i32_of("vocab", vocab)?,
+            shift: 8 * p as i32,
+            nblocks: nblocks as i32,
+        };
+        for (kernel, grid) in [("tl_sort_ids_hist", nblocks), ("tl_sort_ids_scan", 1), ("tl_sort_ids_scatter", nblocks)]
+        {
+            let plan = LaunchPlan::linear(kernel, grid as u32, THREADS);
+            // SAFETY: keys/vals buffers of T ints, hist of nblocks*256 ints, all
+            // allocated here; ids32 is the validated [T] buffer.
+            unsafe { e.launch(&plan, &params)? };
+        }
+        (k_in, v_in) = (k_out, v_out);
+    }
+    Ok((keys, perm))
+}
+
+/// `out[id] += scale · Σ_{t: ids[t] = id} x[t]` in a fixed order, `x` [T, ncols] of `xt`.
+#[allow(clippy::too_many_arguments)]
+fn group_rows<E: Executor>(
+    e: &E,
+    keys: &E::Scratch,
+    perm: &E::Scratch,
+    xt: DType,
+    x: u64,
+    out: u64,
+    tokens: usize,
+    vocab: usize,
+    ncols: usize,
+    scale: f64,
+) -> Result<()> {
+    let nchunks = tokens.div_ceil(GROUP_CHUNK);
+    let partial = e.scratch(2 * nchunks * ncols * 4)?;
+    let params = GroupRowsParams {
+        keys: e.addr(keys),
+        perm: e.addr(perm),
+        x,
+        out,
+        partial: e.addr(&partial),
+        n: i32_of("tokens", tokens)?,
+        vocab: i32_of("vocab", vocab)?,
+        ncols: i32_of("columns", ncols)?,
+        scale: scale as f32,
+    };
+    let grid = (blocks(ncols, 32), blocks(nchunks, 4), 1);
+    for kernel in [by_dtype!(xt, "tl_group_rows_partial_", ""), "tl_group_rows_combine"] {
+        let plan = LaunchPlan { kernel, grid, block: (32, 4, 1), shared_bytes: 0 };
+        // SAFETY: keys/perm [T] from sort_ids, x [T, ncols], out [vocab, ncols]
+        // f32 (caller), partial allocated above.
+        unsafe { e.launch(&plan, &params)? };
+    }
+    Ok(())
+}
+
+/// Embedding backward into the shared gradients, bitwise deterministic:
+/// `dU[i] += c·s·Σ dE_t·Vhᵀ` (per-token rows, then a grouped sum over the
+/// stably sorted ids), `dVh += c·s·Σ U[i_t]ᵀ dE_t`, `dW[i] += c·Σ dE_t`.
+#[allow(clippy::too_many_arguments)]
+pub fn embed_backward<E: Executor>(
+    e: &E,
+    cfg: &LoraConfig,
+    gt: DType,
+    wt: WeightAddrs,
+    ids: u64,
+    kind: IdKind,
+    d_embed: u64,
+    grads: GradAddrs,
+    tokens: usize,
+) -> Result<()> {
+    let (v, d, r) = (cfg.vocab(), cfg.hidden(), cfg.rank());
+    let cs = cfg.embed_scale() * cfg.scale();
+    let (ids32, _) = prepare_ids(e, "ids", ids, kind, tokens, v, None)?;
+    let gu = e.scratch(tokens * r * 4)?;
+    lora_down(e, cfg, gt, DType::F32, d_embed, wt.vh, e.addr(&gu), tokens, cs)?;
+    let (keys, perm) = sort_ids(e, e.addr(&ids32), tokens, v)?;
+    group_rows(e, &keys, &perm, DType::F32, e.addr(&gu), grads.u, tokens, v, r, 1.0)?;
+    lora_up(e, cfg, gt, wt.u, e.addr(&ids32), d_embed, grads.vh, tokens, cs)?;
+    if let Some(dw) = grads.w {
+        group_rows(e, &keys, &perm, gt, d_embed, dw, tokens, v, d, cfg.embed_scale())?;
+    }
+    Ok(())
+}
+
+/// `W ± s·U·Vh` in place, rounded once to W's dtype.
+pub fn merge<E: Executor>(e: &E, cfg: &LoraConfig, t: DType, w: u64, u: u64, vh: u64, subtract: bool) -> Result<()> {
+    let (v, d, r) = (cfg.vocab(), cfg.hidden(), cfg.rank());
+    let params = MergeParams {
+        w,
+        u,
+        vh,
+        rows: i32_of("vocab", v)?,
+        hidden: i32_of("hidden", d)?,
+        rank: i32_of("rank", r)?,
+        scale: cfg.scale() as f32,
+        subtract: i32::from(subtract),
+        _pad: 0,
+    };
+    let plan = LaunchPlan {
+        kernel: by_dtype!(t, "tl_merge_", ""),
+        grid: (blocks(d, THREADS), blocks(v, 8).min(65535), 1),
+        block: (THREADS, 1, 1),
+        shared_bytes: 0,
+    };
+    // SAFETY: W [V, d], U [V, r], Vh [r, d] checked by the caller.
+    unsafe { e.launch(&plan, &params) }
+}

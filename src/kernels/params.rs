@@ -1,0 +1,85 @@
+//! `#[repr(C)]` mirrors of the params structs in `kernels/params.h`, field for
+//! field; pointers are `u64` (a device address on the GPU, a host address in
+//! the shim). Sizes are asserted here and by `TL_CHECK_PARAMS` in C++.
+
+use bytemuck::{Pod, Zeroable};
+
+/// Marker for a kernel params struct: plain old data, passed by value.
+pub trait KernelParams: Pod {}
+
+macro_rules! params {
+    ($(#[$doc:meta] $name:ident ($bytes:expr) { $($field:ident : $ty:ty),* $(,)? })*) => {$(
+        #[$doc]
+        #[repr(C)]
+        #[derive(Debug, Clone, Copy, Default, PartialEq, Pod, Zeroable)]
+        #[allow(missing_docs)]
+        pub struct $name { $(pub $field: $ty),* }
+        impl KernelParams for $name {}
+        const _: () = assert!(std::mem::size_of::<$name>() == $bytes);
+    )*};
+}
+
+params! {
+    /// `ids.cu`: validate and narrow ids/targets to int32.
+    PrepareIdsParams (48) {
+        ids: u64, out: u64, status: u64, ignore_index: i64,
+        n: i32, vocab: i32, allow_ignore: i32, _pad: u32,
+    }
+    /// `lora_small.cu`: `out[t, j] = scale · Σ_k x[t, k] · Vh[j, k]`.
+    LoraDownParams (40) {
+        x: u64, vh: u64, out: u64,
+        rows: i32, hidden: i32, rank: i32, scale: f32,
+    }
+    /// `lora_small.cu`: per-chunk partial sums of `X[row(t)]ᵀ Y[t]`.
+    LoraUpPartialParams (48) {
+        x: u64, ids: u64, y: u64, partial: u64,
+        tokens: i32, hidden: i32, rank: i32, chunk: i32,
+    }
+    /// `lora_small.cu`: `out += scale · Σ_s partial[s]` in chunk order.
+    LoraUpReduceParams (32) {
+        partial: u64, out: u64,
+        chunks: i32, count: i32, scale: f32, _pad: u32,
+    }
+    /// `head.cu`: `logits = [h | p] · [W | U]ᵀ`.
+    HeadForwardParams (56) {
+        h: u64, p: u64, w: u64, u: u64, out: u64,
+        tokens: i32, vocab: i32, hidden: i32, rank: i32,
+    }
+    /// `head.cu`: `dh = G W + s (G U) Vh`, `gu = G U`.
+    HeadGradHParams (72) {
+        g: u64, w: u64, u: u64, vh: u64, dh: u64, gu: u64,
+        tokens: i32, vocab: i32, hidden: i32, rank: i32, scale: f32, _pad: u32,
+    }
+    /// `head.cu`: `grad[v, :] += scale · Σ_t G[t, v] · B[t, :]`.
+    HeadGradParamParams (40) {
+        g: u64, b: u64, grad: u64,
+        tokens: i32, vocab: i32, ncols: i32, scale: f32,
+    }
+    /// `embed.cu`: `out[t] = c·(W[ids[t]] + s·U[ids[t]]·Vh)`.
+    EmbedForwardParams (64) {
+        ids: u64, w: u64, u: u64, vh: u64, out: u64,
+        tokens: i32, vocab: i32, hidden: i32, rank: i32, scale: f32, embed_scale: f32,
+    }
+    /// `merge.cu`: `W ± s·U·Vh` in place.
+    MergeParams (48) {
+        w: u64, u: u64, vh: u64,
+        rows: i32, hidden: i32, rank: i32, scale: f32, subtract: i32, _pad: u32,
+    }
+    /// `sort_ids.cu`: one LSD radix pass (hist, scan, scatter).
+    SortPassParams (56) {
+        keys_in: u64, vals_in: u64, keys_out: u64, vals_out: u64, hist: u64,
+        n: i32, vocab: i32, shift: i32, nblocks: i32,
+    }
+    /// `embed.cu`: deterministic grouped row sum over the sorted ids.
+    GroupRowsParams (56) {
+        keys: u64, perm: u64, x: u64, out: u64, partial: u64,
+        n: i32, vocab: i32, ncols: i32, scale: f32,
+    }
+}
+
+/// `TL_SORT_TILE` in `kernels/embed_params.h`: keys per sort block.
+pub const SORT_TILE: usize = 4096;
+/// `TL_GROUP_CHUNK`: sorted positions per grouped-sum chunk.
+pub const GROUP_CHUNK: usize = 64;
+/// `TL_EMBED_BLOCK_X` and the 128-thread launch bound of `embed_forward`.
+pub const EMBED_BLOCK: (u32, u32) = (32, 4);

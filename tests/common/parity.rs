@@ -1,0 +1,131 @@
+//! Randomized parity of a kernel backend against the CPU reference, shared by
+//! the kernels-on-CPU and the GPU tests.
+
+use super::golden::{rel_err, Check};
+use super::harness::{widen, Harness, HostGrads, HostWeights};
+use super::rand_inputs::{fresh_rng, normal};
+use tiedlora::{Cpu, Element, LoraConfig};
+
+/// One randomized head case through the kernels and the reference.
+pub fn head_case<T: Element, H: Harness>(k: &H, v: usize, d: usize, r: usize, t: usize, with_w: bool) -> Vec<Check> {
+    let mut rng = fresh_rng(&format!("head {} V={v} d={d} r={r} T={t}", T::DTYPE));
+    let cfg = LoraConfig::builder(v, d, r).alpha(2.0 * r as f64).build().unwrap();
+    let w: Vec<T> = normal(&mut rng, v * d, 0.5);
+    let u: Vec<f32> = normal(&mut rng, v * r, 0.5);
+    let vh: Vec<f32> = normal(&mut rng, r * d, 0.5);
+    let h: Vec<T> = normal(&mut rng, t * d, 1.0);
+    let g: Vec<T> = normal(&mut rng, t * v, 1.0);
+    let wt = HostWeights { w: &w, u: &u, vh: &vh };
+    let tol = T::DTYPE.tolerance();
+    let mut checks = Vec::new();
+    let mut push = |tensor: &str, got: Vec<f64>, want: Vec<f64>| {
+        checks.push(Check {
+            case: format!("random V={v} d={d} r={r} T={t}"),
+            op: "head",
+            backend: format!("{} {}", k.name(), T::DTYPE),
+            tensor: tensor.into(),
+            err: rel_err(&got, &want),
+            tol,
+            skipped: false,
+        })
+    };
+    let z_ref = Harness::head_forward(&Cpu::new(), &cfg, wt, &h).unwrap();
+    let z = Harness::head_forward(k, &cfg, wt, &h).unwrap();
+    push("logits", widen(&z), widen(&z_ref));
+
+    let mut g_ref = HostGrads::zeros(&cfg, with_w);
+    let dh_ref = Harness::head_backward(&Cpu::new(), &cfg, wt, &h, &g, &mut g_ref).unwrap();
+    let mut g_k = HostGrads::zeros(&cfg, with_w);
+    let dh = Harness::head_backward(k, &cfg, wt, &h, &g, &mut g_k).unwrap();
+    push("dh", widen(&dh), widen(&dh_ref));
+    push("dU", widen(&g_k.lora_vocab), widen(&g_ref.lora_vocab));
+    push("dVh", widen(&g_k.lora_hidden), widen(&g_ref.lora_hidden));
+    if with_w {
+        push("dW", widen(g_k.w.as_ref().unwrap()), widen(g_ref.w.as_ref().unwrap()));
+    }
+    // Determinism: a second run gives identical bits.
+    let mut g_k2 = HostGrads::zeros(&cfg, with_w);
+    let dh2 = Harness::head_backward(k, &cfg, wt, &h, &g, &mut g_k2).unwrap();
+    assert_eq!(bytemuck::cast_slice::<T, u8>(&dh), bytemuck::cast_slice::<T, u8>(&dh2), "dh not deterministic");
+    assert_eq!(g_k.lora_vocab, g_k2.lora_vocab, "dU not deterministic");
+    assert_eq!(g_k.lora_hidden, g_k2.lora_hidden, "dVh not deterministic");
+    checks
+}
+
+pub fn assert_all(checks: Vec<Check>) {
+    for c in &checks {
+        println!("{c}");
+    }
+    assert!(checks.iter().all(Check::passed), "tolerance exceeded");
+}
+
+/// One randomized embedding case (forward, backward with dW, merge) through
+/// backend `k` and the reference; `dup` tokens all share one id.
+pub fn embed_case<T: Element, H: Harness>(k: &H, v: usize, d: usize, r: usize, t: usize, dup: usize) -> Vec<Check> {
+    let mut rng = fresh_rng(&format!("embed {} V={v} d={d} r={r} T={t} dup={dup}", T::DTYPE));
+    let cfg = LoraConfig::builder(v, d, r).alpha(2.0 * r as f64).embed_scale(1.5).build().unwrap();
+    let w: Vec<T> = normal(&mut rng, v * d, 0.5);
+    let u: Vec<f32> = normal(&mut rng, v * r, 0.5);
+    let vh: Vec<f32> = normal(&mut rng, r * d, 0.5);
+    let mut ids = super::rand_inputs::ids(&mut rng, t, v);
+    for id in ids.iter_mut().take(dup) {
+        *id = (v / 2) as i64;
+    }
+    let de: Vec<T> = normal(&mut rng, t * d, 1.0);
+    let wt = HostWeights { w: &w, u: &u, vh: &vh };
+    let tol = T::DTYPE.tolerance();
+    let case = format!("random V={v} d={d} r={r} T={t} dup={dup}");
+    let mut checks = Vec::new();
+    let mut push = |tensor: &str, got: Vec<f64>, want: Vec<f64>| {
+        checks.push(Check {
+            case: case.clone(),
+            op: "embed",
+            backend: format!("{} {}", k.name(), T::DTYPE),
+            tensor: tensor.into(),
+            err: rel_err(&got, &want),
+            tol,
+            skipped: false,
+        })
+    };
+    let e_ref = Harness::embed_forward(&Cpu::new(), &cfg, wt, &ids).unwrap();
+    let e = Harness::embed_forward(k, &cfg, wt, &ids).unwrap();
+    push("embed_out", widen(&e), widen(&e_ref));
+    let mut g_ref = HostGrads::zeros(&cfg, true);
+    Harness::embed_backward(&Cpu::new(), &cfg, wt, &ids, &de, &mut g_ref).unwrap();
+    let mut g_k = HostGrads::zeros(&cfg, true);
+    Harness::embed_backward(k, &cfg, wt, &ids, &de, &mut g_k).unwrap();
+    push("dU", widen(&g_k.lora_vocab), widen(&g_ref.lora_vocab));
+    push("dVh", widen(&g_k.lora_hidden), widen(&g_ref.lora_hidden));
+    push("dW", widen(g_k.w.as_ref().unwrap()), widen(g_ref.w.as_ref().unwrap()));
+    // Deterministic: a second run gives identical bits.
+    let mut g_k2 = HostGrads::zeros(&cfg, true);
+    Harness::embed_backward(k, &cfg, wt, &ids, &de, &mut g_k2).unwrap();
+    assert_eq!(g_k.lora_vocab, g_k2.lora_vocab, "dU not deterministic");
+    assert_eq!(g_k.lora_hidden, g_k2.lora_hidden, "dVh not deterministic");
+    assert_eq!(g_k.w, g_k2.w, "dW not deterministic");
+    // merge / unmerge against the reference.
+    let (mut m_ref, mut m_k) = (w.clone(), w.clone());
+    Harness::merge(&Cpu::new(), &cfg, &mut m_ref, &u, &vh, 1.0).unwrap();
+    Harness::merge(k, &cfg, &mut m_k, &u, &vh, 1.0).unwrap();
+    push("merged w", widen(&m_k), widen(&m_ref));
+    Harness::merge(k, &cfg, &mut m_k, &u, &vh, -1.0).unwrap();
+    push("unmerged w", widen(&m_k), widen(&w));
+    checks
+}
+
+/// Out-of-range ids and targets are an `Err` naming the index and value, on any backend.
+pub fn bad_ids_are_errors<H: Harness>(k: &H) {
+    let cfg = LoraConfig::builder(10, 8, 2).build().unwrap();
+    let w = vec![0.5f32; 80];
+    let u = vec![0.25f32; 20];
+    let vh = vec![0.125f32; 16];
+    let wt = HostWeights { w: &w, u: &u, vh: &vh };
+    for bad in [10i64, -1, i64::MAX] {
+        let ids = [1i64, 2, bad, 3];
+        let err = Harness::embed_forward(k, &cfg, wt, &ids).unwrap_err();
+        assert_eq!(err, tiedlora::Error::TokenOutOfRange { arg: "ids", index: 2, value: bad, vocab: 10 }, "{err}");
+        let mut g = HostGrads::zeros(&cfg, false);
+        let err = Harness::embed_backward(k, &cfg, wt, &ids, &[1f32; 32], &mut g).unwrap_err();
+        assert!(matches!(err, tiedlora::Error::TokenOutOfRange { index: 2, .. }), "{err}");
+    }
+}

@@ -1,0 +1,97 @@
+//! The CUDA backend on a real GPU, against the CPU reference: every golden
+//! case, randomized shapes, determinism, bad input. The GPU tests are ignored
+//! without a device; run them with `cargo test --features cuda --test
+//! kernels_gpu -- --ignored` (scripts/gpu-check.sh does, plus
+//! compute-sanitizer on the `gpu_small_*` ones).
+#![cfg(feature = "cuda")]
+
+mod common;
+
+use common::golden::all_cases;
+use common::harness::run_case;
+use common::parity::{assert_all, bad_ids_are_errors, embed_case, head_case};
+use tiedlora::cuda::Cuda;
+use tiedlora::{bf16, f16};
+
+fn gpu() -> Cuda {
+    Cuda::new(0).expect("this test needs a CUDA device")
+}
+
+#[test]
+fn no_driver_or_device_is_an_error_not_a_panic() {
+    match Cuda::new(0) {
+        Ok(gpu) => println!("CUDA device present: {gpu:?}"),
+        Err(e) => {
+            let msg = e.to_string();
+            println!("no CUDA backend here: {msg}");
+            assert!(msg.contains("driver") || msg.contains("GPU"), "unhelpful error: {msg}");
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_small_goldens() {
+    let g = gpu();
+    let mut failures = Vec::new();
+    for (label, case) in all_cases().expect("golden discovery") {
+        match run_case(&g, &case, &label) {
+            Ok(checks) => {
+                for c in &checks {
+                    println!("{c}");
+                }
+                if checks.iter().any(|c| !c.passed()) {
+                    failures.push(format!("{label}/{}", case.name()));
+                }
+            }
+            Err(e) => failures.push(format!("{label}/{}: {e}", case.name())),
+        }
+    }
+    assert!(failures.is_empty(), "{failures:?}");
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_small_head_random_shapes() {
+    let g = gpu();
+    assert_all(head_case::<f32, _>(&g, 131, 37, 3, 5, true));
+    assert_all(head_case::<bf16, _>(&g, 141, 40, 16, 9, false));
+    assert_all(head_case::<f16, _>(&g, 133, 24, 5, 3, true));
+    assert_all(head_case::<f32, _>(&g, 70, 32, 1, 1, true));
+    assert_all(head_case::<bf16, _>(&g, 70, 32, 4, 1, false));
+    assert_all(head_case::<f16, _>(&g, 65, 48, 64, 2, false));
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_head_larger_shapes() {
+    let g = gpu();
+    assert_all(head_case::<bf16, _>(&g, 3001, 264, 16, 300, false));
+    assert_all(head_case::<f16, _>(&g, 1000, 200, 33, 257, true));
+    assert_all(head_case::<f32, _>(&g, 777, 130, 8, 129, true));
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_small_embed_random_and_duplicates() {
+    let g = gpu();
+    assert_all(embed_case::<f32, _>(&g, 37, 29, 1, 5, 0));
+    assert_all(embed_case::<bf16, _>(&g, 301, 72, 16, 40, 0));
+    assert_all(embed_case::<f16, _>(&g, 50, 48, 64, 1, 0));
+    assert_all(embed_case::<bf16, _>(&g, 97, 40, 5, 300, 250));
+    assert_all(embed_case::<f32, _>(&g, 64, 24, 100, 9, 3));
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_embed_heavy_duplicates_large() {
+    let g = gpu();
+    assert_all(embed_case::<bf16, _>(&g, 32000, 2304, 16, 8192, 6000));
+    assert_all(embed_case::<f16, _>(&g, 5000, 2050, 33, 20000, 0));
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_small_bad_ids_are_errors() {
+    bad_ids_are_errors(&gpu());
+}
