@@ -7,7 +7,7 @@ use crate::kernels::exec::Executor;
 use crate::kernels::params::KernelParams;
 use crate::kernels::plan::LaunchPlan;
 use crate::kernels::{module_of, EmbeddedModule};
-use cudarc::driver::{result, sys, CudaSlice, CudaStream, DevicePtr};
+use cudarc::driver::{result, sys, CudaContext, CudaSlice, CudaStream, DevicePtr};
 use std::collections::HashMap;
 use std::ffi::{c_void, CString};
 use std::sync::{Arc, Mutex};
@@ -19,8 +19,10 @@ pub(crate) fn driver_err(what: &str, e: impl std::fmt::Debug) -> Error {
     Error::Backend(format!("{what}: {e:?}"))
 }
 
-/// Loaded modules and resolved kernels of one context.
+/// Loaded modules and resolved kernels of one context. Holds the context so
+/// that it outlives the modules (unloading needs it current and alive).
 pub(crate) struct KernelCache {
+    ctx: Arc<CudaContext>,
     cc: (i32, i32),
     modules: Mutex<HashMap<&'static str, sys::CUmodule>>,
     functions: Mutex<HashMap<&'static str, sys::CUfunction>>,
@@ -33,8 +35,8 @@ unsafe impl Send for KernelCache {}
 unsafe impl Sync for KernelCache {}
 
 impl KernelCache {
-    pub(crate) fn new(cc: (i32, i32)) -> Self {
-        KernelCache { cc, modules: Mutex::new(HashMap::new()), functions: Mutex::new(HashMap::new()) }
+    pub(crate) fn new(ctx: Arc<CudaContext>, cc: (i32, i32)) -> Self {
+        KernelCache { ctx, cc, modules: Mutex::new(HashMap::new()), functions: Mutex::new(HashMap::new()) }
     }
 
     fn load(&self, m: &'static EmbeddedModule) -> Result<sys::CUmodule> {
@@ -74,6 +76,9 @@ impl KernelCache {
 
 impl Drop for KernelCache {
     fn drop(&mut self) {
+        if self.ctx.bind_to_thread().is_err() {
+            return;
+        }
         if let Ok(modules) = self.modules.lock() {
             for &m in modules.values() {
                 // SAFETY: each module was loaded once by this cache; functions

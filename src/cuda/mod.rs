@@ -36,8 +36,10 @@ use std::sync::Arc;
 
 /// The CUDA backend on one stream.
 pub struct Cuda {
-    stream: Arc<CudaStream>,
+    // Dropped first: the kernel cache unloads its modules while the context
+    // (which it also holds) is alive.
     cache: KernelCache,
+    stream: Arc<CudaStream>,
     sms: u32,
 }
 
@@ -72,7 +74,7 @@ impl Cuda {
             .context()
             .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(|e| driver_err("multiprocessor count", e))?;
-        Ok(Cuda { stream, cache: KernelCache::new(cc), sms: sms.max(1) as u32 })
+        Ok(Cuda { cache: KernelCache::new(stream.context().clone(), cc), stream, sms: sms.max(1) as u32 })
     }
 
     /// The stream every op runs on.

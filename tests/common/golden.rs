@@ -22,9 +22,17 @@ impl CasePath {
     }
 }
 
-/// The project's own goldens (copied from shared/goldens).
+/// The project's own goldens (copied from shared/goldens). A test binary run
+/// outside cargo (the GPU machine runs prebuilt binaries from another checkout
+/// path) finds them relative to the working directory, the repository root.
 pub fn builtin_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/goldens")
+    let rel = Path::new("tests/data/goldens");
+    let candidates = [
+        std::env::var_os("CARGO_MANIFEST_DIR").map(|d| PathBuf::from(d).join(rel)),
+        Some(Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)),
+        Some(rel.to_path_buf()),
+    ];
+    candidates.into_iter().flatten().find(|p| p.is_dir()).unwrap_or_else(|| rel.to_path_buf())
 }
 
 /// Every case in `dir`: each `*.safetensors` file, and each sub-folder holding `e2e.safetensors`.

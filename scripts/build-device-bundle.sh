@@ -1,0 +1,146 @@
+#!/usr/bin/env bash
+# Build everything the GPU machine needs into the git-ignored folder
+# device-bundle/. Run it HERE (the machine with Rust and nvcc); the device
+# machine has a CUDA 13 driver, nvcc, compute-sanitizer, python3 with
+# torch/peft, but NO Rust and NO network.
+#
+#   bash scripts/build-device-bundle.sh
+#
+# then, on the device, from the repository root (the device tool copies this
+# working tree there; device-bundle/ is git-ignored, so name it in `carry`):
+#
+#   bash scripts/gpu-check.sh OUTDIR          # e.g. "$OUT"
+#
+# What it builds (release, --features cuda; x86-64, glibc of this machine):
+#   - the integration-test executables `kernels_gpu` (GPU parity tests, ignored
+#     without a device) and `goldens` (golden harness), picked from
+#     `cargo test --release --features cuda --no-run --message-format=json`;
+#   - `examples/gpu_bench` (the benchmark; see examples/gpu_bench.rs);
+#   - device-bundle/peft-export/: the golden PEFT adapter re-written by
+#     tiedlora's `PeftAdapter::write` (tests/peft_adapter.rs round_trip_golden_bitwise
+#     with TIEDLORA_PEFT_EXPORT), for scripts/peft_check.py to load with PEFT.
+#
+# Layout of device-bundle/:
+#   bin.tar.gz            kernels_gpu, goldens, gpu_bench (each embeds every
+#                         kernel's PTX + sm_80/sm_90 cubins, ~36 MB, so the
+#                         three raw binaries would exceed the device tool's
+#                         64 MiB carry limit; gzip brings them to ~15 MB)
+#   manifest.env          MANIFEST_DIR (the CARGO_MANIFEST_DIR baked into the
+#                         test binaries: tests/common/golden.rs finds the
+#                         built-in goldens under it), git revision, build date,
+#                         toolchain, sha256 of each binary
+#   goldens/              copy of tests/data/goldens
+#   peft-export/          see above
+#   gpu-check.sh, peft_check.py   copies of the scripts (the device runs the
+#                         ones in scripts/, which travel with the working tree)
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+BUNDLE="$ROOT/device-bundle"
+LIMIT_MIB=60 # the device tool carries at most 64 MiB (working tree included)
+
+die() {
+  echo "build-device-bundle: error: $*" >&2
+  exit 1
+}
+
+command -v cargo >/dev/null || die "cargo not found"
+command -v python3 >/dev/null || die "python3 not found (used to read cargo's JSON messages)"
+
+# nvcc (repo-local, pinned; idempotent and quick when already installed).
+if [ -z "${NVCC:-}" ] && [ -z "${CUDA_HOME:-}" ] && ! command -v nvcc >/dev/null; then
+  bash scripts/install-nvcc.sh >/dev/null || die "scripts/install-nvcc.sh failed"
+fi
+
+TMP="$(mktemp -d)"
+trap 'rm -rf "$TMP"' EXIT
+
+# Prints the executable of the target named $2 of kind $3 from cargo JSON file $1.
+pick() {
+  python3 - "$1" "$2" "$3" <<'PY'
+import json, sys
+path, name, kind = sys.argv[1:]
+found = []
+with open(path) as f:
+    for line in f:
+        try:
+            m = json.loads(line)
+        except ValueError:
+            continue
+        if (m.get("reason") == "compiler-artifact" and m.get("executable")
+                and m["target"]["name"] == name and kind in m["target"]["kind"]):
+            found.append(m["executable"])
+if not found:
+    sys.exit(f"no {kind} executable named {name} in cargo's output")
+print(found[-1])
+PY
+}
+
+echo "== building test executables (cargo test --release --features cuda --no-run)"
+if ! cargo test --release --features cuda --no-run --message-format=json >"$TMP/tests.json" 2>"$TMP/tests.err"; then
+  cat "$TMP/tests.err" >&2
+  die "cargo test --no-run failed"
+fi
+KERNELS_GPU="$(pick "$TMP/tests.json" kernels_gpu test)" || die "kernels_gpu test target not found (tests/kernels_gpu.rs)"
+GOLDENS="$(pick "$TMP/tests.json" goldens test)" || die "goldens test target not found (tests/goldens.rs)"
+
+echo "== building examples/gpu_bench (cargo build --release --features cuda --example gpu_bench)"
+if ! cargo build --release --features cuda --example gpu_bench --message-format=json >"$TMP/bench.json" 2>"$TMP/bench.err"; then
+  cat "$TMP/bench.err" >&2
+  die "building gpu_bench failed"
+fi
+GPU_BENCH="$(pick "$TMP/bench.json" gpu_bench example)" || die "gpu_bench executable not found"
+
+rm -rf "$BUNDLE"
+mkdir -p "$BUNDLE" "$TMP/bin"
+cp "$KERNELS_GPU" "$TMP/bin/kernels_gpu"
+cp "$GOLDENS" "$TMP/bin/goldens"
+cp "$GPU_BENCH" "$TMP/bin/gpu_bench"
+
+# Smoke checks that need no GPU: the binaries start, list their tests, and the
+# bench reports a missing GPU with exit status 2 (not a panic).
+"$TMP/bin/kernels_gpu" --list >"$TMP/kernels_gpu.list" || die "kernels_gpu --list failed"
+"$TMP/bin/goldens" --list >/dev/null || die "goldens --list failed"
+if ! grep -q 'gpu_small_' "$TMP/kernels_gpu.list"; then
+  echo "build-device-bundle: warning: kernels_gpu has no gpu_small_* tests; gpu-check.sh's sanitizer steps will run none" >&2
+fi
+set +e
+"$TMP/bin/gpu_bench" --quick >/dev/null 2>"$TMP/bench.smoke"
+rc=$?
+set -e
+if [ "$rc" != 2 ] && [ "$rc" != 0 ] && [ "$rc" != 1 ]; then
+  cat "$TMP/bench.smoke" >&2
+  die "gpu_bench exited with status $rc (expected 2 without a GPU)"
+fi
+
+(cd "$TMP" && tar -czf "$BUNDLE/bin.tar.gz" bin)
+
+echo "== exporting the golden adapter through PeftAdapter::write (device-bundle/peft-export)"
+TIEDLORA_PEFT_EXPORT="$BUNDLE/peft-export" \
+  cargo test --release --features cuda --test peft_adapter -q -- round_trip_golden_bitwise --exact >"$TMP/peft.log" 2>&1 ||
+  { cat "$TMP/peft.log" >&2; die "peft_adapter round_trip_golden_bitwise failed"; }
+[ -f "$BUNDLE/peft-export/adapter_config.json" ] || die "no adapter was exported to $BUNDLE/peft-export"
+
+cp -r tests/data/goldens "$BUNDLE/goldens"
+cp scripts/gpu-check.sh scripts/peft_check.py "$BUNDLE/"
+
+{
+  echo "# written by scripts/build-device-bundle.sh"
+  echo "MANIFEST_DIR='$ROOT'"
+  echo "GIT_REV='$(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD 2>/dev/null || echo '+dirty')'"
+  echo "BUILD_DATE='$(date -u '+%Y-%m-%d %H:%M:%S UTC')'"
+  echo "RUSTC='$(rustc --version 2>/dev/null || echo unknown)'"
+  echo "BUILD_HOST_GLIBC='$(ldd --version 2>/dev/null | head -n1 | awk '{print $NF}')'"
+  for b in kernels_gpu goldens gpu_bench; do
+    echo "SHA256_${b}='$(sha256sum "$TMP/bin/$b" | cut -d' ' -f1)'"
+  done
+} >"$BUNDLE/manifest.env"
+
+size_kib=$(du -sk "$BUNDLE" | cut -f1)
+echo "== device-bundle/ ready: $((size_kib / 1024)) MiB"
+ls -la "$BUNDLE"
+if [ $((size_kib / 1024)) -gt "$LIMIT_MIB" ]; then
+  die "device-bundle/ is over ${LIMIT_MIB} MiB: the device tool cannot carry it"
+fi
+echo "next (device): run 'bash scripts/gpu-check.sh \"\$OUT\"' with carry = [\"device-bundle\"]"

@@ -1,0 +1,241 @@
+#!/usr/bin/env bash
+# All GPU checks in one bounded run, ON the device machine (CUDA 13 driver,
+# compute-sanitizer, python3 with torch/peft; no Rust, no network), from the
+# repository root, with the binaries built here by scripts/build-device-bundle.sh
+# in device-bundle/ (git-ignored: the device tool must carry it).
+#
+#   bash scripts/gpu-check.sh OUTDIR
+#   # device tool: run(command='bash scripts/gpu-check.sh "$OUT"', carry=["device-bundle"], timeout_s=420)
+#
+# Steps (each with its own timeout; one failing never stops the others):
+#   env         nvidia-smi, tool versions, libcublas location
+#   kernels_gpu device-bundle/bin/kernels_gpu --ignored --nocapture --test-threads=1
+#   goldens     device-bundle/bin/goldens --include-ignored ... (CPU golden harness;
+#               it has no ignored tests, so plain --ignored would run nothing)
+#   verify      gpu_bench --verify: every GPU path (ours and the cuBLAS baselines)
+#               once at T=512 V=8192 d=512, vs tiedlora::Cpu  -> OUTDIR/verify.{json,md}
+#   bench       gpu_bench: Gemma-2-2B and Llama-3.2-1B shapes  -> OUTDIR/results.{json,md}
+#   memcheck    compute-sanitizer --tool memcheck  on kernels_gpu's gpu_small_* tests
+#   racecheck   compute-sanitizer --tool racecheck on kernels_gpu's gpu_small_* tests
+#   peft_golden, peft_export   scripts/peft_check.py on tests/data/goldens/peft_llama_tied and
+#               device-bundle/peft-export (CPU only; run in the background from the start)
+#
+# Wall-time budget (H100/H200), total capped at GPU_CHECK_BUDGET_S (default 330 s;
+# a step that would start past it is recorded as SKIP, and every step's timeout
+# is cut to the time left):
+#   env ~3 s | kernels_gpu ~10-40 s (limit 90) | goldens ~5 s (limit 45)
+#   verify ~10-20 s (limit 60; mostly the CPU reference, ~6 s on a 2-core box)
+#   bench ~15-40 s (limit 150): context + module load + cuBLAS init ~2 s; copy test
+#     2x4 GiB x 26 copies ~0.1 s; per shape ~27 calls of each path (probe, memory,
+#     5 warm-up, 20 timed): Gemma fwd ours ~25-50 ms/call, unfused ~20 ms, cuBLAS
+#     ~13 ms; bwd ours ~40-80 ms, unfused ~25 ms -> ~6 s; Llama about half; fills,
+#     checks and embedding rows < 1 s per shape. If the fused kernels are 5x slower
+#     than estimated the bench still ends within ~60 s.
+#   memcheck ~20-60 s (limit 90) | racecheck ~30-90 s (limit 90)
+#   peft (background, overlapping the GPU steps) ~15-30 s each, limit 120 each
+#   expected total ~3 min; hard cap ~5.5 min + packing.
+#
+# OUTDIR receives at most 6 files (the device tool returns at most 8):
+#   summary.txt (PASS/FAIL/SKIP per step), gpu-check.log (every step's output,
+#   each capped at 2 MB), results.json, results.md, verify.json, verify.md.
+set -u -o pipefail
+
+OUTDIR="${1:?usage: bash scripts/gpu-check.sh OUTDIR}"
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT" || exit 2
+mkdir -p "$OUTDIR" || exit 2
+OUTDIR="$(cd "$OUTDIR" && pwd)"
+BUNDLE="${TIEDLORA_BUNDLE:-$ROOT/device-bundle}"
+BUDGET="${GPU_CHECK_BUDGET_S:-330}"
+LOG="$OUTDIR/gpu-check.log"
+SUMMARY="$OUTDIR/summary.txt"
+WORK="$(mktemp -d)"
+START=$(date +%s)
+: >"$LOG"
+: >"$SUMMARY"
+
+RESULTS=()
+record() { # NAME STATUS DETAIL
+  local line
+  line="$(printf '%-12s %-4s %s' "$1" "$2" "$3")"
+  RESULTS+=("$line")
+  echo "$line" >>"$SUMMARY"
+  echo ">>> $line"
+}
+
+elapsed() { echo $(($(date +%s) - START)); }
+
+# step NAME LIMIT_S CMD... : runs CMD with a timeout, logs it, records PASS/FAIL/SKIP.
+step() {
+  local name=$1 limit=$2
+  shift 2
+  local left=$((BUDGET - $(elapsed)))
+  if ((left < 15)); then
+    record "$name" SKIP "time budget (${BUDGET}s) spent"
+    return
+  fi
+  ((limit > left)) && limit=$left
+  local slog="$WORK/$name.log"
+  echo "=== [$name] $(date -u '+%H:%M:%S') timeout ${limit}s: $*" >"$slog"
+  echo "=== [$name] timeout ${limit}s"
+  local t0 rc dt
+  t0=$(date +%s)
+  timeout --kill-after=10 "$limit" "$@" >>"$slog" 2>&1
+  rc=$?
+  dt=$(($(date +%s) - t0))
+  head -c 2000000 "$slog" >>"$LOG"
+  echo >>"$LOG"
+  tail -n 8 "$slog"
+  if ((rc == 0)); then
+    record "$name" PASS "${dt}s"
+  elif ((rc == 124 || rc == 137)); then
+    record "$name" FAIL "timeout after ${dt}s (limit ${limit}s)"
+  else
+    record "$name" FAIL "exit ${rc} after ${dt}s"
+  fi
+}
+
+# ---------------------------------------------------------------- setup ---
+BIN="$BUNDLE/bin"
+if [ -f "$BUNDLE/bin.tar.gz" ]; then
+  tar -xzf "$BUNDLE/bin.tar.gz" -C "$BUNDLE" || echo "gpu-check: cannot unpack $BUNDLE/bin.tar.gz" | tee -a "$LOG"
+fi
+have_bin() { [ -x "$BIN/$1" ]; }
+if ! have_bin kernels_gpu || ! have_bin gpu_bench; then
+  echo "gpu-check: no binaries in $BIN: run scripts/build-device-bundle.sh on the build machine and carry device-bundle/" | tee -a "$LOG"
+fi
+
+MANIFEST_DIR=""
+if [ -f "$BUNDLE/manifest.env" ]; then
+  # shellcheck disable=SC1091
+  . "$BUNDLE/manifest.env"
+  cat "$BUNDLE/manifest.env" >>"$LOG"
+fi
+# The test binaries find the built-in goldens (tests/common/golden.rs builtin_dir)
+# under $CARGO_MANIFEST_DIR read at run time, then the build machine's path baked
+# in at compile time, then tests/data/goldens relative to the working directory.
+# Set the first to this tree. Binaries built before that lookup existed only know
+# the baked-in path: if it is missing here, link it to this working tree (we run
+# as root on the device machine, which starts bare each time).
+export CARGO_MANIFEST_DIR="$ROOT"
+if [ -n "$MANIFEST_DIR" ] && [ "$MANIFEST_DIR" != "$ROOT" ] && [ ! -e "$MANIFEST_DIR/tests/data/goldens" ]; then
+  if [ ! -e "$MANIFEST_DIR" ] && mkdir -p "$(dirname "$MANIFEST_DIR")" 2>/dev/null && ln -s "$ROOT" "$MANIFEST_DIR" 2>/dev/null; then
+    echo "gpu-check: linked $MANIFEST_DIR -> $ROOT (built-in goldens path of the test binaries)" | tee -a "$LOG"
+  else
+    echo "gpu-check: WARNING: $MANIFEST_DIR/tests/data/goldens is missing and cannot be linked; golden tests will fail" | tee -a "$LOG"
+  fi
+fi
+
+# cudarc loads libcublas.so.13 at run time (the bench's baselines): find it.
+find_cublas_dir() {
+  local p d
+  p="$(ldconfig -p 2>/dev/null | awk '/libcublas\.so\.13 /{print $NF; exit}')"
+  [ -n "$p" ] && { dirname "$p"; return; }
+  for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib /usr/local/cuda-13*/lib64 \
+    /usr/local/cuda-13*/targets/x86_64-linux/lib /opt/torch/.venv/lib/python3*/site-packages/nvidia/cu13/lib \
+    /opt/torch/.venv/lib/python3*/site-packages/nvidia/cublas/lib /usr/lib/x86_64-linux-gnu; do
+    [ -e "$d/libcublas.so.13" ] && { echo "$d"; return; }
+  done
+  p="$(python3 -c 'import glob, site, sys
+for s in site.getsitepackages():
+    for f in glob.glob(s + "/nvidia/**/libcublas.so.13", recursive=True):
+        print(f); sys.exit()' 2>/dev/null)"
+  [ -n "$p" ] && { dirname "$p"; return; }
+  p="$(timeout 20 find /usr /opt -name 'libcublas.so.13' 2>/dev/null | head -n1)"
+  [ -n "$p" ] && dirname "$p"
+}
+CUBLAS_DIR="$(find_cublas_dir)"
+if [ -n "$CUBLAS_DIR" ]; then
+  export LD_LIBRARY_PATH="$CUBLAS_DIR${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+fi
+
+SANITIZER="$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer /usr/local/cuda*/compute-sanitizer/compute-sanitizer 2>/dev/null | head -n1)"
+
+# --------------------------------------------------- PEFT (background) ---
+# CPU only (float64); started first so it overlaps the GPU steps.
+peft_job() { # NAME ADAPTER_DIR
+  local name=$1 dir=$2 t0 rc
+  t0=$(date +%s)
+  {
+    echo "=== [$name] python3 scripts/peft_check.py $dir"
+    CUDA_VISIBLE_DEVICES="" PYTHONUNBUFFERED=1 timeout --kill-after=10 120 python3 scripts/peft_check.py "$dir"
+    rc=$?
+    echo "exit $rc after $(($(date +%s) - t0))s"
+    echo "$rc $(($(date +%s) - t0))" >"$WORK/$name.rc"
+  } >"$WORK/$name.log" 2>&1
+}
+PEFT_GOLDEN="tests/data/goldens/peft_llama_tied"
+[ -d "$PEFT_GOLDEN" ] || PEFT_GOLDEN="$BUNDLE/goldens/peft_llama_tied"
+(
+  peft_job peft_golden "$PEFT_GOLDEN"
+  if [ -d "$BUNDLE/peft-export" ]; then peft_job peft_export "$BUNDLE/peft-export"; fi
+) &
+PEFT_PID=$!
+
+# ---------------------------------------------------------------- steps ---
+env_info() {
+  echo "date: $(date -u '+%Y-%m-%d %H:%M:%S UTC')  host: $(uname -srm)  cwd: $ROOT"
+  nvidia-smi || return 1
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem,power.limit --format=csv
+  echo "libcublas dir: ${CUBLAS_DIR:-NOT FOUND: the bench will have no cuBLAS baselines}"
+  echo "compute-sanitizer: ${SANITIZER:-NOT FOUND}"
+  [ -n "$SANITIZER" ] && "$SANITIZER" --version | tail -n 2
+  python3 -c 'import torch, peft, transformers; print("torch", torch.__version__, "peft", peft.__version__, "transformers", transformers.__version__)'
+  ls -la "$BIN"
+  return 0
+}
+export ROOT BIN CUBLAS_DIR SANITIZER
+export -f env_info
+step env 30 bash -c env_info
+
+SMALL_FILTER="gpu_small_"
+step kernels_gpu 90 "$BIN/kernels_gpu" --ignored --nocapture --test-threads=1
+step goldens 45 "$BIN/goldens" --include-ignored --nocapture --test-threads=1
+step verify 60 "$BIN/gpu_bench" --verify --out "$OUTDIR"
+step bench 150 "$BIN/gpu_bench" --out "$OUTDIR"
+if [ -n "$SANITIZER" ]; then
+  step memcheck 90 "$SANITIZER" --tool memcheck --error-exitcode 1 --print-limit 20 \
+    "$BIN/kernels_gpu" --ignored --nocapture --test-threads=1 "$SMALL_FILTER"
+  step racecheck 90 "$SANITIZER" --tool racecheck --error-exitcode 1 --print-limit 20 \
+    "$BIN/kernels_gpu" --ignored --nocapture --test-threads=1 "$SMALL_FILTER"
+else
+  record memcheck FAIL "compute-sanitizer not found"
+  record racecheck FAIL "compute-sanitizer not found"
+fi
+
+# ------------------------------------------------------ collect PEFT ---
+# Each check has its own 120 s timeout, so this wait is bounded (<= ~260 s
+# after the start, which the GPU steps normally outlast anyway).
+wait "$PEFT_PID" 2>/dev/null
+for name in peft_golden peft_export; do
+  if [ "$name" = peft_export ] && [ ! -d "$BUNDLE/peft-export" ]; then
+    record "$name" SKIP "no device-bundle/peft-export"
+    continue
+  fi
+  if [ -f "$WORK/$name.log" ]; then
+    head -c 2000000 "$WORK/$name.log" >>"$LOG"
+    tail -n 8 "$WORK/$name.log"
+  fi
+  if [ -f "$WORK/$name.rc" ]; then
+    read -r rc dt <"$WORK/$name.rc"
+    if [ "$rc" = 0 ]; then record "$name" PASS "${dt}s"; else record "$name" FAIL "exit ${rc} after ${dt}s"; fi
+  else
+    record "$name" FAIL "did not finish within the time budget"
+  fi
+done
+
+# ------------------------------------------------------------ summary ---
+rm -rf "$WORK"
+total=$(elapsed)
+fails=0
+for r in "${RESULTS[@]}"; do
+  case "$r" in *" FAIL "*) fails=$((fails + 1)) ;; esac
+done
+{
+  echo "total ${total}s, ${fails} step(s) failed"
+} >>"$SUMMARY"
+echo
+echo "================ gpu-check summary (${OUTDIR}/summary.txt)"
+cat "$SUMMARY"
+[ -f "$OUTDIR/results.md" ] && echo && sed -n '1,60p' "$OUTDIR/results.md"
+exit $((fails > 0 ? 1 : 0))
