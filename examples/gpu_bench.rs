@@ -551,6 +551,8 @@ struct Ids {
 /// Everything the bench needs on the device.
 struct Gpu {
     cuda: Cuda,
+    /// The same backend with the 3-stage cp.async GEMM main loop.
+    cuda_s3: Cuda,
     stream: Arc<CudaStream>,
     k: BenchKernels,
     blas: Result<Blas, String>,
@@ -596,7 +598,8 @@ impl Gpu {
             "memory_bytes": total,
             "async_alloc": ctx.has_async_alloc(),
         });
-        Ok(Gpu { cuda, stream, k, blas, mem, info })
+        let cuda_s3 = Cuda::with_stream(stream.clone())?.with_gemm_pipeline(true);
+        Ok(Gpu { cuda, cuda_s3, stream, k, blas, mem, info })
     }
 
     fn sync(&self) -> Res<()> {
@@ -1132,6 +1135,20 @@ fn bench_head_forward(gpu: &Gpu, m: &Model, st: &Settings, rep: &mut Report) -> 
         })?;
         ours_t = Some((tm, mem));
     }
+    let mut s3_t = None;
+    if has_ours {
+        tl(gpu.cuda_s3.head_forward(&m.cfg, &m.weights(), h[0].as_view(), ours_out.as_view_mut()))?;
+        if unf_ok.is_ok() {
+            rep.check(sh, "head_forward: fused (cp.async s3) vs unfused logits", gpu.rel_norm(&ours_out, &base_out)?);
+        }
+        let mem = gpu.mem.measure(&gpu.stream, || {
+            tl(gpu.cuda_s3.head_forward(&m.cfg, &m.weights(), h[0].as_view(), ours_out.as_view_mut()))
+        })?;
+        let tm = gpu.time(st.warmup, st.iters, |i| {
+            tl(gpu.cuda_s3.head_forward(&m.cfg, &m.weights(), h[i % 2].as_view(), ours_out.as_view_mut()))
+        })?;
+        s3_t = Some((tm, mem));
+    }
     let mut unf_t = None;
     let mut base_t = None;
     if unf_ok.is_ok() {
@@ -1154,6 +1171,20 @@ fn bench_head_forward(gpu: &Gpu, m: &Model, st: &Settings, rep: &mut Report) -> 
             pct_ref: base_tf.map(|b| tf(flop, &tm) / b),
             peak_extra: mem,
             note: "K = d + r fused GEMM + lora_down; % of reference = TFLOP/s vs (b)".into(),
+            ..Row::default()
+        });
+    }
+    if let Some((tm, mem)) = s3_t {
+        rep.rows.push(Row {
+            shape: sh.key.into(),
+            op: "head_forward",
+            path: "ours (fused, cp.async 3-stage)".into(),
+            timing: Some(tm),
+            tflops: Some(tf(flop, &tm)),
+            speedup: unf_t.map(|(u, _)| u.median_ms / tm.median_ms),
+            pct_ref: base_tf.map(|b| tf(flop, &tm) / b),
+            peak_extra: mem,
+            note: "Cuda::with_gemm_pipeline(true): _s3 kernels".into(),
             ..Row::default()
         });
     }
@@ -1218,6 +1249,17 @@ fn bench_head_backward(gpu: &Gpu, m: &Model, st: &Settings, rep: &mut Report) ->
             &mut grads,
         )
     };
+    let ours_s3 = |i: usize, dh: &mut CudaSlice<bf16>, du: &mut CudaSlice<f32>, dvh: &mut CudaSlice<f32>| {
+        let mut grads = Grads { lora_vocab: du.as_view_mut(), lora_hidden: dvh.as_view_mut(), w: None };
+        gpu.cuda_s3.head_backward::<bf16, bf16>(
+            &m.cfg,
+            &m.weights(),
+            h[i % 2].as_view(),
+            g[i % 2].as_view(),
+            dh.as_view_mut(),
+            &mut grads,
+        )
+    };
     let has_ours = implemented(ours(0, &mut dh_o, &mut du_o, &mut dvh_o))?;
     if !has_ours {
         rep.rows.push(Row {
@@ -1245,6 +1287,20 @@ fn bench_head_backward(gpu: &Gpu, m: &Model, st: &Settings, rep: &mut Report) ->
         let tm = gpu.time(st.warmup, st.iters, |i| tl(ours(i, &mut dh_o, &mut du_o, &mut dvh_o)))?;
         ours_t = Some((tm, mem));
     }
+    let mut s3_t = None;
+    if has_ours {
+        let mut dh_s = gpu.alloc::<bf16>(t * d)?;
+        let mut du_s = gpu.zeros::<f32>(v * r)?;
+        let mut dvh_s = gpu.zeros::<f32>(r * d)?;
+        tl(ours_s3(0, &mut dh_s, &mut du_s, &mut dvh_s))?;
+        if unf_ok.is_ok() {
+            rep.check(sh, "head_backward: dh fused (cp.async s3) vs unfused", gpu.rel_norm(&dh_s, &dh_b)?);
+            rep.check(sh, "head_backward: dU fused (cp.async s3) vs unfused", gpu.rel_norm(&du_s, &du_b)?);
+        }
+        let mem = gpu.mem.measure(&gpu.stream, || tl(ours_s3(0, &mut dh_s, &mut du_s, &mut dvh_s)))?;
+        let tm = gpu.time(st.warmup, st.iters, |i| tl(ours_s3(i, &mut dh_s, &mut du_s, &mut dvh_s)))?;
+        s3_t = Some((tm, mem));
+    }
     let (mut unf_t, mut gw_t) = (None, None);
     if unf_ok.is_ok() {
         let mem = gpu
@@ -1270,6 +1326,20 @@ fn bench_head_backward(gpu: &Gpu, m: &Model, st: &Settings, rep: &mut Report) ->
             pct_ref: gw_tf.map(|b| tf(flop, &tm) / b),
             peak_extra: mem,
             note: "LoRA mode (Grads.w = None), G bf16; % of reference = TFLOP/s vs cuBLAS G·W".into(),
+            ..Row::default()
+        });
+    }
+    if let Some((tm, mem)) = s3_t {
+        rep.rows.push(Row {
+            shape: sh.key.into(),
+            op: "head_backward",
+            path: "ours (fused, cp.async 3-stage)".into(),
+            timing: Some(tm),
+            tflops: Some(tf(flop, &tm)),
+            speedup: unf_t.map(|(u, _)| u.median_ms / tm.median_ms),
+            pct_ref: gw_tf.map(|b| tf(flop, &tm) / b),
+            peak_extra: mem,
+            note: "Cuda::with_gemm_pipeline(true): _s3 kernels".into(),
             ..Row::default()
         });
     }

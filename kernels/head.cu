@@ -21,9 +21,9 @@ namespace {
 
 using tl::SegRows;
 
-template <class T>
+template <class T, int STAGES>
 TL_DEVICE void head_forward(const HeadForwardParams& p) {
-  using S = tl::GemmShape<T, 128, 128, 32, false, true, 0>;
+  using S = tl::GemmShape<T, 128, 128, 32, false, true, 0, STAGES>;
   TL_DYNAMIC_SMEM(unsigned char, smem);
   const SegRows<T, T> a{static_cast<const T*>(p.h), p.hidden, p.hidden, static_cast<const T*>(p.p), p.rank, p.rank,
                         p.tokens};
@@ -37,9 +37,9 @@ TL_DEVICE void head_forward(const HeadForwardParams& p) {
       [&](int m, int n, float v, const float*) { out[m * ldo + n] = tl_from_float<T>(v); }, [](int, int, float) {});
 }
 
-template <class T, class G, int RX>
+template <class T, class G, int RX, int STAGES>
 TL_DEVICE void head_grad_h(const HeadGradHParams& p) {
-  using S = tl::GemmShape<T, 128, 128, 32, false, false, RX>;
+  using S = tl::GemmShape<T, 128, 128, 32, false, false, RX, STAGES>;
   TL_DYNAMIC_SMEM(unsigned char, smem);
   const SegRows<G, float> a{static_cast<const G*>(p.g), p.vocab, p.vocab, nullptr, 0, 0, p.tokens};
   const SegRows<T, float> b{static_cast<const T*>(p.w), p.hidden, p.hidden, nullptr, 0, 0, p.vocab};
@@ -62,9 +62,9 @@ TL_DEVICE void head_grad_h(const HeadGradHParams& p) {
       });
 }
 
-template <class T, class G, int BN, int WM, int WN>
+template <class T, class G, int BN, int WM, int WN, int STAGES>
 TL_DEVICE void head_grad_param(const HeadGradParamParams& p) {
-  using S = tl::GemmShape<T, 128, BN, 32, true, false, 0>;
+  using S = tl::GemmShape<T, 128, BN, 32, true, false, 0, STAGES>;
   TL_DYNAMIC_SMEM(unsigned char, smem);
   const SegRows<G, float> a{static_cast<const G*>(p.g), p.vocab, p.vocab, nullptr, 0, 0, p.tokens};
   const SegRows<T, float> b{static_cast<const T*>(p.b), p.ncols, p.ncols, nullptr, 0, 0, p.tokens};
@@ -78,34 +78,48 @@ TL_DEVICE void head_grad_param(const HeadGradParamParams& p) {
 
 }  // namespace
 
-#define TL_HEAD_FORWARD(name, T) \
-  TL_KERNEL_BOUNDED(tl_head_forward_##name, HeadForwardParams, 256) { head_forward<T>(p); }
-TL_HEAD_FORWARD(f32, float)
-TL_HEAD_FORWARD(f16, __half)
-TL_HEAD_FORWARD(bf16, __nv_bfloat16)
+// Two main loops per op: the register-staged one (suffix-less names) and a
+// 3-stage cp.async ring (suffix _s3, 60 KiB of dynamic shared memory), for the
+// tensor-core (f16/bf16) kernels. The host picks one (`Executor::gemm_stages`);
+// both are tested.
+#define TL_HEAD_FORWARD(name, T, STAGES, suffix) \
+  TL_KERNEL_BOUNDED(tl_head_forward_##name##suffix, HeadForwardParams, 256) { head_forward<T, STAGES>(p); }
+TL_HEAD_FORWARD(f32, float, 1, )
+TL_HEAD_FORWARD(f16, __half, 1, )
+TL_HEAD_FORWARD(bf16, __nv_bfloat16, 1, )
+TL_HEAD_FORWARD(f16, __half, 3, _s3)
+TL_HEAD_FORWARD(bf16, __nv_bfloat16, 3, _s3)
 
-#define TL_HEAD_GRAD_H(name, T, G, RX) \
-  TL_KERNEL_BOUNDED(tl_head_grad_h_##name##_rx##RX, HeadGradHParams, 256) { head_grad_h<T, G, RX>(p); }
-#define TL_HEAD_GRAD_H_ALL(name, T, G) \
-  TL_HEAD_GRAD_H(name, T, G, 16)       \
-  TL_HEAD_GRAD_H(name, T, G, 32)       \
-  TL_HEAD_GRAD_H(name, T, G, 64)
-TL_HEAD_GRAD_H_ALL(f32_f32, float, float)
-TL_HEAD_GRAD_H_ALL(f16_f16, __half, __half)
-TL_HEAD_GRAD_H_ALL(f16_f32, __half, float)
-TL_HEAD_GRAD_H_ALL(bf16_bf16, __nv_bfloat16, __nv_bfloat16)
-TL_HEAD_GRAD_H_ALL(bf16_f32, __nv_bfloat16, float)
+// The cp.async ring only pays when G is stored in the compute dtype (f32 G
+// for half weights is converted on load), so _s3 exists for G == T only.
+#define TL_HEAD_GRAD_H(name, T, G, RX, STAGES, suffix)                                  \
+  TL_KERNEL_BOUNDED(tl_head_grad_h_##name##_rx##RX##suffix, HeadGradHParams, 256) {    \
+    head_grad_h<T, G, RX, STAGES>(p);                                                   \
+  }
+#define TL_HEAD_GRAD_H_ALL(name, T, G, STAGES, suffix) \
+  TL_HEAD_GRAD_H(name, T, G, 16, STAGES, suffix)       \
+  TL_HEAD_GRAD_H(name, T, G, 32, STAGES, suffix)       \
+  TL_HEAD_GRAD_H(name, T, G, 64, STAGES, suffix)
+TL_HEAD_GRAD_H_ALL(f32_f32, float, float, 1, )
+TL_HEAD_GRAD_H_ALL(f16_f16, __half, __half, 1, )
+TL_HEAD_GRAD_H_ALL(f16_f32, __half, float, 1, )
+TL_HEAD_GRAD_H_ALL(bf16_bf16, __nv_bfloat16, __nv_bfloat16, 1, )
+TL_HEAD_GRAD_H_ALL(bf16_f32, __nv_bfloat16, float, 1, )
+TL_HEAD_GRAD_H_ALL(f16_f16, __half, __half, 3, _s3)
+TL_HEAD_GRAD_H_ALL(bf16_bf16, __nv_bfloat16, __nv_bfloat16, 3, _s3)
 
 // n64: dU (r columns, 8 warps stacked along V); n128: dW (d columns).
-#define TL_HEAD_GRAD_PARAM(name, T, G)                                                  \
-  TL_KERNEL_BOUNDED(tl_head_grad_param_##name##_n64, HeadGradParamParams, 256) {        \
-    head_grad_param<T, G, 64, 8, 1>(p);                                                 \
-  }                                                                                     \
-  TL_KERNEL_BOUNDED(tl_head_grad_param_##name##_n128, HeadGradParamParams, 256) {       \
-    head_grad_param<T, G, 128, 2, 4>(p);                                                \
+#define TL_HEAD_GRAD_PARAM(name, T, G, STAGES, suffix)                                   \
+  TL_KERNEL_BOUNDED(tl_head_grad_param_##name##_n64##suffix, HeadGradParamParams, 256) { \
+    head_grad_param<T, G, 64, 8, 1, STAGES>(p);                                          \
+  }                                                                                      \
+  TL_KERNEL_BOUNDED(tl_head_grad_param_##name##_n128##suffix, HeadGradParamParams, 256) {\
+    head_grad_param<T, G, 128, 2, 4, STAGES>(p);                                         \
   }
-TL_HEAD_GRAD_PARAM(f32_f32, float, float)
-TL_HEAD_GRAD_PARAM(f16_f16, __half, __half)
-TL_HEAD_GRAD_PARAM(f16_f32, __half, float)
-TL_HEAD_GRAD_PARAM(bf16_bf16, __nv_bfloat16, __nv_bfloat16)
-TL_HEAD_GRAD_PARAM(bf16_f32, __nv_bfloat16, float)
+TL_HEAD_GRAD_PARAM(f32_f32, float, float, 1, )
+TL_HEAD_GRAD_PARAM(f16_f16, __half, __half, 1, )
+TL_HEAD_GRAD_PARAM(f16_f32, __half, float, 1, )
+TL_HEAD_GRAD_PARAM(bf16_bf16, __nv_bfloat16, __nv_bfloat16, 1, )
+TL_HEAD_GRAD_PARAM(bf16_f32, __nv_bfloat16, float, 1, )
+TL_HEAD_GRAD_PARAM(f16_f16, __half, __half, 3, _s3)
+TL_HEAD_GRAD_PARAM(bf16_bf16, __nv_bfloat16, __nv_bfloat16, 3, _s3)

@@ -47,6 +47,29 @@ struct Vec16 {
   static constexpr int N = 16 / sizeof(CT);
 };
 
+// 16-byte global -> shared copy: cp.async on sm_80+ (completes at
+// tl_cp_async_wait), a plain copy in the CPU shim.
+TL_DEVICE void tl_cp_async16(void* smem, const void* gmem) {
+#if defined(__CUDA_ARCH__)
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
+#else
+  *reinterpret_cast<uint4*>(smem) = *reinterpret_cast<const uint4*>(gmem);
+#endif
+}
+TL_DEVICE void tl_cp_async_commit() {
+#if defined(__CUDA_ARCH__)
+  asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+// Waits until at most N committed groups are still in flight.
+template <int N>
+TL_DEVICE void tl_cp_async_wait() {
+#if defined(__CUDA_ARCH__)
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+#endif
+}
+
 // Loads VEC values of logical row `o`, columns [i, i + VEC) as CT (zeros past the end).
 template <class CT, class S0, class S1>
 TL_DEVICE void seg_load(const SegRows<S0, S1>& s, int o, int i, CT* out) {
@@ -100,6 +123,33 @@ struct Stage {
       }
     }
   }
+  // Fills the tile straight into shared memory: cp.async for whole aligned
+  // vectors of segment 0 already in CT, a converted register copy otherwise.
+  template <class S0, class S1>
+  TL_DEVICE static void issue(const SegRows<S0, S1>& src, int o0, int i0, unsigned tid, CT* smem) {
+#pragma unroll
+    for (int c = 0; c < CH; ++c) {
+      const int chunk = static_cast<int>(tid) + c * kGemmThreads;
+      if (chunk < CHUNKS) {
+        const int o = chunk / (INNER / VEC);
+        const int i = (chunk % (INNER / VEC)) * VEC;
+        CT* dst = smem + o * LD + i;
+        const int go = o0 + o, gi = i0 + i;
+        if constexpr (std::is_same<S0, CT>::value) {
+          if (go < src.rows && gi + VEC <= src.len0) {
+            const S0* p = src.p0 + static_cast<long long>(go) * src.ld0 + gi;
+            if ((reinterpret_cast<unsigned long long>(p) & 15ull) == 0) {
+              tl_cp_async16(dst, p);
+              continue;
+            }
+          }
+        }
+        CT tmp[VEC];
+        seg_load<CT>(src, go, gi, tmp);
+        *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(tmp);
+      }
+    }
+  }
   TL_DEVICE void store(CT* smem, unsigned tid) const {
 #pragma unroll
     for (int c = 0; c < CH; ++c) {
@@ -114,9 +164,11 @@ struct Stage {
 };
 
 // Tile shape and shared-memory layout of one GEMM configuration.
-template <class CT, int BM_, int BN_, int BK_, bool A_COL_, bool B_COL_, int RX_>
+// STAGES_ = 1: global -> registers -> shared, two barriers per K step.
+// STAGES_ >= 2: a STAGES_-deep cp.async ring, one barrier per K step.
+template <class CT, int BM_, int BN_, int BK_, bool A_COL_, bool B_COL_, int RX_, int STAGES_ = 1>
 struct GemmShape {
-  static constexpr int BM = BM_, BN = BN_, BK = BK_, RX = RX_;
+  static constexpr int BM = BM_, BN = BN_, BK = BK_, RX = RX_, STAGES = STAGES_;
   static constexpr bool A_COL = A_COL_, B_COL = B_COL_;
   static constexpr int PAD = Vec16<CT>::N;  // skew rows to spread shared-memory banks
   // A tile: [BM][BK] (row) or [BK][BM] (col); B tile: [BK][BN] (row) or [BN][BK] (col).
@@ -124,7 +176,8 @@ struct GemmShape {
   static constexpr int B_OUT = B_COL ? BN : BK, B_IN = B_COL ? BK : BN, LDB = B_IN + PAD;
   static constexpr int LDX = RX + PAD;  // extra columns: [BK][RX] row-major
   static constexpr int A_ELEMS = A_OUT * LDA, B_ELEMS = B_OUT * LDB, X_ELEMS = RX > 0 ? BK * LDX : 0;
-  static constexpr int TILE_BYTES = (A_ELEMS + B_ELEMS + X_ELEMS) * static_cast<int>(sizeof(CT));
+  static constexpr int STAGE_ELEMS = A_ELEMS + B_ELEMS + X_ELEMS;
+  static constexpr int TILE_BYTES = STAGE_ELEMS * static_cast<int>(sizeof(CT)) * STAGES;
   // Epilogue: extras as f32 [BM][RX], then 8 per-warp 16x16 f32 scratch tiles.
   static constexpr int EPI_BYTES = (BM * RX + 8 * 256) * 4;
   static constexpr int SMEM_BYTES = TILE_BYTES > EPI_BYTES ? TILE_BYTES : EPI_BYTES;
@@ -344,12 +397,43 @@ TL_DEVICE void tile_gemm(unsigned char* smem_raw, const SegRows<SA0, SA1>& a, co
 
   Math math;
   math.zero();
-  load(0);
-  for (int k0 = 0; k0 < k_total; k0 += Shape::BK) {
-    store();
-    __syncthreads();
-    if (k0 + Shape::BK < k_total) load(k0 + Shape::BK);  // in flight during the math below
-    math.step(As, Bs, Xs, WmmaOrTid<CT>::pick(warp, tid));
+  if constexpr (Shape::STAGES == 1) {
+    load(0);
+    for (int k0 = 0; k0 < k_total; k0 += Shape::BK) {
+      store();
+      __syncthreads();
+      if (k0 + Shape::BK < k_total) load(k0 + Shape::BK);  // in flight during the math below
+      math.step(As, Bs, Xs, WmmaOrTid<CT>::pick(warp, tid));
+      __syncthreads();
+    }
+  } else {
+    constexpr int S = Shape::STAGES;
+    using SA = Stage<CT, Shape::A_OUT, Shape::A_IN, Shape::LDA>;
+    using SB = Stage<CT, Shape::B_OUT, Shape::B_IN, Shape::LDB>;
+    using SXs = Stage<CT, Shape::BK, (Shape::RX > 0 ? Shape::RX : Vec16<CT>::N), Shape::LDX>;
+    const int kt_total = (k_total + Shape::BK - 1) / Shape::BK;
+    auto issue = [&](int kt) {
+      CT* base = As + (kt % S) * Shape::STAGE_ELEMS;
+      const int k0 = kt * Shape::BK;
+      if (Shape::A_COL) SA::issue(a, k0, m0, tid, base); else SA::issue(a, m0, k0, tid, base);
+      if (Shape::B_COL) SB::issue(b, n0, k0, tid, base + Shape::A_ELEMS);
+      else SB::issue(b, k0, n0, tid, base + Shape::A_ELEMS);
+      if constexpr (Shape::RX > 0) SXs::issue(x, k0, 0, tid, base + Shape::A_ELEMS + Shape::B_ELEMS);
+    };
+#pragma unroll
+    for (int kt = 0; kt < S - 1; ++kt) {
+      if (kt < kt_total) issue(kt);
+      tl_cp_async_commit();
+    }
+    for (int kt = 0; kt < kt_total; ++kt) {
+      tl_cp_async_wait<S - 2>();  // tile kt has landed (for this thread)
+      __syncthreads();            // ... for every thread; tile kt - 1 is no longer read
+      if (kt + S - 1 < kt_total) issue(kt + S - 1);
+      tl_cp_async_commit();
+      CT* base = As + (kt % S) * Shape::STAGE_ELEMS;
+      math.step(base, base + Shape::A_ELEMS, base + Shape::A_ELEMS + Shape::B_ELEMS, WmmaOrTid<CT>::pick(warp, tid));
+    }
+    tl_cp_async_wait<0>();
     __syncthreads();
   }
 

@@ -203,6 +203,19 @@ else
   record racecheck FAIL "compute-sanitizer not found"
 fi
 
+# Nsight Compute profile of the main kernels at the Llama shape (one launch
+# each, a few sections), to steer the kernel work: OUTDIR/ncu.txt. Skipped
+# when ncu is absent or GPU_CHECK_NCU=0.
+NCU="$(command -v ncu || ls /usr/local/cuda/bin/ncu 2>/dev/null || true)"
+if [ -n "$NCU" ] && [ "${GPU_CHECK_NCU:-1}" != 0 ]; then
+  step ncu 90 bash -c "\"$NCU\" --kernel-name regex:'tl_(head_forward|head_grad_h|head_grad_param|embed_forward|lora_up_partial|sort_ids_scatter|group_rows)' \
+      --launch-count 8 --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+      --section MemoryWorkloadAnalysis \"$BIN/gpu_bench\" --shapes llama --warmup 0 --iters 1 --copy-mib 64 \
+      --out \"$WORK/ncu-bench\" >\"$OUTDIR/ncu.txt\" 2>&1"
+else
+  record ncu SKIP "ncu not found or GPU_CHECK_NCU=0"
+fi
+
 # ------------------------------------------------------ collect PEFT ---
 # Each check has its own 120 s timeout, so this wait is bounded (<= ~260 s
 # after the start, which the GPU steps normally outlast anyway).

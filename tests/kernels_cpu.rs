@@ -1,6 +1,6 @@
 //! The `kernels/*.cu` sources executed on the CPU through the shim, against the
-//! CPU reference: every golden case and randomized shapes. Runs in CI
-//! (`cargo test --features cpu-kernels`).
+//! CPU reference: every golden case and randomized shapes, with both head GEMM
+//! main loops. Runs in CI (`cargo test --features cpu-kernels`).
 #![cfg(feature = "cpu-kernels")]
 
 mod common;
@@ -10,25 +10,30 @@ use common::harness::{run_case, widen, Harness, HostGrads, HostWeights};
 use common::parity::{assert_all, bad_ids_are_errors, embed_case, head_case};
 use common::rand_inputs::{fresh_rng, normal};
 use tiedlora::kernels::CpuKernels;
-use tiedlora::{bf16, f16, Cpu, DType, LoraConfig};
+use tiedlora::{bf16, f16, Backend, Cpu, DType, LoraConfig};
+
+/// Both head GEMM main loops: register-staged and the cp.async ring.
+const BACKENDS: [CpuKernels; 2] = [CpuKernels { pipelined: false }, CpuKernels { pipelined: true }];
 
 #[test]
 fn goldens_kernels_on_cpu() {
     let cases = all_cases().expect("golden discovery");
     let mut failures = Vec::new();
-    for (label, case) in &cases {
-        match run_case(&CpuKernels, case, label) {
-            Ok(checks) => {
-                for c in &checks {
-                    println!("{c}");
+    for k in &BACKENDS {
+        for (label, case) in &cases {
+            match run_case(k, case, label) {
+                Ok(checks) => {
+                    for c in &checks {
+                        println!("{c}");
+                    }
+                    if checks.iter().any(|c| !c.passed()) {
+                        failures.push(format!("{} {label}/{}", Backend::name(k), case.name()));
+                    }
                 }
-                if checks.iter().any(|c| !c.passed()) {
-                    failures.push(format!("{label}/{}", case.name()));
+                Err(e) => {
+                    println!("{label}/{}: ERROR {e}", case.name());
+                    failures.push(format!("{} {label}/{}: {e}", Backend::name(k), case.name()));
                 }
-            }
-            Err(e) => {
-                println!("{label}/{}: ERROR {e}", case.name());
-                failures.push(format!("{label}/{}: {e}", case.name()));
             }
         }
     }
@@ -37,9 +42,11 @@ fn goldens_kernels_on_cpu() {
 
 #[test]
 fn head_random_shapes_not_multiples_of_tiles() {
-    assert_all(head_case::<f32, _>(&CpuKernels, 131, 37, 3, 5, true));
-    assert_all(head_case::<bf16, _>(&CpuKernels, 141, 40, 16, 9, false));
-    assert_all(head_case::<f16, _>(&CpuKernels, 133, 24, 5, 3, true));
+    for k in &BACKENDS {
+        assert_all(head_case::<f32, _>(k, 131, 37, 3, 5, true));
+        assert_all(head_case::<bf16, _>(k, 141, 40, 16, 9, false));
+        assert_all(head_case::<f16, _>(k, 133, 24, 5, 3, true));
+    }
 }
 
 #[test]
@@ -48,11 +55,13 @@ fn head_t1_r1_and_r64() {
     // error is that of a single sum with operands rounded for the tensor cores,
     // which no norm can average out. Check that shape exactly in f32, and the
     // half types at T = 1 (r = 4) and r = 1 (T = 7).
-    assert_all(head_case::<f32, _>(&CpuKernels, 70, 32, 1, 1, true));
-    assert_all(head_case::<bf16, _>(&CpuKernels, 70, 32, 4, 1, false));
-    assert_all(head_case::<bf16, _>(&CpuKernels, 300, 32, 1, 7, false));
-    assert_all(head_case::<f16, _>(&CpuKernels, 65, 48, 64, 2, false));
-    assert_all(head_case::<f32, _>(&CpuKernels, 40, 16, 33, 2, false));
+    for k in &BACKENDS {
+        assert_all(head_case::<f32, _>(k, 70, 32, 1, 1, true));
+        assert_all(head_case::<bf16, _>(k, 70, 32, 4, 1, false));
+        assert_all(head_case::<bf16, _>(k, 300, 32, 1, 7, false));
+        assert_all(head_case::<f16, _>(k, 65, 48, 64, 2, false));
+        assert_all(head_case::<f32, _>(k, 40, 16, 33, 2, false));
+    }
 }
 
 #[test]
@@ -68,24 +77,27 @@ fn head_f32_gradients_for_half_weights() {
     let wt = HostWeights { w: &w, u: &u, vh: &vh };
     let mut gr = HostGrads::zeros(&cfg, false);
     let dh_ref = Harness::head_backward(&Cpu::new(), &cfg, wt, &h, &g, &mut gr).unwrap();
-    let mut gk = HostGrads::zeros(&cfg, false);
-    let dh = Harness::head_backward(&CpuKernels, &cfg, wt, &h, &g, &mut gk).unwrap();
-    let tol = DType::BF16.tolerance();
-    assert!(rel_err(&widen(&dh), &widen(&dh_ref)) < tol);
-    assert!(rel_err(&widen(&gk.lora_vocab), &widen(&gr.lora_vocab)) < tol);
-    assert!(rel_err(&widen(&gk.lora_hidden), &widen(&gr.lora_hidden)) < tol);
+    for k in &BACKENDS {
+        let mut gk = HostGrads::zeros(&cfg, false);
+        let dh = Harness::head_backward(k, &cfg, wt, &h, &g, &mut gk).unwrap();
+        let tol = DType::BF16.tolerance();
+        assert!(rel_err(&widen(&dh), &widen(&dh_ref)) < tol);
+        assert!(rel_err(&widen(&gk.lora_vocab), &widen(&gr.lora_vocab)) < tol);
+        assert!(rel_err(&widen(&gk.lora_hidden), &widen(&gr.lora_hidden)) < tol);
+    }
 }
 
 #[test]
 fn embed_random_shapes_heavy_duplicates_and_odd_sizes() {
-    assert_all(embed_case::<f32, _>(&CpuKernels, 37, 29, 1, 5, 0));
-    assert_all(embed_case::<bf16, _>(&CpuKernels, 301, 72, 16, 40, 0));
-    assert_all(embed_case::<f16, _>(&CpuKernels, 50, 48, 64, 1, 0));
-    assert_all(embed_case::<bf16, _>(&CpuKernels, 97, 40, 5, 300, 250));
-    assert_all(embed_case::<f32, _>(&CpuKernels, 64, 24, 100, 9, 3));
+    let k = CpuKernels::default();
+    assert_all(embed_case::<f32, _>(&k, 37, 29, 1, 5, 0));
+    assert_all(embed_case::<bf16, _>(&k, 301, 72, 16, 40, 0));
+    assert_all(embed_case::<f16, _>(&k, 50, 48, 64, 1, 0));
+    assert_all(embed_case::<bf16, _>(&k, 97, 40, 5, 300, 250));
+    assert_all(embed_case::<f32, _>(&k, 64, 24, 100, 9, 3));
 }
 
 #[test]
 fn kernels_reject_out_of_range_ids() {
-    bad_ids_are_errors(&CpuKernels);
+    bad_ids_are_errors(&CpuKernels::default());
 }

@@ -11,10 +11,15 @@ use common::golden::all_cases;
 use common::harness::run_case;
 use common::parity::{assert_all, bad_ids_are_errors, embed_case, head_case};
 use tiedlora::cuda::Cuda;
-use tiedlora::{bf16, f16};
+use tiedlora::{bf16, f16, Backend};
 
 fn gpu() -> Cuda {
     Cuda::new(0).expect("this test needs a CUDA device")
+}
+
+/// Both head GEMM main loops: register-staged and the cp.async ring.
+fn gpus() -> [Cuda; 2] {
+    [gpu(), gpu().with_gemm_pipeline(true)]
 }
 
 #[test]
@@ -32,19 +37,21 @@ fn no_driver_or_device_is_an_error_not_a_panic() {
 #[test]
 #[ignore = "needs a CUDA device"]
 fn gpu_small_goldens() {
-    let g = gpu();
+    let cases = all_cases().expect("golden discovery");
     let mut failures = Vec::new();
-    for (label, case) in all_cases().expect("golden discovery") {
-        match run_case(&g, &case, &label) {
-            Ok(checks) => {
-                for c in &checks {
-                    println!("{c}");
+    for g in &gpus() {
+        for (label, case) in &cases {
+            match run_case(g, case, label) {
+                Ok(checks) => {
+                    for c in &checks {
+                        println!("{c}");
+                    }
+                    if checks.iter().any(|c| !c.passed()) {
+                        failures.push(format!("{} {label}/{}", Backend::name(g), case.name()));
+                    }
                 }
-                if checks.iter().any(|c| !c.passed()) {
-                    failures.push(format!("{label}/{}", case.name()));
-                }
+                Err(e) => failures.push(format!("{} {label}/{}: {e}", Backend::name(g), case.name())),
             }
-            Err(e) => failures.push(format!("{label}/{}: {e}", case.name())),
         }
     }
     assert!(failures.is_empty(), "{failures:?}");
@@ -53,22 +60,24 @@ fn gpu_small_goldens() {
 #[test]
 #[ignore = "needs a CUDA device"]
 fn gpu_small_head_random_shapes() {
-    let g = gpu();
-    assert_all(head_case::<f32, _>(&g, 131, 37, 3, 5, true));
-    assert_all(head_case::<bf16, _>(&g, 141, 40, 16, 9, false));
-    assert_all(head_case::<f16, _>(&g, 133, 24, 5, 3, true));
-    assert_all(head_case::<f32, _>(&g, 70, 32, 1, 1, true));
-    assert_all(head_case::<bf16, _>(&g, 70, 32, 4, 1, false));
-    assert_all(head_case::<f16, _>(&g, 65, 48, 64, 2, false));
+    for g in &gpus() {
+        assert_all(head_case::<f32, _>(g, 131, 37, 3, 5, true));
+        assert_all(head_case::<bf16, _>(g, 141, 40, 16, 9, false));
+        assert_all(head_case::<f16, _>(g, 133, 24, 5, 3, true));
+        assert_all(head_case::<f32, _>(g, 70, 32, 1, 1, true));
+        assert_all(head_case::<bf16, _>(g, 70, 32, 4, 1, false));
+        assert_all(head_case::<f16, _>(g, 65, 48, 64, 2, false));
+    }
 }
 
 #[test]
 #[ignore = "needs a CUDA device"]
 fn gpu_head_larger_shapes() {
-    let g = gpu();
-    assert_all(head_case::<bf16, _>(&g, 3001, 264, 16, 300, false));
-    assert_all(head_case::<f16, _>(&g, 1000, 200, 33, 257, true));
-    assert_all(head_case::<f32, _>(&g, 777, 130, 8, 129, true));
+    for g in &gpus() {
+        assert_all(head_case::<bf16, _>(g, 3001, 264, 16, 300, false));
+        assert_all(head_case::<f16, _>(g, 1000, 200, 33, 257, true));
+        assert_all(head_case::<f32, _>(g, 777, 130, 8, 129, true));
+    }
 }
 
 #[test]

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::ffi::{c_void, CString};
 use std::sync::{Arc, Mutex};
 
-/// Static shared memory a block may use without an opt-in attribute.
+/// Dynamic shared memory a block may use without an opt-in attribute.
 const DEFAULT_SHARED_LIMIT: u32 = 48 * 1024;
 
 pub(crate) fn driver_err(what: &str, e: impl std::fmt::Debug) -> Error {
@@ -26,6 +26,7 @@ pub(crate) struct KernelCache {
     cc: (i32, i32),
     modules: Mutex<HashMap<&'static str, sys::CUmodule>>,
     functions: Mutex<HashMap<&'static str, sys::CUfunction>>,
+    allowed: Mutex<HashMap<&'static str, u32>>,
 }
 
 // SAFETY: CUmodule / CUfunction are driver handles usable from any thread
@@ -36,7 +37,13 @@ unsafe impl Sync for KernelCache {}
 
 impl KernelCache {
     pub(crate) fn new(ctx: Arc<CudaContext>, cc: (i32, i32)) -> Self {
-        KernelCache { ctx, cc, modules: Mutex::new(HashMap::new()), functions: Mutex::new(HashMap::new()) }
+        KernelCache {
+            ctx,
+            cc,
+            modules: Mutex::new(HashMap::new()),
+            functions: Mutex::new(HashMap::new()),
+            allowed: Mutex::new(HashMap::new()),
+        }
     }
 
     fn load(&self, m: &'static EmbeddedModule) -> Result<sys::CUmodule> {
@@ -56,6 +63,25 @@ impl KernelCache {
         .map_err(|e| driver_err(&format!("loading kernels/{}.cu for sm_{}{}", m.name, self.cc.0, self.cc.1), e))?;
         modules.insert(m.name, handle);
         Ok(handle)
+    }
+
+    /// Opts `f` in to `bytes` of dynamic shared memory (above the 48 KiB default).
+    fn allow_shared(&self, kernel: &'static str, f: sys::CUfunction, bytes: u32) -> Result<()> {
+        let mut allowed = self.allowed.lock().map_err(|_| Error::Backend("kernel cache poisoned".into()))?;
+        if allowed.get(kernel).is_some_and(|&b| b >= bytes) {
+            return Ok(());
+        }
+        // SAFETY: `f` was resolved from a module this cache keeps loaded.
+        unsafe {
+            result::function::set_function_attribute(
+                f,
+                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                bytes as i32,
+            )
+        }
+        .map_err(|e| driver_err(&format!("{kernel}: {bytes} B of dynamic shared memory"), e))?;
+        allowed.insert(kernel, bytes);
+        Ok(())
     }
 
     pub(crate) fn function(&self, kernel: &'static str) -> Result<sys::CUfunction> {
@@ -94,6 +120,7 @@ pub(crate) struct CudaExec<'a> {
     pub(crate) stream: &'a Arc<CudaStream>,
     pub(crate) cache: &'a KernelCache,
     pub(crate) sms: u32,
+    pub(crate) gemm_stages: u32,
 }
 
 impl Executor for CudaExec<'_> {
@@ -125,12 +152,15 @@ impl Executor for CudaExec<'_> {
     fn multiprocessors(&self) -> u32 {
         self.sms
     }
+    fn gemm_stages(&self) -> u32 {
+        self.gemm_stages
+    }
     unsafe fn launch<P: KernelParams>(&self, plan: &LaunchPlan, params: &P) -> Result<()> {
-        if plan.shared_bytes > DEFAULT_SHARED_LIMIT {
-            return Err(Error::Backend(format!("{plan}: more than 48 KiB of dynamic shared memory")));
-        }
         self.stream.context().bind_to_thread().map_err(|e| driver_err("bind context", e))?;
         let f = self.cache.function(plan.kernel)?;
+        if plan.shared_bytes > DEFAULT_SHARED_LIMIT {
+            self.cache.allow_shared(plan.kernel, f, plan.shared_bytes)?;
+        }
         let mut args = [params as *const P as *mut c_void];
         // SAFETY: the kernel takes exactly one argument, a `P` by value
         // (kernels/common.cuh); cuLaunchKernel copies it before returning.

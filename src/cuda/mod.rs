@@ -41,6 +41,7 @@ pub struct Cuda {
     cache: KernelCache,
     stream: Arc<CudaStream>,
     sms: u32,
+    gemm_stages: u32,
 }
 
 impl std::fmt::Debug for Cuda {
@@ -74,7 +75,20 @@ impl Cuda {
             .context()
             .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(|e| driver_err("multiprocessor count", e))?;
-        Ok(Cuda { cache: KernelCache::new(stream.context().clone(), cc), stream, sms: sms.max(1) as u32 })
+        Ok(Cuda {
+            cache: KernelCache::new(stream.context().clone(), cc),
+            stream,
+            sms: sms.max(1) as u32,
+            gemm_stages: 1,
+        })
+    }
+
+    /// Runs the head GEMMs with the 3-stage cp.async main loop (`_s3` kernels)
+    /// instead of the register-staged one. Same results; speed differs by card
+    /// (BENCHMARKS.md measures both).
+    pub fn with_gemm_pipeline(mut self, on: bool) -> Self {
+        self.gemm_stages = if on { 3 } else { 1 };
+        self
     }
 
     /// The stream every op runs on.
@@ -88,7 +102,7 @@ impl Cuda {
     }
 
     fn exec(&self) -> CudaExec<'_> {
-        CudaExec { stream: &self.stream, cache: &self.cache, sms: self.sms }
+        CudaExec { stream: &self.stream, cache: &self.cache, sms: self.sms, gemm_stages: self.gemm_stages }
     }
 }
 
@@ -134,7 +148,11 @@ impl Backend for Cuda {
     type Dst<'a, T: 'static> = CudaViewMut<'a, T>;
 
     fn name(&self) -> &'static str {
-        "cuda"
+        if self.gemm_stages == 3 {
+            "cuda-s3"
+        } else {
+            "cuda"
+        }
     }
 
     fn embed_forward<T: Element, I: TokenId>(

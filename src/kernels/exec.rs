@@ -29,6 +29,8 @@ pub trait Executor {
     /// Streaming multiprocessors of the device (sizes grid-stride launches;
     /// results never depend on it).
     fn multiprocessors(&self) -> u32;
+    /// GEMM main loop of the head kernels: 1 (register-staged) or 3 (cp.async ring).
+    fn gemm_stages(&self) -> u32;
     /// Runs one kernel.
     ///
     /// # Safety

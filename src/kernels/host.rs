@@ -84,11 +84,26 @@ shim_table!(
     tl_merge_f32,
     tl_merge_f16,
     tl_merge_bf16,
+    tl_head_forward_f16_s3,
+    tl_head_forward_bf16_s3,
+    tl_head_grad_h_f16_f16_rx16_s3,
+    tl_head_grad_h_f16_f16_rx32_s3,
+    tl_head_grad_h_f16_f16_rx64_s3,
+    tl_head_grad_param_f16_f16_n64_s3,
+    tl_head_grad_param_f16_f16_n128_s3,
+    tl_head_grad_h_bf16_bf16_rx16_s3,
+    tl_head_grad_h_bf16_bf16_rx32_s3,
+    tl_head_grad_h_bf16_bf16_rx64_s3,
+    tl_head_grad_param_bf16_bf16_n64_s3,
+    tl_head_grad_param_bf16_bf16_n128_s3,
 );
 
 /// Runs launches on CPU threads through the shim; scratch lives in host memory.
 #[derive(Debug, Default, Clone, Copy)]
-pub struct HostExec;
+pub struct HostExec {
+    /// Head GEMM main loop (1 or 3), as [`Executor::gemm_stages`].
+    pub gemm_stages: u32,
+}
 
 /// Host scratch: 16-byte aligned, zero-filled.
 #[derive(Debug)]
@@ -130,6 +145,13 @@ impl Executor for HostExec {
         // Few blocks: the shim runs them one after another.
         2
     }
+    fn gemm_stages(&self) -> u32 {
+        if self.gemm_stages == 3 {
+            3
+        } else {
+            1
+        }
+    }
     unsafe fn launch<P: KernelParams>(&self, plan: &LaunchPlan, params: &P) -> Result<()> {
         let entry = TABLE
             .iter()
@@ -146,7 +168,16 @@ impl Executor for HostExec {
 /// slices: the same launches, plans and params as the GPU, run by the shim.
 /// Slow (one OS thread per CUDA thread); meant for tests.
 #[derive(Debug, Default, Clone, Copy)]
-pub struct CpuKernels;
+pub struct CpuKernels {
+    /// Run the head GEMMs with the 3-stage cp.async main loop (`_s3` kernels).
+    pub pipelined: bool,
+}
+
+impl CpuKernels {
+    fn exec(&self) -> HostExec {
+        HostExec { gemm_stages: if self.pipelined { 3 } else { 1 } }
+    }
+}
 
 fn addr<T>(s: &[T]) -> u64 {
     s.as_ptr() as u64
@@ -181,7 +212,11 @@ impl Backend for CpuKernels {
     type Dst<'a, T: 'static> = &'a mut [T];
 
     fn name(&self) -> &'static str {
-        "kernels-on-cpu"
+        if self.pipelined {
+            "kernels-on-cpu-s3"
+        } else {
+            "kernels-on-cpu"
+        }
     }
 
     fn embed_forward<T: Element, I: TokenId>(
@@ -192,7 +227,16 @@ impl Backend for CpuKernels {
         out: &mut [T],
     ) -> Result<()> {
         let t = validate::embed_forward_lens(cfg, wl(weights), ids.len(), out.len())?;
-        ops::embed_forward(&HostExec, cfg, T::DTYPE, weight_addrs(weights), addr(ids), id_kind::<I>(), addr_mut(out), t)
+        ops::embed_forward(
+            &self.exec(),
+            cfg,
+            T::DTYPE,
+            weight_addrs(weights),
+            addr(ids),
+            id_kind::<I>(),
+            addr_mut(out),
+            t,
+        )
     }
 
     fn embed_backward<T: Element, G: Element, I: TokenId>(
@@ -206,7 +250,7 @@ impl Backend for CpuKernels {
         let t = validate::embed_backward_lens(cfg, wl(weights), ids.len(), d_embed.len(), gl(grads))?;
         let g = grad_addrs(grads);
         ops::embed_backward(
-            &HostExec,
+            &self.exec(),
             cfg,
             G::DTYPE,
             weight_addrs(weights),
@@ -226,7 +270,7 @@ impl Backend for CpuKernels {
         logits: &mut [T],
     ) -> Result<()> {
         let t = validate::head_forward_lens(cfg, wl(weights), h.len(), logits.len())?;
-        ops::head_forward(&HostExec, cfg, T::DTYPE, weight_addrs(weights), addr(h), addr_mut(logits), t)
+        ops::head_forward(&self.exec(), cfg, T::DTYPE, weight_addrs(weights), addr(h), addr_mut(logits), t)
     }
 
     fn head_backward<T: Element, G: Element>(
@@ -241,7 +285,7 @@ impl Backend for CpuKernels {
         let t = validate::head_backward_lens(cfg, wl(weights), h.len(), d_logits.len(), dh.len(), gl(grads))?;
         let g = grad_addrs(grads);
         ops::head_backward(
-            &HostExec,
+            &self.exec(),
             cfg,
             T::DTYPE,
             G::DTYPE,
@@ -282,11 +326,11 @@ impl Backend for CpuKernels {
 
     fn merge<T: Element>(&self, cfg: &LoraConfig, w: &mut [T], u: &[f32], vh: &[f32]) -> Result<()> {
         validate::check_weights(cfg, w.len(), u.len(), vh.len())?;
-        ops::merge(&HostExec, cfg, T::DTYPE, addr_mut(w), addr(u), addr(vh), false)
+        ops::merge(&self.exec(), cfg, T::DTYPE, addr_mut(w), addr(u), addr(vh), false)
     }
 
     fn unmerge<T: Element>(&self, cfg: &LoraConfig, w: &mut [T], u: &[f32], vh: &[f32]) -> Result<()> {
         validate::check_weights(cfg, w.len(), u.len(), vh.len())?;
-        ops::merge(&HostExec, cfg, T::DTYPE, addr_mut(w), addr(u), addr(vh), true)
+        ops::merge(&self.exec(), cfg, T::DTYPE, addr_mut(w), addr(u), addr(vh), true)
     }
 }

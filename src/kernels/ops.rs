@@ -77,12 +77,22 @@ fn blocks(n: usize, per: u32) -> u32 {
 }
 
 /// Dynamic shared memory of `tl::GemmShape` in `kernels/tile_gemm.cuh` (same formula).
-pub fn gemm_shared_bytes(elem: usize, bm: usize, bn: usize, bk: usize, a_col: bool, b_col: bool, rx: usize) -> u32 {
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_shared_bytes(
+    elem: usize,
+    bm: usize,
+    bn: usize,
+    bk: usize,
+    a_col: bool,
+    b_col: bool,
+    rx: usize,
+    stages: usize,
+) -> u32 {
     let pad = 16 / elem;
     let (a_out, a_in) = if a_col { (bk, bm) } else { (bm, bk) };
     let (b_out, b_in) = if b_col { (bn, bk) } else { (bk, bn) };
     let x = if rx > 0 { bk * (rx + pad) } else { 0 };
-    let tile = (a_out * (a_in + pad) + b_out * (b_in + pad) + x) * elem;
+    let tile = (a_out * (a_in + pad) + b_out * (b_in + pad) + x) * elem * stages;
     let epi = (bm * rx + 8 * 256) * 4;
     tile.max(epi) as u32
 }
@@ -97,8 +107,33 @@ macro_rules! by_dtype {
     };
 }
 
+/// A kernel name built at run time, as the `&'static str` a [`LaunchPlan`]
+/// holds (each distinct name is allocated once and kept).
+fn intern(name: String) -> &'static str {
+    static NAMES: std::sync::OnceLock<std::sync::Mutex<std::collections::HashSet<&'static str>>> =
+        std::sync::OnceLock::new();
+    let mut set = NAMES.get_or_init(Default::default).lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(&known) = set.get(name.as_str()) {
+        return known;
+    }
+    let leaked: &'static str = Box::leak(name.into_boxed_str());
+    set.insert(leaked);
+    leaked
+}
+
+/// `_s3` when the executor runs the cp.async pipeline, the weights are f16 or
+/// bf16 and the gradient is in the same dtype (the combinations with an `_s3` kernel).
+fn stage_suffix<E: Executor>(e: &E, t: DType, g: DType) -> &'static str {
+    if e.gemm_stages() == 3 && t == g && t != DType::F32 {
+        "_s3"
+    } else {
+        ""
+    }
+}
+
 /// `<storage>_<grad>` kernel-name infix; the gradient is the storage dtype or f32.
 fn tg_name(t: DType, g: DType, names: [&'static str; 5]) -> Result<&'static str> {
+    // names: f32_f32, f16_f16, f16_f32, bf16_bf16, bf16_f32
     Ok(match (t, g) {
         (DType::F32, DType::F32) => names[0],
         (DType::F16, DType::F16) => names[1],
@@ -272,11 +307,14 @@ pub fn head_forward<E: Executor>(
         hidden: i32_of("hidden", d)?,
         rank: i32_of("rank", r)?,
     };
+    let sfx = stage_suffix(e, t, t);
+    let stages = if sfx.is_empty() { 1 } else { 3 };
+    let kernel = intern(format!("tl_head_forward_{t}{sfx}"));
     let plan = LaunchPlan {
-        kernel: by_dtype!(t, "tl_head_forward_", ""),
+        kernel,
         grid: (blocks(tokens, GEMM_TILE), blocks(v, GEMM_TILE), 1),
         block: (THREADS, 1, 1),
-        shared_bytes: gemm_shared_bytes(t.size(), 128, 128, 32, false, true, 0),
+        shared_bytes: gemm_shared_bytes(t.size(), 128, 128, 32, false, true, 0, stages),
     };
     // SAFETY: h [T, d], p [T, r], W [V, d], U [V, r], logits [T, V] (checked
     // by the caller or allocated above).
@@ -303,12 +341,12 @@ pub fn head_backward<E: Executor>(
             "rank {r}: the fused head backward kernels support rank <= {MAX_HEAD_RANK}"
         )));
     }
-    let (rx, rx_index): (usize, usize) = if r <= 16 {
-        (16, 0)
+    let rx: usize = if r <= 16 {
+        16
     } else if r <= 32 {
-        (32, 1)
+        32
     } else {
-        (64, 2)
+        64
     };
     let p = e.scratch(tokens * r * t.size())?;
     lora_down(e, cfg, t, t, h, wt.vh, e.addr(&p), tokens, cfg.scale())?;
@@ -327,35 +365,15 @@ pub fn head_backward<E: Executor>(
         scale: cfg.scale() as f32,
         _pad: 0,
     };
-    let names: [[&'static str; 5]; 3] = [
-        [
-            "tl_head_grad_h_f32_f32_rx16",
-            "tl_head_grad_h_f16_f16_rx16",
-            "tl_head_grad_h_f16_f32_rx16",
-            "tl_head_grad_h_bf16_bf16_rx16",
-            "tl_head_grad_h_bf16_f32_rx16",
-        ],
-        [
-            "tl_head_grad_h_f32_f32_rx32",
-            "tl_head_grad_h_f16_f16_rx32",
-            "tl_head_grad_h_f16_f32_rx32",
-            "tl_head_grad_h_bf16_bf16_rx32",
-            "tl_head_grad_h_bf16_f32_rx32",
-        ],
-        [
-            "tl_head_grad_h_f32_f32_rx64",
-            "tl_head_grad_h_f16_f16_rx64",
-            "tl_head_grad_h_f16_f32_rx64",
-            "tl_head_grad_h_bf16_bf16_rx64",
-            "tl_head_grad_h_bf16_f32_rx64",
-        ],
-    ];
-    let kernel = tg_name(t, gt, names[rx_index])?;
+    let tg = tg_name(t, gt, ["f32_f32", "f16_f16", "f16_f32", "bf16_bf16", "bf16_f32"])?;
+    let sfx = stage_suffix(e, t, gt);
+    let stages = if sfx.is_empty() { 1 } else { 3 };
+    let kernel = intern(format!("tl_head_grad_h_{tg}_rx{rx}{sfx}"));
     let plan = LaunchPlan {
         kernel,
         grid: (blocks(tokens, GEMM_TILE), blocks(d, GEMM_TILE), 1),
         block: (THREADS, 1, 1),
-        shared_bytes: gemm_shared_bytes(t.size(), 128, 128, 32, false, false, rx),
+        shared_bytes: gemm_shared_bytes(t.size(), 128, 128, 32, false, false, rx, stages),
     };
     // SAFETY: G [T, V] in gt, W [V, d], U [V, r], Vh [r, d], dh [T, d] (caller),
     // gu [T, r] f32 (here).
@@ -371,22 +389,12 @@ pub fn head_backward<E: Executor>(
         ncols: base.rank,
         scale: 1.0,
     };
-    let kernel = tg_name(
-        t,
-        gt,
-        [
-            "tl_head_grad_param_f32_f32_n64",
-            "tl_head_grad_param_f16_f16_n64",
-            "tl_head_grad_param_f16_f32_n64",
-            "tl_head_grad_param_bf16_bf16_n64",
-            "tl_head_grad_param_bf16_f32_n64",
-        ],
-    )?;
+    let kernel = intern(format!("tl_head_grad_param_{tg}_n64{sfx}"));
     let plan = LaunchPlan {
         kernel,
         grid: (blocks(v, GEMM_TILE), blocks(r, 64), 1),
         block: (THREADS, 1, 1),
-        shared_bytes: gemm_shared_bytes(t.size(), 128, 64, 32, true, false, 0),
+        shared_bytes: gemm_shared_bytes(t.size(), 128, 64, 32, true, false, 0, stages),
     };
     // SAFETY: G [T, V], p [T, r] (here), dU [V, r] f32 (caller).
     unsafe { e.launch(&plan, &du)? };
@@ -404,22 +412,12 @@ pub fn head_backward<E: Executor>(
             ncols: base.hidden,
             scale: 1.0,
         };
-        let kernel = tg_name(
-            t,
-            gt,
-            [
-                "tl_head_grad_param_f32_f32_n128",
-                "tl_head_grad_param_f16_f16_n128",
-                "tl_head_grad_param_f16_f32_n128",
-                "tl_head_grad_param_bf16_bf16_n128",
-                "tl_head_grad_param_bf16_f32_n128",
-            ],
-        )?;
+        let kernel = intern(format!("tl_head_grad_param_{tg}_n128{sfx}"));
         let plan = LaunchPlan {
             kernel,
             grid: (blocks(v, GEMM_TILE), blocks(d, GEMM_TILE), 1),
             block: (THREADS, 1, 1),
-            shared_bytes: gemm_shared_bytes(t.size(), 128, 128, 32, true, false, 0),
+            shared_bytes: gemm_shared_bytes(t.size(), 128, 128, 32, true, false, 0, stages),
         };
         // SAFETY: G [T, V], h [T, d], dW [V, d] f32 (caller).
         unsafe { e.launch(&plan, &params)? };

@@ -92,7 +92,7 @@ impl<T: Element> DevWeights<T> {
 
 impl Harness for Cuda {
     fn name(&self) -> String {
-        "cuda".into()
+        Backend::name(self).into()
     }
     fn tolerance(&self, storage: DType, _out: DType) -> f64 {
         storage.tolerance()
