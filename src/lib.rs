@@ -46,3 +46,22 @@ pub fn require_cuda() -> Result<()> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    #[cfg(not(feature = "cuda"))]
+    fn cuda_request_without_kernels_says_how_to_get_them() {
+        let msg = super::require_cuda().unwrap_err().to_string();
+        assert!(msg.contains("scripts/install-nvcc.sh") && msg.contains("--features cuda"), "{msg}");
+    }
+
+    #[test]
+    #[cfg(feature = "cuda")]
+    fn cuda_request_with_kernels_checks_the_driver() {
+        // With the kernels built in, the only possible refusal is a missing driver.
+        if let Err(e) = super::require_cuda() {
+            assert!(e.to_string().contains("driver"), "{e}");
+        }
+    }
+}

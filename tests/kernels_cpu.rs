@@ -101,3 +101,48 @@ fn embed_random_shapes_heavy_duplicates_and_odd_sizes() {
 fn kernels_reject_out_of_range_ids() {
     bad_ids_are_errors(&CpuKernels::default());
 }
+
+#[test]
+fn u32_and_i64_ids_give_identical_results() {
+    use tiedlora::{Grads, Weights};
+    let mut rng = fresh_rng("u32 ids");
+    let (v, d, r, t) = (211, 40, 8, 33);
+    let cfg = LoraConfig::builder(v, d, r).alpha(16.0).build().unwrap();
+    let w: Vec<bf16> = normal(&mut rng, v * d, 0.5);
+    let u: Vec<f32> = normal(&mut rng, v * r, 0.5);
+    let vh: Vec<f32> = normal(&mut rng, r * d, 0.5);
+    let de: Vec<bf16> = normal(&mut rng, t * d, 1.0);
+    let ids64 = common::rand_inputs::ids(&mut rng, t, v);
+    let ids32: Vec<u32> = ids64.iter().map(|&i| i as u32).collect();
+    let k = CpuKernels::default();
+    let wt = Weights::<CpuKernels, bf16> { w: &w, lora_vocab: &u, lora_hidden: &vh };
+    let (mut e32, mut e64) = (vec![bf16::NAN; t * d], vec![bf16::NAN; t * d]);
+    Backend::embed_forward(&k, &cfg, &wt, &ids32, &mut e32).unwrap();
+    Backend::embed_forward(&k, &cfg, &wt, &ids64, &mut e64).unwrap();
+    assert_eq!(e32, e64);
+    let (mut du32, mut dvh32, mut du64, mut dvh64) =
+        (vec![0f32; v * r], vec![0f32; r * d], vec![0f32; v * r], vec![0f32; r * d]);
+    Backend::embed_backward(
+        &k,
+        &cfg,
+        &wt,
+        &ids32,
+        &de,
+        &mut Grads { lora_vocab: &mut du32, lora_hidden: &mut dvh32, w: None },
+    )
+    .unwrap();
+    Backend::embed_backward(
+        &k,
+        &cfg,
+        &wt,
+        &ids64,
+        &de,
+        &mut Grads { lora_vocab: &mut du64, lora_hidden: &mut dvh64, w: None },
+    )
+    .unwrap();
+    assert_eq!((du32, dvh32), (du64, dvh64));
+    let mut bad = ids32.clone();
+    bad[7] = v as u32;
+    let err = Backend::embed_forward(&k, &cfg, &wt, &bad, &mut e32).unwrap_err();
+    assert_eq!(err, tiedlora::Error::TokenOutOfRange { arg: "ids", index: 7, value: v as i64, vocab: v });
+}
