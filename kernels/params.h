@@ -101,3 +101,42 @@ struct HeadGradParamParams {
   float scale;
 };
 TL_CHECK_PARAMS(HeadGradParamParams, 40);
+
+// xent.cu: per (token tile, vocabulary split) online logsumexp of the softcapped
+// logits [h | p] . [W | U]^T, never stored: part_max/part_sum [splits, T], and
+// target_logit[t] from the one block whose columns hold targets[t].
+struct XentPartialParams {
+  const void* h;         // [T, d]
+  const void* p;         // [T, r] storage dtype (s * h Vh^T)
+  const void* w;         // [V, d]
+  const float* u;        // [V, r]
+  const int* targets;    // [T] validated: in [0, V) or -1 (ignored)
+  float* part_max;       // [splits, T]
+  float* part_sum;       // [splits, T]
+  float* target_logit;   // [T]
+  int tokens;
+  int vocab;
+  int hidden;
+  int rank;
+  int split_cols;        // vocabulary columns per split (a multiple of 128)
+  float softcap;         // kappa, 0 = none
+};
+TL_CHECK_PARAMS(XentPartialParams, 88);
+
+// xent.cu: lse[t] = merge of the splits in order; row_loss[t] = lse - target
+// logit (0 for ignored rows); then loss[0] = scale * sum_t row_loss[t] in a
+// fixed order (one block).
+struct XentCombineParams {
+  const float* part_max;
+  const float* part_sum;
+  const float* target_logit;
+  const int* targets;
+  float* lse;        // [T]
+  float* row_loss;   // [T] scratch
+  float* loss;       // [1]
+  int tokens;
+  int splits;
+  float scale;       // 1/N (mean), 1 (sum), 0 (no valid target)
+  unsigned _pad;
+};
+TL_CHECK_PARAMS(XentCombineParams, 72);

@@ -146,3 +146,14 @@ fn u32_and_i64_ids_give_identical_results() {
     let err = Backend::embed_forward(&k, &cfg, &wt, &bad, &mut e32).unwrap_err();
     assert_eq!(err, tiedlora::Error::TokenOutOfRange { arg: "ids", index: 7, value: v as i64, vocab: v });
 }
+
+#[test]
+fn xent_forward_random_shapes_edges_and_extreme_logits() {
+    let k = CpuKernels::default();
+    assert_all(common::parity::xent_forward_case::<f32, _>(&k, 301, 37, 3, 5, None, 1.0));
+    assert_all(common::parity::xent_forward_case::<bf16, _>(&k, 517, 40, 16, 9, Some(30.0), 1.0));
+    assert_all(common::parity::xent_forward_case::<f16, _>(&k, 300, 24, 1, 1, None, 1.0));
+    // |z| ~ 1e3..1e4 before the softcap / without one: no overflow.
+    assert_all(common::parity::xent_forward_case::<f32, _>(&k, 260, 16, 4, 3, None, 2000.0));
+    assert_all(common::parity::xent_forward_case::<f32, _>(&k, 260, 16, 4, 3, Some(30.0), 2000.0));
+}

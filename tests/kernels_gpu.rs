@@ -104,3 +104,14 @@ fn gpu_embed_heavy_duplicates_large() {
 fn gpu_small_bad_ids_are_errors() {
     bad_ids_are_errors(&gpu());
 }
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_small_xent_forward() {
+    let g = gpu();
+    assert_all(common::parity::xent_forward_case::<f32, _>(&g, 301, 37, 3, 5, None, 1.0));
+    assert_all(common::parity::xent_forward_case::<bf16, _>(&g, 517, 40, 16, 9, Some(30.0), 1.0));
+    assert_all(common::parity::xent_forward_case::<f16, _>(&g, 300, 24, 1, 1, None, 1.0));
+    assert_all(common::parity::xent_forward_case::<f32, _>(&g, 260, 16, 4, 3, Some(30.0), 2000.0));
+    assert_all(common::parity::xent_forward_case::<bf16, _>(&g, 5000, 264, 16, 700, Some(30.0), 1.0));
+}

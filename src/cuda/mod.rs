@@ -231,14 +231,28 @@ impl Backend for Cuda {
 
     fn head_xent_forward<T: Element, I: TokenId>(
         &self,
-        _cfg: &LoraConfig,
-        _weights: &Weights<'_, Self, T>,
-        _h: CudaView<'_, T>,
-        _targets: CudaView<'_, I>,
-        _loss: CudaViewMut<'_, f32>,
-        _lse: CudaViewMut<'_, f32>,
+        cfg: &LoraConfig,
+        weights: &Weights<'_, Self, T>,
+        h: CudaView<'_, T>,
+        targets: CudaView<'_, I>,
+        mut loss: CudaViewMut<'_, f32>,
+        mut lse: CudaViewMut<'_, f32>,
     ) -> Result<()> {
-        Err(not_yet("head_xent_forward"))
+        let t = validate::xent_forward_lens(cfg, wl(weights), h.len(), targets.len(), loss.len(), lse.len())?;
+        let (h_addr, t_addr) = (src(&h, &self.stream), src(&targets, &self.stream));
+        let (loss_addr, lse_addr) = (dst(&mut loss, &self.stream), dst(&mut lse, &self.stream));
+        ops::head_xent_forward(
+            &self.exec(),
+            cfg,
+            T::DTYPE,
+            self.weight_addrs(weights),
+            h_addr,
+            t_addr,
+            id_kind::<I>(),
+            loss_addr,
+            lse_addr,
+            t,
+        )
     }
 
     fn head_xent_backward<T: Element, I: TokenId>(

@@ -84,6 +84,10 @@ shim_table!(
     tl_merge_f32,
     tl_merge_f16,
     tl_merge_bf16,
+    tl_xent_partial_f32,
+    tl_xent_partial_f16,
+    tl_xent_partial_bf16,
+    tl_xent_combine,
     tl_head_forward_f16_s3,
     tl_head_forward_bf16_s3,
     tl_head_grad_h_f16_f16_rx16_s3,
@@ -300,14 +304,26 @@ impl Backend for CpuKernels {
 
     fn head_xent_forward<T: Element, I: TokenId>(
         &self,
-        _cfg: &LoraConfig,
-        _weights: &Weights<'_, Self, T>,
-        _h: &[T],
-        _targets: &[I],
-        _loss: &mut [f32],
-        _lse: &mut [f32],
+        cfg: &LoraConfig,
+        weights: &Weights<'_, Self, T>,
+        h: &[T],
+        targets: &[I],
+        loss: &mut [f32],
+        lse: &mut [f32],
     ) -> Result<()> {
-        Err(not_yet("head_xent_forward"))
+        let t = validate::xent_forward_lens(cfg, wl(weights), h.len(), targets.len(), loss.len(), lse.len())?;
+        ops::head_xent_forward(
+            &self.exec(),
+            cfg,
+            T::DTYPE,
+            weight_addrs(weights),
+            addr(h),
+            addr(targets),
+            id_kind::<I>(),
+            addr_mut(loss),
+            addr_mut(lse),
+            t,
+        )
     }
 
     fn head_xent_backward<T: Element, I: TokenId>(

@@ -617,3 +617,81 @@ pub fn merge<E: Executor>(e: &E, cfg: &LoraConfig, t: DType, w: u64, u: u64, vh:
     // SAFETY: W [V, d], U [V, r], Vh [r, d] checked by the caller.
     unsafe { e.launch(&plan, &params) }
 }
+
+/// Fused head + cross-entropy forward, no [T, V] buffer: `loss` [1] and `lse`
+/// [T] of the softcapped logits, from per-(token tile, vocabulary split)
+/// online logsumexp partials merged in a fixed order.
+#[allow(clippy::too_many_arguments)]
+pub fn head_xent_forward<E: Executor>(
+    e: &E,
+    cfg: &LoraConfig,
+    t: DType,
+    wt: WeightAddrs,
+    h: u64,
+    targets: u64,
+    kind: IdKind,
+    loss: u64,
+    lse: u64,
+    tokens: usize,
+) -> Result<()> {
+    let (v, d, r) = (cfg.vocab(), cfg.hidden(), cfg.rank());
+    let (t32, valid) = prepare_ids(e, "targets", targets, kind, tokens, v, Some(cfg.ignore_index()))?;
+    let p = e.scratch(tokens * r * t.size())?;
+    lora_down(e, cfg, t, t, h, wt.vh, e.addr(&p), tokens, cfg.scale())?;
+    let tiles_m = tokens.div_ceil(GEMM_TILE as usize);
+    let tiles_v = v.div_ceil(GEMM_TILE as usize);
+    let want = (2 * e.multiprocessors() as usize).div_ceil(tiles_m).clamp(1, tiles_v);
+    let split_cols = tiles_v.div_ceil(want) * GEMM_TILE as usize;
+    let splits = v.div_ceil(split_cols);
+    let part_max = e.scratch(splits * tokens * 4)?;
+    let part_sum = e.scratch(splits * tokens * 4)?;
+    let target_logit = e.scratch(tokens * 4)?;
+    let row_loss = e.scratch(tokens * 4)?;
+    let params = XentPartialParams {
+        h,
+        p: e.addr(&p),
+        w: wt.w,
+        u: wt.u,
+        targets: e.addr(&t32),
+        part_max: e.addr(&part_max),
+        part_sum: e.addr(&part_sum),
+        target_logit: e.addr(&target_logit),
+        tokens: i32_of("tokens", tokens)?,
+        vocab: i32_of("vocab", v)?,
+        hidden: i32_of("hidden", d)?,
+        rank: i32_of("rank", r)?,
+        split_cols: i32_of("vocabulary split", split_cols)?,
+        softcap: cfg.logit_softcap().unwrap_or(0.0) as f32,
+    };
+    let z_tile = (128 * 129 * 4) as u32;
+    let plan = LaunchPlan {
+        kernel: by_dtype!(t, "tl_xent_partial_", ""),
+        grid: (tiles_m as u32, splits as u32, 1),
+        block: (THREADS, 1, 1),
+        shared_bytes: gemm_shared_bytes(t.size(), 128, 128, 32, false, true, 0, 1) + z_tile,
+    };
+    // SAFETY: h [T, d], p [T, r], W [V, d], U [V, r] (caller or above),
+    // targets validated [T], partials [splits, T] and target_logit [T] above.
+    unsafe { e.launch(&plan, &params)? };
+    let scale = match cfg.reduction() {
+        _ if valid == 0 => 0.0,
+        crate::config::Reduction::Mean => 1.0 / valid as f32,
+        crate::config::Reduction::Sum => 1.0,
+    };
+    let combine = XentCombineParams {
+        part_max: e.addr(&part_max),
+        part_sum: e.addr(&part_sum),
+        target_logit: e.addr(&target_logit),
+        targets: e.addr(&t32),
+        lse,
+        row_loss: e.addr(&row_loss),
+        loss,
+        tokens: params.tokens,
+        splits: splits as i32,
+        scale,
+        _pad: 0,
+    };
+    let plan = LaunchPlan::linear("tl_xent_combine", 1, THREADS);
+    // SAFETY: the buffers above, lse [T] and loss [1] f32 (caller).
+    unsafe { e.launch(&plan, &combine) }
+}

@@ -70,6 +70,16 @@ params! {
         keys_in: u64, vals_in: u64, keys_out: u64, vals_out: u64, hist: u64,
         n: i32, vocab: i32, shift: i32, nblocks: i32,
     }
+    /// `xent.cu`: per (token tile, vocabulary split) online logsumexp.
+    XentPartialParams (88) {
+        h: u64, p: u64, w: u64, u: u64, targets: u64, part_max: u64, part_sum: u64, target_logit: u64,
+        tokens: i32, vocab: i32, hidden: i32, rank: i32, split_cols: i32, softcap: f32,
+    }
+    /// `xent.cu`: merge the splits, per-row losses, fixed-order loss sum.
+    XentCombineParams (72) {
+        part_max: u64, part_sum: u64, target_logit: u64, targets: u64, lse: u64, row_loss: u64, loss: u64,
+        tokens: i32, splits: i32, scale: f32, _pad: u32,
+    }
     /// `embed.cu`: deterministic grouped row sum over the sorted ids.
     GroupRowsParams (56) {
         keys: u64, perm: u64, x: u64, out: u64, partial: u64,

@@ -129,3 +129,55 @@ pub fn bad_ids_are_errors<H: Harness>(k: &H) {
         assert!(matches!(err, tiedlora::Error::TokenOutOfRange { index: 2, .. }), "{err}");
     }
 }
+
+/// Fused cross-entropy forward (loss, lse) of backend `k` against the
+/// reference: softcap, ignored targets, all-ignored and one-valid rows, and
+/// `logit_scale` times larger hidden states for extreme logits.
+pub fn xent_forward_case<T: Element, H: Harness>(
+    k: &H,
+    v: usize,
+    d: usize,
+    r: usize,
+    t: usize,
+    softcap: Option<f64>,
+    logit_scale: f64,
+) -> Vec<Check> {
+    let mut rng = fresh_rng(&format!("xent {} V={v} d={d} r={r} T={t} softcap={softcap:?}", T::DTYPE));
+    let cfg = LoraConfig::builder(v, d, r).alpha(2.0 * r as f64).logit_softcap_opt(softcap).build().unwrap();
+    let w: Vec<T> = normal(&mut rng, v * d, 0.5);
+    let u: Vec<f32> = normal(&mut rng, v * r, 0.5);
+    let vh: Vec<f32> = normal(&mut rng, r * d, 0.5);
+    let h: Vec<T> = normal(&mut rng, t * d, logit_scale);
+    let mut targets = super::rand_inputs::ids(&mut rng, t, v);
+    targets[0] = -100;
+    let wt = HostWeights { w: &w, u: &u, vh: &vh };
+    let tol = T::DTYPE.tolerance();
+    let case = format!("random V={v} d={d} r={r} T={t} softcap={softcap:?} x{logit_scale}");
+    let mut checks = Vec::new();
+    let mut one = |label: &str, targets: &[i64]| {
+        let (loss_ref, lse_ref) = Harness::xent_forward(&Cpu::new(), &cfg, wt, &h, targets).unwrap();
+        let (loss, lse) = Harness::xent_forward(k, &cfg, wt, &h, targets).unwrap();
+        for (tensor, got, want) in
+            [("loss", vec![loss as f64], vec![loss_ref as f64]), ("lse", widen(&lse), widen(&lse_ref))]
+        {
+            checks.push(Check {
+                case: case.clone(),
+                op: "head_xent_forward",
+                backend: format!("{} {}", k.name(), T::DTYPE),
+                tensor: format!("{tensor} ({label})"),
+                err: rel_err(&got, &want),
+                tol,
+                skipped: false,
+            });
+        }
+        (loss, loss_ref)
+    };
+    one("random targets", &targets);
+    let all_ignored = vec![-100i64; t];
+    let (loss, _) = one("all ignored", &all_ignored);
+    assert_eq!(loss, 0.0, "no valid target must give loss 0");
+    let mut single = all_ignored.clone();
+    single[t - 1] = (v - 1) as i64;
+    one("one valid target", &single);
+    checks
+}

@@ -1,0 +1,118 @@
+// xent.cu: the head's cross-entropy forward with no logits in memory.
+//
+// partial   grid (ceil(T / 128), splits), 256 threads. Each block owns 128
+//           tokens and a range of split_cols vocabulary columns. For each
+//           128-column tile it runs the head's tile GEMM (K = d + r, the LoRA
+//           columns in the same reduction), applies the softcap to the f32
+//           accumulators and parks the tile in shared memory; two threads per
+//           row then fold it into a running (max, sum of exp) in a fixed order,
+//           and the thread that owns column targets[t] keeps the target logit.
+//           Shared memory: GemmShape::SMEM_BYTES + 128 * 129 * 4.
+// combine   grid 1 block of 256 threads: merges the splits of each row in
+//           order (lse), forms the per-row losses, then sums them in a fixed
+//           tree order: loss[0] = scale * sum. Bitwise deterministic.
+// lse(z') = M + log(sum_v exp(z'_v - M)); loss_t = lse_t - z'_t[y_t].
+#include "params.h"
+#include "tile_gemm.cuh"
+
+namespace {
+
+constexpr int kTile = 128;
+constexpr int kZld = kTile + 1;  // skew: row-wise reads by thread pairs
+
+template <class T>
+TL_DEVICE void xent_partial(const XentPartialParams& p) {
+  using S = tl::GemmShape<T, 128, 128, 32, false, true, 0, 1>;
+  TL_DYNAMIC_SMEM(unsigned char, smem);
+  float* z = reinterpret_cast<float*>(smem + S::SMEM_BYTES);
+  const tl::SegRows<T, T> a{static_cast<const T*>(p.h), p.hidden, p.hidden, static_cast<const T*>(p.p), p.rank,
+                            p.rank, p.tokens};
+  const tl::SegRows<T, float> b{static_cast<const T*>(p.w), p.hidden, p.hidden, p.u, p.rank, p.rank, p.vocab};
+  const tl::SegRows<float, float> none{nullptr, 0, 0, nullptr, 0, 0, 0};
+  const int m0 = static_cast<int>(blockIdx.x) * kTile;
+  const int split = static_cast<int>(blockIdx.y);
+  const int c_begin = split * p.split_cols;
+  const int c_end = min(p.vocab, c_begin + p.split_cols);
+  const unsigned tid = tl_thread_linear();
+  const int row = static_cast<int>(tid) / 2, half = static_cast<int>(tid) % 2;
+  const int t = m0 + row;
+  const int target = t < p.tokens ? p.targets[t] : -1;
+  const float kappa = p.softcap;
+  float run_max = -INFINITY, run_sum = 0.0f, tgt = 0.0f;
+  bool found = false;
+  for (int n0 = c_begin; n0 < c_end; n0 += kTile) {
+    tl::tile_gemm<T, S, 2, 4>(
+        smem, a, b, none, p.tokens, c_end, p.hidden + p.rank, m0, n0,
+        [&](int m, int n, float v, const float*) {
+          z[(m - m0) * kZld + (n - n0)] = kappa > 0.0f ? kappa * tanhf(v / kappa) : v;
+        },
+        [](int, int, float) {});
+    __syncthreads();
+    // Two threads per row, 64 columns each, then combined with the partner.
+    const int cols = min(kTile, c_end - n0);
+    const int lo = half * (kTile / 2), hi = min(cols, lo + kTile / 2);
+    const float* zr = z + row * kZld;
+    float m = -INFINITY;
+    for (int c = lo; c < hi; ++c) m = fmaxf(m, zr[c]);
+    m = fmaxf(m, __shfl_xor_sync(TL_FULL_MASK, m, 1));
+    float s = 0.0f;
+    if (m != -INFINITY) {
+      for (int c = lo; c < hi; ++c) s += __expf(zr[c] - m);
+    }
+    s += __shfl_xor_sync(TL_FULL_MASK, s, 1);
+    if (m != -INFINITY) {
+      const float nm = fmaxf(run_max, m);
+      run_sum = run_sum * __expf(run_max - nm) + s * __expf(m - nm);
+      run_max = nm;
+    } else if (m != m) {  // NaN propagates
+      run_sum = m;
+    }
+    if (target >= n0 + lo && target < n0 + hi) {
+      tgt = zr[target - n0];
+      found = true;
+    }
+    __syncthreads();  // z is rewritten by the next tile's epilogue
+  }
+  if (t < p.tokens) {
+    if (half == 0) {
+      p.part_max[static_cast<long long>(split) * p.tokens + t] = run_max;
+      p.part_sum[static_cast<long long>(split) * p.tokens + t] = run_sum;
+    }
+    if (found) p.target_logit[t] = tgt;
+  }
+}
+
+}  // namespace
+
+TL_KERNEL_BOUNDED(tl_xent_partial_f32, XentPartialParams, 256) { xent_partial<float>(p); }
+TL_KERNEL_BOUNDED(tl_xent_partial_f16, XentPartialParams, 256) { xent_partial<__half>(p); }
+TL_KERNEL_BOUNDED(tl_xent_partial_bf16, XentPartialParams, 256) { xent_partial<__nv_bfloat16>(p); }
+
+TL_KERNEL_BOUNDED(tl_xent_combine, XentCombineParams, 256) {
+  __shared__ float red[256];
+  const int tid = static_cast<int>(threadIdx.x);
+  float acc = 0.0f;
+  for (int t = tid; t < p.tokens; t += 256) {
+    float m = -INFINITY;
+    for (int s = 0; s < p.splits; ++s) m = fmaxf(m, p.part_max[static_cast<long long>(s) * p.tokens + t]);
+    float sum = 0.0f;
+    for (int s = 0; s < p.splits; ++s) {
+      const long long i = static_cast<long long>(s) * p.tokens + t;
+      const float pm = p.part_max[i];
+      if (pm != -INFINITY) sum += p.part_sum[i] * __expf(pm - m);
+      else if (p.part_sum[i] != p.part_sum[i]) sum += p.part_sum[i];
+    }
+    const float lse = m + logf(sum);
+    p.lse[t] = lse;
+    const float l = p.targets[t] >= 0 ? lse - p.target_logit[t] : 0.0f;
+    p.row_loss[t] = l;
+    acc += l;
+  }
+  red[tid] = acc;
+  __syncthreads();
+  for (int stride = 128; stride > 0; stride >>= 1) {
+    if (tid < stride) red[tid] += red[tid + stride];
+    __syncthreads();
+  }
+  if (tid == 0) p.loss[0] = p.scale * red[0];
+}
