@@ -93,8 +93,8 @@ pub trait Backend {
     ) -> Result<()>;
 
     /// Cross-entropy of the (softcapped) head logits against `targets`,
-    /// without a [T, V] buffer: writes `loss` [1] (reduced per the config; 0 if
-    /// every target is ignored) and `lse` [T], the per-token logsumexp of the
+    /// without a [T, V] buffer: writes `loss` \[1\] (reduced per the config; 0 if
+    /// every target is ignored) and `lse` \[T\], the per-token logsumexp of the
     /// softcapped logits (0 for ignored tokens) that the backward reuses.
     fn head_xent_forward<T: Element, I: TokenId>(
         &self,

@@ -618,8 +618,8 @@ pub fn merge<E: Executor>(e: &E, cfg: &LoraConfig, t: DType, w: u64, u: u64, vh:
     unsafe { e.launch(&plan, &params) }
 }
 
-/// Fused head + cross-entropy forward, no [T, V] buffer: `loss` [1] and `lse`
-/// [T] of the softcapped logits, from per-(token tile, vocabulary split)
+/// Fused head + cross-entropy forward, no [T, V] buffer: `loss` \[1\] and `lse`
+/// \[T\] of the softcapped logits, from per-(token tile, vocabulary split)
 /// online logsumexp partials merged in a fixed order.
 #[allow(clippy::too_many_arguments)]
 pub fn head_xent_forward<E: Executor>(
