@@ -115,3 +115,27 @@ fn gpu_small_xent_forward() {
     assert_all(common::parity::xent_forward_case::<f32, _>(&g, 260, 16, 4, 3, Some(30.0), 2000.0));
     assert_all(common::parity::xent_forward_case::<bf16, _>(&g, 5000, 264, 16, 700, Some(30.0), 1.0));
 }
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_small_u32_ids_match_i64_and_are_checked() {
+    use common::harness::{Harness, HostWeights};
+    use common::rand_inputs::{fresh_rng, ids, normal};
+    let g = gpu();
+    let mut rng = fresh_rng("gpu u32 ids");
+    let (v, d, r, t) = (211, 40, 8, 33);
+    let cfg = tiedlora::LoraConfig::builder(v, d, r).alpha(16.0).build().unwrap();
+    let w: Vec<bf16> = normal(&mut rng, v * d, 0.5);
+    let u: Vec<f32> = normal(&mut rng, v * r, 0.5);
+    let vh: Vec<f32> = normal(&mut rng, r * d, 0.5);
+    let wt = HostWeights { w: &w, u: &u, vh: &vh };
+    let ids64 = ids(&mut rng, t, v);
+    let ids32: Vec<u32> = ids64.iter().map(|&i| i as u32).collect();
+    let e64 = Harness::embed_forward(&g, &cfg, wt, &ids64).unwrap();
+    let e32 = common::gpu_harness::embed_forward_u32(&g, &cfg, wt, &ids32).unwrap();
+    assert_eq!(e32, e64);
+    let mut bad = ids32.clone();
+    bad[5] = u32::MAX;
+    let err = common::gpu_harness::embed_forward_u32(&g, &cfg, wt, &bad).unwrap_err();
+    assert_eq!(err, tiedlora::Error::TokenOutOfRange { arg: "ids", index: 5, value: u32::MAX as i64, vocab: v });
+}

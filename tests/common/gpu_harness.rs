@@ -204,3 +204,12 @@ impl Harness for Cuda {
         Ok(())
     }
 }
+
+/// `embed_forward` with u32 ids (the harness otherwise uses i64).
+pub fn embed_forward_u32<T: Element>(gpu: &Cuda, cfg: &LoraConfig, wt: HostWeights<T>, ids: &[u32]) -> Result<Vec<T>> {
+    let dw = DevWeights::up(gpu, wt)?;
+    let ids = up_any(gpu, ids)?;
+    let mut out = up(gpu, &nan::<T>(ids.len() * cfg.hidden()))?;
+    Backend::embed_forward(gpu, cfg, &dw.weights(), ids.view(), out.view_mut())?;
+    down(gpu, &out)
+}
