@@ -63,7 +63,7 @@ pub struct GradAddrs {
 
 const THREADS: u32 = 256;
 const GEMM_TILE: u32 = 128;
-/// Tokens per partial sum in the deterministic dVh reduction.
+/// Fewest tokens per partial sum in the deterministic dVh reduction.
 const UP_CHUNK: usize = 256;
 /// Largest rank the fused head backward keeps in its extra tile columns.
 pub const MAX_HEAD_RANK: usize = 64;
@@ -252,7 +252,10 @@ pub fn lora_up<E: Executor>(
     scale: f64,
 ) -> Result<()> {
     let (d, r) = (cfg.hidden(), cfg.rank());
-    let chunks = tokens.div_ceil(UP_CHUNK);
+    // At least UP_CHUNK tokens per partial, and at most 4 partials per SM, so
+    // the scratch ([chunks, r, d] f32) stays bounded for any T.
+    let chunk = UP_CHUNK.max(tokens.div_ceil(4 * e.multiprocessors() as usize));
+    let chunks = tokens.div_ceil(chunk);
     let partial = e.scratch(chunks * r * d * 4)?;
     let params = LoraUpPartialParams {
         x,
@@ -262,7 +265,7 @@ pub fn lora_up<E: Executor>(
         tokens: i32_of("tokens", tokens)?,
         hidden: i32_of("hidden", d)?,
         rank: i32_of("rank", r)?,
-        chunk: UP_CHUNK as i32,
+        chunk: i32_of("token chunk", chunk)?,
     };
     let kernel = by_dtype!(yt, "tl_lora_up_partial_", "");
     let mut plan = LaunchPlan::linear(kernel, blocks(d, THREADS), THREADS);
