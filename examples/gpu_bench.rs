@@ -1092,6 +1092,36 @@ struct Settings {
     iters: usize,
 }
 
+/// One timed row of a compute-bound op: TFLOP/s from `flop`, speedup over the
+/// unfused path's median, and the share of the cuBLAS reference's TFLOP/s.
+#[allow(clippy::too_many_arguments)]
+fn push_timed(
+    rep: &mut Report,
+    sh: &Shape,
+    op: &'static str,
+    path: &str,
+    t: Option<(Timing, Option<u64>)>,
+    flop: f64,
+    unfused: Option<(Timing, Option<u64>)>,
+    ref_tflops: Option<f64>,
+    note: &str,
+) {
+    let Some((tm, mem)) = t else { return };
+    let tflops = flop / (tm.median_ms * 1e-3) / 1e12;
+    rep.rows.push(Row {
+        shape: sh.key.into(),
+        op,
+        path: path.into(),
+        timing: Some(tm),
+        tflops: Some(tflops),
+        speedup: unfused.map(|(u, _)| u.median_ms / tm.median_ms),
+        pct_ref: ref_tflops.map(|b| tflops / b),
+        peak_extra: mem,
+        note: note.into(),
+        ..Row::default()
+    });
+}
+
 fn bench_head_forward(gpu: &Gpu, m: &Model, st: &Settings, rep: &mut Report) -> Res<()> {
     let sh = &m.shape;
     let (t, v, d, r) = m.dims();
@@ -1160,62 +1190,50 @@ fn bench_head_forward(gpu: &Gpu, m: &Model, st: &Settings, rep: &mut Report) -> 
         base_t = Some((tm, mem));
     }
     let base_tf = base_t.map(|(tm, _)| tf(flop_base, &tm));
-    if let Some((tm, mem)) = ours_t {
-        rep.rows.push(Row {
-            shape: sh.key.into(),
-            op: "head_forward",
-            path: "ours (fused)".into(),
-            timing: Some(tm),
-            tflops: Some(tf(flop, &tm)),
-            speedup: unf_t.map(|(u, _)| u.median_ms / tm.median_ms),
-            pct_ref: base_tf.map(|b| tf(flop, &tm) / b),
-            peak_extra: mem,
-            note: "K = d + r fused GEMM + lora_down; % of reference = TFLOP/s vs (b)".into(),
-            ..Row::default()
-        });
-    }
-    if let Some((tm, mem)) = s3_t {
-        rep.rows.push(Row {
-            shape: sh.key.into(),
-            op: "head_forward",
-            path: "ours (fused, cp.async 3-stage)".into(),
-            timing: Some(tm),
-            tflops: Some(tf(flop, &tm)),
-            speedup: unf_t.map(|(u, _)| u.median_ms / tm.median_ms),
-            pct_ref: base_tf.map(|b| tf(flop, &tm) / b),
-            peak_extra: mem,
-            note: "Cuda::with_gemm_pipeline(true): _s3 kernels".into(),
-            ..Row::default()
-        });
-    }
-    if let Some((tm, mem)) = unf_t {
-        rep.rows.push(Row {
-            shape: sh.key.into(),
-            op: "head_forward",
-            path: "(a) unfused cuBLAS (PEFT)".into(),
-            timing: Some(tm),
-            tflops: Some(tf(flop, &tm)),
-            speedup: Some(1.0),
-            pct_ref: base_tf.map(|b| tf(flop, &tm) / b),
-            peak_extra: mem,
-            note: "h·Wᵀ, h·Vhᵀ, (h·Vhᵀ)·Uᵀ into a [T,V] bf16 temp, scale-add kernel".into(),
-            ..Row::default()
-        });
-    }
-    if let Some((tm, mem)) = base_t {
-        rep.rows.push(Row {
-            shape: sh.key.into(),
-            op: "head_forward",
-            path: "(b) cuBLAS h·Wᵀ only".into(),
-            timing: Some(tm),
-            tflops: Some(tf(flop_base, &tm)),
-            speedup: unf_t.map(|(u, _)| u.median_ms / tm.median_ms),
-            pct_ref: Some(1.0),
-            peak_extra: mem,
-            note: "no LoRA; FLOP 2·T·V·d".into(),
-            ..Row::default()
-        });
-    }
+    push_timed(
+        rep,
+        sh,
+        "head_forward",
+        "ours (fused)",
+        ours_t,
+        flop,
+        unf_t,
+        base_tf,
+        "K = d + r fused GEMM + lora_down; % of reference = TFLOP/s vs (b)",
+    );
+    push_timed(
+        rep,
+        sh,
+        "head_forward",
+        "ours (fused, cp.async 3-stage)",
+        s3_t,
+        flop,
+        unf_t,
+        base_tf,
+        "Cuda::with_gemm_pipeline(true): _s3 kernels",
+    );
+    push_timed(
+        rep,
+        sh,
+        "head_forward",
+        "(a) unfused cuBLAS (PEFT)",
+        unf_t,
+        flop,
+        unf_t,
+        base_tf,
+        "h·Wᵀ, h·Vhᵀ, (h·Vhᵀ)·Uᵀ into a [T,V] bf16 temp, scale-add kernel",
+    );
+    push_timed(
+        rep,
+        sh,
+        "head_forward",
+        "(b) cuBLAS h·Wᵀ only",
+        base_t,
+        flop_base,
+        unf_t,
+        base_tf,
+        "no LoRA; FLOP 2·T·V·d",
+    );
     Ok(())
 }
 
@@ -1315,62 +1333,40 @@ fn bench_head_backward(gpu: &Gpu, m: &Model, st: &Settings, rep: &mut Report) ->
         gw_t = Some((tm, mem));
     }
     let gw_tf = gw_t.map(|(tm, _)| tf(flop_gw, &tm));
-    if let Some((tm, mem)) = ours_t {
-        rep.rows.push(Row {
-            shape: sh.key.into(),
-            op: "head_backward",
-            path: "ours (fused)".into(),
-            timing: Some(tm),
-            tflops: Some(tf(flop, &tm)),
-            speedup: unf_t.map(|(u, _)| u.median_ms / tm.median_ms),
-            pct_ref: gw_tf.map(|b| tf(flop, &tm) / b),
-            peak_extra: mem,
-            note: "LoRA mode (Grads.w = None), G bf16; % of reference = TFLOP/s vs cuBLAS G·W".into(),
-            ..Row::default()
-        });
-    }
-    if let Some((tm, mem)) = s3_t {
-        rep.rows.push(Row {
-            shape: sh.key.into(),
-            op: "head_backward",
-            path: "ours (fused, cp.async 3-stage)".into(),
-            timing: Some(tm),
-            tflops: Some(tf(flop, &tm)),
-            speedup: unf_t.map(|(u, _)| u.median_ms / tm.median_ms),
-            pct_ref: gw_tf.map(|b| tf(flop, &tm) / b),
-            peak_extra: mem,
-            note: "Cuda::with_gemm_pipeline(true): _s3 kernels".into(),
-            ..Row::default()
-        });
-    }
-    if let Some((tm, mem)) = unf_t {
-        rep.rows.push(Row {
-            shape: sh.key.into(),
-            op: "head_backward",
-            path: "unfused cuBLAS (PEFT autograd)".into(),
-            timing: Some(tm),
-            tflops: Some(tf(flop, &tm)),
-            speedup: Some(1.0),
-            pct_ref: gw_tf.map(|b| tf(flop, &tm) / b),
-            peak_extra: mem,
-            note: "G·W, Gs = s·G ([T,V] temp), Gsᵀ(hVhᵀ), Gs·U, (Gs·U)ᵀh, dh += (Gs·U)·Vh".into(),
-            ..Row::default()
-        });
-    }
-    if let Some((tm, mem)) = gw_t {
-        rep.rows.push(Row {
-            shape: sh.key.into(),
-            op: "head_backward",
-            path: "cuBLAS dh = G·W only".into(),
-            timing: Some(tm),
-            tflops: Some(tf(flop_gw, &tm)),
-            speedup: unf_t.map(|(u, _)| u.median_ms / tm.median_ms),
-            pct_ref: Some(1.0),
-            peak_extra: mem,
-            note: "no LoRA; FLOP 2·T·V·d".into(),
-            ..Row::default()
-        });
-    }
+    push_timed(
+        rep,
+        sh,
+        "head_backward",
+        "ours (fused)",
+        ours_t,
+        flop,
+        unf_t,
+        gw_tf,
+        "LoRA mode (Grads.w = None), G bf16; % of reference = TFLOP/s vs cuBLAS G·W",
+    );
+    push_timed(
+        rep,
+        sh,
+        "head_backward",
+        "ours (fused, cp.async 3-stage)",
+        s3_t,
+        flop,
+        unf_t,
+        gw_tf,
+        "Cuda::with_gemm_pipeline(true): _s3 kernels",
+    );
+    push_timed(
+        rep,
+        sh,
+        "head_backward",
+        "unfused cuBLAS (PEFT autograd)",
+        unf_t,
+        flop,
+        unf_t,
+        gw_tf,
+        "G·W, Gs = s·G ([T,V] temp), Gsᵀ(hVhᵀ), Gs·U, (Gs·U)ᵀh, dh += (Gs·U)·Vh",
+    );
+    push_timed(rep, sh, "head_backward", "cuBLAS dh = G·W only", gw_t, flop_gw, unf_t, gw_tf, "no LoRA; FLOP 2·T·V·d");
     Ok(())
 }
 

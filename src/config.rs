@@ -33,6 +33,15 @@ impl fmt::Display for Reduction {
     }
 }
 
+/// PEFT's LoRA scale: `alpha / r`, or `alpha / sqrt(r)` with rsLoRA.
+pub fn lora_scale(alpha: f64, rank: usize, use_rslora: bool) -> f64 {
+    if use_rslora {
+        alpha / (rank as f64).sqrt()
+    } else {
+        alpha / rank as f64
+    }
+}
+
 /// Largest vocabulary / hidden size / rank accepted: kernels index rows with 32-bit ints.
 pub const MAX_DIM: usize = i32::MAX as usize;
 
@@ -110,11 +119,7 @@ impl LoraConfig {
     }
     /// The LoRA scale s: `alpha / r`, or `alpha / sqrt(r)` with rsLoRA.
     pub fn scale(&self) -> f64 {
-        if self.use_rslora {
-            self.alpha / (self.rank as f64).sqrt()
-        } else {
-            self.alpha / self.rank as f64
-        }
+        lora_scale(self.alpha, self.rank, self.use_rslora)
     }
     /// c: the embedding output multiplier (1 unless the model scales, e.g. Gemma's sqrt(d)).
     pub fn embed_scale(&self) -> f64 {

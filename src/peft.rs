@@ -264,11 +264,7 @@ impl PeftAdapter {
     }
     /// The LoRA scale s: `alpha / r`, or `alpha / sqrt(r)` with rsLoRA.
     pub fn scale(&self) -> f64 {
-        if self.use_rslora {
-            self.alpha / (self.rank as f64).sqrt()
-        } else {
-            self.alpha / self.rank as f64
-        }
+        crate::config::lora_scale(self.alpha, self.rank, self.use_rslora)
     }
     /// The embedding's module path in the base model, e.g. `model.embed_tokens`.
     pub fn embedding_module(&self) -> &str {
