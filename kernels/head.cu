@@ -7,6 +7,8 @@
 //           columns U, so G U comes out of the same pass; its rows are finished
 //           in the block and applied to the tile in the epilogue. Blocks of the
 //           first column tile also write gu = G U [T, r] for the dVh pass.
+//           `accumulate` mode (the fused cross-entropy backward, per vocabulary
+//           chunk): f32 dh += G W, gu += G U, the LoRA term left to the caller.
 // grad_param  grad[v, :] += scale * G^T B   (B = p for dU, B = h for dW): A is G
 //           read transposed; every output element belongs to exactly one block
 //           (no split-K, no atomics), so the result is bitwise deterministic.
@@ -44,21 +46,27 @@ TL_DEVICE void head_grad_h(const HeadGradHParams& p) {
   const SegRows<G, float> a{static_cast<const G*>(p.g), p.vocab, p.vocab, nullptr, 0, 0, p.tokens};
   const SegRows<T, float> b{static_cast<const T*>(p.w), p.hidden, p.hidden, nullptr, 0, 0, p.vocab};
   const SegRows<float, float> x{p.u, p.rank, p.rank, nullptr, 0, 0, p.vocab};
-  T* dh = static_cast<T*>(p.dh);
   const long long d = p.hidden;
   const int r = p.rank;
   const float s = p.scale;
   const bool write_gu = blockIdx.y == 0;
+  const bool acc = p.accumulate != 0;
   tl::tile_gemm<T, S, 2, 4>(
       smem, a, b, x, p.tokens, p.hidden, p.vocab, static_cast<int>(blockIdx.x) * S::BM,
       static_cast<int>(blockIdx.y) * S::BN,
       [&](int m, int n, float v, const float* gu_row) {
+        if (acc) {
+          static_cast<float*>(p.dh)[m * d + n] += v;
+          return;
+        }
         float lora = 0.0f;
         for (int j = 0; j < r; ++j) lora = fmaf(gu_row[j], p.vh[j * d + n], lora);
-        dh[m * d + n] = tl_from_float<T>(fmaf(s, lora, v));
+        static_cast<T*>(p.dh)[m * d + n] = tl_from_float<T>(fmaf(s, lora, v));
       },
       [&](int m, int j, float v) {
-        if (write_gu && j < r) p.gu[static_cast<long long>(m) * r + j] = v;
+        if (!write_gu || j >= r) return;
+        float* gu = p.gu + static_cast<long long>(m) * r + j;
+        *gu = acc ? *gu + v : v;
       });
 }
 

@@ -73,19 +73,21 @@ struct HeadForwardParams {
 TL_CHECK_PARAMS(HeadForwardParams, 56);
 
 // head.cu: dh = G W + s (G U) Vh, and gu = G U (f32 [T, r]) for the dVh pass.
+// With `accumulate`, dh is an f32 accumulator: dh += G W and gu += G U (no
+// LoRA term; the fused cross-entropy backward runs this per vocabulary chunk).
 struct HeadGradHParams {
   const void* g;    // [T, V], dtype G
   const void* w;    // [V, d]
   const float* u;   // [V, r]
   const float* vh;  // [r, d]
-  void* dh;         // [T, d]
+  void* dh;         // [T, d] storage dtype, or f32 with accumulate
   float* gu;        // [T, r]
   int tokens;
   int vocab;
   int hidden;
   int rank;
   float scale;
-  unsigned _pad;
+  int accumulate;   // 0: write dh (with the LoRA term) and gu; 1: add G W into f32 dh, G U into gu
 };
 TL_CHECK_PARAMS(HeadGradHParams, 72);
 
@@ -140,3 +142,40 @@ struct XentCombineParams {
   unsigned _pad;
 };
 TL_CHECK_PARAMS(XentCombineParams, 72);
+
+// xent_grad.cu: G = d loss / d logits for the vocabulary columns [col0, col0 + cols),
+// from recomputed logits z = [h | p] . [W | U]^T, for valid targets y_t:
+//   G[t, c] = (exp(z'[t, v] - lse[t]) - [v == y_t]) * slope(z[t, v]) * factor,  v = col0 + c
+// (z' = kappa tanh(z / kappa), slope = 1 - tanh^2, or z' = z, slope = 1; rows
+// with an ignored target are 0). g is [T, cols] in the storage dtype.
+struct XentGradLogitsParams {
+  const void* h;        // [T, d]
+  const void* p;        // [T, r] storage dtype (s h Vh^T)
+  const void* w;        // [V, d]
+  const float* u;       // [V, r]
+  const int* targets;   // [T] validated: in [0, V) or -1 (ignored)
+  const float* lse;     // [T] from the forward
+  void* g;              // [T, cols] storage dtype (written)
+  int tokens;
+  int vocab;
+  int hidden;
+  int rank;
+  int col0;
+  int cols;
+  float softcap;        // kappa, 0 = none
+  float factor;         // grad_loss / N (mean) or grad_loss (sum); 0 if no valid target
+};
+TL_CHECK_PARAMS(XentGradLogitsParams, 88);
+
+// xent_grad.cu: dh[t, k] = dh_acc[t, k] + scale * sum_j gu[t, j] Vh[j, k].
+struct XentGradFinishParams {
+  const float* dh_acc;  // [T, d] f32
+  const float* gu;      // [T, r] f32
+  const float* vh;      // [r, d]
+  void* dh;             // [T, d] storage dtype (written)
+  int tokens;
+  int hidden;
+  int rank;
+  float scale;
+};
+TL_CHECK_PARAMS(XentGradFinishParams, 48);

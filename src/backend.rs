@@ -95,7 +95,8 @@ pub trait Backend {
     /// Cross-entropy of the (softcapped) head logits against `targets`,
     /// without a [T, V] buffer: writes `loss` \[1\] (reduced per the config; 0 if
     /// every target is ignored) and `lse` \[T\], the per-token logsumexp of the
-    /// softcapped logits (0 for ignored tokens) that the backward reuses.
+    /// softcapped logits (written for every token, ignored ones included), which
+    /// [`Backend::head_xent_backward`] takes back.
     fn head_xent_forward<T: Element, I: TokenId>(
         &self,
         cfg: &LoraConfig,
@@ -107,8 +108,11 @@ pub trait Backend {
     ) -> Result<()>;
 
     /// Backward of [`Backend::head_xent_forward`] times the upstream scalar
-    /// `grad_loss` (1 when the loss is the objective). Recomputes each logit
-    /// row; writes `dh` [T, d] and adds into `grads` like `head_backward`.
+    /// `grad_loss` (1 when the loss is the objective), from the forward's
+    /// `lse`. Recomputes the logits (never all of them at once: no [T, V]
+    /// buffer); writes `dh` [T, d] and adds `dU`, `dVh` (and `dW` if asked)
+    /// into `grads` like `head_backward`, so the embedding backward can add
+    /// into the same buffers. Bitwise deterministic on every backend.
     #[allow(clippy::too_many_arguments)]
     fn head_xent_backward<T: Element, I: TokenId>(
         &self,

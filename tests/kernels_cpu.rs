@@ -13,7 +13,8 @@ use tiedlora::kernels::CpuKernels;
 use tiedlora::{bf16, f16, Backend, Cpu, DType, LoraConfig};
 
 /// Both head GEMM main loops: register-staged and the cp.async ring.
-const BACKENDS: [CpuKernels; 2] = [CpuKernels { pipelined: false }, CpuKernels { pipelined: true }];
+const BACKENDS: [CpuKernels; 2] =
+    [CpuKernels { pipelined: false, xent_chunk_bytes: 0 }, CpuKernels { pipelined: true, xent_chunk_bytes: 0 }];
 
 #[test]
 fn goldens_kernels_on_cpu() {
@@ -156,4 +157,69 @@ fn xent_forward_random_shapes_edges_and_extreme_logits() {
     // |z| ~ 1e3..1e4 before the softcap / without one: no overflow.
     assert_all(common::parity::xent_forward_case::<f32, _>(&k, 260, 16, 4, 3, None, 2000.0));
     assert_all(common::parity::xent_forward_case::<f32, _>(&k, 260, 16, 4, 3, Some(30.0), 2000.0));
+}
+
+/// Fused cross-entropy backward: shapes off the 128 tile; 128-column
+/// vocabulary chunks (the smallest, so several chunks and a partial last one)
+/// and the default single chunk; both GEMM main loops; rank 1, 3, 16 and 64;
+/// softcap, sum and mean, dW on and off.
+#[test]
+fn xent_backward_random_shapes_and_edges() {
+    use common::parity::{xent_backward_case, XentCase};
+    let chunked = CpuKernels { pipelined: false, xent_chunk_bytes: 1 };
+    let chunked_s3 = CpuKernels { pipelined: true, xent_chunk_bytes: 1 };
+    let whole = CpuKernels::default();
+    let base = XentCase { v: 600, d: 40, r: 3, t: 130, softcap: None, sum: false, with_w: true, logit_scale: 1.0 };
+    assert_all(xent_backward_case::<f32, _>(&chunked, base));
+    let bf = XentCase { v: 300, d: 24, r: 16, t: 150, softcap: Some(30.0), sum: true, ..base };
+    assert_all(xent_backward_case::<bf16, _>(&chunked_s3, bf));
+    assert_all(xent_backward_case::<bf16, _>(&whole, bf));
+    assert_all(xent_backward_case::<f16, _>(&chunked, XentCase { v: 300, d: 24, r: 1, t: 1, with_w: false, ..base }));
+    assert_all(xent_backward_case::<f32, _>(
+        &whole,
+        XentCase { v: 200, d: 33, r: 64, t: 9, softcap: Some(5.0), ..base },
+    ));
+}
+
+/// The extra memory of the fused cross-entropy is exactly what the published
+/// formulas say (every scratch allocation counted), and those formulas have
+/// no T·V or V·d term: at the Gemma-2-2B shape they stay far below the logits.
+#[test]
+fn xent_extra_memory_matches_its_formula_and_has_no_tv_term() {
+    use tiedlora::kernels::host::thread_scratch_bytes;
+    use tiedlora::kernels::{head_xent_backward_scratch_bytes, head_xent_forward_scratch_bytes};
+    let mut rng = fresh_rng("xent memory");
+    let (v, d, r, t) = (1000, 40, 8, 300);
+    let cfg = LoraConfig::builder(v, d, r).alpha(16.0).build().unwrap();
+    let w: Vec<f32> = normal(&mut rng, v * d, 0.5);
+    let u: Vec<f32> = normal(&mut rng, v * r, 0.1);
+    let vh: Vec<f32> = normal(&mut rng, r * d, 0.5);
+    let h: Vec<f32> = normal(&mut rng, t * d, 1.0);
+    let targets = common::rand_inputs::ids(&mut rng, t, v);
+    let wt = HostWeights { w: &w, u: &u, vh: &vh };
+    let k = CpuKernels { pipelined: false, xent_chunk_bytes: 1 };
+    let s0 = thread_scratch_bytes();
+    let (_, lse) = Harness::xent_forward(&k, &cfg, wt, &h, &targets).unwrap();
+    let s1 = thread_scratch_bytes();
+    let mut g = HostGrads::zeros(&cfg, false);
+    Harness::xent_backward(&k, &cfg, wt, &h, &targets, &lse, 1.0, &mut g).unwrap();
+    let s2 = thread_scratch_bytes();
+    // The shim reports 2 multiprocessors.
+    assert_eq!(s1 - s0, head_xent_forward_scratch_bytes(&cfg, DType::F32, t, 2));
+    assert_eq!(s2 - s1, head_xent_backward_scratch_bytes(&cfg, DType::F32, t, 2, 1));
+    assert!(s2 - s1 < t * v * 4, "128-column chunks: the backward holds less than the logits");
+
+    let gemma = LoraConfig::builder(256_000, 2304, 16).build().unwrap();
+    let (tg, sms) = (8192, 132);
+    let fwd = head_xent_forward_scratch_bytes(&gemma, DType::BF16, tg, sms);
+    let bwd = head_xent_backward_scratch_bytes(&gemma, DType::BF16, tg, sms, 0);
+    let logits = tg * 256_000 * 2;
+    println!("Gemma-2-2B shape, bf16: forward {fwd} B, backward {bwd} B, logits {logits} B");
+    assert!(bwd * 10 < logits && fwd * 1000 < logits);
+    // Doubling V leaves the scratch unchanged (no T·V or V·d term) ...
+    let gemma2v = LoraConfig::builder(512_000, 2304, 16).build().unwrap();
+    assert_eq!(head_xent_backward_scratch_bytes(&gemma2v, DType::BF16, tg, sms, 0), bwd);
+    assert_eq!(head_xent_forward_scratch_bytes(&gemma2v, DType::BF16, tg, sms), fwd);
+    // ... and doubling T at most doubles it (O(T)).
+    assert!(head_xent_backward_scratch_bytes(&gemma, DType::BF16, 2 * tg, sms, 0) <= 2 * bwd);
 }

@@ -139,3 +139,67 @@ fn gpu_small_u32_ids_match_i64_and_are_checked() {
     let err = common::gpu_harness::embed_forward_u32(&g, &cfg, wt, &bad).unwrap_err();
     assert_eq!(err, tiedlora::Error::TokenOutOfRange { arg: "ids", index: 5, value: u32::MAX as i64, vocab: v });
 }
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_small_xent_backward() {
+    use common::parity::{xent_backward_case, XentCase};
+    let base = XentCase { v: 600, d: 40, r: 3, t: 130, softcap: None, sum: false, with_w: true, logit_scale: 1.0 };
+    let bf = XentCase { v: 300, d: 24, r: 16, t: 150, softcap: Some(30.0), sum: true, ..base };
+    for g in gpus() {
+        let chunked = g.with_xent_chunk_bytes(1);
+        assert_all(xent_backward_case::<f32, _>(&chunked, base));
+        assert_all(xent_backward_case::<bf16, _>(&chunked, bf));
+        assert_all(xent_backward_case::<f16, _>(
+            &chunked,
+            XentCase { v: 300, d: 24, r: 1, t: 1, with_w: false, ..base },
+        ));
+    }
+    let g = gpu();
+    assert_all(xent_backward_case::<bf16, _>(&g, bf));
+    assert_all(xent_backward_case::<f32, _>(&g, XentCase { v: 200, d: 33, r: 64, t: 9, softcap: Some(5.0), ..base }));
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_xent_backward_larger_shapes() {
+    use common::parity::{xent_backward_case, XentCase};
+    let g = gpu();
+    let base =
+        XentCase { v: 5000, d: 264, r: 16, t: 700, softcap: Some(30.0), sum: false, with_w: false, logit_scale: 1.0 };
+    assert_all(xent_backward_case::<bf16, _>(&g, base));
+    assert_all(xent_backward_case::<f16, _>(
+        &gpu().with_xent_chunk_bytes(700 * 2 * 1024),
+        XentCase { with_w: true, ..base },
+    ));
+    assert_all(xent_backward_case::<f32, _>(&g, XentCase { v: 3001, d: 130, r: 8, t: 257, softcap: None, ..base }));
+}
+
+/// The memory bound at the Gemma-2-2B shape (T = 8192, V = 256000,
+/// d = 2304, r = 16, bf16): the scratch of the fused forward and backward is
+/// exactly what the published formulas say, and at least 10x below the
+/// logits alone (T·V·2 bytes = 3.9 GiB).
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_xent_memory_gemma_shape() {
+    use tiedlora::kernels::{head_xent_backward_scratch_bytes, head_xent_forward_scratch_bytes};
+    let g = gpu();
+    let mut rng = common::rand_inputs::fresh_rng("gpu xent memory");
+    let (v, d, r, t) = (256_000, 2304, 16, 8192);
+    let cfg = tiedlora::LoraConfig::builder(v, d, r).alpha(32.0).logit_softcap(30.0).build().unwrap();
+    let (fwd, bwd, loss, dh) = common::gpu_harness::xent_scratch_at::<bf16>(&g, &cfg, t, &mut rng).unwrap();
+    let sms = g.multiprocessors();
+    assert_eq!(fwd, head_xent_forward_scratch_bytes(&cfg, tiedlora::DType::BF16, t, sms));
+    assert_eq!(bwd, head_xent_backward_scratch_bytes(&cfg, tiedlora::DType::BF16, t, sms, 0));
+    let logits = t * v * 2;
+    let mib = |b: usize| b as f64 / (1 << 20) as f64;
+    println!(
+        "extra memory: forward {:.1} MiB, backward {:.1} MiB; logits alone {:.1} MiB; loss {loss}",
+        mib(fwd),
+        mib(bwd),
+        mib(logits)
+    );
+    assert!(fwd.max(bwd) * 10 <= logits, "extra memory above a tenth of the logits");
+    assert!(loss.is_finite() && loss > 0.0, "loss {loss}");
+    assert!(dh.iter().all(|x| x.to_f32().is_finite()), "dh has non-finite values");
+}

@@ -121,6 +121,9 @@ pub(crate) struct CudaExec<'a> {
     pub(crate) cache: &'a KernelCache,
     pub(crate) sms: u32,
     pub(crate) gemm_stages: u32,
+    pub(crate) xent_chunk_bytes: usize,
+    /// Running total of scratch bytes allocated ([`super::Cuda::scratch_bytes_allocated`]).
+    pub(crate) scratch_bytes: &'a std::sync::atomic::AtomicUsize,
 }
 
 impl Executor for CudaExec<'_> {
@@ -128,7 +131,9 @@ impl Executor for CudaExec<'_> {
 
     fn scratch(&self, bytes: usize) -> Result<CudaSlice<u8>> {
         // Device allocations are 256-byte aligned.
-        self.stream.alloc_zeros::<u8>(bytes.max(16)).map_err(|e| driver_err("scratch allocation", e))
+        let bytes = bytes.max(16);
+        self.scratch_bytes.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+        self.stream.alloc_zeros::<u8>(bytes).map_err(|e| driver_err("scratch allocation", e))
     }
     fn addr(&self, s: &CudaSlice<u8>) -> u64 {
         let (ptr, _sync) = s.device_ptr(self.stream);
@@ -154,6 +159,9 @@ impl Executor for CudaExec<'_> {
     }
     fn gemm_stages(&self) -> u32 {
         self.gemm_stages
+    }
+    fn xent_chunk_bytes(&self) -> usize {
+        self.xent_chunk_bytes
     }
     unsafe fn launch<P: KernelParams>(&self, plan: &LaunchPlan, params: &P) -> Result<()> {
         self.stream.context().bind_to_thread().map_err(|e| driver_err("bind context", e))?;

@@ -32,6 +32,7 @@ use crate::kernels::ops::{self, id_kind, GradAddrs, WeightAddrs};
 use crate::validate::{self, GradLens, WeightLens};
 use cudarc::driver::{CudaContext, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut};
 use exec::{driver_err, CudaExec, KernelCache};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 /// The CUDA backend on one stream.
@@ -42,6 +43,8 @@ pub struct Cuda {
     stream: Arc<CudaStream>,
     sms: u32,
     gemm_stages: u32,
+    xent_chunk_bytes: usize,
+    scratch_bytes: AtomicUsize,
 }
 
 impl std::fmt::Debug for Cuda {
@@ -80,6 +83,8 @@ impl Cuda {
             stream,
             sms: sms.max(1) as u32,
             gemm_stages: 1,
+            xent_chunk_bytes: 0,
+            scratch_bytes: AtomicUsize::new(0),
         })
     }
 
@@ -89,6 +94,28 @@ impl Cuda {
     pub fn with_gemm_pipeline(mut self, on: bool) -> Self {
         self.gemm_stages = if on { 3 } else { 1 };
         self
+    }
+
+    /// Bytes of G per vocabulary chunk of the fused cross-entropy backward
+    /// (default [`crate::kernels::XENT_CHUNK_BYTES`], sized to stay in
+    /// L2). Same results for any value; a tuning knob for other cards.
+    pub fn with_xent_chunk_bytes(mut self, bytes: usize) -> Self {
+        self.xent_chunk_bytes = bytes;
+        self
+    }
+
+    /// Total bytes of scratch device memory the ops have allocated on this
+    /// backend so far. Every op frees its scratch when it returns, so the
+    /// difference across one call bounds that op's extra memory (the memory
+    /// tests and the benchmark report it).
+    pub fn scratch_bytes_allocated(&self) -> usize {
+        self.scratch_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Streaming multiprocessors of the device (sizes some launches and the
+    /// memory formulas, e.g. [`crate::kernels::head_xent_forward_scratch_bytes`]).
+    pub fn multiprocessors(&self) -> u32 {
+        self.sms
     }
 
     /// The stream every op runs on.
@@ -102,7 +129,14 @@ impl Cuda {
     }
 
     fn exec(&self) -> CudaExec<'_> {
-        CudaExec { stream: &self.stream, cache: &self.cache, sms: self.sms, gemm_stages: self.gemm_stages }
+        CudaExec {
+            stream: &self.stream,
+            cache: &self.cache,
+            sms: self.sms,
+            gemm_stages: self.gemm_stages,
+            xent_chunk_bytes: self.xent_chunk_bytes,
+            scratch_bytes: &self.scratch_bytes,
+        }
     }
 }
 
@@ -137,10 +171,6 @@ impl Cuda {
             w: g.w.as_mut().map(|w| dst(w, &self.stream)),
         }
     }
-}
-
-fn not_yet(op: &str) -> Error {
-    Error::BackendUnavailable(format!("{op} has no CUDA kernel yet"))
 }
 
 impl Backend for Cuda {
@@ -257,16 +287,33 @@ impl Backend for Cuda {
 
     fn head_xent_backward<T: Element, I: TokenId>(
         &self,
-        _cfg: &LoraConfig,
-        _weights: &Weights<'_, Self, T>,
-        _h: CudaView<'_, T>,
-        _targets: CudaView<'_, I>,
-        _lse: CudaView<'_, f32>,
-        _grad_loss: f32,
-        _dh: CudaViewMut<'_, T>,
-        _grads: &mut Grads<'_, Self>,
+        cfg: &LoraConfig,
+        weights: &Weights<'_, Self, T>,
+        h: CudaView<'_, T>,
+        targets: CudaView<'_, I>,
+        lse: CudaView<'_, f32>,
+        grad_loss: f32,
+        mut dh: CudaViewMut<'_, T>,
+        grads: &mut Grads<'_, Self>,
     ) -> Result<()> {
-        Err(not_yet("head_xent_backward"))
+        let t = validate::xent_backward_lens(cfg, wl(weights), h.len(), targets.len(), lse.len(), dh.len(), gl(grads))?;
+        let g = self.grad_addrs(grads);
+        let (h_addr, t_addr, lse_addr) = (src(&h, &self.stream), src(&targets, &self.stream), src(&lse, &self.stream));
+        let dh_addr = dst(&mut dh, &self.stream);
+        ops::head_xent_backward(
+            &self.exec(),
+            cfg,
+            T::DTYPE,
+            self.weight_addrs(weights),
+            h_addr,
+            t_addr,
+            id_kind::<I>(),
+            lse_addr,
+            grad_loss,
+            dh_addr,
+            g,
+            t,
+        )
     }
 
     fn merge<T: Element>(

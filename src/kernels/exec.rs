@@ -31,6 +31,11 @@ pub trait Executor {
     fn multiprocessors(&self) -> u32;
     /// GEMM main loop of the head kernels: 1 (register-staged) or 3 (cp.async ring).
     fn gemm_stages(&self) -> u32;
+    /// Most bytes of G one vocabulary chunk of the fused cross-entropy
+    /// backward may hold ([`super::xent_chunk_cols`]); 0 = the default.
+    fn xent_chunk_bytes(&self) -> usize {
+        0
+    }
     /// Runs one kernel.
     ///
     /// # Safety

@@ -88,6 +88,12 @@ shim_table!(
     tl_xent_partial_f16,
     tl_xent_partial_bf16,
     tl_xent_combine,
+    tl_xent_grad_logits_f32,
+    tl_xent_grad_logits_f16,
+    tl_xent_grad_logits_bf16,
+    tl_xent_grad_finish_f32,
+    tl_xent_grad_finish_f16,
+    tl_xent_grad_finish_bf16,
     tl_head_forward_f16_s3,
     tl_head_forward_bf16_s3,
     tl_head_grad_h_f16_f16_rx16_s3,
@@ -102,11 +108,25 @@ shim_table!(
     tl_head_grad_param_bf16_bf16_n128_s3,
 );
 
+thread_local! {
+    static SCRATCH_BYTES: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Total bytes of scratch the kernel ops called on this thread have allocated
+/// (each request counted as at least 16 bytes, like the CUDA backend's
+/// `Cuda::scratch_bytes_allocated`). Every op frees its scratch
+/// when it returns, so the difference across one call bounds its extra memory.
+pub fn thread_scratch_bytes() -> usize {
+    SCRATCH_BYTES.with(|n| n.get())
+}
+
 /// Runs launches on CPU threads through the shim; scratch lives in host memory.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct HostExec {
     /// Head GEMM main loop (1 or 3), as [`Executor::gemm_stages`].
     pub gemm_stages: u32,
+    /// As [`Executor::xent_chunk_bytes`] (0 = default).
+    pub xent_chunk_bytes: usize,
 }
 
 /// Host scratch: 16-byte aligned, zero-filled.
@@ -117,6 +137,7 @@ impl Executor for HostExec {
     type Scratch = HostScratch;
 
     fn scratch(&self, bytes: usize) -> Result<HostScratch> {
+        SCRATCH_BYTES.with(|n| n.set(n.get() + bytes.max(16)));
         Ok(HostScratch(vec![0u128; bytes.div_ceil(16).max(1)]))
     }
     fn addr(&self, s: &HostScratch) -> u64 {
@@ -149,6 +170,9 @@ impl Executor for HostExec {
         // Few blocks: the shim runs them one after another.
         2
     }
+    fn xent_chunk_bytes(&self) -> usize {
+        self.xent_chunk_bytes
+    }
     fn gemm_stages(&self) -> u32 {
         if self.gemm_stages == 3 {
             3
@@ -175,11 +199,15 @@ impl Executor for HostExec {
 pub struct CpuKernels {
     /// Run the head GEMMs with the 3-stage cp.async main loop (`_s3` kernels).
     pub pipelined: bool,
+    /// Bytes of G per vocabulary chunk of the fused cross-entropy backward
+    /// (0 = the default, [`super::XENT_CHUNK_BYTES`]); tests make it
+    /// small to run several chunks on small shapes.
+    pub xent_chunk_bytes: usize,
 }
 
 impl CpuKernels {
     fn exec(&self) -> HostExec {
-        HostExec { gemm_stages: if self.pipelined { 3 } else { 1 } }
+        HostExec { gemm_stages: if self.pipelined { 3 } else { 1 }, xent_chunk_bytes: self.xent_chunk_bytes }
     }
 }
 
@@ -205,10 +233,6 @@ fn wl<T: Element>(w: &Weights<'_, CpuKernels, T>) -> validate::WeightLens {
 
 fn gl(g: &Grads<'_, CpuKernels>) -> validate::GradLens {
     grad_lens(g.lora_vocab, g.lora_hidden, g.w.as_deref())
-}
-
-fn not_yet(op: &str) -> Error {
-    Error::BackendUnavailable(format!("{op} has no kernel yet"))
 }
 
 impl Backend for CpuKernels {
@@ -328,16 +352,31 @@ impl Backend for CpuKernels {
 
     fn head_xent_backward<T: Element, I: TokenId>(
         &self,
-        _cfg: &LoraConfig,
-        _weights: &Weights<'_, Self, T>,
-        _h: &[T],
-        _targets: &[I],
-        _lse: &[f32],
-        _grad_loss: f32,
-        _dh: &mut [T],
-        _grads: &mut Grads<'_, Self>,
+        cfg: &LoraConfig,
+        weights: &Weights<'_, Self, T>,
+        h: &[T],
+        targets: &[I],
+        lse: &[f32],
+        grad_loss: f32,
+        dh: &mut [T],
+        grads: &mut Grads<'_, Self>,
     ) -> Result<()> {
-        Err(not_yet("head_xent_backward"))
+        let t = validate::xent_backward_lens(cfg, wl(weights), h.len(), targets.len(), lse.len(), dh.len(), gl(grads))?;
+        let g = grad_addrs(grads);
+        ops::head_xent_backward(
+            &self.exec(),
+            cfg,
+            T::DTYPE,
+            weight_addrs(weights),
+            addr(h),
+            addr(targets),
+            id_kind::<I>(),
+            addr(lse),
+            grad_loss,
+            addr_mut(dh),
+            g,
+            t,
+        )
     }
 
     fn merge<T: Element>(&self, cfg: &LoraConfig, w: &mut [T], u: &[f32], vh: &[f32]) -> Result<()> {

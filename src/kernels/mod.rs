@@ -10,10 +10,13 @@
 //!   (PTX for `compute_80`, cubins for `sm_80` and `sm_90`), for cudarc to load.
 
 pub mod exec;
-pub mod ops;
+// The op sequences take raw device / host addresses: crate-internal, reached
+// through the safe `Backend` impls. Their memory formulas are public.
+pub(crate) mod ops;
 pub mod params;
 pub mod plan;
 
+pub use ops::{head_xent_backward_scratch_bytes, head_xent_forward_scratch_bytes, xent_chunk_cols, XENT_CHUNK_BYTES};
 pub use plan::LaunchPlan;
 
 #[cfg(feature = "cpu-kernels")]

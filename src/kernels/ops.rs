@@ -324,6 +324,103 @@ pub fn head_forward<E: Executor>(
     unsafe { e.launch(&plan, &params) }
 }
 
+/// The rank's extra-column count of the grad_h kernels (16, 32 or 64).
+fn grad_h_rx(r: usize) -> Result<usize> {
+    match r {
+        0..=16 => Ok(16),
+        17..=32 => Ok(32),
+        33..=MAX_HEAD_RANK => Ok(64),
+        _ => Err(Error::UnsupportedCombination(format!(
+            "rank {r}: the fused head backward kernels support rank <= {MAX_HEAD_RANK}"
+        ))),
+    }
+}
+
+/// Operands of one grad_h launch over `rows` vocabulary rows: G [T, rows]
+/// (dtype `gt`, row length `rows`), W / U starting at the first of those rows.
+struct GradH {
+    g: u64,
+    w: u64,
+    u: u64,
+    vh: u64,
+    /// `dh` [T, d]: storage dtype, or the f32 accumulator with `accumulate`.
+    dh: u64,
+    gu: u64,
+    rows: usize,
+    accumulate: bool,
+}
+
+/// `dh = G W + s (G U) Vh` and `gu = G U` (or, accumulating, f32 `dh += G W`, `gu += G U`).
+fn grad_h<E: Executor>(e: &E, cfg: &LoraConfig, t: DType, gt: DType, op: GradH, tokens: usize) -> Result<()> {
+    let (d, r) = (cfg.hidden(), cfg.rank());
+    let rx = grad_h_rx(r)?;
+    let params = HeadGradHParams {
+        g: op.g,
+        w: op.w,
+        u: op.u,
+        vh: op.vh,
+        dh: op.dh,
+        gu: op.gu,
+        tokens: i32_of("tokens", tokens)?,
+        vocab: i32_of("vocab", op.rows)?,
+        hidden: i32_of("hidden", d)?,
+        rank: i32_of("rank", r)?,
+        scale: cfg.scale() as f32,
+        accumulate: i32::from(op.accumulate),
+    };
+    let tg = tg_name(t, gt, ["f32_f32", "f16_f16", "f16_f32", "bf16_bf16", "bf16_f32"])?;
+    let sfx = stage_suffix(e, t, gt);
+    let stages = if sfx.is_empty() { 1 } else { 3 };
+    let plan = LaunchPlan {
+        kernel: intern(format!("tl_head_grad_h_{tg}_rx{rx}{sfx}")),
+        grid: (blocks(tokens, GEMM_TILE), blocks(d, GEMM_TILE), 1),
+        block: (THREADS, 1, 1),
+        shared_bytes: gemm_shared_bytes(t.size(), 128, 128, 32, false, false, rx, stages),
+    };
+    // SAFETY: G [T, rows] in gt, W / U rows [rows] from the given starts, Vh
+    // [r, d], dh [T, d] (T or f32 when accumulating) and gu [T, r] f32: the
+    // callers check or allocate these sizes.
+    unsafe { e.launch(&plan, &params) }
+}
+
+/// `grad[v, :] += Gᵀ[v, :] · b` over `rows` vocabulary rows: G [T, rows] in
+/// `gt`, `b` [T, ncols] in `t`, `grad` [rows, ncols] f32.
+#[allow(clippy::too_many_arguments)]
+fn grad_param<E: Executor>(
+    e: &E,
+    t: DType,
+    gt: DType,
+    g: u64,
+    b: u64,
+    grad: u64,
+    tokens: usize,
+    rows: usize,
+    ncols: usize,
+) -> Result<()> {
+    let params = HeadGradParamParams {
+        g,
+        b,
+        grad,
+        tokens: i32_of("tokens", tokens)?,
+        vocab: i32_of("vocab", rows)?,
+        ncols: i32_of("columns", ncols)?,
+        scale: 1.0,
+    };
+    let tg = tg_name(t, gt, ["f32_f32", "f16_f16", "f16_f32", "bf16_bf16", "bf16_f32"])?;
+    let sfx = stage_suffix(e, t, gt);
+    let stages = if sfx.is_empty() { 1 } else { 3 };
+    // n64 for the rank columns of dU (8 warps along V), n128 for dW's d columns.
+    let bn = if ncols <= 64 { 64 } else { 128 };
+    let plan = LaunchPlan {
+        kernel: intern(format!("tl_head_grad_param_{tg}_n{bn}{sfx}")),
+        grid: (blocks(rows, GEMM_TILE), blocks(ncols, bn as u32), 1),
+        block: (THREADS, 1, 1),
+        shared_bytes: gemm_shared_bytes(t.size(), 128, bn, 32, true, false, 0, stages),
+    };
+    // SAFETY: G [T, rows], b [T, ncols], grad [rows, ncols] f32 (callers).
+    unsafe { e.launch(&plan, &params) }
+}
+
 /// Head backward: `dh = G W + s (G U) Vh`, `dU += Gᵀ (s h Vhᵀ)`, `dVh += s (G U)ᵀ h`, `dW += Gᵀ h`.
 #[allow(clippy::too_many_arguments)]
 pub fn head_backward<E: Executor>(
@@ -339,91 +436,18 @@ pub fn head_backward<E: Executor>(
     tokens: usize,
 ) -> Result<()> {
     let (v, d, r) = (cfg.vocab(), cfg.hidden(), cfg.rank());
-    if r > MAX_HEAD_RANK {
-        return Err(Error::UnsupportedCombination(format!(
-            "rank {r}: the fused head backward kernels support rank <= {MAX_HEAD_RANK}"
-        )));
-    }
-    let rx: usize = if r <= 16 {
-        16
-    } else if r <= 32 {
-        32
-    } else {
-        64
-    };
+    grad_h_rx(r)?;
     let p = e.scratch(tokens * r * t.size())?;
     lora_down(e, cfg, t, t, h, wt.vh, e.addr(&p), tokens, cfg.scale())?;
     let gu = e.scratch(tokens * r * 4)?;
-    let base = HeadGradHParams {
-        g,
-        w: wt.w,
-        u: wt.u,
-        vh: wt.vh,
-        dh,
-        gu: e.addr(&gu),
-        tokens: i32_of("tokens", tokens)?,
-        vocab: i32_of("vocab", v)?,
-        hidden: i32_of("hidden", d)?,
-        rank: i32_of("rank", r)?,
-        scale: cfg.scale() as f32,
-        _pad: 0,
-    };
-    let tg = tg_name(t, gt, ["f32_f32", "f16_f16", "f16_f32", "bf16_bf16", "bf16_f32"])?;
-    let sfx = stage_suffix(e, t, gt);
-    let stages = if sfx.is_empty() { 1 } else { 3 };
-    let kernel = intern(format!("tl_head_grad_h_{tg}_rx{rx}{sfx}"));
-    let plan = LaunchPlan {
-        kernel,
-        grid: (blocks(tokens, GEMM_TILE), blocks(d, GEMM_TILE), 1),
-        block: (THREADS, 1, 1),
-        shared_bytes: gemm_shared_bytes(t.size(), 128, 128, 32, false, false, rx, stages),
-    };
-    // SAFETY: G [T, V] in gt, W [V, d], U [V, r], Vh [r, d], dh [T, d] (caller),
-    // gu [T, r] f32 (here).
-    unsafe { e.launch(&plan, &base)? };
-
+    let op = GradH { g, w: wt.w, u: wt.u, vh: wt.vh, dh, gu: e.addr(&gu), rows: v, accumulate: false };
+    grad_h(e, cfg, t, gt, op, tokens)?;
     // dU += Gᵀ p, p = s·h·Vhᵀ already carries the scale.
-    let du = HeadGradParamParams {
-        g,
-        b: e.addr(&p),
-        grad: grads.u,
-        tokens: base.tokens,
-        vocab: base.vocab,
-        ncols: base.rank,
-        scale: 1.0,
-    };
-    let kernel = intern(format!("tl_head_grad_param_{tg}_n64{sfx}"));
-    let plan = LaunchPlan {
-        kernel,
-        grid: (blocks(v, GEMM_TILE), blocks(r, 64), 1),
-        block: (THREADS, 1, 1),
-        shared_bytes: gemm_shared_bytes(t.size(), 128, 64, 32, true, false, 0, stages),
-    };
-    // SAFETY: G [T, V], p [T, r] (here), dU [V, r] f32 (caller).
-    unsafe { e.launch(&plan, &du)? };
-
+    grad_param(e, t, gt, g, e.addr(&p), grads.u, tokens, v, r)?;
     // dVh += s · guᵀ h.
     lora_up(e, cfg, t, e.addr(&gu), 0, h, grads.vh, tokens, cfg.scale())?;
-
     if let Some(dw) = grads.w {
-        let params = HeadGradParamParams {
-            g,
-            b: h,
-            grad: dw,
-            tokens: base.tokens,
-            vocab: base.vocab,
-            ncols: base.hidden,
-            scale: 1.0,
-        };
-        let kernel = intern(format!("tl_head_grad_param_{tg}_n128{sfx}"));
-        let plan = LaunchPlan {
-            kernel,
-            grid: (blocks(v, GEMM_TILE), blocks(d, GEMM_TILE), 1),
-            block: (THREADS, 1, 1),
-            shared_bytes: gemm_shared_bytes(t.size(), 128, 128, 32, true, false, 0, stages),
-        };
-        // SAFETY: G [T, V], h [T, d], dW [V, d] f32 (caller).
-        unsafe { e.launch(&plan, &params)? };
+        grad_param(e, t, gt, g, h, dw, tokens, v, d)?;
     }
     Ok(())
 }
@@ -621,6 +645,27 @@ pub fn merge<E: Executor>(e: &E, cfg: &LoraConfig, t: DType, w: u64, u: u64, vh:
     unsafe { e.launch(&plan, &params) }
 }
 
+/// Vocabulary splits of the cross-entropy forward: `(columns per split,
+/// splits)`, enough (token tile, split) blocks for two per multiprocessor.
+fn xent_splits(cfg: &LoraConfig, tokens: usize, sms: u32) -> (usize, usize) {
+    let tiles_m = tokens.div_ceil(GEMM_TILE as usize).max(1);
+    let tiles_v = cfg.vocab().div_ceil(GEMM_TILE as usize);
+    let want = (2 * sms as usize).div_ceil(tiles_m).clamp(1, tiles_v);
+    let split_cols = tiles_v.div_ceil(want) * GEMM_TILE as usize;
+    (split_cols, cfg.vocab().div_ceil(split_cols))
+}
+
+/// Extra device memory of [`head_xent_forward`] in bytes (every scratch it
+/// allocates, each at least 16 bytes): O(T) for the targets, the split
+/// partials and the row losses, O(T·r) for p. Mirrors the op's allocations.
+pub fn head_xent_forward_scratch_bytes(cfg: &LoraConfig, t: DType, tokens: usize, sms: u32) -> usize {
+    let (_, splits) = xent_splits(cfg, tokens, sms);
+    [tokens * 4, 16, tokens * cfg.rank() * t.size(), splits * tokens * 4, splits * tokens * 4, tokens * 4, tokens * 4]
+        .iter()
+        .map(|&b| b.max(16))
+        .sum()
+}
+
 /// Fused head + cross-entropy forward, no [T, V] buffer: `loss` \[1\] and `lse`
 /// \[T\] of the softcapped logits, from per-(token tile, vocabulary split)
 /// online logsumexp partials merged in a fixed order.
@@ -642,10 +687,7 @@ pub fn head_xent_forward<E: Executor>(
     let p = e.scratch(tokens * r * t.size())?;
     lora_down(e, cfg, t, t, h, wt.vh, e.addr(&p), tokens, cfg.scale())?;
     let tiles_m = tokens.div_ceil(GEMM_TILE as usize);
-    let tiles_v = v.div_ceil(GEMM_TILE as usize);
-    let want = (2 * e.multiprocessors() as usize).div_ceil(tiles_m).clamp(1, tiles_v);
-    let split_cols = tiles_v.div_ceil(want) * GEMM_TILE as usize;
-    let splits = v.div_ceil(split_cols);
+    let (split_cols, splits) = xent_splits(cfg, tokens, e.multiprocessors());
     let part_max = e.scratch(splits * tokens * 4)?;
     let part_sum = e.scratch(splits * tokens * 4)?;
     let target_logit = e.scratch(tokens * 4)?;
@@ -697,4 +739,156 @@ pub fn head_xent_forward<E: Executor>(
     let plan = LaunchPlan::linear("tl_xent_combine", 1, THREADS);
     // SAFETY: the buffers above, lse [T] and loss [1] f32 (caller).
     unsafe { e.launch(&plan, &combine) }
+}
+
+/// Default bytes of G one vocabulary chunk of the fused cross-entropy
+/// backward may hold: a chunk [T, C] is produced and consumed while it is
+/// (mostly) in L2 (50 MB on an H100 / H200).
+pub const XENT_CHUNK_BYTES: usize = 32 << 20;
+
+/// Vocabulary columns per chunk of [`head_xent_backward`]: a multiple of 128,
+/// at least 128, at most V rounded up, and at most `chunk_bytes` of G
+/// (0 = [`XENT_CHUNK_BYTES`]).
+pub fn xent_chunk_cols(cfg: &LoraConfig, t: DType, tokens: usize, chunk_bytes: usize) -> usize {
+    let tile = GEMM_TILE as usize;
+    let bytes = if chunk_bytes == 0 { XENT_CHUNK_BYTES } else { chunk_bytes };
+    let fit = bytes / (tokens.max(1) * t.size()) / tile * tile;
+    fit.clamp(tile, cfg.vocab().div_ceil(tile) * tile)
+}
+
+/// Extra device memory of [`head_xent_backward`] in bytes (every scratch it
+/// allocates, each at least 16 bytes): O(T) for the targets, O(T·r) for p and G·U, O(T·d) for the f32
+/// dh accumulator, one G chunk of at most `max(32 MiB, T·128·elem)`, and the
+/// bounded dVh partials; no term in T·V or V·d. Mirrors the allocations of
+/// the op (a test checks the two agree).
+pub fn head_xent_backward_scratch_bytes(
+    cfg: &LoraConfig,
+    t: DType,
+    tokens: usize,
+    sms: u32,
+    chunk_bytes: usize,
+) -> usize {
+    let (d, r) = (cfg.hidden(), cfg.rank());
+    let chunk = xent_chunk_cols(cfg, t, tokens, chunk_bytes);
+    let up_chunk = UP_CHUNK.max(tokens.div_ceil(4 * sms as usize));
+    [
+        tokens * 4,                            // validated targets
+        16,                                    // their status word
+        tokens * r * t.size(),                 // p = s·h·Vhᵀ
+        tokens * d * 4,                        // dh accumulator
+        tokens * r * 4,                        // gu = G U
+        tokens * chunk * t.size(),             // one G chunk
+        tokens.div_ceil(up_chunk) * r * d * 4, // dVh partials (lora_up)
+    ]
+    .iter()
+    .map(|&b| b.max(16))
+    .sum()
+}
+
+/// Fused head + cross-entropy backward, no [T, V] buffer, bitwise
+/// deterministic. Per vocabulary chunk of C columns (C·T·elem ≤ 32 MiB): one
+/// kernel recomputes the chunk's logits and writes G = ∂loss/∂z [T, C]; the
+/// head backward's GEMMs consume it while it is in L2 (f32 `dh += G W`,
+/// `gu += G U`, `dU += Gᵀ p`, `dW += Gᵀ h`). Then `dh` gets its LoRA term
+/// `s·gu·Vh` and `dVh += s·guᵀ h`. The logits are computed once, as in the forward.
+#[allow(clippy::too_many_arguments)]
+pub fn head_xent_backward<E: Executor>(
+    e: &E,
+    cfg: &LoraConfig,
+    t: DType,
+    wt: WeightAddrs,
+    h: u64,
+    targets: u64,
+    kind: IdKind,
+    lse: u64,
+    grad_loss: f32,
+    dh: u64,
+    grads: GradAddrs,
+    tokens: usize,
+) -> Result<()> {
+    let (v, d, r) = (cfg.vocab(), cfg.hidden(), cfg.rank());
+    grad_h_rx(r)?;
+    let (t32, valid) = prepare_ids(e, "targets", targets, kind, tokens, v, Some(cfg.ignore_index()))?;
+    let factor = match cfg.reduction() {
+        _ if valid == 0 => 0.0,
+        crate::config::Reduction::Mean => grad_loss as f64 / valid as f64,
+        crate::config::Reduction::Sum => grad_loss as f64,
+    } as f32;
+    let p = e.scratch(tokens * r * t.size())?;
+    lora_down(e, cfg, t, t, h, wt.vh, e.addr(&p), tokens, cfg.scale())?;
+    let dh_acc = e.scratch(tokens * d * 4)?;
+    let gu = e.scratch(tokens * r * 4)?;
+    let chunk = xent_chunk_cols(cfg, t, tokens, e.xent_chunk_bytes());
+    let g = e.scratch(tokens * chunk * t.size())?;
+    let g_addr = e.addr(&g);
+    let shared_bytes = gemm_shared_bytes(t.size(), 128, 128, 32, false, true, 0, 1);
+    if valid > 0 {
+        for col0 in (0..v).step_by(chunk) {
+            let cols = chunk.min(v - col0);
+            let params = XentGradLogitsParams {
+                h,
+                p: e.addr(&p),
+                w: wt.w,
+                u: wt.u,
+                targets: e.addr(&t32),
+                lse,
+                g: g_addr,
+                tokens: i32_of("tokens", tokens)?,
+                vocab: i32_of("vocab", v)?,
+                hidden: i32_of("hidden", d)?,
+                rank: i32_of("rank", r)?,
+                col0: col0 as i32,
+                cols: cols as i32,
+                softcap: cfg.logit_softcap().unwrap_or(0.0) as f32,
+                factor,
+            };
+            let plan = LaunchPlan {
+                kernel: by_dtype!(t, "tl_xent_grad_logits_", ""),
+                grid: (blocks(tokens, GEMM_TILE), blocks(cols, GEMM_TILE), 1),
+                block: (THREADS, 1, 1),
+                shared_bytes,
+            };
+            // SAFETY: h [T, d], W [V, d], U [V, r], lse [T] (caller); p [T, r],
+            // targets [T] and g [T, chunk] >= [T, cols] allocated above.
+            unsafe { e.launch(&plan, &params)? };
+            let (w_rows, u_rows) = (wt.w + (col0 * d * t.size()) as u64, wt.u + (col0 * r * 4) as u64);
+            let op = GradH {
+                g: g_addr,
+                w: w_rows,
+                u: u_rows,
+                vh: wt.vh,
+                dh: e.addr(&dh_acc),
+                gu: e.addr(&gu),
+                rows: cols,
+                accumulate: true,
+            };
+            grad_h(e, cfg, t, t, op, tokens)?;
+            grad_param(e, t, t, g_addr, e.addr(&p), grads.u + (col0 * r * 4) as u64, tokens, cols, r)?;
+            if let Some(dw) = grads.w {
+                grad_param(e, t, t, g_addr, h, dw + (col0 * d * 4) as u64, tokens, cols, d)?;
+            }
+        }
+    }
+    let finish = XentGradFinishParams {
+        dh_acc: e.addr(&dh_acc),
+        gu: e.addr(&gu),
+        vh: wt.vh,
+        dh,
+        tokens: i32_of("tokens", tokens)?,
+        hidden: i32_of("hidden", d)?,
+        rank: i32_of("rank", r)?,
+        scale: cfg.scale() as f32,
+    };
+    let plan = LaunchPlan {
+        kernel: by_dtype!(t, "tl_xent_grad_finish_", ""),
+        grid: (tokens as u32, blocks(d, THREADS), 1),
+        block: (THREADS, 1, 1),
+        shared_bytes: 0,
+    };
+    // SAFETY: dh_acc [T, d] and gu [T, r] allocated above, Vh [r, d] and dh [T, d] (caller).
+    unsafe { e.launch(&plan, &finish)? };
+    if valid > 0 {
+        lora_up(e, cfg, t, e.addr(&gu), 0, h, grads.vh, tokens, cfg.scale())?;
+    }
+    Ok(())
 }

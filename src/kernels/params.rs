@@ -48,7 +48,7 @@ params! {
     /// `head.cu`: `dh = G W + s (G U) Vh`, `gu = G U`.
     HeadGradHParams (72) {
         g: u64, w: u64, u: u64, vh: u64, dh: u64, gu: u64,
-        tokens: i32, vocab: i32, hidden: i32, rank: i32, scale: f32, _pad: u32,
+        tokens: i32, vocab: i32, hidden: i32, rank: i32, scale: f32, accumulate: i32,
     }
     /// `head.cu`: `grad[v, :] += scale · Σ_t G[t, v] · B[t, :]`.
     HeadGradParamParams (40) {
@@ -79,6 +79,16 @@ params! {
     XentCombineParams (72) {
         part_max: u64, part_sum: u64, target_logit: u64, targets: u64, lse: u64, row_loss: u64, loss: u64,
         tokens: i32, splits: i32, scale: f32, _pad: u32,
+    }
+    /// `xent_grad.cu`: G of one vocabulary chunk, from recomputed logits.
+    XentGradLogitsParams (88) {
+        h: u64, p: u64, w: u64, u: u64, targets: u64, lse: u64, g: u64,
+        tokens: i32, vocab: i32, hidden: i32, rank: i32, col0: i32, cols: i32, softcap: f32, factor: f32,
+    }
+    /// `xent_grad.cu`: dh from the f32 accumulators, plus the LoRA term.
+    XentGradFinishParams (48) {
+        dh_acc: u64, gu: u64, vh: u64, dh: u64,
+        tokens: i32, hidden: i32, rank: i32, scale: f32,
     }
     /// `embed.cu`: deterministic grouped row sum over the sorted ids.
     GroupRowsParams (56) {

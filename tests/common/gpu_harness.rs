@@ -213,3 +213,46 @@ pub fn embed_forward_u32<T: Element>(gpu: &Cuda, cfg: &LoraConfig, wt: HostWeigh
     Backend::embed_forward(gpu, cfg, &dw.weights(), ids.view(), out.view_mut())?;
     down(gpu, &out)
 }
+
+/// Scratch bytes of the fused cross-entropy forward and backward at one
+/// (large) shape, with the loss, for the memory test: W is a random block of
+/// 2^20 values repeated (drawing V·d values on the host would dominate the
+/// test), h is fully random.
+pub fn xent_scratch_at<T: Element>(
+    gpu: &Cuda,
+    cfg: &LoraConfig,
+    tokens: usize,
+    rng: &mut rand::rngs::StdRng,
+) -> Result<(usize, usize, f32, Vec<T>)> {
+    use super::rand_inputs::{ids, normal};
+    let (v, d, r) = (cfg.vocab(), cfg.hidden(), cfg.rank());
+    let block: Vec<T> = normal(rng, 1 << 20, 0.02);
+    let w: Vec<T> = block.iter().copied().cycle().take(v * d).collect();
+    let u: Vec<f32> = normal(rng, v * r, 0.01);
+    let vh: Vec<f32> = normal(rng, r * d, 0.02);
+    let h: Vec<T> = normal(rng, tokens * d, 1.0);
+    let targets = ids(rng, tokens, v);
+    let dw = DevWeights::up(gpu, HostWeights { w: &w, u: &u, vh: &vh })?;
+    drop(w);
+    let (hd, td) = (up(gpu, &h)?, up_any(gpu, &targets)?);
+    let mut loss = up(gpu, &[f32::NAN])?;
+    let mut lse = up(gpu, &nan::<f32>(tokens))?;
+    let mut dh = up(gpu, &nan::<T>(tokens * d))?;
+    let mut dg = DevGrads::up(gpu, &HostGrads::zeros(cfg, false))?;
+    let s0 = gpu.scratch_bytes_allocated();
+    Backend::head_xent_forward(gpu, cfg, &dw.weights(), hd.view(), td.view(), loss.view_mut(), lse.view_mut())?;
+    let s1 = gpu.scratch_bytes_allocated();
+    Backend::head_xent_backward(
+        gpu,
+        cfg,
+        &dw.weights(),
+        hd.view(),
+        td.view(),
+        lse.view(),
+        1.0,
+        dh.view_mut(),
+        &mut dg.grads(),
+    )?;
+    let s2 = gpu.scratch_bytes_allocated();
+    Ok((s1 - s0, s2 - s1, down(gpu, &loss)?[0], down(gpu, &dh)?))
+}

@@ -181,3 +181,103 @@ pub fn xent_forward_case<T: Element, H: Harness>(
     one("one valid target", &single);
     checks
 }
+
+/// Shape and options of one fused cross-entropy backward case.
+#[derive(Debug, Clone, Copy)]
+pub struct XentCase {
+    pub v: usize,
+    pub d: usize,
+    pub r: usize,
+    pub t: usize,
+    pub softcap: Option<f64>,
+    pub sum: bool,
+    pub with_w: bool,
+    /// Standard deviation of h (large values give extreme logits).
+    pub logit_scale: f64,
+}
+
+/// Fused cross-entropy backward of backend `k` against the reference, from the
+/// reference forward's lse, with an upstream gradient ≠ 1, gradient buffers
+/// that already hold values (the op adds into them; the added part is
+/// compared), poisoned dh, random / all-ignored / one-valid targets, and a
+/// bitwise determinism check. Returns the checks and the kernel's dh.
+pub fn xent_backward_case<T: Element, H: Harness>(k: &H, c: XentCase) -> Vec<Check> {
+    let XentCase { v, d, r, t, softcap, sum, with_w, logit_scale } = c;
+    let mut rng = fresh_rng(&format!("xent backward {} {c:?}", T::DTYPE));
+    let reduction = if sum { tiedlora::Reduction::Sum } else { tiedlora::Reduction::Mean };
+    let cfg = LoraConfig::builder(v, d, r)
+        .alpha(2.0 * r as f64)
+        .logit_softcap_opt(softcap)
+        .reduction(reduction)
+        .build()
+        .unwrap();
+    let w: Vec<T> = normal(&mut rng, v * d, 0.5);
+    // A LoRA delta smaller than the base (here its logits are ~0.3-0.8x the
+    // base's), as in training: the kernels stage p = s·h·Vhᵀ in the storage
+    // dtype, so in bf16 a delta several times the base moves a single row's
+    // softmax by ~1e-2 (the one-valid-target check has no other rows to average).
+    let u: Vec<f32> = normal(&mut rng, v * r, 0.1);
+    let vh: Vec<f32> = normal(&mut rng, r * d, 0.5);
+    let h: Vec<T> = normal(&mut rng, t * d, logit_scale);
+    let mut targets = super::rand_inputs::ids(&mut rng, t, v);
+    targets[0] = -100;
+    let wt = HostWeights { w: &w, u: &u, vh: &vh };
+    let init = HostGrads {
+        lora_vocab: normal(&mut rng, v * r, 0.01),
+        lora_hidden: normal(&mut rng, r * d, 0.01),
+        w: with_w.then(|| normal(&mut rng, v * d, 0.01)),
+    };
+    let added = |after: &[f32], before: &[f32]| -> Vec<f64> {
+        after.iter().zip(before).map(|(a, b)| *a as f64 - *b as f64).collect()
+    };
+    let tol = T::DTYPE.tolerance();
+    let case = format!("random {c:?}");
+    let mut checks = Vec::new();
+    let grad_loss = 0.75f32;
+    let mut one = |label: &str, targets: &[i64]| {
+        let (_, lse) = Harness::xent_forward(&Cpu::new(), &cfg, wt, &h, targets).unwrap();
+        let mut g_ref = init.clone();
+        let dh_ref = Harness::xent_backward(&Cpu::new(), &cfg, wt, &h, targets, &lse, grad_loss, &mut g_ref).unwrap();
+        let mut g_k = init.clone();
+        let dh = Harness::xent_backward(k, &cfg, wt, &h, targets, &lse, grad_loss, &mut g_k).unwrap();
+        let mut tensors = vec![
+            ("dh", widen(&dh), widen(&dh_ref)),
+            ("dU", added(&g_k.lora_vocab, &init.lora_vocab), added(&g_ref.lora_vocab, &init.lora_vocab)),
+            ("dVh", added(&g_k.lora_hidden, &init.lora_hidden), added(&g_ref.lora_hidden, &init.lora_hidden)),
+        ];
+        if let (Some(kw), Some(rw), Some(iw)) = (&g_k.w, &g_ref.w, &init.w) {
+            tensors.push(("dW", added(kw, iw), added(rw, iw)));
+        }
+        for (tensor, got, want) in tensors {
+            checks.push(Check {
+                case: case.clone(),
+                op: "head_xent_backward",
+                backend: format!("{} {}", k.name(), T::DTYPE),
+                tensor: format!("{tensor} ({label})"),
+                err: rel_err(&got, &want),
+                tol,
+                skipped: false,
+            });
+        }
+        // Bitwise deterministic run to run.
+        let mut g_k2 = init.clone();
+        let dh2 = Harness::xent_backward(k, &cfg, wt, &h, targets, &lse, grad_loss, &mut g_k2).unwrap();
+        assert_eq!(bytemuck::cast_slice::<T, u8>(&dh), bytemuck::cast_slice::<T, u8>(&dh2), "dh not deterministic");
+        assert_eq!(g_k.lora_vocab, g_k2.lora_vocab, "dU not deterministic");
+        assert_eq!(g_k.lora_hidden, g_k2.lora_hidden, "dVh not deterministic");
+        assert_eq!(g_k.w, g_k2.w, "dW not deterministic");
+        (dh, g_k)
+    };
+    one("random targets", &targets);
+    // No valid target: zero gradient, buffers untouched.
+    let all_ignored = vec![-100i64; t];
+    let (dh, g) = one("all ignored", &all_ignored);
+    assert!(dh.iter().all(|x| x.to_f64() == 0.0), "all targets ignored: dh must be 0");
+    assert_eq!(g.lora_vocab, init.lora_vocab, "all targets ignored: dU must be unchanged");
+    assert_eq!(g.lora_hidden, init.lora_hidden, "all targets ignored: dVh must be unchanged");
+    assert_eq!(g.w, init.w, "all targets ignored: dW must be unchanged");
+    let mut single = all_ignored.clone();
+    single[t - 1] = (v - 1) as i64;
+    one("one valid target", &single);
+    checks
+}

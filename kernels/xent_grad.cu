@@ -1,0 +1,85 @@
+// xent_grad.cu: backward of the fused head + cross-entropy, one vocabulary
+// chunk at a time (src/kernels/ops.rs::head_xent_backward drives it).
+//
+// logits    grid (ceil(T / 128), ceil(cols / 128)), 256 threads, dynamic shared
+//           memory GemmShape::SMEM_BYTES. Recomputes the logit tile
+//           z = [h | p] . [W | U]^T of columns [col0, col0 + cols) with the
+//           forward's K = d + r tile GEMM and writes, in the epilogue,
+//             G[t, c] = (exp(z'[t, v] - lse[t]) - [v == y_t]) * slope(z[t, v]) * factor
+//           (v = col0 + c) to g [T, cols] in the storage dtype. The head
+//           backward's GEMMs (head.cu) then consume the chunk while it is in L2.
+// finish    grid (T, ceil(d / 256)), 256 threads:
+//           dh[t, k] = dh_acc[t, k] + scale * sum_j gu[t, j] Vh[j, k].
+#include "params.h"
+#include "tile_gemm.cuh"
+
+namespace {
+
+// G of one logit, from the tile GEMM's f32 accumulator.
+struct GradOfLogit {
+  const int* targets;
+  const float* lse;
+  float kappa;
+  float factor;
+
+  TL_DEVICE float operator()(int t, int v, float z) const {
+    const int y = targets[t];
+    if (y < 0) return 0.0f;  // ignored row: exactly 0 (its lse is not used)
+    float slope = 1.0f;
+    if (kappa > 0.0f) {
+      // tanh and 1 - tanh^2 from e = exp(-2|x|): 1 - tanh^2 = 4e / (1 + e)^2 keeps
+      // its relative precision where tanh saturates (1 - th * th would cancel).
+      const float x = z / kappa;
+      const float e = __expf(-2.0f * fabsf(x));
+      const float th = copysignf((1.0f - e) / (1.0f + e), x);
+      z = kappa * th;
+      slope = 4.0f * e / ((1.0f + e) * (1.0f + e));
+    }
+    const float prob = __expf(z - lse[t]);
+    return (v == y ? prob - 1.0f : prob) * slope * factor;
+  }
+};
+
+template <class T>
+TL_DEVICE void xent_grad_logits(const XentGradLogitsParams& p) {
+  using S = tl::GemmShape<T, 128, 128, 32, false, true, 0, 1>;
+  TL_DYNAMIC_SMEM(unsigned char, smem);
+  const tl::SegRows<T, T> a{static_cast<const T*>(p.h), p.hidden, p.hidden, static_cast<const T*>(p.p), p.rank,
+                            p.rank, p.tokens};
+  // B rows are the chunk's vocabulary rows [col0, col0 + cols).
+  const tl::SegRows<T, float> b{static_cast<const T*>(p.w) + static_cast<long long>(p.col0) * p.hidden,
+                                p.hidden,
+                                p.hidden,
+                                p.u + static_cast<long long>(p.col0) * p.rank,
+                                p.rank,
+                                p.rank,
+                                p.cols};
+  const tl::SegRows<float, float> none{nullptr, 0, 0, nullptr, 0, 0, 0};
+  const GradOfLogit gof{p.targets, p.lse, p.softcap, p.factor};
+  T* g = static_cast<T*>(p.g);
+  const long long ldg = p.cols;
+  tl::tile_gemm<T, S, 2, 4>(
+      smem, a, b, none, p.tokens, p.cols, p.hidden + p.rank, static_cast<int>(blockIdx.x) * S::BM,
+      static_cast<int>(blockIdx.y) * S::BN,
+      [&](int m, int c, float z, const float*) { g[m * ldg + c] = tl_from_float<T>(gof(m, p.col0 + c, z)); },
+      [](int, int, float) {});
+}
+
+template <class T>
+TL_DEVICE void xent_grad_finish(const XentGradFinishParams& p) {
+  const long long t = blockIdx.x;
+  const int k = static_cast<int>(blockIdx.y * blockDim.x + threadIdx.x);
+  if (k >= p.hidden) return;
+  float lora = 0.0f;
+  for (int j = 0; j < p.rank; ++j) lora = fmaf(p.gu[t * p.rank + j], p.vh[static_cast<long long>(j) * p.hidden + k], lora);
+  static_cast<T*>(p.dh)[t * p.hidden + k] = tl_from_float<T>(fmaf(p.scale, lora, p.dh_acc[t * p.hidden + k]));
+}
+
+}  // namespace
+
+TL_KERNEL_BOUNDED(tl_xent_grad_logits_f32, XentGradLogitsParams, 256) { xent_grad_logits<float>(p); }
+TL_KERNEL_BOUNDED(tl_xent_grad_logits_f16, XentGradLogitsParams, 256) { xent_grad_logits<__half>(p); }
+TL_KERNEL_BOUNDED(tl_xent_grad_logits_bf16, XentGradLogitsParams, 256) { xent_grad_logits<__nv_bfloat16>(p); }
+TL_KERNEL_BOUNDED(tl_xent_grad_finish_f32, XentGradFinishParams, 256) { xent_grad_finish<float>(p); }
+TL_KERNEL_BOUNDED(tl_xent_grad_finish_f16, XentGradFinishParams, 256) { xent_grad_finish<__half>(p); }
+TL_KERNEL_BOUNDED(tl_xent_grad_finish_bf16, XentGradFinishParams, 256) { xent_grad_finish<__nv_bfloat16>(p); }
