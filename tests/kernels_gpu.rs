@@ -144,7 +144,8 @@ fn gpu_small_u32_ids_match_i64_and_are_checked() {
 #[ignore = "needs a CUDA device"]
 fn gpu_small_xent_backward() {
     use common::parity::{xent_backward_case, XentCase};
-    let base = XentCase { v: 600, d: 40, r: 3, t: 130, softcap: None, sum: false, with_w: true, logit_scale: 1.0 };
+    let base =
+        XentCase { v: 600, d: 40, r: 3, t: 130, softcap: None, sum: false, with_w: true, logit_scale: 1.0, tol: None };
     let bf = XentCase { v: 300, d: 24, r: 16, t: 150, softcap: Some(30.0), sum: true, ..base };
     for g in gpus() {
         let chunked = g.with_xent_chunk_bytes(1);
@@ -165,8 +166,17 @@ fn gpu_small_xent_backward() {
 fn gpu_xent_backward_larger_shapes() {
     use common::parity::{xent_backward_case, XentCase};
     let g = gpu();
-    let base =
-        XentCase { v: 5000, d: 264, r: 16, t: 700, softcap: Some(30.0), sum: false, with_w: false, logit_scale: 1.0 };
+    let base = XentCase {
+        v: 5000,
+        d: 264,
+        r: 16,
+        t: 700,
+        softcap: Some(30.0),
+        sum: false,
+        with_w: false,
+        logit_scale: 1.0,
+        tol: None,
+    };
     assert_all(xent_backward_case::<bf16, _>(&g, base));
     assert_all(xent_backward_case::<f16, _>(
         &gpu().with_xent_chunk_bytes(700 * 2 * 1024),
