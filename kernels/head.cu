@@ -9,6 +9,8 @@
 //           first column tile also write gu = G U [T, r] for the dVh pass.
 //           `accumulate` mode (the fused cross-entropy backward, per vocabulary
 //           chunk): f32 dh += G W, gu += G U, the LoRA term left to the caller.
+// `live` (grad_h, grad_param): optional flags of G's 128 x 128 tiles; K steps
+// in a tile flagged 0 (all of it filtered to 0) are skipped.
 // grad_param  grad[v, :] += scale * G^T B   (B = p for dU, B = h for dW): A is G
 //           read transposed; every output element belongs to exactly one block
 //           (no split-K, no atomics), so the result is bitwise deterministic.
@@ -51,6 +53,9 @@ TL_DEVICE void head_grad_h(const HeadGradHParams& p) {
   const float s = p.scale;
   const bool write_gu = blockIdx.y == 0;
   const bool acc = p.accumulate != 0;
+  // K runs over G's columns: skip the 128-column tiles filtered to 0.
+  const int* live_row = p.live ? p.live + static_cast<long long>(blockIdx.x) * p.live_ld : nullptr;
+  const auto live = [live_row](int k0) { return live_row == nullptr || live_row[k0 / 128] != 0; };
   tl::tile_gemm<T, S, 2, 4>(
       smem, a, b, x, p.tokens, p.hidden, p.vocab, static_cast<int>(blockIdx.x) * S::BM,
       static_cast<int>(blockIdx.y) * S::BN,
@@ -67,7 +72,8 @@ TL_DEVICE void head_grad_h(const HeadGradHParams& p) {
         if (!write_gu || j >= r) return;
         float* gu = p.gu + static_cast<long long>(m) * r + j;
         *gu = acc ? *gu + v : v;
-      });
+      },
+      live);
 }
 
 template <class T, class G, int BN, int WM, int WN, int STAGES>
@@ -78,10 +84,17 @@ TL_DEVICE void head_grad_param(const HeadGradParamParams& p) {
   const SegRows<T, float> b{static_cast<const T*>(p.b), p.ncols, p.ncols, nullptr, 0, 0, p.tokens};
   const SegRows<float, float> none{nullptr, 0, 0, nullptr, 0, 0, 0};
   const long long ld = p.ncols;
+  // K runs over tokens: skip the 128-token tiles whose G tile in this block's
+  // 128 vocabulary columns was filtered to 0.
+  const int* live_col = p.live ? p.live + blockIdx.x : nullptr;
+  const int live_ld = p.live_ld;
+  const auto live = [live_col, live_ld](int k0) {
+    return live_col == nullptr || live_col[static_cast<long long>(k0 / 128) * live_ld] != 0;
+  };
   tl::tile_gemm<T, S, WM, WN>(
       smem, a, b, none, p.vocab, p.ncols, p.tokens, static_cast<int>(blockIdx.x) * S::BM,
       static_cast<int>(blockIdx.y) * S::BN, [&](int m, int n, float v, const float*) { p.grad[m * ld + n] += p.scale * v; },
-      [](int, int, float) {});
+      [](int, int, float) {}, live);
 }
 
 }  // namespace

@@ -82,27 +82,33 @@ struct HeadGradHParams {
   const float* vh;  // [r, d]
   void* dh;         // [T, d] storage dtype, or f32 with accumulate
   float* gu;        // [T, r]
+  const int* live;  // null, or [ceil(T/128), live_ld]: 0 = the 128 x 128 tile of G is all 0 (skipped)
   int tokens;
   int vocab;
   int hidden;
   int rank;
   float scale;
   int accumulate;   // 0: write dh (with the LoRA term) and gu; 1: add G W into f32 dh, G U into gu
+  int live_ld;
+  unsigned _pad;
 };
-TL_CHECK_PARAMS(HeadGradHParams, 72);
+TL_CHECK_PARAMS(HeadGradHParams, 88);
 
 // head.cu: grad[v, n] += scale * sum_t g[t, v] * b[t, n]   (b: [T, ncols] storage dtype)
 //   used for dU (b = p = s h Vh^T, ncols = r, scale 1) and dW (b = h, ncols = d, scale 1).
 struct HeadGradParamParams {
-  const void* g;  // [T, V], dtype G
-  const void* b;  // [T, ncols]
-  float* grad;    // [V, ncols] f32, added into
+  const void* g;     // [T, V], dtype G
+  const void* b;     // [T, ncols]
+  float* grad;       // [V, ncols] f32, added into
+  const int* live;   // null, or [ceil(T/128), live_ld] tile flags as in HeadGradHParams
   int tokens;
   int vocab;
   int ncols;
   float scale;
+  int live_ld;
+  unsigned _pad;
 };
-TL_CHECK_PARAMS(HeadGradParamParams, 40);
+TL_CHECK_PARAMS(HeadGradParamParams, 56);
 
 // xent.cu: per (token tile, vocabulary split) online logsumexp of the softcapped
 // logits [h | p] . [W | U]^T, never stored: part_max/part_sum [splits, T], and
@@ -156,6 +162,7 @@ struct XentGradLogitsParams {
   const int* targets;   // [T] validated: in [0, V) or -1 (ignored)
   const float* lse;     // [T] from the forward
   void* g;              // [T, cols] storage dtype (written)
+  int* live;            // [ceil(T/128), ceil(cols/128)] (written): 0 = tile filtered to 0
   int tokens;
   int vocab;
   int hidden;
@@ -164,8 +171,10 @@ struct XentGradLogitsParams {
   int cols;
   float softcap;        // kappa, 0 = none
   float factor;         // grad_loss / N (mean) or grad_loss (sum); 0 if no valid target
+  float filter;         // a tile whose |G| are all < filter * |factor| is written as 0; 0 = exact
+  unsigned _pad;
 };
-TL_CHECK_PARAMS(XentGradLogitsParams, 88);
+TL_CHECK_PARAMS(XentGradLogitsParams, 104);
 
 // xent_grad.cu: dh[t, k] = dh_acc[t, k] + scale * sum_j gu[t, j] Vh[j, k].
 struct XentGradFinishParams {

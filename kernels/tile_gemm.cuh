@@ -369,11 +369,18 @@ struct WmmaOrTid<float> {
 // epi(m, n, value, extras_row) is called for every m < M, n < N of the tile;
 // extras_row points at the row's RX extra results (f32, shared) or is nullptr.
 // xepi(m, j, value) is called for every m < M and extra column j < RX.
+// live(k0) says whether the K step [k0, k0 + BK) can contribute; steps it
+// rejects are neither loaded nor multiplied (the cross-entropy backward's
+// gradient filter). It must give the same answer in every thread of the block.
+struct AllLive {
+  TL_DEVICE bool operator()(int) const { return true; }
+};
+
 template <class CT, class Shape, int WM, int WN, class SA0, class SA1, class SB0, class SB1, class SX0, class SX1,
-          class Epi, class XEpi>
+          class Epi, class XEpi, class Live = AllLive>
 TL_DEVICE void tile_gemm(unsigned char* smem_raw, const SegRows<SA0, SA1>& a, const SegRows<SB0, SB1>& b,
                          const SegRows<SX0, SX1>& x, int M, int N, int k_total, int m0, int n0, Epi&& epi,
-                         XEpi&& xepi) {
+                         XEpi&& xepi, Live live = Live{}) {
   using Math = typename MathFor<CT, Shape, WM, WN>::type;
   CT* As = reinterpret_cast<CT*>(smem_raw);
   CT* Bs = As + Shape::A_ELEMS;
@@ -397,40 +404,59 @@ TL_DEVICE void tile_gemm(unsigned char* smem_raw, const SegRows<SA0, SA1>& a, co
 
   Math math;
   math.zero();
+  // First live K step at or after k (k_total if none).
+  auto next_live = [&](int k) {
+    while (k < k_total && !live(k)) k += Shape::BK;
+    return k;
+  };
   if constexpr (Shape::STAGES == 1) {
-    load(0);
-    for (int k0 = 0; k0 < k_total; k0 += Shape::BK) {
+    int k0 = next_live(0);
+    if (k0 < k_total) load(k0);
+    while (k0 < k_total) {
       store();
       __syncthreads();
-      if (k0 + Shape::BK < k_total) load(k0 + Shape::BK);  // in flight during the math below
+      const int kn = next_live(k0 + Shape::BK);
+      if (kn < k_total) load(kn);  // in flight during the math below
       math.step(As, Bs, Xs, WmmaOrTid<CT>::pick(warp, tid));
       __syncthreads();
+      k0 = kn;
     }
   } else {
     constexpr int S = Shape::STAGES;
     using SA = Stage<CT, Shape::A_OUT, Shape::A_IN, Shape::LDA>;
     using SB = Stage<CT, Shape::B_OUT, Shape::B_IN, Shape::LDB>;
     using SXs = Stage<CT, Shape::BK, (Shape::RX > 0 ? Shape::RX : Vec16<CT>::N), Shape::LDX>;
-    const int kt_total = (k_total + Shape::BK - 1) / Shape::BK;
-    auto issue = [&](int kt) {
-      CT* base = As + (kt % S) * Shape::STAGE_ELEMS;
-      const int k0 = kt * Shape::BK;
+    // Stages one K step into ring slot `slot`.
+    auto issue = [&](int slot, int k0) {
+      CT* base = As + slot * Shape::STAGE_ELEMS;
       if (Shape::A_COL) SA::issue(a, k0, m0, tid, base); else SA::issue(a, m0, k0, tid, base);
       if (Shape::B_COL) SB::issue(b, n0, k0, tid, base + Shape::A_ELEMS);
       else SB::issue(b, k0, n0, tid, base + Shape::A_ELEMS);
       if constexpr (Shape::RX > 0) SXs::issue(x, k0, 0, tid, base + Shape::A_ELEMS + Shape::B_ELEMS);
     };
+    // Ring slots advance with wrap-around counters (no % in the loop).
+    int pending = 0, slot_in = 0, slot_out = 0;
+    int k_next = next_live(0);
+    auto issue_next = [&]() {
+      if (k_next >= k_total) return;
+      issue(slot_in, k_next);
+      slot_in = slot_in + 1 == S ? 0 : slot_in + 1;
+      ++pending;
+      k_next = next_live(k_next + Shape::BK);
+    };
 #pragma unroll
-    for (int kt = 0; kt < S - 1; ++kt) {
-      if (kt < kt_total) issue(kt);
+    for (int s = 0; s < S - 1; ++s) {
+      issue_next();
       tl_cp_async_commit();
     }
-    for (int kt = 0; kt < kt_total; ++kt) {
-      tl_cp_async_wait<S - 2>();  // tile kt has landed (for this thread)
-      __syncthreads();            // ... for every thread; tile kt - 1 is no longer read
-      if (kt + S - 1 < kt_total) issue(kt + S - 1);
+    while (pending > 0) {
+      tl_cp_async_wait<S - 2>();  // the oldest pending step has landed (for this thread)
+      __syncthreads();            // ... for every thread; the previous step is no longer read
+      --pending;
+      issue_next();
       tl_cp_async_commit();
-      CT* base = As + (kt % S) * Shape::STAGE_ELEMS;
+      CT* base = As + slot_out * Shape::STAGE_ELEMS;
+      slot_out = slot_out + 1 == S ? 0 : slot_out + 1;
       math.step(base, base + Shape::A_ELEMS, base + Shape::A_ELEMS + Shape::B_ELEMS, WmmaOrTid<CT>::pick(warp, tid));
     }
     tl_cp_async_wait<0>();

@@ -6,8 +6,11 @@
 //           z = [h | p] . [W | U]^T of columns [col0, col0 + cols) with the
 //           forward's K = d + r tile GEMM and writes, in the epilogue,
 //             G[t, c] = (exp(z'[t, v] - lse[t]) - [v == y_t]) * slope(z[t, v]) * factor
-//           (v = col0 + c) to g [T, cols] in the storage dtype. The head
-//           backward's GEMMs (head.cu) then consume the chunk while it is in L2.
+//           (v = col0 + c) to g [T, cols] in the storage dtype, and live[i, j]
+//           = whether tile (i, j) has an entry >= filter * |factor| (else the
+//           tile is written as 0: the optional gradient filter). The head
+//           backward's GEMMs (head.cu) then consume the chunk while it is in
+//           L2, skipping the tiles flagged 0.
 // finish    grid (T, ceil(d / 256)), 256 threads:
 //           dh[t, k] = dh_acc[t, k] + scale * sum_j gu[t, j] Vh[j, k].
 #include "params.h"
@@ -58,11 +61,28 @@ TL_DEVICE void xent_grad_logits(const XentGradLogitsParams& p) {
   const GradOfLogit gof{p.targets, p.lse, p.softcap, p.factor};
   T* g = static_cast<T*>(p.g);
   const long long ldg = p.cols;
+  const int m0 = static_cast<int>(blockIdx.x) * S::BM, n0 = static_cast<int>(blockIdx.y) * S::BN;
+  const float thresh = p.filter * fabsf(p.factor);
+  bool big = false;
   tl::tile_gemm<T, S, 2, 4>(
-      smem, a, b, none, p.tokens, p.cols, p.hidden + p.rank, static_cast<int>(blockIdx.x) * S::BM,
-      static_cast<int>(blockIdx.y) * S::BN,
-      [&](int m, int c, float z, const float*) { g[m * ldg + c] = tl_from_float<T>(gof(m, p.col0 + c, z)); },
+      smem, a, b, none, p.tokens, p.cols, p.hidden + p.rank, m0, n0,
+      [&](int m, int c, float z, const float*) {
+        const float gv = gof(m, p.col0 + c, z);
+        big = big || !(fabsf(gv) < thresh);  // NaN counts as big: never filtered away
+        g[m * ldg + c] = tl_from_float<T>(gv);
+      },
       [](int, int, float) {});
+  // Gradient filter: a tile whose entries are all below the threshold is
+  // dropped (written as 0, flagged so the consumers skip it). With filter 0
+  // every tile is live (|G| < 0 never holds).
+  const bool live = __syncthreads_or(big) != 0;
+  if (!live) {
+    const int rows = min(S::BM, p.tokens - m0), cols = min(S::BN, p.cols - n0);
+    for (int e = static_cast<int>(tl_thread_linear()); e < rows * cols; e += tl::kGemmThreads) {
+      g[(m0 + e / cols) * ldg + n0 + e % cols] = tl_from_float<T>(0.0f);
+    }
+  }
+  if (tl_thread_linear() == 0) p.live[static_cast<long long>(blockIdx.x) * gridDim.y + blockIdx.y] = live ? 1 : 0;
 }
 
 template <class T>

@@ -70,6 +70,7 @@ pub struct LoraConfig {
     logit_softcap: Option<f64>,
     ignore_index: i64,
     reduction: Reduction,
+    xent_grad_filter: Option<f64>,
 }
 
 /// Builder for [`LoraConfig`]; defaults follow PEFT (`lora_alpha = 8`, no rsLoRA)
@@ -93,6 +94,7 @@ impl LoraConfig {
                 logit_softcap: None,
                 ignore_index: -100,
                 reduction: Reduction::Mean,
+                xent_grad_filter: None,
             },
         }
     }
@@ -137,6 +139,11 @@ impl LoraConfig {
     pub fn reduction(&self) -> Reduction {
         self.reduction
     }
+    /// Gradient filter ε of the fused cross-entropy backward, if on (see
+    /// [`LoraConfigBuilder::xent_grad_filter`]).
+    pub fn xent_grad_filter(&self) -> Option<f64> {
+        self.xent_grad_filter
+    }
 }
 
 impl LoraConfigBuilder {
@@ -175,6 +182,26 @@ impl LoraConfigBuilder {
     /// Loss reduction (default mean).
     pub fn reduction(mut self, reduction: Reduction) -> Self {
         self.cfg.reduction = reduction;
+        self
+    }
+
+    /// Approximate fused cross-entropy backward (off by default: exact).
+    ///
+    /// With ε set, the kernel backends drop every 128 × 128 tile (128 tokens ×
+    /// 128 vocabulary entries) of G = ∂loss/∂logits whose entries all satisfy
+    /// |G| < ε·f, where f = `grad_loss` / N (mean) or `grad_loss` (sum) bounds
+    /// every |G| entry; the gradient GEMMs skip those tiles (the logits are
+    /// still recomputed: the filter decides from them). Each dropped entry is
+    /// below ε·f, so the error is bounded element-wise:
+    /// |Δdh[t, k]| ≤ ε·f·Σ_v |W'[v, k]| (W' = W + s·U·Vh),
+    /// |ΔdU[v, j]| ≤ ε·f·Σ_t |p[t, j]| (p = s·h·Vhᵀ), |ΔdW[v, k]| ≤ ε·f·Σ_t |h[t, k]|,
+    /// |ΔdVh[j, k]| ≤ s·Σ_t (ε·f·Σ_v |U[v, j]|)·|h[t, k]|;
+    /// `tests/kernels_cpu.rs` checks exactly these bounds. Worth it when the
+    /// softmax is peaked (trained models): most tiles then hold only tiny
+    /// probabilities. The CPU reference ignores the filter and stays exact.
+    /// Must be in (0, 1).
+    pub fn xent_grad_filter(mut self, eps: f64) -> Self {
+        self.cfg.xent_grad_filter = Some(eps);
         self
     }
 
@@ -223,6 +250,15 @@ impl LoraConfigBuilder {
                     field: "logit_softcap",
                     value: k.to_string(),
                     reason: "must be finite and > 0",
+                });
+            }
+        }
+        if let Some(eps) = c.xent_grad_filter {
+            if !(eps > 0.0 && eps < 1.0) {
+                return Err(Error::InvalidConfig {
+                    field: "xent_grad_filter",
+                    value: eps.to_string(),
+                    reason: "must be in (0, 1)",
                 });
             }
         }

@@ -253,3 +253,14 @@ fn xent_backward_extreme_logits() {
     assert_all(xent_backward_case::<f32, _>(&k, XentCase { softcap: None, ..base }));
     assert_all(xent_backward_case::<bf16, _>(&k, XentCase { tol: Some(f64::INFINITY), ..base }));
 }
+
+/// The optional gradient filter: drops tiles on peaked logits, within the
+/// documented bounds; no change at a vanishing ε. Both GEMM main loops.
+#[test]
+fn xent_backward_gradient_filter() {
+    for pipelined in [false, true] {
+        let k = CpuKernels { pipelined, xent_chunk_bytes: 1 };
+        assert_all(common::parity::xent_filter_case(&k, 1000, 40, 4, 130, 1e-3));
+        assert_all(common::parity::xent_filter_case(&k, 2000, 24, 16, 9, 2f64.powi(-12)));
+    }
+}

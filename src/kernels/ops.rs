@@ -348,6 +348,8 @@ struct GradH {
     gu: u64,
     rows: usize,
     accumulate: bool,
+    /// Tile flags of G (`kernels/params.h`) and their row length, if filtered.
+    live: Option<(u64, usize)>,
 }
 
 /// `dh = G W + s (G U) Vh` and `gu = G U` (or, accumulating, f32 `dh += G W`, `gu += G U`).
@@ -367,6 +369,9 @@ fn grad_h<E: Executor>(e: &E, cfg: &LoraConfig, t: DType, gt: DType, op: GradH, 
         rank: i32_of("rank", r)?,
         scale: cfg.scale() as f32,
         accumulate: i32::from(op.accumulate),
+        live: op.live.map_or(0, |l| l.0),
+        live_ld: op.live.map_or(0, |l| l.1 as i32),
+        _pad: 0,
     };
     let tg = tg_name(t, gt, ["f32_f32", "f16_f16", "f16_f32", "bf16_bf16", "bf16_f32"])?;
     let sfx = stage_suffix(e, t, gt);
@@ -384,7 +389,7 @@ fn grad_h<E: Executor>(e: &E, cfg: &LoraConfig, t: DType, gt: DType, op: GradH, 
 }
 
 /// `grad[v, :] += Gᵀ[v, :] · b` over `rows` vocabulary rows: G [T, rows] in
-/// `gt`, `b` [T, ncols] in `t`, `grad` [rows, ncols] f32.
+/// `gt`, `b` [T, ncols] in `t`, `grad` [rows, ncols] f32; `live` as in [`GradH`].
 #[allow(clippy::too_many_arguments)]
 fn grad_param<E: Executor>(
     e: &E,
@@ -396,15 +401,19 @@ fn grad_param<E: Executor>(
     tokens: usize,
     rows: usize,
     ncols: usize,
+    live: Option<(u64, usize)>,
 ) -> Result<()> {
     let params = HeadGradParamParams {
         g,
         b,
         grad,
+        live: live.map_or(0, |l| l.0),
         tokens: i32_of("tokens", tokens)?,
         vocab: i32_of("vocab", rows)?,
         ncols: i32_of("columns", ncols)?,
         scale: 1.0,
+        live_ld: live.map_or(0, |l| l.1 as i32),
+        _pad: 0,
     };
     let tg = tg_name(t, gt, ["f32_f32", "f16_f16", "f16_f32", "bf16_bf16", "bf16_f32"])?;
     let sfx = stage_suffix(e, t, gt);
@@ -440,14 +449,14 @@ pub fn head_backward<E: Executor>(
     let p = e.scratch(tokens * r * t.size())?;
     lora_down(e, cfg, t, t, h, wt.vh, e.addr(&p), tokens, cfg.scale())?;
     let gu = e.scratch(tokens * r * 4)?;
-    let op = GradH { g, w: wt.w, u: wt.u, vh: wt.vh, dh, gu: e.addr(&gu), rows: v, accumulate: false };
+    let op = GradH { g, w: wt.w, u: wt.u, vh: wt.vh, dh, gu: e.addr(&gu), rows: v, accumulate: false, live: None };
     grad_h(e, cfg, t, gt, op, tokens)?;
     // dU += Gᵀ p, p = s·h·Vhᵀ already carries the scale.
-    grad_param(e, t, gt, g, e.addr(&p), grads.u, tokens, v, r)?;
+    grad_param(e, t, gt, g, e.addr(&p), grads.u, tokens, v, r, None)?;
     // dVh += s · guᵀ h.
     lora_up(e, cfg, t, e.addr(&gu), 0, h, grads.vh, tokens, cfg.scale())?;
     if let Some(dw) = grads.w {
-        grad_param(e, t, gt, g, h, dw, tokens, v, d)?;
+        grad_param(e, t, gt, g, h, dw, tokens, v, d, None)?;
     }
     Ok(())
 }
@@ -772,13 +781,14 @@ pub fn head_xent_backward_scratch_bytes(
     let chunk = xent_chunk_cols(cfg, t, tokens, chunk_bytes);
     let up_chunk = UP_CHUNK.max(tokens.div_ceil(4 * sms as usize));
     [
-        tokens * 4,                            // validated targets
-        16,                                    // their status word
-        tokens * r * t.size(),                 // p = s·h·Vhᵀ
-        tokens * d * 4,                        // dh accumulator
-        tokens * r * 4,                        // gu = G U
-        tokens * chunk * t.size(),             // one G chunk
-        tokens.div_ceil(up_chunk) * r * d * 4, // dVh partials (lora_up)
+        tokens * 4,                               // validated targets
+        16,                                       // their status word
+        tokens * r * t.size(),                    // p = s·h·Vhᵀ
+        tokens * d * 4,                           // dh accumulator
+        tokens * r * 4,                           // gu = G U
+        tokens * chunk * t.size(),                // one G chunk
+        tokens.div_ceil(128) * (chunk / 128) * 4, // its tile flags
+        tokens.div_ceil(up_chunk) * r * d * 4,    // dVh partials (lora_up)
     ]
     .iter()
     .map(|&b| b.max(16))
@@ -821,6 +831,9 @@ pub fn head_xent_backward<E: Executor>(
     let chunk = xent_chunk_cols(cfg, t, tokens, e.xent_chunk_bytes());
     let g = e.scratch(tokens * chunk * t.size())?;
     let g_addr = e.addr(&g);
+    let (tiles_m, tiles_c) = (tokens.div_ceil(GEMM_TILE as usize), chunk / GEMM_TILE as usize);
+    let live = e.scratch(tiles_m * tiles_c * 4)?;
+    let filter = cfg.xent_grad_filter().unwrap_or(0.0) as f32;
     let shared_bytes = gemm_shared_bytes(t.size(), 128, 128, 32, false, true, 0, 1);
     if valid > 0 {
         for col0 in (0..v).step_by(chunk) {
@@ -833,6 +846,7 @@ pub fn head_xent_backward<E: Executor>(
                 targets: e.addr(&t32),
                 lse,
                 g: g_addr,
+                live: e.addr(&live),
                 tokens: i32_of("tokens", tokens)?,
                 vocab: i32_of("vocab", v)?,
                 hidden: i32_of("hidden", d)?,
@@ -841,6 +855,8 @@ pub fn head_xent_backward<E: Executor>(
                 cols: cols as i32,
                 softcap: cfg.logit_softcap().unwrap_or(0.0) as f32,
                 factor,
+                filter,
+                _pad: 0,
             };
             let plan = LaunchPlan {
                 kernel: by_dtype!(t, "tl_xent_grad_logits_", ""),
@@ -849,8 +865,12 @@ pub fn head_xent_backward<E: Executor>(
                 shared_bytes,
             };
             // SAFETY: h [T, d], W [V, d], U [V, r], lse [T] (caller); p [T, r],
-            // targets [T] and g [T, chunk] >= [T, cols] allocated above.
+            // targets [T], g [T, chunk] >= [T, cols] and live [tiles_m,
+            // tiles_c] >= the grid, allocated above.
             unsafe { e.launch(&plan, &params)? };
+            // The tile flags (row length = this chunk's column tiles) let the
+            // consumers skip filtered tiles; without a filter every tile is live.
+            let flags = (filter > 0.0).then(|| (e.addr(&live), cols.div_ceil(GEMM_TILE as usize)));
             let (w_rows, u_rows) = (wt.w + (col0 * d * t.size()) as u64, wt.u + (col0 * r * 4) as u64);
             let op = GradH {
                 g: g_addr,
@@ -861,11 +881,12 @@ pub fn head_xent_backward<E: Executor>(
                 gu: e.addr(&gu),
                 rows: cols,
                 accumulate: true,
+                live: flags,
             };
             grad_h(e, cfg, t, t, op, tokens)?;
-            grad_param(e, t, t, g_addr, e.addr(&p), grads.u + (col0 * r * 4) as u64, tokens, cols, r)?;
+            grad_param(e, t, t, g_addr, e.addr(&p), grads.u + (col0 * r * 4) as u64, tokens, cols, r, flags)?;
             if let Some(dw) = grads.w {
-                grad_param(e, t, t, g_addr, h, dw + (col0 * d * 4) as u64, tokens, cols, d)?;
+                grad_param(e, t, t, g_addr, h, dw + (col0 * d * 4) as u64, tokens, cols, d, flags)?;
             }
         }
     }

@@ -46,14 +46,13 @@ params! {
         tokens: i32, vocab: i32, hidden: i32, rank: i32,
     }
     /// `head.cu`: `dh = G W + s (G U) Vh`, `gu = G U`.
-    HeadGradHParams (72) {
-        g: u64, w: u64, u: u64, vh: u64, dh: u64, gu: u64,
-        tokens: i32, vocab: i32, hidden: i32, rank: i32, scale: f32, accumulate: i32,
+    HeadGradHParams (88) {
+        g: u64, w: u64, u: u64, vh: u64, dh: u64, gu: u64, live: u64,
+        tokens: i32, vocab: i32, hidden: i32, rank: i32, scale: f32, accumulate: i32, live_ld: i32, _pad: u32,
     }
     /// `head.cu`: `grad[v, :] += scale · Σ_t G[t, v] · B[t, :]`.
-    HeadGradParamParams (40) {
-        g: u64, b: u64, grad: u64,
-        tokens: i32, vocab: i32, ncols: i32, scale: f32,
+    HeadGradParamParams (56) {
+        g: u64, b: u64, grad: u64, live: u64, tokens: i32, vocab: i32, ncols: i32, scale: f32, live_ld: i32, _pad: u32,
     }
     /// `embed.cu`: `out[t] = c·(W[ids[t]] + s·U[ids[t]]·Vh)`.
     EmbedForwardParams (64) {
@@ -81,9 +80,10 @@ params! {
         tokens: i32, splits: i32, scale: f32, _pad: u32,
     }
     /// `xent_grad.cu`: G of one vocabulary chunk, from recomputed logits.
-    XentGradLogitsParams (88) {
-        h: u64, p: u64, w: u64, u: u64, targets: u64, lse: u64, g: u64,
+    XentGradLogitsParams (104) {
+        h: u64, p: u64, w: u64, u: u64, targets: u64, lse: u64, g: u64, live: u64,
         tokens: i32, vocab: i32, hidden: i32, rank: i32, col0: i32, cols: i32, softcap: f32, factor: f32,
+        filter: f32, _pad: u32,
     }
     /// `xent_grad.cu`: dh from the f32 accumulators, plus the LoRA term.
     XentGradFinishParams (48) {

@@ -283,3 +283,78 @@ pub fn xent_backward_case<T: Element, H: Harness>(k: &H, c: XentCase) -> Vec<Che
     one("one valid target", &single);
     checks
 }
+
+/// The gradient filter of the fused cross-entropy backward
+/// (`LoraConfigBuilder::xent_grad_filter`): on peaked logits it drops some G
+/// tiles (the result changes), the change stays within the documented
+/// element-wise bounds, and a vanishing ε changes no bit. `t` tokens, f32.
+pub fn xent_filter_case<H: Harness>(k: &H, v: usize, d: usize, r: usize, t: usize, eps: f64) -> Vec<Check> {
+    let mut rng = fresh_rng(&format!("xent filter V={v} d={d} r={r} T={t} eps={eps}"));
+    let exact = LoraConfig::builder(v, d, r).alpha(2.0 * r as f64).build().unwrap();
+    let filtered = LoraConfig::builder(v, d, r).alpha(2.0 * r as f64).xent_grad_filter(eps).build().unwrap();
+    let tiny = LoraConfig::builder(v, d, r).alpha(2.0 * r as f64).xent_grad_filter(1e-30).build().unwrap();
+    let w: Vec<f32> = normal(&mut rng, v * d, 0.5);
+    let u: Vec<f32> = normal(&mut rng, v * r, 0.1);
+    let vh: Vec<f32> = normal(&mut rng, r * d, 0.5);
+    // Peaked softmax (logits with a standard deviation of ~30), as in a
+    // trained model: outside a few columns per token every |G| is tiny.
+    let h: Vec<f32> = normal(&mut rng, t * d, 10.0);
+    let targets = super::rand_inputs::ids(&mut rng, t, v);
+    let wt = HostWeights { w: &w, u: &u, vh: &vh };
+    let grad_loss = 1.0f32;
+    let (_, lse) = Harness::xent_forward(&Cpu::new(), &exact, wt, &h, &targets).unwrap();
+    let run = |cfg: &LoraConfig| {
+        let mut g = HostGrads::zeros(cfg, true);
+        let dh = Harness::xent_backward(k, cfg, wt, &h, &targets, &lse, grad_loss, &mut g).unwrap();
+        (dh, g)
+    };
+    let (dh_e, g_e) = run(&exact);
+    let (dh_f, g_f) = run(&filtered);
+    let (dh_t, g_t) = run(&tiny);
+    assert_eq!((&dh_t, &g_t.lora_vocab, &g_t.lora_hidden, &g_t.w), (&dh_e, &g_e.lora_vocab, &g_e.lora_hidden, &g_e.w));
+    assert!(dh_f != dh_e || g_f.lora_vocab != g_e.lora_vocab, "ε = {eps} dropped no tile: the case tests nothing");
+
+    // Documented bounds, in f64 from the inputs.
+    let s = exact.scale();
+    let f = grad_loss as f64 / t as f64; // mean over t valid targets
+    let be = eps * f;
+    let p: Vec<f64> = (0..t * r)
+        .map(|i| s * (0..d).map(|k| h[i / r * d + k] as f64 * vh[i % r * d + k] as f64).sum::<f64>())
+        .collect();
+    let w_eff = |vi: usize, kk: usize| {
+        w[vi * d + kk] as f64 + s * (0..r).map(|j| u[vi * r + j] as f64 * vh[j * d + kk] as f64).sum::<f64>()
+    };
+    let col_w: Vec<f64> = (0..d).map(|kk| (0..v).map(|vi| w_eff(vi, kk).abs()).sum()).collect();
+    let col_p: Vec<f64> = (0..r).map(|j| (0..t).map(|ti| p[ti * r + j].abs()).sum()).collect();
+    let col_h: Vec<f64> = (0..d).map(|kk| (0..t).map(|ti| (h[ti * d + kk] as f64).abs()).sum()).collect();
+    let col_u: Vec<f64> = (0..r).map(|j| (0..v).map(|vi| (u[vi * r + j] as f64).abs()).sum()).collect();
+    let bound_dh = |i: usize| be * col_w[i % d];
+    let bound_du = |i: usize| be * col_p[i % r];
+    let bound_dw = |i: usize| be * col_h[i % d];
+    let bound_dvh = |i: usize| s * be * col_u[i / d] * col_h[i % d];
+    let mut checks = Vec::new();
+    let mut within = |tensor: &str, got: &[f32], exact: &[f32], bound: &dyn Fn(usize) -> f64| {
+        // Slack for the f32 rounding of a different summation order.
+        let scale = exact.iter().fold(0f64, |m, x| m.max((*x as f64).abs()));
+        let worst = got
+            .iter()
+            .zip(exact)
+            .enumerate()
+            .map(|(i, (a, b))| (*a as f64 - *b as f64).abs() / (bound(i) + 1e-5 * scale))
+            .fold(0f64, f64::max);
+        checks.push(Check {
+            case: format!("filter V={v} d={d} r={r} T={t} eps={eps}"),
+            op: "head_xent_backward",
+            backend: format!("{} f32", k.name()),
+            tensor: format!("{tensor}: |filtered - exact| / bound"),
+            err: worst,
+            tol: 1.0,
+            skipped: false,
+        });
+    };
+    within("dh", &dh_f, &dh_e, &bound_dh);
+    within("dU", &g_f.lora_vocab, &g_e.lora_vocab, &bound_du);
+    within("dW", g_f.w.as_ref().unwrap(), g_e.w.as_ref().unwrap(), &bound_dw);
+    within("dVh", &g_f.lora_hidden, &g_e.lora_hidden, &bound_dvh);
+    checks
+}
