@@ -84,6 +84,7 @@ mod params {
         GatherParams (32) { ids: u64, src: u64, out: u64, tokens: i32, ncols: i32 }
         ScatterAddParams (40) { ids: u64, src: u64, out: u64, tokens: i32, ncols: i32, scale: f32, _pad: u32 }
         DiffNormParams (32) { a: u64, b: u64, partial: u64, n: u64 }
+        XentRowsParams (40) { logits: u64, targets: u64, row_loss: u64, tokens: i32, vocab: i32, softcap: f32, scale: f32 }
     }
 }
 
@@ -101,6 +102,8 @@ struct Shape {
     rank: usize,
     alpha: f64,
     embed_scale: f64,
+    /// Final-logit softcap of the model (Gemma 2: 30), for the cross-entropy rows.
+    softcap: Option<f64>,
 }
 
 const GEMMA: Shape = Shape {
@@ -112,6 +115,7 @@ const GEMMA: Shape = Shape {
     rank: 16,
     alpha: 32.0,
     embed_scale: 48.0, // sqrt(2304)
+    softcap: Some(30.0),
 };
 const LLAMA: Shape = Shape {
     key: "llama",
@@ -122,6 +126,7 @@ const LLAMA: Shape = Shape {
     rank: 16,
     alpha: 32.0,
     embed_scale: 1.0,
+    softcap: None,
 };
 const QUICK: Shape = Shape {
     key: "quick",
@@ -132,6 +137,7 @@ const QUICK: Shape = Shape {
     rank: 16,
     alpha: 32.0,
     embed_scale: 1.0,
+    softcap: Some(30.0),
 };
 
 /// Relative-norm tolerance for bf16 outputs (DESIGN.md §3).
@@ -222,7 +228,7 @@ fn addr<T>(s: &CudaSlice<T>, stream: &CudaStream) -> u64 {
     p
 }
 
-const BENCH_KERNELS: [&str; 8] = [
+const BENCH_KERNELS: [&str; 9] = [
     "tl_bench_fill_f32",
     "tl_bench_fill_bf16",
     "tl_bench_cast_f32_bf16",
@@ -231,6 +237,7 @@ const BENCH_KERNELS: [&str; 8] = [
     "tl_bench_scatter_add_f32",
     "tl_bench_diff_norm_f32",
     "tl_bench_diff_norm_bf16",
+    "tl_bench_xent_rows_bf16",
 ];
 const THREADS: u32 = 256;
 
@@ -709,6 +716,35 @@ impl Gpu {
         };
         // SAFETY: every id is < ids.vocab, out holds vocab rows of ncols, src tokens rows (checked above).
         unsafe { self.k.launch("tl_bench_scatter_add_f32", self.k.grid((tokens * ncols) as u64), &p) }
+    }
+
+    /// Cross-entropy over stored bf16 logits [T, V] (replaced by G in place);
+    /// per-row losses (times `scale`) into `row_loss`.
+    fn xent_rows(
+        &self,
+        logits: &mut CudaSlice<bf16>,
+        ids: &Ids,
+        row_loss: &mut CudaSlice<f32>,
+        softcap: f32,
+        scale: f32,
+    ) -> Res<()> {
+        let tokens = ids.buf.len();
+        if logits.len() < tokens * ids.vocab || row_loss.len() < tokens {
+            return Err("xent_rows: buffer sizes do not match the targets".into());
+        }
+        let p = XentRowsParams {
+            logits: addr(logits, &self.stream),
+            targets: addr(&ids.buf, &self.stream),
+            row_loss: addr(row_loss, &self.stream),
+            tokens: tokens as i32,
+            vocab: ids.vocab as i32,
+            softcap,
+            scale,
+        };
+        let blocks = (tokens as u64).clamp(1, self.k.max_blocks) as u32;
+        // SAFETY: logits hold tokens rows of vocab bf16, every target < vocab
+        // (Ids invariant), row_loss tokens f32 (checked above).
+        unsafe { self.k.launch("tl_bench_xent_rows_bf16", blocks, &p) }
     }
 
     /// `‖a − b‖ / ‖b‖` computed on the device (f64 partial sums).
@@ -1370,6 +1406,238 @@ fn bench_head_backward(gpu: &Gpu, m: &Model, st: &Settings, rep: &mut Report) ->
     Ok(())
 }
 
+/// Buffers of one cross-entropy path (loss, per-token lse or losses, dh, dU, dVh).
+struct XentBufs {
+    loss: CudaSlice<f32>,
+    rows: CudaSlice<f32>,
+    dh: CudaSlice<bf16>,
+    du: CudaSlice<f32>,
+    dvh: CudaSlice<f32>,
+}
+
+impl XentBufs {
+    fn new(gpu: &Gpu, t: usize, v: usize, d: usize, r: usize) -> Res<Self> {
+        Ok(XentBufs {
+            loss: gpu.zeros::<f32>(1)?,
+            rows: gpu.zeros::<f32>(t)?,
+            dh: gpu.alloc::<bf16>(t * d)?,
+            du: gpu.zeros::<f32>(v * r)?,
+            dvh: gpu.zeros::<f32>(r * d)?,
+        })
+    }
+}
+
+/// The head + cross-entropy: ours fused (no [T, V] buffer) against the
+/// materialized paths (logits stored, then a cross-entropy over them), for
+/// the loss alone and for loss + gradients (LoRA mode, mean over T targets).
+fn bench_xent(gpu: &Gpu, m: &Model, st: &Settings, rep: &mut Report) -> Res<()> {
+    let sh = &m.shape;
+    let (t, v, d, r) = m.dims();
+    let mut b = LoraConfig::builder(v, d, r).alpha(sh.alpha).embed_scale(sh.embed_scale);
+    if let Some(k) = sh.softcap {
+        b = b.logit_softcap(k);
+    }
+    let cfg = b.build().ctx("LoraConfig")?;
+    let kappa = sh.softcap.unwrap_or(0.0) as f32;
+    let mean = 1.0 / t as f32;
+    let mut h = [gpu.alloc::<bf16>(t * d)?, gpu.alloc::<bf16>(t * d)?];
+    gpu.fill_bf16(&mut h[0], 1.0, 10)?;
+    gpu.fill_bf16(&mut h[1], 1.0, 11)?;
+    let ids = [make_ids(gpu, t, v, 3)?.0, make_ids(gpu, t, v, 4)?.0];
+    let mut ours = XentBufs::new(gpu, t, v, d, r)?;
+    let mut mat = XentBufs::new(gpu, t, v, d, r)?;
+    let flop_fwd = 2.0 * (t * v) as f64 * (d + r) as f64;
+    let flop_base = 2.0 * (t * v) as f64 * d as f64;
+    // Forward + backward: the logits GEMM, dh = G·[W | U], dU = Gᵀ·p (LoRA mode).
+    let flop_all = 2.0 * (t * v) as f64 * (2 * (d + r) + r) as f64;
+    let tf = |f: f64, tm: &Timing| f / (tm.median_ms * 1e-3) / 1e12;
+
+    let fused_fwd = |i: usize, o: &mut XentBufs| {
+        gpu.cuda.head_xent_forward::<bf16, u32>(
+            &cfg,
+            &m.weights(),
+            h[i % 2].as_view(),
+            ids[i % 2].buf.as_view(),
+            o.loss.as_view_mut(),
+            o.rows.as_view_mut(),
+        )
+    };
+    let fused_all = |i: usize, o: &mut XentBufs| -> tiedlora::Result<()> {
+        fused_fwd(i, o)?;
+        let mut grads = Grads { lora_vocab: o.du.as_view_mut(), lora_hidden: o.dvh.as_view_mut(), w: None };
+        gpu.cuda.head_xent_backward::<bf16, u32>(
+            &cfg,
+            &m.weights(),
+            h[i % 2].as_view(),
+            ids[i % 2].buf.as_view(),
+            o.rows.as_view(),
+            1.0,
+            o.dh.as_view_mut(),
+            &mut grads,
+        )
+    };
+    // Materialized with our kernels: logits [T, V], the rows kernel, our head backward.
+    let mat_fwd = |i: usize, o: &mut XentBufs, z: &mut CudaSlice<bf16>| -> Res<()> {
+        tl(gpu.cuda.head_forward(&cfg, &m.weights(), h[i % 2].as_view(), z.as_view_mut()))?;
+        gpu.xent_rows(z, &ids[i % 2], &mut o.rows, kappa, mean)
+    };
+    let mat_all = |i: usize, o: &mut XentBufs, z: &mut CudaSlice<bf16>| -> Res<()> {
+        mat_fwd(i, o, z)?;
+        let mut grads = Grads { lora_vocab: o.du.as_view_mut(), lora_hidden: o.dvh.as_view_mut(), w: None };
+        tl(gpu.cuda.head_backward::<bf16, bf16>(
+            &cfg,
+            &m.weights(),
+            h[i % 2].as_view(),
+            z.as_view(),
+            o.dh.as_view_mut(),
+            &mut grads,
+        ))
+    };
+    // The PEFT path: unfused cuBLAS forward, the rows kernel, PEFT's autograd backward.
+    let peft_all = |i: usize, o: &mut XentBufs, z: &mut CudaSlice<bf16>| -> Res<()> {
+        unfused_head_forward(gpu, m, &h[i % 2], z)?;
+        gpu.xent_rows(z, &ids[i % 2], &mut o.rows, kappa, mean)?;
+        unfused_head_backward(gpu, m, &h[i % 2], z, &mut o.dh, &mut o.du, &mut o.dvh)
+    };
+
+    let has_ours = implemented(fused_all(0, &mut ours))?;
+    if !has_ours {
+        rep.rows.push(Row {
+            shape: sh.key.into(),
+            op: "xent",
+            path: "ours (fused)".into(),
+            note: "not implemented".into(),
+            ..Row::default()
+        });
+        return Ok(());
+    }
+    // Correctness: fused vs materialized (ours), one call each from zeroed gradients.
+    {
+        let mut z = gpu.alloc::<bf16>(t * v)?;
+        mat_all(0, &mut mat, &mut z)?;
+        let loss_fused = gpu.stream.clone_dtoh(&ours.loss).ctx("download loss")?[0] as f64;
+        let rows = gpu.stream.clone_dtoh(&mat.rows).ctx("download row losses")?;
+        gpu.sync()?;
+        let loss_mat: f64 = rows.iter().map(|&x| x as f64).sum();
+        rep.check(sh, "xent: loss fused vs materialized", rel_host(&[loss_fused], &[loss_mat]));
+        rep.check(sh, "xent: dh fused vs materialized", gpu.rel_norm(&ours.dh, &mat.dh)?);
+        rep.check(sh, "xent: dU fused vs materialized", gpu.rel_norm(&ours.du, &mat.du)?);
+        rep.check(sh, "xent: dVh fused vs materialized", gpu.rel_norm(&ours.dvh, &mat.dvh)?);
+    }
+
+    // Forward (loss only).
+    let s0 = gpu.cuda.scratch_bytes_allocated();
+    let mem = gpu.mem.measure(&gpu.stream, || tl(fused_fwd(0, &mut ours)))?;
+    let fwd_scratch = gpu.cuda.scratch_bytes_allocated() - s0;
+    let ours_fwd = Some((gpu.time(st.warmup, st.iters, |i| tl(fused_fwd(i, &mut ours)))?, mem));
+    let mut z = gpu.alloc::<bf16>(t * v)?;
+    let mem = gpu.mem.measure(&gpu.stream, || {
+        let mut z2 = gpu.alloc::<bf16>(t * v)?;
+        mat_fwd(0, &mut mat, &mut z2)
+    })?;
+    let mat_fwd_t = Some((gpu.time(st.warmup, st.iters, |i| mat_fwd(i, &mut mat, &mut z))?, mem));
+    let base_t = match gpu.blas() {
+        Ok(_) => {
+            let mem = gpu.mem.measure(&gpu.stream, || cublas_base_gemm(gpu, m, &h[0], &mut z))?;
+            Some((gpu.time(st.warmup, st.iters, |i| cublas_base_gemm(gpu, m, &h[i % 2], &mut z))?, mem))
+        }
+        Err(_) => None,
+    };
+    let base_tf = base_t.map(|(tm, _)| tf(flop_base, &tm));
+    push_timed(
+        rep,
+        sh,
+        "xent_forward",
+        "ours (fused, no logits)",
+        ours_fwd,
+        flop_fwd,
+        mat_fwd_t,
+        base_tf,
+        &format!(
+            "loss + lse; scratch {:.1} MiB; speedup vs materialized; target: time <= 1.15x cuBLAS h·Wᵀ",
+            mib(fwd_scratch as u64)
+        ),
+    );
+    push_timed(
+        rep,
+        sh,
+        "xent_forward",
+        "materialized (our head_forward + xent rows)",
+        mat_fwd_t,
+        flop_fwd,
+        mat_fwd_t,
+        base_tf,
+        "logits [T,V] bf16 stored (counted in memory), 3-pass cross-entropy kernel (also writes G)",
+    );
+    push_timed(
+        rep,
+        sh,
+        "xent_forward",
+        "cuBLAS h·Wᵀ only (logits GEMM)",
+        base_t,
+        flop_base,
+        mat_fwd_t,
+        base_tf,
+        "no LoRA, no loss; the 1.15x reference",
+    );
+
+    // Forward + backward (LoRA mode).
+    let s0 = gpu.cuda.scratch_bytes_allocated();
+    let mem = gpu.mem.measure(&gpu.stream, || tl(fused_all(0, &mut ours)))?;
+    let all_scratch = gpu.cuda.scratch_bytes_allocated() - s0;
+    let ours_all = Some((gpu.time(st.warmup, st.iters, |i| tl(fused_all(i, &mut ours)))?, mem));
+    let mem = gpu.mem.measure(&gpu.stream, || {
+        let mut z2 = gpu.alloc::<bf16>(t * v)?;
+        mat_all(0, &mut mat, &mut z2)
+    })?;
+    let mat_all_t = Some((gpu.time(st.warmup, st.iters, |i| mat_all(i, &mut mat, &mut z))?, mem));
+    let peft_t = match gpu.blas() {
+        Ok(_) => {
+            let mut p = XentBufs::new(gpu, t, v, d, r)?;
+            let mem = gpu.mem.measure(&gpu.stream, || {
+                let mut z2 = gpu.alloc::<bf16>(t * v)?;
+                peft_all(0, &mut p, &mut z2)
+            })?;
+            Some((gpu.time(st.warmup, st.iters, |i| peft_all(i, &mut p, &mut z))?, mem))
+        }
+        Err(_) => None,
+    };
+    push_timed(
+        rep,
+        sh,
+        "xent_fwd_bwd",
+        "ours (fused, no logits)",
+        ours_all,
+        flop_all,
+        peft_t,
+        None,
+        &format!("loss + dh, dU, dVh; scratch {:.1} MiB; speedup vs the PEFT path", mib(all_scratch as u64)),
+    );
+    push_timed(
+        rep,
+        sh,
+        "xent_fwd_bwd",
+        "materialized (ours: head_forward + xent rows + head_backward)",
+        mat_all_t,
+        flop_all,
+        peft_t,
+        None,
+        "logits/G [T,V] bf16 stored",
+    );
+    push_timed(
+        rep,
+        sh,
+        "xent_fwd_bwd",
+        "PEFT path (unfused cuBLAS fwd + xent rows + autograd bwd)",
+        peft_t,
+        flop_all,
+        peft_t,
+        None,
+        "logits/G [T,V] bf16 + LoRA temporaries; the cheapest cross-entropy over stored logits",
+    );
+    Ok(())
+}
+
 fn bench_embed(gpu: &Gpu, m: &Model, st: &Settings, copy_gbs: Option<f64>, rep: &mut Report) -> Res<()> {
     let sh = &m.shape;
     let (t, v, d, r) = m.dims();
@@ -1573,6 +1841,9 @@ fn run_bench(gpu: &Gpu, args: &Args, rep: &mut Report) {
         if let Err(e) = bench_embed(gpu, &m, &st, copy_gbs, rep) {
             rep.error(sh, "embed", "-", e);
         }
+        if let Err(e) = bench_xent(gpu, &m, &st, rep) {
+            rep.error(sh, "xent", "-", e);
+        }
         drop(m);
         let _ = gpu.sync();
         gpu.mem.trim();
@@ -1693,6 +1964,53 @@ fn run_verify(gpu: &Gpu, rep: &mut Report) -> Res<()> {
     unfused_embed_backward(gpu, &m, &ids, &de, &mut du, &mut dvh)?;
     rep.check(&sh, "embed_backward unfused dU vs CPU", rel_host(&down(gpu, &du)?, &du_c));
     rep.check(&sh, "embed_backward unfused dVh vs CPU", rel_host(&down(gpu, &dvh)?, &dvh_c));
+
+    // fused head + cross-entropy (softcap 30, mean), forward and backward
+    let xcfg = LoraConfig::builder(v, d, r).alpha(sh.alpha).logit_softcap_opt(sh.softcap).build().ctx("LoraConfig")?;
+    let (mut lse_c, mut dh_c, mut du_c, mut dvh_c) =
+        (vec![0f32; t], vec![0f32; t * d], vec![0f32; v * r], vec![0f32; r * d]);
+    let mut loss_c = [0f32];
+    tl(cpu.head_xent_forward::<f32, u32>(&xcfg, &cw, &hh, &ids_host, &mut loss_c, &mut lse_c))?;
+    {
+        let mut gr = Grads::<Cpu> { lora_vocab: &mut du_c, lora_hidden: &mut dvh_c, w: None };
+        tl(cpu.head_xent_backward::<f32, u32>(&xcfg, &cw, &hh, &ids_host, &lse_c, 1.0, &mut dh_c, &mut gr))?;
+    }
+    let (mut loss, mut lse) = (gpu.zeros::<f32>(1)?, gpu.zeros::<f32>(t)?);
+    let (mut du, mut dvh) = (gpu.zeros::<f32>(v * r)?, gpu.zeros::<f32>(r * d)?);
+    let fwd = gpu.cuda.head_xent_forward::<bf16, u32>(
+        &xcfg,
+        &m.weights(),
+        h.as_view(),
+        ids.buf.as_view(),
+        loss.as_view_mut(),
+        lse.as_view_mut(),
+    );
+    if implemented(fwd)? {
+        rep.check(&sh, "xent_forward ours loss vs CPU", rel_host(&down(gpu, &loss)?, &[f64::from(loss_c[0])]));
+        rep.check(&sh, "xent_forward ours lse vs CPU", rel_host(&down(gpu, &lse)?, &wide(&lse_c)));
+        let res = {
+            let mut gr = Grads { lora_vocab: du.as_view_mut(), lora_hidden: dvh.as_view_mut(), w: None };
+            gpu.cuda.head_xent_backward::<bf16, u32>(
+                &xcfg,
+                &m.weights(),
+                h.as_view(),
+                ids.buf.as_view(),
+                lse.as_view(),
+                1.0,
+                dh.as_view_mut(),
+                &mut gr,
+            )
+        };
+        if implemented(res)? {
+            rep.check(&sh, "xent_backward ours dh vs CPU", rel_host(&down(gpu, &dh)?, &wide(&dh_c)));
+            rep.check(&sh, "xent_backward ours dU vs CPU", rel_host(&down(gpu, &du)?, &wide(&du_c)));
+            rep.check(&sh, "xent_backward ours dVh vs CPU", rel_host(&down(gpu, &dvh)?, &wide(&dvh_c)));
+        } else {
+            println!("  head_xent_backward ours: not implemented");
+        }
+    } else {
+        println!("  head_xent_forward ours: not implemented");
+    }
     println!("  (CPU reference and comparisons took {:.1} s)", cpu_t0.elapsed().as_secs_f64());
     Ok(())
 }

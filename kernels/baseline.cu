@@ -145,3 +145,51 @@ TL_KERNEL_BOUNDED(tl_bench_scatter_add_f32, ScatterAddParams, TL_BENCH_THREADS) 
 
 TL_KERNEL_BOUNDED(tl_bench_diff_norm_f32, DiffNormParams, TL_BENCH_THREADS) { diff_norm<float>(p); }
 TL_KERNEL_BOUNDED(tl_bench_diff_norm_bf16, DiffNormParams, TL_BENCH_THREADS) { diff_norm<__nv_bfloat16>(p); }
+
+namespace {
+
+// Block-wide reduction of one value per thread (256 threads), result in every thread.
+template <class Op>
+TL_DEVICE float bl_block_reduce(float v, float* red, Op op) {
+  for (int o = 16; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(TL_FULL_MASK, v, o));
+  const unsigned lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  __syncthreads();  // red is reused by consecutive reductions
+  if (lane == 0) red[warp] = v;
+  __syncthreads();
+  float r = red[0];
+  for (unsigned w = 1; w < TL_BENCH_THREADS / 32; ++w) r = op(r, red[w]);
+  return r;
+}
+
+TL_DEVICE float bl_capped(float z, float kappa) { return kappa > 0.0f ? kappa * tanhf(z / kappa) : z; }
+
+}  // namespace
+
+TL_KERNEL_BOUNDED(tl_bench_xent_rows_bf16, XentRowsParams, TL_BENCH_THREADS) {
+  __shared__ float red[TL_BENCH_THREADS / 32];
+  __nv_bfloat16* all = static_cast<__nv_bfloat16*>(p.logits);
+  const float kappa = p.softcap;
+  for (long long t = blockIdx.x; t < p.tokens; t += gridDim.x) {
+    __nv_bfloat16* z = all + t * p.vocab;
+    float m = -INFINITY;
+    for (int v = threadIdx.x; v < p.vocab; v += TL_BENCH_THREADS) m = fmaxf(m, bl_capped(tl_to_float(z[v]), kappa));
+    m = bl_block_reduce(m, red, [](float a, float b) { return fmaxf(a, b); });
+    float s = 0.0f;
+    for (int v = threadIdx.x; v < p.vocab; v += TL_BENCH_THREADS) s += __expf(bl_capped(tl_to_float(z[v]), kappa) - m);
+    s = bl_block_reduce(s, red, [](float a, float b) { return a + b; });
+    const float lse = m + logf(s);
+    const int y = static_cast<int>(p.targets[t]);
+    if (threadIdx.x == 0) p.row_loss[t] = p.scale * (lse - bl_capped(tl_to_float(z[y]), kappa));
+    __syncthreads();  // z[y] is read above before it is overwritten below
+    for (int v = threadIdx.x; v < p.vocab; v += TL_BENCH_THREADS) {
+      const float x = tl_to_float(z[v]);
+      float slope = 1.0f;
+      if (kappa > 0.0f) {
+        const float th = tanhf(x / kappa);
+        slope = 1.0f - th * th;
+      }
+      const float g = (__expf(bl_capped(x, kappa) - lse) - (v == y ? 1.0f : 0.0f)) * slope * p.scale;
+      z[v] = __float2bfloat16_rn(g);
+    }
+  }
+}

@@ -96,3 +96,23 @@ struct DiffNormParams {
   unsigned long long n;
 };
 TL_CHECK_PARAMS(DiffNormParams, 32);
+
+// tl_bench_xent_rows_bf16: the cross-entropy over STORED logits of the
+// materialized baselines, one block per row (grid-stride over rows), three
+// passes over the row: max of z' = softcap(z), sum of exp(z' - max), then
+//   row_loss[t] = scale * (lse_t - z'_t[y_t])
+//   logits[t, v] = bf16((exp(z'_tv - lse_t) - [v == y_t]) * slope(z_tv) * scale)   (G, in place)
+// (PyTorch's log_softmax + nll_loss + their backward make about ten passes;
+// this is the cheapest materialized cross-entropy.) Targets are in range.
+// Rust mirror:
+//   #[repr(C)] struct XentRowsParams { logits: u64, targets: u64, row_loss: u64, tokens: i32, vocab: i32, softcap: f32, scale: f32 }  // 40 bytes
+struct XentRowsParams {
+  void* logits;            // [tokens, vocab] bf16, overwritten by G
+  const unsigned* targets; // [tokens] u32
+  float* row_loss;         // [tokens] f32
+  int tokens;
+  int vocab;
+  float softcap;           // 0 = none
+  float scale;             // 1/N (mean) or 1 (sum)
+};
+TL_CHECK_PARAMS(XentRowsParams, 40);

@@ -31,14 +31,18 @@
 #                         toolchain, sha256 of each binary
 #   goldens/              copy of tests/data/goldens
 #   peft-export/          see above
-#   gpu-check.sh, peft_check.py   copies of the scripts (the device runs the
-#                         ones in scripts/, which travel with the working tree)
+#   py/                   cut-cross-entropy and liger-kernel, unpacked from their
+#                         PyPI wheels, for scripts/bench_xent.py (PYTHONPATH)
+#   gpu-check.sh, peft_check.py, bench_xent.py   copies of the scripts (the device
+#                         runs the ones in scripts/, which travel with the working tree)
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 BUNDLE="$ROOT/device-bundle"
 LIMIT_MIB=60 # the device tool carries at most 64 MiB (working tree included)
+CCE_VERSION=25.1.1   # Apple's Cut Cross-Entropy, PyPI cut-cross-entropy
+LIGER_VERSION=0.8.5  # LinkedIn's Liger kernels, PyPI liger-kernel
 
 die() {
   echo "build-device-bundle: error: $*" >&2
@@ -123,7 +127,21 @@ TIEDLORA_PEFT_EXPORT="$BUNDLE/peft-export" \
 [ -f "$BUNDLE/peft-export/adapter_config.json" ] || die "no adapter was exported to $BUNDLE/peft-export"
 
 cp -r tests/data/goldens "$BUNDLE/goldens"
-cp scripts/gpu-check.sh scripts/peft_check.py "$BUNDLE/"
+cp scripts/gpu-check.sh scripts/peft_check.py scripts/bench_xent.py "$BUNDLE/"
+
+# The comparison libraries of scripts/bench_xent.py (pure-Python wheels; the
+# device has torch and triton but no network): unpacked into device-bundle/py.
+echo "== fetching cut-cross-entropy $CCE_VERSION and liger-kernel $LIGER_VERSION wheels (device-bundle/py)"
+if python3 -m pip download --quiet --no-deps --dest "$TMP/wheels" \
+  "cut-cross-entropy==$CCE_VERSION" "liger-kernel==$LIGER_VERSION" >"$TMP/wheels.log" 2>&1; then
+  mkdir -p "$BUNDLE/py"
+  for whl in "$TMP"/wheels/*.whl; do
+    python3 -m zipfile -e "$whl" "$BUNDLE/py" || die "cannot unpack $whl"
+  done
+else
+  cat "$TMP/wheels.log" >&2
+  echo "build-device-bundle: warning: no CCE / Liger wheels (offline?); bench_xent.py will record them as unavailable" >&2
+fi
 
 {
   echo "# written by scripts/build-device-bundle.sh"

@@ -15,12 +15,14 @@
 #   verify      gpu_bench --verify: every GPU path (ours and the cuBLAS baselines)
 #               once at T=512 V=8192 d=512, vs tiedlora::Cpu  -> OUTDIR/verify.{json,md}
 #   bench       gpu_bench: Gemma-2-2B and Llama-3.2-1B shapes  -> OUTDIR/results.{json,md}
+#   bench_py    scripts/bench_xent.py: PEFT / torch / CCE / Liger head + cross-entropy
+#               at the same shapes                              -> OUTDIR/results_py.md
 #   memcheck    compute-sanitizer --tool memcheck  on kernels_gpu's gpu_small_* tests
 #   racecheck   compute-sanitizer --tool racecheck on kernels_gpu's gpu_small_* tests
 #   peft_golden, peft_export   scripts/peft_check.py on tests/data/goldens/peft_llama_tied and
 #               device-bundle/peft-export (CPU only; run in the background from the start)
 #
-# Wall-time budget (H100/H200), total capped at GPU_CHECK_BUDGET_S (default 330 s;
+# Wall-time budget (H100/H200), total capped at GPU_CHECK_BUDGET_S (default 420 s;
 # a step that would start past it is recorded as SKIP, and every step's timeout
 # is cut to the time left):
 #   env ~3 s | kernels_gpu ~10-40 s (limit 90) | goldens ~5 s (limit 45)
@@ -31,13 +33,15 @@
 #     ~13 ms; bwd ours ~40-80 ms, unfused ~25 ms -> ~6 s; Llama about half; fills,
 #     checks and embedding rows < 1 s per shape. If the fused kernels are 5x slower
 #     than estimated the bench still ends within ~60 s.
+#   bench_py ~40-120 s (limit 180; first calls include Triton autotuning)
 #   memcheck ~20-60 s (limit 90) | racecheck ~30-90 s (limit 90)
 #   peft (background, overlapping the GPU steps) ~15-30 s each, limit 120 each
 #   expected total ~3 min; hard cap ~5.5 min + packing.
 #
-# OUTDIR receives at most 6 files (the device tool returns at most 8):
+# OUTDIR receives at most 8 files (the device tool returns at most 8):
 #   summary.txt (PASS/FAIL/SKIP per step), gpu-check.log (every step's output,
-#   each capped at 2 MB), results.json, results.md, verify.json, verify.md.
+#   each capped at 2 MB), results.json, results.md, verify.json, verify.md,
+#   results_py.md, ncu.txt.
 set -u -o pipefail
 
 OUTDIR="${1:?usage: bash scripts/gpu-check.sh OUTDIR}"
@@ -46,7 +50,7 @@ cd "$ROOT" || exit 2
 mkdir -p "$OUTDIR" || exit 2
 OUTDIR="$(cd "$OUTDIR" && pwd)"
 BUNDLE="${TIEDLORA_BUNDLE:-$ROOT/device-bundle}"
-BUDGET="${GPU_CHECK_BUDGET_S:-330}"
+BUDGET="${GPU_CHECK_BUDGET_S:-420}"
 LOG="$OUTDIR/gpu-check.log"
 SUMMARY="$OUTDIR/summary.txt"
 WORK="$(mktemp -d)"
@@ -193,6 +197,10 @@ step kernels_gpu 90 "$BIN/kernels_gpu" --ignored --nocapture --test-threads=1
 step goldens 45 "$BIN/goldens" --include-ignored --nocapture --test-threads=1
 step verify 60 "$BIN/gpu_bench" --verify --out "$OUTDIR"
 step bench 150 "$BIN/gpu_bench" --out "$OUTDIR"
+# The Python stack's head + cross-entropy paths (PEFT, torch, Cut Cross-Entropy,
+# Liger) at the same shapes, for the fused cross-entropy comparison.
+step bench_py 180 env PYTHONPATH="$BUNDLE/py${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 \
+  python3 scripts/bench_xent.py --out "$OUTDIR"
 if [ -n "$SANITIZER" ]; then
   step memcheck 90 "$SANITIZER" --tool memcheck --error-exitcode 1 --print-limit 20 \
     "$BIN/kernels_gpu" --ignored --nocapture --test-threads=1 "$SMALL_FILTER"
