@@ -264,3 +264,45 @@ fn xent_backward_gradient_filter() {
         assert_all(common::parity::xent_filter_case(&k, 2000, 24, 16, 9, 2f64.powi(-12)));
     }
 }
+
+/// Rank above the head kernels' 64 extra columns: a clear error from both
+/// head backward ops, before any output is touched.
+#[test]
+fn head_backward_ops_reject_rank_above_64() {
+    let (v, d, r, t) = (130, 16, 65, 3);
+    let cfg = LoraConfig::builder(v, d, r).build().unwrap();
+    let mut rng = fresh_rng("rank 65");
+    let w: Vec<f32> = normal(&mut rng, v * d, 0.5);
+    let u: Vec<f32> = normal(&mut rng, v * r, 0.1);
+    let vh: Vec<f32> = normal(&mut rng, r * d, 0.5);
+    let h: Vec<f32> = normal(&mut rng, t * d, 1.0);
+    let k = CpuKernels::default();
+    let wt = tiedlora::Weights::<CpuKernels, f32> { w: &w, lora_vocab: &u, lora_hidden: &vh };
+    let (mut du, mut dvh) = (vec![0f32; v * r], vec![0f32; r * d]);
+    let mut dh = vec![f32::NAN; t * d];
+    let g = vec![0.5f32; t * v];
+    let err = Backend::head_backward(
+        &k,
+        &cfg,
+        &wt,
+        &h,
+        &g,
+        &mut dh,
+        &mut tiedlora::Grads::<CpuKernels> { lora_vocab: &mut du, lora_hidden: &mut dvh, w: None },
+    );
+    assert!(matches!(err, Err(tiedlora::Error::UnsupportedCombination(ref m)) if m.contains("rank 65")), "{err:?}");
+    let (targets, lse) = (vec![1i64, 2, 3], vec![0f32; t]);
+    let err = Backend::head_xent_backward(
+        &k,
+        &cfg,
+        &wt,
+        &h,
+        &targets,
+        &lse,
+        1.0,
+        &mut dh,
+        &mut tiedlora::Grads::<CpuKernels> { lora_vocab: &mut du, lora_hidden: &mut dvh, w: None },
+    );
+    assert!(matches!(err, Err(tiedlora::Error::UnsupportedCombination(ref m)) if m.contains("rank 65")), "{err:?}");
+    assert!(dh.iter().all(|x| x.is_nan()) && du.iter().all(|&x| x == 0.0) && dvh.iter().all(|&x| x == 0.0));
+}
