@@ -139,6 +139,16 @@ impl LoraConfig {
     pub fn reduction(&self) -> Reduction {
         self.reduction
     }
+    /// The factor the sum of the per-token losses is multiplied by, given the
+    /// number of targets that are not `ignore_index`: 1/valid (mean), 1 (sum),
+    /// and 0 when there is none (loss 0, zero gradients).
+    pub fn loss_scale(&self, valid: usize) -> f64 {
+        match self.reduction {
+            _ if valid == 0 => 0.0,
+            Reduction::Mean => 1.0 / valid as f64,
+            Reduction::Sum => 1.0,
+        }
+    }
     /// Gradient filter ε of the fused cross-entropy backward, if on (see
     /// [`LoraConfigBuilder::xent_grad_filter`]).
     pub fn xent_grad_filter(&self) -> Option<f64> {

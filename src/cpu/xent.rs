@@ -7,7 +7,7 @@
 use super::head::{backward_from_rows, logit_row};
 use super::math::{project_hidden, widen};
 use super::parallel::for_row_chunks;
-use crate::config::{LoraConfig, Reduction};
+use crate::config::LoraConfig;
 use crate::dtype::{Element, TokenId};
 use crate::validate::is_ignored;
 
@@ -65,12 +65,7 @@ pub fn forward<T: Element, I: TokenId>(
         sum
     });
     let total: f64 = partial_sums.iter().sum();
-    let n = valid_count(cfg, targets);
-    match cfg.reduction() {
-        _ if n == 0 => 0.0,
-        Reduction::Mean => (total / n as f64) as f32,
-        Reduction::Sum => total as f32,
-    }
+    (total * cfg.loss_scale(valid_count(cfg, targets))) as f32
 }
 
 /// Recomputes each logit row, forms G_t and runs the shared head backward.
@@ -91,11 +86,7 @@ pub fn backward<T: Element, I: TokenId>(
     grad_w: Option<&mut [f32]>,
 ) {
     let n = valid_count(cfg, targets);
-    let factor = match cfg.reduction() {
-        _ if n == 0 => 0.0,
-        Reduction::Mean => grad_loss as f64 / n as f64,
-        Reduction::Sum => grad_loss as f64,
-    };
+    let factor = grad_loss as f64 * cfg.loss_scale(n);
     let kappa = cfg.logit_softcap();
     let g_row = |t: usize, h_row: &[f64], p: &[f64], g: &mut [f64]| {
         let target = targets[t];

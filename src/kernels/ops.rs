@@ -727,11 +727,7 @@ pub fn head_xent_forward<E: Executor>(
     // SAFETY: h [T, d], p [T, r], W [V, d], U [V, r] (caller or above),
     // targets validated [T], partials [splits, T] and target_logit [T] above.
     unsafe { e.launch(&plan, &params)? };
-    let scale = match cfg.reduction() {
-        _ if valid == 0 => 0.0,
-        crate::config::Reduction::Mean => 1.0 / valid as f32,
-        crate::config::Reduction::Sum => 1.0,
-    };
+    let scale = cfg.loss_scale(valid) as f32;
     let combine = XentCombineParams {
         part_max: e.addr(&part_max),
         part_sum: e.addr(&part_sum),
@@ -819,11 +815,7 @@ pub fn head_xent_backward<E: Executor>(
     let (v, d, r) = (cfg.vocab(), cfg.hidden(), cfg.rank());
     grad_h_rx(r)?;
     let (t32, valid) = prepare_ids(e, "targets", targets, kind, tokens, v, Some(cfg.ignore_index()))?;
-    let factor = match cfg.reduction() {
-        _ if valid == 0 => 0.0,
-        crate::config::Reduction::Mean => grad_loss as f64 / valid as f64,
-        crate::config::Reduction::Sum => grad_loss as f64,
-    } as f32;
+    let factor = (grad_loss as f64 * cfg.loss_scale(valid)) as f32;
     let p = e.scratch(tokens * r * t.size())?;
     lora_down(e, cfg, t, t, h, wt.vh, e.addr(&p), tokens, cfg.scale())?;
     let dh_acc = e.scratch(tokens * d * 4)?;
