@@ -15,13 +15,14 @@
 #   - the integration-test executables `kernels_gpu` (GPU parity tests, ignored
 #     without a device) and `goldens` (golden harness), picked from
 #     `cargo test --release --features cuda --no-run --message-format=json`;
-#   - `examples/gpu_bench` (the benchmark; see examples/gpu_bench.rs);
+#   - `examples/gpu_bench` (the benchmark; see examples/gpu_bench.rs) and
+#     `examples/cuda_step` (one fused training step on the GPU vs the CPU reference);
 #   - device-bundle/peft-export/: the golden PEFT adapter re-written by
 #     tiedlora's `PeftAdapter::write` (tests/peft_adapter.rs round_trip_golden_bitwise
 #     with TIEDLORA_PEFT_EXPORT), for scripts/peft_check.py to load with PEFT.
 #
 # Layout of device-bundle/:
-#   bin.tar.gz            kernels_gpu, goldens, gpu_bench (each embeds every
+#   bin.tar.gz            kernels_gpu, goldens, gpu_bench, cuda_step (each embeds every
 #                         kernel's PTX + sm_80/sm_90 cubins, ~36 MB, so the
 #                         three raw binaries would exceed the device tool's
 #                         64 MiB carry limit; gzip brings them to ~15 MB)
@@ -89,18 +90,21 @@ fi
 KERNELS_GPU="$(pick "$TMP/tests.json" kernels_gpu test)" || die "kernels_gpu test target not found (tests/kernels_gpu.rs)"
 GOLDENS="$(pick "$TMP/tests.json" goldens test)" || die "goldens test target not found (tests/goldens.rs)"
 
-echo "== building examples/gpu_bench (cargo build --release --features cuda --example gpu_bench)"
-if ! cargo build --release --features cuda --example gpu_bench --message-format=json >"$TMP/bench.json" 2>"$TMP/bench.err"; then
+echo "== building examples/gpu_bench and examples/cuda_step (cargo build --release --features cuda)"
+if ! cargo build --release --features cuda --example gpu_bench --example cuda_step --message-format=json \
+  >"$TMP/bench.json" 2>"$TMP/bench.err"; then
   cat "$TMP/bench.err" >&2
-  die "building gpu_bench failed"
+  die "building the examples failed"
 fi
 GPU_BENCH="$(pick "$TMP/bench.json" gpu_bench example)" || die "gpu_bench executable not found"
+CUDA_STEP="$(pick "$TMP/bench.json" cuda_step example)" || die "cuda_step executable not found"
 
 rm -rf "$BUNDLE"
 mkdir -p "$BUNDLE" "$TMP/bin"
 cp "$KERNELS_GPU" "$TMP/bin/kernels_gpu"
 cp "$GOLDENS" "$TMP/bin/goldens"
 cp "$GPU_BENCH" "$TMP/bin/gpu_bench"
+cp "$CUDA_STEP" "$TMP/bin/cuda_step"
 
 # Smoke checks that need no GPU: the binaries start, list their tests, and the
 # bench reports a missing GPU with exit status 2 (not a panic).
@@ -150,7 +154,7 @@ fi
   echo "BUILD_DATE='$(date -u '+%Y-%m-%d %H:%M:%S UTC')'"
   echo "RUSTC='$(rustc --version 2>/dev/null || echo unknown)'"
   echo "BUILD_HOST_GLIBC='$(ldd --version 2>/dev/null | head -n1 | awk '{print $NF}')'"
-  for b in kernels_gpu goldens gpu_bench; do
+  for b in kernels_gpu goldens gpu_bench cuda_step; do
     echo "SHA256_${b}='$(sha256sum "$TMP/bin/$b" | cut -d' ' -f1)'"
   done
 } >"$BUNDLE/manifest.env"

@@ -12,6 +12,7 @@
 #   kernels_gpu device-bundle/bin/kernels_gpu --ignored --nocapture --test-threads=1
 #   goldens     device-bundle/bin/goldens --include-ignored ... (CPU golden harness;
 #               it has no ignored tests, so plain --ignored would run nothing)
+#   cuda_step   examples/cuda_step: one fused tied-LoRA step on the GPU vs the CPU reference
 #   verify      gpu_bench --verify: every GPU path (ours and the cuBLAS baselines)
 #               once at T=512 V=8192 d=512, vs tiedlora::Cpu  -> OUTDIR/verify.{json,md}
 #   bench       gpu_bench: Gemma-2-2B and Llama-3.2-1B shapes  -> OUTDIR/results.{json,md}
@@ -25,7 +26,7 @@
 # Wall-time budget (H100/H200), total capped at GPU_CHECK_BUDGET_S (default 420 s;
 # a step that would start past it is recorded as SKIP, and every step's timeout
 # is cut to the time left):
-#   env ~3 s | kernels_gpu ~10-40 s (limit 90) | goldens ~5 s (limit 45)
+#   env ~3 s | kernels_gpu ~10-40 s (limit 90) | goldens ~5 s (limit 45) | cuda_step ~5-15 s (limit 60)
 #   verify ~10-20 s (limit 60; mostly the CPU reference, ~6 s on a 2-core box)
 #   bench ~15-40 s (limit 150): context + module load + cuBLAS init ~2 s; copy test
 #     2x4 GiB x 26 copies ~0.1 s; per shape ~27 calls of each path (probe, memory,
@@ -195,6 +196,7 @@ step env 30 bash -c env_info
 SMALL_FILTER="gpu_small_"
 step kernels_gpu 90 "$BIN/kernels_gpu" --ignored --nocapture --test-threads=1
 step goldens 45 "$BIN/goldens" --include-ignored --nocapture --test-threads=1
+step cuda_step 60 "$BIN/cuda_step"
 step verify 60 "$BIN/gpu_bench" --verify --out "$OUTDIR"
 step bench 150 "$BIN/gpu_bench" --out "$OUTDIR"
 # The Python stack's head + cross-entropy paths (PEFT, torch, Cut Cross-Entropy,
