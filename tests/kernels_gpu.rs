@@ -183,6 +183,11 @@ fn gpu_xent_backward_larger_shapes() {
         XentCase { with_w: true, ..base },
     ));
     assert_all(xent_backward_case::<f32, _>(&g, XentCase { v: 3001, d: 130, r: 8, t: 257, softcap: None, ..base }));
+    // Extreme logits, large V (tolerances as in tests/kernels_cpu.rs::xent_backward_extreme_logits).
+    let extreme = XentCase { v: 5000, d: 16, r: 4, t: 3, with_w: true, logit_scale: 2000.0, tol: Some(5e-3), ..base };
+    assert_all(xent_backward_case::<f32, _>(&g, extreme));
+    assert_all(xent_backward_case::<f32, _>(&g, XentCase { softcap: None, ..extreme }));
+    assert_all(xent_backward_case::<bf16, _>(&g, XentCase { tol: Some(f64::INFINITY), ..extreme }));
 }
 
 /// The memory bound at the Gemma-2-2B shape (T = 8192, V = 256000,
