@@ -664,7 +664,7 @@ fn xent_splits(cfg: &LoraConfig, tokens: usize, sms: u32) -> (usize, usize) {
     (split_cols, cfg.vocab().div_ceil(split_cols))
 }
 
-/// Extra device memory of [`head_xent_forward`] in bytes (every scratch it
+/// Extra device memory of `Backend::head_xent_forward` on the kernel backends, in bytes (every scratch it
 /// allocates, each at least 16 bytes): O(T) for the targets, the split
 /// partials and the row losses, O(T·r) for p. Mirrors the op's allocations.
 pub fn head_xent_forward_scratch_bytes(cfg: &LoraConfig, t: DType, tokens: usize, sms: u32) -> usize {
@@ -751,7 +751,7 @@ pub fn head_xent_forward<E: Executor>(
 /// (mostly) in L2 (50 MB on an H100 / H200).
 pub const XENT_CHUNK_BYTES: usize = 32 << 20;
 
-/// Vocabulary columns per chunk of [`head_xent_backward`]: a multiple of 128,
+/// Vocabulary columns per chunk of the kernel backends' `head_xent_backward`: a multiple of 128,
 /// at least 128, at most V rounded up, and at most `chunk_bytes` of G
 /// (0 = [`XENT_CHUNK_BYTES`]).
 pub fn xent_chunk_cols(cfg: &LoraConfig, t: DType, tokens: usize, chunk_bytes: usize) -> usize {
@@ -761,7 +761,7 @@ pub fn xent_chunk_cols(cfg: &LoraConfig, t: DType, tokens: usize, chunk_bytes: u
     fit.clamp(tile, cfg.vocab().div_ceil(tile) * tile)
 }
 
-/// Extra device memory of [`head_xent_backward`] in bytes (every scratch it
+/// Extra device memory of `Backend::head_xent_backward` on the kernel backends, in bytes (every scratch it
 /// allocates, each at least 16 bytes): O(T) for the targets, O(T·r) for p and G·U, O(T·d) for the f32
 /// dh accumulator, one G chunk of at most `max(32 MiB, T·128·elem)`, and the
 /// bounded dVh partials; no term in T·V or V·d. Mirrors the allocations of
