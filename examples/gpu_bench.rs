@@ -560,6 +560,8 @@ struct Gpu {
     cuda: Cuda,
     /// The same backend with the 3-stage cp.async GEMM main loop.
     cuda_s3: Cuda,
+    /// The same backend with the wide-tile head forward (128 x 256, 3 stages).
+    cuda_wide: Cuda,
     stream: Arc<CudaStream>,
     k: BenchKernels,
     blas: Result<Blas, String>,
@@ -606,7 +608,8 @@ impl Gpu {
             "async_alloc": ctx.has_async_alloc(),
         });
         let cuda_s3 = Cuda::with_stream(stream.clone())?.with_gemm_pipeline(true);
-        Ok(Gpu { cuda, cuda_s3, stream, k, blas, mem, info })
+        let cuda_wide = Cuda::with_stream(stream.clone())?.with_wide_tiles(true);
+        Ok(Gpu { cuda, cuda_s3, cuda_wide, stream, k, blas, mem, info })
     }
 
     fn sync(&self) -> Res<()> {
@@ -1215,6 +1218,20 @@ fn bench_head_forward(gpu: &Gpu, m: &Model, st: &Settings, rep: &mut Report) -> 
         })?;
         s3_t = Some((tm, mem));
     }
+    let mut wide_t = None;
+    if has_ours {
+        tl(gpu.cuda_wide.head_forward(&m.cfg, &m.weights(), h[0].as_view(), ours_out.as_view_mut()))?;
+        if unf_ok.is_ok() {
+            rep.check(sh, "head_forward: fused (wide tiles) vs unfused logits", gpu.rel_norm(&ours_out, &base_out)?);
+        }
+        let mem = gpu.mem.measure(&gpu.stream, || {
+            tl(gpu.cuda_wide.head_forward(&m.cfg, &m.weights(), h[0].as_view(), ours_out.as_view_mut()))
+        })?;
+        let tm = gpu.time(st.warmup, st.iters, |i| {
+            tl(gpu.cuda_wide.head_forward(&m.cfg, &m.weights(), h[i % 2].as_view(), ours_out.as_view_mut()))
+        })?;
+        wide_t = Some((tm, mem));
+    }
     let mut unf_t = None;
     let mut base_t = None;
     if unf_ok.is_ok() {
@@ -1247,6 +1264,17 @@ fn bench_head_forward(gpu: &Gpu, m: &Model, st: &Settings, rep: &mut Report) -> 
         unf_t,
         base_tf,
         "Cuda::with_gemm_pipeline(true): _s3 kernels",
+    );
+    push_timed(
+        rep,
+        sh,
+        "head_forward",
+        "ours (fused, wide 128x256 tiles)",
+        wide_t,
+        flop,
+        unf_t,
+        base_tf,
+        "Cuda::with_wide_tiles(true): _w256 kernels, 64x64 warp tiles, 3-stage cp.async",
     );
     push_timed(
         rep,
@@ -1895,6 +1923,8 @@ fn run_verify(gpu: &Gpu, rep: &mut Report) -> Res<()> {
     let mut out = gpu.alloc::<bf16>(t * v)?;
     if implemented(gpu.cuda.head_forward(&m.cfg, &m.weights(), h.as_view(), out.as_view_mut()))? {
         rep.check(&sh, "head_forward ours vs CPU", rel_host(&down(gpu, &out)?, &logits));
+        tl(gpu.cuda_wide.head_forward(&m.cfg, &m.weights(), h.as_view(), out.as_view_mut()))?;
+        rep.check(&sh, "head_forward ours (wide tiles) vs CPU", rel_host(&down(gpu, &out)?, &logits));
     } else {
         println!("  head_forward ours: not implemented");
     }

@@ -25,9 +25,9 @@ namespace {
 
 using tl::SegRows;
 
-template <class T, int STAGES>
+template <class T, int STAGES, int BN = 128>
 TL_DEVICE void head_forward(const HeadForwardParams& p) {
-  using S = tl::GemmShape<T, 128, 128, 32, false, true, 0, STAGES>;
+  using S = tl::GemmShape<T, 128, BN, 32, false, true, 0, STAGES>;
   TL_DYNAMIC_SMEM(unsigned char, smem);
   const SegRows<T, T> a{static_cast<const T*>(p.h), p.hidden, p.hidden, static_cast<const T*>(p.p), p.rank, p.rank,
                         p.tokens};
@@ -110,6 +110,11 @@ TL_HEAD_FORWARD(f16, __half, 1, )
 TL_HEAD_FORWARD(bf16, __nv_bfloat16, 1, )
 TL_HEAD_FORWARD(f16, __half, 3, _s3)
 TL_HEAD_FORWARD(bf16, __nv_bfloat16, 3, _s3)
+// Wide tiles (an experiment to measure, `Cuda::with_wide_tiles`): 128 x 256
+// blocks, 64 x 64 warp tiles (twice the MMAs per shared-memory fragment load
+// of the 64 x 32 default), 3-stage cp.async ring, 90 KiB of shared memory.
+TL_KERNEL_BOUNDED(tl_head_forward_f16_w256, HeadForwardParams, 256) { head_forward<__half, 3, 256>(p); }
+TL_KERNEL_BOUNDED(tl_head_forward_bf16_w256, HeadForwardParams, 256) { head_forward<__nv_bfloat16, 3, 256>(p); }
 
 // The cp.async ring only pays when G is stored in the compute dtype (f32 G
 // for half weights is converted on load), so _s3 exists for G == T only.

@@ -13,8 +13,10 @@ use tiedlora::kernels::CpuKernels;
 use tiedlora::{bf16, f16, Backend, Cpu, DType, LoraConfig};
 
 /// Both head GEMM main loops: register-staged and the cp.async ring.
-const BACKENDS: [CpuKernels; 2] =
-    [CpuKernels { pipelined: false, xent_chunk_bytes: 0 }, CpuKernels { pipelined: true, xent_chunk_bytes: 0 }];
+const BACKENDS: [CpuKernels; 2] = [
+    CpuKernels { pipelined: false, xent_chunk_bytes: 0, wide_tiles: false },
+    CpuKernels { pipelined: true, xent_chunk_bytes: 0, wide_tiles: false },
+];
 
 #[test]
 fn goldens_kernels_on_cpu() {
@@ -48,6 +50,17 @@ fn head_random_shapes_not_multiples_of_tiles() {
         assert_all(head_case::<bf16, _>(k, 141, 40, 16, 9, false));
         assert_all(head_case::<f16, _>(k, 133, 24, 5, 3, true));
     }
+}
+
+/// The wide-tile head forward (`_w256`: 128 x 256 blocks, 3-stage ring):
+/// shapes off the tile in both directions, r = 1 and 64, with the GEMM's
+/// other ops on the default kernels.
+#[test]
+fn head_forward_wide_tiles() {
+    let k = CpuKernels { wide_tiles: true, ..CpuKernels::default() };
+    assert_all(head_case::<bf16, _>(&k, 300, 40, 16, 130, false));
+    assert_all(head_case::<f16, _>(&k, 257, 24, 1, 3, false));
+    assert_all(head_case::<bf16, _>(&k, 70, 48, 64, 1, false));
 }
 
 #[test]
@@ -166,8 +179,8 @@ fn xent_forward_random_shapes_edges_and_extreme_logits() {
 #[test]
 fn xent_backward_random_shapes_and_edges() {
     use common::parity::{xent_backward_case, XentCase};
-    let chunked = CpuKernels { pipelined: false, xent_chunk_bytes: 1 };
-    let chunked_s3 = CpuKernels { pipelined: true, xent_chunk_bytes: 1 };
+    let chunked = CpuKernels { pipelined: false, xent_chunk_bytes: 1, wide_tiles: false };
+    let chunked_s3 = CpuKernels { pipelined: true, xent_chunk_bytes: 1, wide_tiles: false };
     let whole = CpuKernels::default();
     let base =
         XentCase { v: 600, d: 40, r: 3, t: 130, softcap: None, sum: false, with_w: true, logit_scale: 1.0, tol: None };
@@ -198,7 +211,7 @@ fn xent_extra_memory_matches_its_formula_and_has_no_tv_term() {
     let h: Vec<f32> = normal(&mut rng, t * d, 1.0);
     let targets = common::rand_inputs::ids(&mut rng, t, v);
     let wt = HostWeights { w: &w, u: &u, vh: &vh };
-    let k = CpuKernels { pipelined: false, xent_chunk_bytes: 1 };
+    let k = CpuKernels { pipelined: false, xent_chunk_bytes: 1, wide_tiles: false };
     let s0 = thread_scratch_bytes();
     let (_, lse) = Harness::xent_forward(&k, &cfg, wt, &h, &targets).unwrap();
     let s1 = thread_scratch_bytes();
@@ -259,7 +272,7 @@ fn xent_backward_extreme_logits() {
 #[test]
 fn xent_backward_gradient_filter() {
     for pipelined in [false, true] {
-        let k = CpuKernels { pipelined, xent_chunk_bytes: 1 };
+        let k = CpuKernels { pipelined, xent_chunk_bytes: 1, wide_tiles: false };
         assert_all(common::parity::xent_filter_case(&k, 1000, 40, 4, 130, 1e-3));
         assert_all(common::parity::xent_filter_case(&k, 2000, 24, 16, 9, 2f64.powi(-12)));
     }

@@ -72,6 +72,15 @@ fn gpu_small_head_random_shapes() {
 
 #[test]
 #[ignore = "needs a CUDA device"]
+fn gpu_small_head_forward_wide_tiles() {
+    let g = gpu().with_wide_tiles(true);
+    assert_all(head_case::<bf16, _>(&g, 300, 40, 16, 130, false));
+    assert_all(head_case::<f16, _>(&g, 257, 24, 1, 3, false));
+    assert_all(head_case::<bf16, _>(&g, 3001, 264, 16, 300, false));
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
 fn gpu_head_larger_shapes() {
     for g in &gpus() {
         assert_all(head_case::<bf16, _>(g, 3001, 264, 16, 300, false));

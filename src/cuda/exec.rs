@@ -122,6 +122,7 @@ pub(crate) struct CudaExec<'a> {
     pub(crate) sms: u32,
     pub(crate) gemm_stages: u32,
     pub(crate) xent_chunk_bytes: usize,
+    pub(crate) wide_tiles: bool,
     /// Running total of scratch bytes allocated ([`super::Cuda::scratch_bytes_allocated`]).
     pub(crate) scratch_bytes: &'a std::sync::atomic::AtomicUsize,
 }
@@ -162,6 +163,9 @@ impl Executor for CudaExec<'_> {
     }
     fn xent_chunk_bytes(&self) -> usize {
         self.xent_chunk_bytes
+    }
+    fn wide_tiles(&self) -> bool {
+        self.wide_tiles
     }
     unsafe fn launch<P: KernelParams>(&self, plan: &LaunchPlan, params: &P) -> Result<()> {
         self.stream.context().bind_to_thread().map_err(|e| driver_err("bind context", e))?;

@@ -44,6 +44,7 @@ pub struct Cuda {
     sms: u32,
     gemm_stages: u32,
     xent_chunk_bytes: usize,
+    wide_tiles: bool,
     scratch_bytes: AtomicUsize,
 }
 
@@ -84,6 +85,7 @@ impl Cuda {
             sms: sms.max(1) as u32,
             gemm_stages: 1,
             xent_chunk_bytes: 0,
+            wide_tiles: false,
             scratch_bytes: AtomicUsize::new(0),
         })
     }
@@ -93,6 +95,14 @@ impl Cuda {
     /// (BENCHMARKS.md measures both).
     pub fn with_gemm_pipeline(mut self, on: bool) -> Self {
         self.gemm_stages = if on { 3 } else { 1 };
+        self
+    }
+
+    /// Runs `head_forward` (f16 / bf16) on the wide-tile kernels: 128 × 256
+    /// blocks with 64 × 64 warp tiles and a 3-stage cp.async ring (an
+    /// experiment; BENCHMARKS.md says whether it pays). Same results.
+    pub fn with_wide_tiles(mut self, on: bool) -> Self {
+        self.wide_tiles = on;
         self
     }
 
@@ -135,6 +145,7 @@ impl Cuda {
             sms: self.sms,
             gemm_stages: self.gemm_stages,
             xent_chunk_bytes: self.xent_chunk_bytes,
+            wide_tiles: self.wide_tiles,
             scratch_bytes: &self.scratch_bytes,
         }
     }
@@ -178,10 +189,10 @@ impl Backend for Cuda {
     type Dst<'a, T: 'static> = CudaViewMut<'a, T>;
 
     fn name(&self) -> &'static str {
-        if self.gemm_stages == 3 {
-            "cuda-s3"
-        } else {
-            "cuda"
+        match (self.gemm_stages == 3, self.wide_tiles) {
+            (_, true) => "cuda-wide",
+            (true, false) => "cuda-s3",
+            (false, false) => "cuda",
         }
     }
 

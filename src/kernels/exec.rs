@@ -31,6 +31,11 @@ pub trait Executor {
     fn multiprocessors(&self) -> u32;
     /// GEMM main loop of the head kernels: 1 (register-staged) or 3 (cp.async ring).
     fn gemm_stages(&self) -> u32;
+    /// Run `head_forward` (f16 / bf16) on the wide-tile kernels (128 x 256
+    /// blocks, 3-stage ring); the default is no.
+    fn wide_tiles(&self) -> bool {
+        false
+    }
     /// Most bytes of G one vocabulary chunk of the fused cross-entropy
     /// backward may hold ([`super::xent_chunk_cols`]); 0 = the default.
     fn xent_chunk_bytes(&self) -> usize {

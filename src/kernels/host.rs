@@ -96,6 +96,8 @@ shim_table!(
     tl_xent_grad_finish_bf16,
     tl_head_forward_f16_s3,
     tl_head_forward_bf16_s3,
+    tl_head_forward_f16_w256,
+    tl_head_forward_bf16_w256,
     tl_head_grad_h_f16_f16_rx16_s3,
     tl_head_grad_h_f16_f16_rx32_s3,
     tl_head_grad_h_f16_f16_rx64_s3,
@@ -127,6 +129,8 @@ pub struct HostExec {
     pub gemm_stages: u32,
     /// As [`Executor::xent_chunk_bytes`] (0 = default).
     pub xent_chunk_bytes: usize,
+    /// As [`Executor::wide_tiles`].
+    pub wide_tiles: bool,
 }
 
 /// Host scratch: 16-byte aligned, zero-filled.
@@ -173,6 +177,9 @@ impl Executor for HostExec {
     fn xent_chunk_bytes(&self) -> usize {
         self.xent_chunk_bytes
     }
+    fn wide_tiles(&self) -> bool {
+        self.wide_tiles
+    }
     fn gemm_stages(&self) -> u32 {
         if self.gemm_stages == 3 {
             3
@@ -203,11 +210,17 @@ pub struct CpuKernels {
     /// (0 = the default, [`super::XENT_CHUNK_BYTES`]); tests make it
     /// small to run several chunks on small shapes.
     pub xent_chunk_bytes: usize,
+    /// Run `head_forward` (f16 / bf16) on the wide-tile kernels (`_w256`).
+    pub wide_tiles: bool,
 }
 
 impl CpuKernels {
     fn exec(&self) -> HostExec {
-        HostExec { gemm_stages: if self.pipelined { 3 } else { 1 }, xent_chunk_bytes: self.xent_chunk_bytes }
+        HostExec {
+            gemm_stages: if self.pipelined { 3 } else { 1 },
+            xent_chunk_bytes: self.xent_chunk_bytes,
+            wide_tiles: self.wide_tiles,
+        }
     }
 }
 
@@ -240,10 +253,10 @@ impl Backend for CpuKernels {
     type Dst<'a, T: 'static> = &'a mut [T];
 
     fn name(&self) -> &'static str {
-        if self.pipelined {
-            "kernels-on-cpu-s3"
-        } else {
-            "kernels-on-cpu"
+        match (self.pipelined, self.wide_tiles) {
+            (_, true) => "kernels-on-cpu-wide",
+            (true, false) => "kernels-on-cpu-s3",
+            (false, false) => "kernels-on-cpu",
         }
     }
 

@@ -310,14 +310,22 @@ pub fn head_forward<E: Executor>(
         hidden: i32_of("hidden", d)?,
         rank: i32_of("rank", r)?,
     };
-    let sfx = stage_suffix(e, t, t);
-    let stages = if sfx.is_empty() { 1 } else { 3 };
-    let kernel = intern(format!("tl_head_forward_{t}{sfx}"));
-    let plan = LaunchPlan {
-        kernel,
-        grid: (blocks(tokens, GEMM_TILE), blocks(v, GEMM_TILE), 1),
-        block: (THREADS, 1, 1),
-        shared_bytes: gemm_shared_bytes(t.size(), 128, 128, 32, false, true, 0, stages),
+    let plan = if e.wide_tiles() && t != DType::F32 {
+        LaunchPlan {
+            kernel: intern(format!("tl_head_forward_{t}_w256")),
+            grid: (blocks(tokens, GEMM_TILE), blocks(v, 2 * GEMM_TILE), 1),
+            block: (THREADS, 1, 1),
+            shared_bytes: gemm_shared_bytes(t.size(), 128, 256, 32, false, true, 0, 3),
+        }
+    } else {
+        let sfx = stage_suffix(e, t, t);
+        let stages = if sfx.is_empty() { 1 } else { 3 };
+        LaunchPlan {
+            kernel: intern(format!("tl_head_forward_{t}{sfx}")),
+            grid: (blocks(tokens, GEMM_TILE), blocks(v, GEMM_TILE), 1),
+            block: (THREADS, 1, 1),
+            shared_bytes: gemm_shared_bytes(t.size(), 128, 128, 32, false, true, 0, stages),
+        }
     };
     // SAFETY: h [T, d], p [T, r], W [V, d], U [V, r], logits [T, V] (checked
     // by the caller or allocated above).
