@@ -562,6 +562,8 @@ struct Gpu {
     cuda_s3: Cuda,
     /// The same backend with the wide-tile head forward (128 x 256, 3 stages).
     cuda_wide: Cuda,
+    /// The same backend with grad_h at one block per SM (the default asks for two on sm_90+).
+    cuda_gh1: Cuda,
     stream: Arc<CudaStream>,
     k: BenchKernels,
     blas: Result<Blas, String>,
@@ -609,7 +611,8 @@ impl Gpu {
         });
         let cuda_s3 = Cuda::with_stream(stream.clone())?.with_gemm_pipeline(true);
         let cuda_wide = Cuda::with_stream(stream.clone())?.with_wide_tiles(true);
-        Ok(Gpu { cuda, cuda_s3, cuda_wide, stream, k, blas, mem, info })
+        let cuda_gh1 = Cuda::with_stream(stream.clone())?.with_grad_h_two_blocks(false);
+        Ok(Gpu { cuda, cuda_s3, cuda_wide, cuda_gh1, stream, k, blas, mem, info })
     }
 
     fn sync(&self) -> Res<()> {
@@ -1331,6 +1334,17 @@ fn bench_head_backward(gpu: &Gpu, m: &Model, st: &Settings, rep: &mut Report) ->
             &mut grads,
         )
     };
+    let ours_gh1 = |i: usize, dh: &mut CudaSlice<bf16>, du: &mut CudaSlice<f32>, dvh: &mut CudaSlice<f32>| {
+        let mut grads = Grads { lora_vocab: du.as_view_mut(), lora_hidden: dvh.as_view_mut(), w: None };
+        gpu.cuda_gh1.head_backward::<bf16, bf16>(
+            &m.cfg,
+            &m.weights(),
+            h[i % 2].as_view(),
+            g[i % 2].as_view(),
+            dh.as_view_mut(),
+            &mut grads,
+        )
+    };
     let ours_s3 = |i: usize, dh: &mut CudaSlice<bf16>, du: &mut CudaSlice<f32>, dvh: &mut CudaSlice<f32>| {
         let mut grads = Grads { lora_vocab: du.as_view_mut(), lora_hidden: dvh.as_view_mut(), w: None };
         gpu.cuda_s3.head_backward::<bf16, bf16>(
@@ -1383,6 +1397,19 @@ fn bench_head_backward(gpu: &Gpu, m: &Model, st: &Settings, rep: &mut Report) ->
         let tm = gpu.time(st.warmup, st.iters, |i| tl(ours_s3(i, &mut dh_s, &mut du_s, &mut dvh_s)))?;
         s3_t = Some((tm, mem));
     }
+    let mut gh1_t = None;
+    if has_ours {
+        let mut dh_s = gpu.alloc::<bf16>(t * d)?;
+        let mut du_s = gpu.zeros::<f32>(v * r)?;
+        let mut dvh_s = gpu.zeros::<f32>(r * d)?;
+        tl(ours_gh1(0, &mut dh_s, &mut du_s, &mut dvh_s))?;
+        if unf_ok.is_ok() {
+            rep.check(sh, "head_backward: dh fused (grad_h 1 block/SM) vs unfused", gpu.rel_norm(&dh_s, &dh_b)?);
+        }
+        let mem = gpu.mem.measure(&gpu.stream, || tl(ours_gh1(0, &mut dh_s, &mut du_s, &mut dvh_s)))?;
+        let tm = gpu.time(st.warmup, st.iters, |i| tl(ours_gh1(i, &mut dh_s, &mut du_s, &mut dvh_s)))?;
+        gh1_t = Some((tm, mem));
+    }
     let (mut unf_t, mut gw_t) = (None, None);
     if unf_ok.is_ok() {
         let mem = gpu
@@ -1406,7 +1433,18 @@ fn bench_head_backward(gpu: &Gpu, m: &Model, st: &Settings, rep: &mut Report) ->
         flop,
         unf_t,
         gw_tf,
-        "LoRA mode (Grads.w = None), G bf16; % of reference = TFLOP/s vs cuBLAS G·W",
+        "LoRA mode (Grads.w = None), G bf16; grad_h _o2 (2 blocks/SM on sm_90); % of reference = TFLOP/s vs cuBLAS G·W",
+    );
+    push_timed(
+        rep,
+        sh,
+        "head_backward",
+        "ours (fused, grad_h 1 block/SM)",
+        gh1_t,
+        flop,
+        unf_t,
+        gw_tf,
+        "Cuda::with_grad_h_two_blocks(false): the grad_h of the first two runs",
     );
     push_timed(
         rep,

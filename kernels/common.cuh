@@ -46,6 +46,10 @@
 // block (lets ptxas use more registers; the shim rejects bigger blocks).
 #define TL_KERNEL_BOUNDED(name, P, max_threads) \
   extern "C" __global__ void __launch_bounds__(max_threads) name(const P p)
+// As TL_KERNEL_BOUNDED, and asks ptxas for `min_blocks` resident blocks per SM
+// (a register cap); pick values that ptxas reports without spills.
+#define TL_KERNEL_BOUNDED_MIN(name, P, max_threads, min_blocks) \
+  extern "C" __global__ void __launch_bounds__(max_threads, min_blocks) name(const P p)
 // Dynamic shared memory (the launch's shared_bytes), 16-byte aligned. All
 // TL_DYNAMIC_SMEM declarations in a kernel alias the same bytes.
 #define TL_DYNAMIC_SMEM(T, name)                                  \
@@ -74,6 +78,7 @@
 
 #define TL_KERNEL(name, P) TL_KERNEL_IMPL(name, P, 0u)
 #define TL_KERNEL_BOUNDED(name, P, max_threads) TL_KERNEL_IMPL(name, P, max_threads)
+#define TL_KERNEL_BOUNDED_MIN(name, P, max_threads, min_blocks) TL_KERNEL_IMPL(name, P, max_threads)
 #define TL_DYNAMIC_SMEM(T, name) T* name = reinterpret_cast<T*>(::tl_shim::dynamic_smem())
 #endif
 

@@ -41,7 +41,19 @@ TL_DEVICE void head_forward(const HeadForwardParams& p) {
       [&](int m, int n, float v, const float*) { out[m * ldo + n] = tl_from_float<T>(v); }, [](int, int, float) {});
 }
 
-template <class T, class G, int RX, int STAGES>
+template <bool FILTERED, class F>
+TL_DEVICE auto pick_live(const F& f) {
+  if constexpr (FILTERED) {
+    return f;
+  } else {
+    return tl::AllLive{};
+  }
+}
+
+// FILTERED = false compiles without the tile-skip predicate (p.live must be
+// null; a filtered G is still exact: its dropped tiles are written as 0):
+// fewer registers, for the two-blocks-per-SM variants.
+template <class T, class G, int RX, int STAGES, bool FILTERED = true>
 TL_DEVICE void head_grad_h(const HeadGradHParams& p) {
   using S = tl::GemmShape<T, 128, 128, 32, false, false, RX, STAGES>;
   TL_DYNAMIC_SMEM(unsigned char, smem);
@@ -55,7 +67,9 @@ TL_DEVICE void head_grad_h(const HeadGradHParams& p) {
   const bool acc = p.accumulate != 0;
   // K runs over G's columns: skip the 128-column tiles filtered to 0.
   const int* live_row = p.live ? p.live + static_cast<long long>(blockIdx.x) * p.live_ld : nullptr;
-  const auto live = [live_row](int k0) { return live_row == nullptr || live_row[k0 / 128] != 0; };
+  const auto live_fn = [live_row](int k0) { return live_row == nullptr || live_row[k0 / 128] != 0; };
+  using Live = typename std::conditional<FILTERED, decltype(live_fn), tl::AllLive>::type;
+  const Live live = pick_live<FILTERED>(live_fn);
   tl::tile_gemm<T, S, 2, 4>(
       smem, a, b, x, p.tokens, p.hidden, p.vocab, static_cast<int>(blockIdx.x) * S::BM,
       static_cast<int>(blockIdx.y) * S::BN,
@@ -133,6 +147,24 @@ TL_HEAD_GRAD_H_ALL(bf16_bf16, __nv_bfloat16, __nv_bfloat16, 1, )
 TL_HEAD_GRAD_H_ALL(bf16_f32, __nv_bfloat16, float, 1, )
 TL_HEAD_GRAD_H_ALL(f16_f16, __half, __half, 3, _s3)
 TL_HEAD_GRAD_H_ALL(bf16_bf16, __nv_bfloat16, __nv_bfloat16, 3, _s3)
+
+// Two resident blocks per SM for the rx16 half-precision grad_h on sm_90+:
+// ptxas fits them in 128 registers there without spilling (it does not on
+// sm_80, which keeps one block). Selected by `Executor::grad_h_two_blocks`;
+// the plain kernels above stay for comparison (BENCHMARKS.md).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define TL_GRAD_H_RX16_MIN_BLOCKS 2
+#else
+#define TL_GRAD_H_RX16_MIN_BLOCKS 1
+#endif
+#define TL_HEAD_GRAD_H_O2(name, T, G)                                                                      \
+  TL_KERNEL_BOUNDED_MIN(tl_head_grad_h_##name##_rx16_o2, HeadGradHParams, 256, TL_GRAD_H_RX16_MIN_BLOCKS) { \
+    head_grad_h<T, G, 16, 1, false>(p);                                                                    \
+  }
+TL_HEAD_GRAD_H_O2(f16_f16, __half, __half)
+TL_HEAD_GRAD_H_O2(f16_f32, __half, float)
+TL_HEAD_GRAD_H_O2(bf16_bf16, __nv_bfloat16, __nv_bfloat16)
+TL_HEAD_GRAD_H_O2(bf16_f32, __nv_bfloat16, float)
 
 // n64: dU (r columns, 8 warps stacked along V); n128: dW (d columns).
 #define TL_HEAD_GRAD_PARAM(name, T, G, STAGES, suffix)                                   \

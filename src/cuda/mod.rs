@@ -45,6 +45,7 @@ pub struct Cuda {
     gemm_stages: u32,
     xent_chunk_bytes: usize,
     wide_tiles: bool,
+    grad_h_two_blocks: bool,
     scratch_bytes: AtomicUsize,
 }
 
@@ -86,6 +87,7 @@ impl Cuda {
             gemm_stages: 1,
             xent_chunk_bytes: 0,
             wide_tiles: false,
+            grad_h_two_blocks: true,
             scratch_bytes: AtomicUsize::new(0),
         })
     }
@@ -103,6 +105,15 @@ impl Cuda {
     /// experiment; BENCHMARKS.md says whether it pays). Same results.
     pub fn with_wide_tiles(mut self, on: bool) -> Self {
         self.wide_tiles = on;
+        self
+    }
+
+    /// Whether the rank <= 16 half-precision `dh` GEMM of the head backward
+    /// (and the fused cross-entropy backward) asks for two resident blocks per
+    /// SM (default yes; only sm_90+ cubins differ). Same results; a knob so
+    /// the benchmark can compare both in one run.
+    pub fn with_grad_h_two_blocks(mut self, on: bool) -> Self {
+        self.grad_h_two_blocks = on;
         self
     }
 
@@ -146,6 +157,7 @@ impl Cuda {
             gemm_stages: self.gemm_stages,
             xent_chunk_bytes: self.xent_chunk_bytes,
             wide_tiles: self.wide_tiles,
+            grad_h_two_blocks: self.grad_h_two_blocks,
             scratch_bytes: &self.scratch_bytes,
         }
     }

@@ -31,6 +31,11 @@ pub trait Executor {
     fn multiprocessors(&self) -> u32;
     /// GEMM main loop of the head kernels: 1 (register-staged) or 3 (cp.async ring).
     fn gemm_stages(&self) -> u32;
+    /// Run the rank <= 16 half-precision `grad_h` on its `_o2` kernels (two
+    /// resident blocks per SM on sm_90+); the default is yes.
+    fn grad_h_two_blocks(&self) -> bool {
+        true
+    }
     /// Run `head_forward` (f16 / bf16) on the wide-tile kernels (128 x 256
     /// blocks, 3-stage ring); the default is no.
     fn wide_tiles(&self) -> bool {

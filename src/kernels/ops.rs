@@ -382,8 +382,11 @@ fn grad_h<E: Executor>(e: &E, cfg: &LoraConfig, t: DType, gt: DType, op: GradH, 
         _pad: 0,
     };
     let tg = tg_name(t, gt, ["f32_f32", "f16_f16", "f16_f32", "bf16_bf16", "bf16_f32"])?;
-    let sfx = stage_suffix(e, t, gt);
+    let mut sfx = stage_suffix(e, t, gt);
     let stages = if sfx.is_empty() { 1 } else { 3 };
+    if sfx.is_empty() && rx == 16 && t != DType::F32 && op.live.is_none() && e.grad_h_two_blocks() {
+        sfx = "_o2"; // same math without the tile filter, two blocks per SM (head.cu)
+    }
     let plan = LaunchPlan {
         kernel: intern(format!("tl_head_grad_h_{tg}_rx{rx}{sfx}")),
         grid: (blocks(tokens, GEMM_TILE), blocks(d, GEMM_TILE), 1),
