@@ -268,7 +268,7 @@ fn xent_backward_extreme_logits() {
 }
 
 /// The optional gradient filter: drops tiles on peaked logits, within the
-/// documented bounds; no change at a vanishing ε. Both GEMM main loops.
+/// documented bounds. Both GEMM main loops.
 #[test]
 fn xent_backward_gradient_filter() {
     for pipelined in [false, true] {
