@@ -94,20 +94,32 @@ template <class T, class G, int BN, int WM, int WN, int STAGES>
 TL_DEVICE void head_grad_param(const HeadGradParamParams& p) {
   using S = tl::GemmShape<T, 128, BN, 32, true, false, 0, STAGES>;
   TL_DYNAMIC_SMEM(unsigned char, smem);
-  const SegRows<G, float> a{static_cast<const G*>(p.g), p.vocab, p.vocab, nullptr, 0, 0, p.tokens};
-  const SegRows<T, float> b{static_cast<const T*>(p.b), p.ncols, p.ncols, nullptr, 0, 0, p.tokens};
+  // Split-K over tokens (k_split > 0): block z reduces tokens [z k_split, ...)
+  // and WRITES its partial sums to grad + z * vocab * ncols (summed in order
+  // by the caller); k_split = 0: one K range, added into grad.
+  const int split = p.k_split > 0 ? static_cast<int>(blockIdx.z) : 0;
+  const long long t0 = static_cast<long long>(split) * p.k_split;
+  const int rows = p.k_split > 0 ? min(p.k_split, p.tokens - static_cast<int>(t0)) : p.tokens;
+  const SegRows<G, float> a{static_cast<const G*>(p.g) + t0 * p.vocab, p.vocab, p.vocab, nullptr, 0, 0, rows};
+  const SegRows<T, float> b{static_cast<const T*>(p.b) + t0 * p.ncols, p.ncols, p.ncols, nullptr, 0, 0, rows};
   const SegRows<float, float> none{nullptr, 0, 0, nullptr, 0, 0, 0};
   const long long ld = p.ncols;
+  float* grad = p.grad + static_cast<long long>(split) * p.vocab * ld;
+  const bool write = p.k_split > 0;
   // K runs over tokens: skip the 128-token tiles whose G tile in this block's
-  // 128 vocabulary columns was filtered to 0.
-  const int* live_col = p.live ? p.live + blockIdx.x : nullptr;
+  // 128 vocabulary columns was filtered to 0 (k_split is a multiple of 128).
+  const int* live_col = p.live ? p.live + blockIdx.x + (t0 / 128) * p.live_ld : nullptr;
   const int live_ld = p.live_ld;
   const auto live = [live_col, live_ld](int k0) {
     return live_col == nullptr || live_col[static_cast<long long>(k0 / 128) * live_ld] != 0;
   };
   tl::tile_gemm<T, S, WM, WN>(
-      smem, a, b, none, p.vocab, p.ncols, p.tokens, static_cast<int>(blockIdx.x) * S::BM,
-      static_cast<int>(blockIdx.y) * S::BN, [&](int m, int n, float v, const float*) { p.grad[m * ld + n] += p.scale * v; },
+      smem, a, b, none, p.vocab, p.ncols, rows, static_cast<int>(blockIdx.x) * S::BM,
+      static_cast<int>(blockIdx.y) * S::BN,
+      [&](int m, int n, float v, const float*) {
+        float* o = grad + m * ld + n;
+        *o = write ? p.scale * v : *o + p.scale * v;
+      },
       [](int, int, float) {}, live);
 }
 

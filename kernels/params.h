@@ -99,14 +99,14 @@ TL_CHECK_PARAMS(HeadGradHParams, 88);
 struct HeadGradParamParams {
   const void* g;     // [T, V], dtype G
   const void* b;     // [T, ncols]
-  float* grad;       // [V, ncols] f32, added into
+  float* grad;       // [V, ncols] f32, added into; with k_split: [splits, V, ncols] partials, written
   const int* live;   // null, or [ceil(T/128), live_ld] tile flags as in HeadGradHParams
   int tokens;
   int vocab;
   int ncols;
   float scale;
   int live_ld;
-  unsigned _pad;
+  int k_split;       // 0, or tokens per split (a multiple of 128; grid.z = splits)
 };
 TL_CHECK_PARAMS(HeadGradParamParams, 56);
 

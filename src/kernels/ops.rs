@@ -401,6 +401,9 @@ fn grad_h<E: Executor>(e: &E, cfg: &LoraConfig, t: DType, gt: DType, op: GradH, 
 
 /// `grad[v, :] += Gᵀ[v, :] · b` over `rows` vocabulary rows: G [T, rows] in
 /// `gt`, `b` [T, ncols] in `t`, `grad` [rows, ncols] f32; `live` as in [`GradH`].
+/// With `k_split` > 0 (tokens per split, a multiple of 128) the token range is
+/// split over grid.z and each split WRITES its partial sums to
+/// `grad + z·rows·ncols` (the caller sums them in order).
 #[allow(clippy::too_many_arguments)]
 fn grad_param<E: Executor>(
     e: &E,
@@ -413,7 +416,9 @@ fn grad_param<E: Executor>(
     rows: usize,
     ncols: usize,
     live: Option<(u64, usize)>,
+    k_split: usize,
 ) -> Result<()> {
+    let splits = if k_split > 0 { tokens.div_ceil(k_split) } else { 1 };
     let params = HeadGradParamParams {
         g,
         b,
@@ -424,7 +429,7 @@ fn grad_param<E: Executor>(
         ncols: i32_of("columns", ncols)?,
         scale: 1.0,
         live_ld: live.map_or(0, |l| l.1 as i32),
-        _pad: 0,
+        k_split: i32_of("token split", k_split)?,
     };
     let tg = tg_name(t, gt, ["f32_f32", "f16_f16", "f16_f32", "bf16_bf16", "bf16_f32"])?;
     let sfx = stage_suffix(e, t, gt);
@@ -433,11 +438,11 @@ fn grad_param<E: Executor>(
     let bn = if ncols <= 64 { 64 } else { 128 };
     let plan = LaunchPlan {
         kernel: intern(format!("tl_head_grad_param_{tg}_n{bn}{sfx}")),
-        grid: (blocks(rows, GEMM_TILE), blocks(ncols, bn as u32), 1),
+        grid: (blocks(rows, GEMM_TILE), blocks(ncols, bn as u32), splits as u32),
         block: (THREADS, 1, 1),
         shared_bytes: gemm_shared_bytes(t.size(), 128, bn, 32, true, false, 0, stages),
     };
-    // SAFETY: G [T, rows], b [T, ncols], grad [rows, ncols] f32 (callers).
+    // SAFETY: G [T, rows], b [T, ncols], grad [splits, rows, ncols] f32 (callers).
     unsafe { e.launch(&plan, &params) }
 }
 
@@ -463,11 +468,11 @@ pub fn head_backward<E: Executor>(
     let op = GradH { g, w: wt.w, u: wt.u, vh: wt.vh, dh, gu: e.addr(&gu), rows: v, accumulate: false, live: None };
     grad_h(e, cfg, t, gt, op, tokens)?;
     // dU += Gᵀ p, p = s·h·Vhᵀ already carries the scale.
-    grad_param(e, t, gt, g, e.addr(&p), grads.u, tokens, v, r, None)?;
+    grad_param(e, t, gt, g, e.addr(&p), grads.u, tokens, v, r, None, 0)?;
     // dVh += s · guᵀ h.
     lora_up(e, cfg, t, e.addr(&gu), 0, h, grads.vh, tokens, cfg.scale())?;
     if let Some(dw) = grads.w {
-        grad_param(e, t, gt, g, h, dw, tokens, v, d, None)?;
+        grad_param(e, t, gt, g, h, dw, tokens, v, d, None, 0)?;
     }
     Ok(())
 }
@@ -772,6 +777,38 @@ pub fn xent_chunk_cols(cfg: &LoraConfig, t: DType, tokens: usize, chunk_bytes: u
     fit.clamp(tile, cfg.vocab().div_ceil(tile) * tile)
 }
 
+/// Tokens per split of the chunked dU GEMM (`grad_param` k_split): enough
+/// (vocabulary tile, split) blocks for about two per multiprocessor; `tokens`
+/// itself (no split) when one split suffices.
+fn xent_du_split(tokens: usize, cols: usize, sms: u32) -> usize {
+    let tile = GEMM_TILE as usize;
+    let tiles_t = tokens.div_ceil(tile);
+    let splits = (2 * sms as usize).div_ceil(cols.div_ceil(tile)).clamp(1, tiles_t);
+    if splits == 1 {
+        tokens
+    } else {
+        tiles_t.div_ceil(splits) * tile
+    }
+}
+
+/// Bytes of the dU split partials: the largest over the full chunks and the last one.
+fn xent_du_partial_bytes(cfg: &LoraConfig, tokens: usize, sms: u32, chunk: usize) -> usize {
+    let v = cfg.vocab();
+    let last = v - (v.div_ceil(chunk) - 1) * chunk;
+    [chunk.min(v), last]
+        .iter()
+        .map(|&cols| {
+            let k = xent_du_split(tokens, cols, sms);
+            if k < tokens {
+                tokens.div_ceil(k) * cols * cfg.rank() * 4
+            } else {
+                0
+            }
+        })
+        .max()
+        .unwrap_or(0)
+}
+
 /// Extra device memory of `Backend::head_xent_backward` on the kernel backends, in bytes (every scratch it
 /// allocates, each at least 16 bytes): O(T) for the targets, O(T·r) for p and G·U, O(T·d) for the f32
 /// dh accumulator, one G chunk of at most `max(32 MiB, T·128·elem)`, and the
@@ -788,14 +825,15 @@ pub fn head_xent_backward_scratch_bytes(
     let chunk = xent_chunk_cols(cfg, t, tokens, chunk_bytes);
     let up_chunk = UP_CHUNK.max(tokens.div_ceil(4 * sms as usize));
     [
-        tokens * 4,                               // validated targets
-        16,                                       // their status word
-        tokens * r * t.size(),                    // p = s·h·Vhᵀ
-        tokens * d * 4,                           // dh accumulator
-        tokens * r * 4,                           // gu = G U
-        tokens * chunk * t.size(),                // one G chunk
-        tokens.div_ceil(128) * (chunk / 128) * 4, // its tile flags
-        tokens.div_ceil(up_chunk) * r * d * 4,    // dVh partials (lora_up)
+        tokens * 4,                                     // validated targets
+        16,                                             // their status word
+        tokens * r * t.size(),                          // p = s·h·Vhᵀ
+        tokens * d * 4,                                 // dh accumulator
+        tokens * r * 4,                                 // gu = G U
+        tokens * chunk * t.size(),                      // one G chunk
+        tokens.div_ceil(128) * (chunk / 128) * 4,       // its tile flags
+        xent_du_partial_bytes(cfg, tokens, sms, chunk), // dU split partials
+        tokens.div_ceil(up_chunk) * r * d * 4,          // dVh partials (lora_up)
     ]
     .iter()
     .map(|&b| b.max(16))
@@ -836,6 +874,7 @@ pub fn head_xent_backward<E: Executor>(
     let g_addr = e.addr(&g);
     let (tiles_m, tiles_c) = (tokens.div_ceil(GEMM_TILE as usize), chunk / GEMM_TILE as usize);
     let live = e.scratch(tiles_m * tiles_c * 4)?;
+    let du_part = e.scratch(xent_du_partial_bytes(cfg, tokens, e.multiprocessors(), chunk))?;
     let filter = cfg.xent_grad_filter().unwrap_or(0.0) as f32;
     let shared_bytes = gemm_shared_bytes(t.size(), 128, 128, 32, false, true, 0, 1);
     if valid > 0 {
@@ -887,9 +926,29 @@ pub fn head_xent_backward<E: Executor>(
                 live: flags,
             };
             grad_h(e, cfg, t, t, op, tokens)?;
-            grad_param(e, t, t, g_addr, e.addr(&p), grads.u + (col0 * r * 4) as u64, tokens, cols, r, flags)?;
+            // dU += Gᵀ p: few vocabulary tiles per chunk, so split the token
+            // range for parallelism; the partials are summed in order.
+            let du = grads.u + (col0 * r * 4) as u64;
+            let k_split = xent_du_split(tokens, cols, e.multiprocessors());
+            if k_split < tokens {
+                grad_param(e, t, t, g_addr, e.addr(&p), e.addr(&du_part), tokens, cols, r, flags, k_split)?;
+                let reduce = LoraUpReduceParams {
+                    partial: e.addr(&du_part),
+                    out: du,
+                    chunks: tokens.div_ceil(k_split) as i32,
+                    count: i32_of("vocabulary columns * rank", cols * r)?,
+                    scale: 1.0,
+                    _pad: 0,
+                };
+                let plan = LaunchPlan::linear("tl_lora_up_reduce", blocks(cols * r, THREADS), THREADS);
+                // SAFETY: du_part holds the [splits, cols, r] partials written
+                // above; du is the caller's dU rows [col0, col0 + cols).
+                unsafe { e.launch(&plan, &reduce)? };
+            } else {
+                grad_param(e, t, t, g_addr, e.addr(&p), du, tokens, cols, r, flags, 0)?;
+            }
             if let Some(dw) = grads.w {
-                grad_param(e, t, t, g_addr, h, dw + (col0 * d * 4) as u64, tokens, cols, d, flags)?;
+                grad_param(e, t, t, g_addr, h, dw + (col0 * d * 4) as u64, tokens, cols, d, flags, 0)?;
             }
         }
     }

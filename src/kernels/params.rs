@@ -52,7 +52,7 @@ params! {
     }
     /// `head.cu`: `grad[v, :] += scale · Σ_t G[t, v] · B[t, :]`.
     HeadGradParamParams (56) {
-        g: u64, b: u64, grad: u64, live: u64, tokens: i32, vocab: i32, ncols: i32, scale: f32, live_ld: i32, _pad: u32,
+        g: u64, b: u64, grad: u64, live: u64, tokens: i32, vocab: i32, ncols: i32, scale: f32, live_ld: i32, k_split: i32,
     }
     /// `embed.cu`: `out[t] = c·(W[ids[t]] + s·U[ids[t]]·Vh)`.
     EmbedForwardParams (64) {
