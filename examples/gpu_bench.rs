@@ -1207,34 +1207,26 @@ fn bench_head_forward(gpu: &Gpu, m: &Model, st: &Settings, rep: &mut Report) -> 
         })?;
         ours_t = Some((tm, mem));
     }
-    let mut s3_t = None;
-    if has_ours {
-        tl(gpu.cuda_s3.head_forward(&m.cfg, &m.weights(), h[0].as_view(), ours_out.as_view_mut()))?;
-        if unf_ok.is_ok() {
-            rep.check(sh, "head_forward: fused (cp.async s3) vs unfused logits", gpu.rel_norm(&ours_out, &base_out)?);
+    // The other main loops of the same op: checked against the unfused
+    // logits, then timed like the default.
+    let mut variant = |cuda: &Cuda, label: &str, out: &mut CudaSlice<bf16>| -> Res<Option<(Timing, Option<u64>)>> {
+        if !has_ours {
+            return Ok(None);
         }
-        let mem = gpu.mem.measure(&gpu.stream, || {
-            tl(gpu.cuda_s3.head_forward(&m.cfg, &m.weights(), h[0].as_view(), ours_out.as_view_mut()))
-        })?;
-        let tm = gpu.time(st.warmup, st.iters, |i| {
-            tl(gpu.cuda_s3.head_forward(&m.cfg, &m.weights(), h[i % 2].as_view(), ours_out.as_view_mut()))
-        })?;
-        s3_t = Some((tm, mem));
-    }
-    let mut wide_t = None;
-    if has_ours {
-        tl(gpu.cuda_wide.head_forward(&m.cfg, &m.weights(), h[0].as_view(), ours_out.as_view_mut()))?;
+        tl(cuda.head_forward(&m.cfg, &m.weights(), h[0].as_view(), out.as_view_mut()))?;
         if unf_ok.is_ok() {
-            rep.check(sh, "head_forward: fused (wide tiles) vs unfused logits", gpu.rel_norm(&ours_out, &base_out)?);
+            rep.check(sh, format!("head_forward: fused ({label}) vs unfused logits"), gpu.rel_norm(out, &base_out)?);
         }
-        let mem = gpu.mem.measure(&gpu.stream, || {
-            tl(gpu.cuda_wide.head_forward(&m.cfg, &m.weights(), h[0].as_view(), ours_out.as_view_mut()))
-        })?;
+        let mem = gpu
+            .mem
+            .measure(&gpu.stream, || tl(cuda.head_forward(&m.cfg, &m.weights(), h[0].as_view(), out.as_view_mut())))?;
         let tm = gpu.time(st.warmup, st.iters, |i| {
-            tl(gpu.cuda_wide.head_forward(&m.cfg, &m.weights(), h[i % 2].as_view(), ours_out.as_view_mut()))
+            tl(cuda.head_forward(&m.cfg, &m.weights(), h[i % 2].as_view(), out.as_view_mut()))
         })?;
-        wide_t = Some((tm, mem));
-    }
+        Ok(Some((tm, mem)))
+    };
+    let s3_t = variant(&gpu.cuda_s3, "cp.async s3", &mut ours_out)?;
+    let wide_t = variant(&gpu.cuda_wide, "wide tiles", &mut ours_out)?;
     let mut unf_t = None;
     let mut base_t = None;
     if unf_ok.is_ok() {
