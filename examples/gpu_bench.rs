@@ -1315,38 +1315,20 @@ fn bench_head_backward(gpu: &Gpu, m: &Model, st: &Settings, rep: &mut Report) ->
     let flop_gw = 2.0 * (t * v) as f64 * d as f64;
     let tf = |f: f64, tm: &Timing| f / (tm.median_ms * 1e-3) / 1e12;
 
+    // One call of the head backward on `cuda` (a main-loop variant of the backend).
+    let run = |cuda: &Cuda, i: usize, dh: &mut CudaSlice<bf16>, du: &mut CudaSlice<f32>, dvh: &mut CudaSlice<f32>| {
+        let mut grads = Grads { lora_vocab: du.as_view_mut(), lora_hidden: dvh.as_view_mut(), w: None };
+        cuda.head_backward::<bf16, bf16>(
+            &m.cfg,
+            &m.weights(),
+            h[i % 2].as_view(),
+            g[i % 2].as_view(),
+            dh.as_view_mut(),
+            &mut grads,
+        )
+    };
     let ours = |i: usize, dh: &mut CudaSlice<bf16>, du: &mut CudaSlice<f32>, dvh: &mut CudaSlice<f32>| {
-        let mut grads = Grads { lora_vocab: du.as_view_mut(), lora_hidden: dvh.as_view_mut(), w: None };
-        gpu.cuda.head_backward::<bf16, bf16>(
-            &m.cfg,
-            &m.weights(),
-            h[i % 2].as_view(),
-            g[i % 2].as_view(),
-            dh.as_view_mut(),
-            &mut grads,
-        )
-    };
-    let ours_gh1 = |i: usize, dh: &mut CudaSlice<bf16>, du: &mut CudaSlice<f32>, dvh: &mut CudaSlice<f32>| {
-        let mut grads = Grads { lora_vocab: du.as_view_mut(), lora_hidden: dvh.as_view_mut(), w: None };
-        gpu.cuda_gh1.head_backward::<bf16, bf16>(
-            &m.cfg,
-            &m.weights(),
-            h[i % 2].as_view(),
-            g[i % 2].as_view(),
-            dh.as_view_mut(),
-            &mut grads,
-        )
-    };
-    let ours_s3 = |i: usize, dh: &mut CudaSlice<bf16>, du: &mut CudaSlice<f32>, dvh: &mut CudaSlice<f32>| {
-        let mut grads = Grads { lora_vocab: du.as_view_mut(), lora_hidden: dvh.as_view_mut(), w: None };
-        gpu.cuda_s3.head_backward::<bf16, bf16>(
-            &m.cfg,
-            &m.weights(),
-            h[i % 2].as_view(),
-            g[i % 2].as_view(),
-            dh.as_view_mut(),
-            &mut grads,
-        )
+        run(&gpu.cuda, i, dh, du, dvh)
     };
     let has_ours = implemented(ours(0, &mut dh_o, &mut du_o, &mut dvh_o))?;
     if !has_ours {
@@ -1375,33 +1357,26 @@ fn bench_head_backward(gpu: &Gpu, m: &Model, st: &Settings, rep: &mut Report) ->
         let tm = gpu.time(st.warmup, st.iters, |i| tl(ours(i, &mut dh_o, &mut du_o, &mut dvh_o)))?;
         ours_t = Some((tm, mem));
     }
-    let mut s3_t = None;
-    if has_ours {
+    // The other variants, each on its own buffers: checked against the
+    // unfused result, then timed like the default.
+    let mut variant = |cuda: &Cuda, label: &str| -> Res<Option<(Timing, Option<u64>)>> {
+        if !has_ours {
+            return Ok(None);
+        }
         let mut dh_s = gpu.alloc::<bf16>(t * d)?;
         let mut du_s = gpu.zeros::<f32>(v * r)?;
         let mut dvh_s = gpu.zeros::<f32>(r * d)?;
-        tl(ours_s3(0, &mut dh_s, &mut du_s, &mut dvh_s))?;
+        tl(run(cuda, 0, &mut dh_s, &mut du_s, &mut dvh_s))?;
         if unf_ok.is_ok() {
-            rep.check(sh, "head_backward: dh fused (cp.async s3) vs unfused", gpu.rel_norm(&dh_s, &dh_b)?);
-            rep.check(sh, "head_backward: dU fused (cp.async s3) vs unfused", gpu.rel_norm(&du_s, &du_b)?);
+            rep.check(sh, format!("head_backward: dh fused ({label}) vs unfused"), gpu.rel_norm(&dh_s, &dh_b)?);
+            rep.check(sh, format!("head_backward: dU fused ({label}) vs unfused"), gpu.rel_norm(&du_s, &du_b)?);
         }
-        let mem = gpu.mem.measure(&gpu.stream, || tl(ours_s3(0, &mut dh_s, &mut du_s, &mut dvh_s)))?;
-        let tm = gpu.time(st.warmup, st.iters, |i| tl(ours_s3(i, &mut dh_s, &mut du_s, &mut dvh_s)))?;
-        s3_t = Some((tm, mem));
-    }
-    let mut gh1_t = None;
-    if has_ours {
-        let mut dh_s = gpu.alloc::<bf16>(t * d)?;
-        let mut du_s = gpu.zeros::<f32>(v * r)?;
-        let mut dvh_s = gpu.zeros::<f32>(r * d)?;
-        tl(ours_gh1(0, &mut dh_s, &mut du_s, &mut dvh_s))?;
-        if unf_ok.is_ok() {
-            rep.check(sh, "head_backward: dh fused (grad_h 1 block/SM) vs unfused", gpu.rel_norm(&dh_s, &dh_b)?);
-        }
-        let mem = gpu.mem.measure(&gpu.stream, || tl(ours_gh1(0, &mut dh_s, &mut du_s, &mut dvh_s)))?;
-        let tm = gpu.time(st.warmup, st.iters, |i| tl(ours_gh1(i, &mut dh_s, &mut du_s, &mut dvh_s)))?;
-        gh1_t = Some((tm, mem));
-    }
+        let mem = gpu.mem.measure(&gpu.stream, || tl(run(cuda, 0, &mut dh_s, &mut du_s, &mut dvh_s)))?;
+        let tm = gpu.time(st.warmup, st.iters, |i| tl(run(cuda, i, &mut dh_s, &mut du_s, &mut dvh_s)))?;
+        Ok(Some((tm, mem)))
+    };
+    let s3_t = variant(&gpu.cuda_s3, "cp.async s3")?;
+    let gh1_t = variant(&gpu.cuda_gh1, "grad_h 1 block/SM")?;
     let (mut unf_t, mut gw_t) = (None, None);
     if unf_ok.is_ok() {
         let mem = gpu
