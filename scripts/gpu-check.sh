@@ -103,7 +103,16 @@ step() {
 
 # ---------------------------------------------------------------- setup ---
 BIN="$BUNDLE/bin"
-if [ -f "$BUNDLE/bin.tar.gz" ]; then
+# bin.tar.xz: one xz stream with a 256 MiB dictionary (scripts/build-device-bundle.sh);
+# unpacked by xz when the machine has it, else by Python's lzma (any dictionary size).
+if [ -f "$BUNDLE/bin.tar.xz" ]; then
+  if command -v xz >/dev/null; then
+    xz -dc "$BUNDLE/bin.tar.xz" | tar -xf - -C "$BUNDLE"
+  else
+    python3 -c 'import lzma, sys, tarfile; tarfile.open(fileobj=lzma.open(sys.argv[1])).extractall(sys.argv[2])' \
+      "$BUNDLE/bin.tar.xz" "$BUNDLE"
+  fi || echo "gpu-check: cannot unpack $BUNDLE/bin.tar.xz" | tee -a "$LOG"
+elif [ -f "$BUNDLE/bin.tar.gz" ]; then
   tar -xzf "$BUNDLE/bin.tar.gz" -C "$BUNDLE" || echo "gpu-check: cannot unpack $BUNDLE/bin.tar.gz" | tee -a "$LOG"
 fi
 have_bin() { [ -x "$BIN/$1" ]; }
