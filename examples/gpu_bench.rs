@@ -564,6 +564,10 @@ struct Gpu {
     cuda_wide: Cuda,
     /// The same backend with grad_h at one block per SM (the default asks for two on sm_90+).
     cuda_gh1: Cuda,
+    /// The same backend on the ldmatrix + mma.sync kernels (`Cuda::with_mma`).
+    cuda_mma: Cuda,
+    /// ... and with the wide-tile head forward too.
+    cuda_wide_mma: Cuda,
     stream: Arc<CudaStream>,
     k: BenchKernels,
     blas: Result<Blas, String>,
@@ -612,7 +616,9 @@ impl Gpu {
         let cuda_s3 = Cuda::with_stream(stream.clone())?.with_gemm_pipeline(true);
         let cuda_wide = Cuda::with_stream(stream.clone())?.with_wide_tiles(true);
         let cuda_gh1 = Cuda::with_stream(stream.clone())?.with_grad_h_two_blocks(false);
-        Ok(Gpu { cuda, cuda_s3, cuda_wide, cuda_gh1, stream, k, blas, mem, info })
+        let cuda_mma = Cuda::with_stream(stream.clone())?.with_mma(true);
+        let cuda_wide_mma = Cuda::with_stream(stream.clone())?.with_mma(true).with_wide_tiles(true);
+        Ok(Gpu { cuda, cuda_s3, cuda_wide, cuda_gh1, cuda_mma, cuda_wide_mma, stream, k, blas, mem, info })
     }
 
     fn sync(&self) -> Res<()> {
@@ -1227,6 +1233,8 @@ fn bench_head_forward(gpu: &Gpu, m: &Model, st: &Settings, rep: &mut Report) -> 
     };
     let s3_t = variant(&gpu.cuda_s3, "cp.async s3", &mut ours_out)?;
     let wide_t = variant(&gpu.cuda_wide, "wide tiles", &mut ours_out)?;
+    let mma_t = variant(&gpu.cuda_mma, "mma.sync", &mut ours_out)?;
+    let wide_mma_t = variant(&gpu.cuda_wide_mma, "wide mma.sync", &mut ours_out)?;
     let mut unf_t = None;
     let mut base_t = None;
     if unf_ok.is_ok() {
@@ -1270,6 +1278,28 @@ fn bench_head_forward(gpu: &Gpu, m: &Model, st: &Settings, rep: &mut Report) -> 
         unf_t,
         base_tf,
         "Cuda::with_wide_tiles(true): _w256 kernels, 64x64 warp tiles, 3-stage cp.async",
+    );
+    push_timed(
+        rep,
+        sh,
+        "head_forward",
+        "ours (fused, mma.sync)",
+        mma_t,
+        flop,
+        unf_t,
+        base_tf,
+        "Cuda::with_mma(true): _mma kernel, ldmatrix + mma.sync, 3-stage cp.async, 64x32 warp tiles",
+    );
+    push_timed(
+        rep,
+        sh,
+        "head_forward",
+        "ours (fused, wide tiles, mma.sync)",
+        wide_mma_t,
+        flop,
+        unf_t,
+        base_tf,
+        "Cuda::with_mma(true).with_wide_tiles(true): _w256_mma, 64x64 warp tiles",
     );
     push_timed(
         rep,
@@ -1377,6 +1407,7 @@ fn bench_head_backward(gpu: &Gpu, m: &Model, st: &Settings, rep: &mut Report) ->
     };
     let s3_t = variant(&gpu.cuda_s3, "cp.async s3")?;
     let gh1_t = variant(&gpu.cuda_gh1, "grad_h 1 block/SM")?;
+    let mma_t = variant(&gpu.cuda_mma, "mma.sync")?;
     let (mut unf_t, mut gw_t) = (None, None);
     if unf_ok.is_ok() {
         let mem = gpu
@@ -1423,6 +1454,17 @@ fn bench_head_backward(gpu: &Gpu, m: &Model, st: &Settings, rep: &mut Report) ->
         unf_t,
         gw_tf,
         "Cuda::with_gemm_pipeline(true): _s3 kernels",
+    );
+    push_timed(
+        rep,
+        sh,
+        "head_backward",
+        "ours (fused, mma.sync)",
+        mma_t,
+        flop,
+        unf_t,
+        gw_tf,
+        "Cuda::with_mma(true): grad_h / grad_param _mma kernels (ldmatrix + mma.sync, 3-stage cp.async)",
     );
     push_timed(
         rep,
@@ -1485,8 +1527,8 @@ fn bench_xent(gpu: &Gpu, m: &Model, st: &Settings, rep: &mut Report) -> Res<()> 
     let flop_all = 2.0 * (t * v) as f64 * (2 * (d + r) + r) as f64;
     let tf = |f: f64, tm: &Timing| f / (tm.median_ms * 1e-3) / 1e12;
 
-    let fused_fwd = |i: usize, o: &mut XentBufs| {
-        gpu.cuda.head_xent_forward::<bf16, u32>(
+    let fused_fwd = |cuda: &Cuda, i: usize, o: &mut XentBufs| {
+        cuda.head_xent_forward::<bf16, u32>(
             &cfg,
             &m.weights(),
             h[i % 2].as_view(),
@@ -1495,10 +1537,10 @@ fn bench_xent(gpu: &Gpu, m: &Model, st: &Settings, rep: &mut Report) -> Res<()> 
             o.rows.as_view_mut(),
         )
     };
-    let fused_all = |i: usize, o: &mut XentBufs| -> tiedlora::Result<()> {
-        fused_fwd(i, o)?;
+    let fused_all = |cuda: &Cuda, i: usize, o: &mut XentBufs| -> tiedlora::Result<()> {
+        fused_fwd(cuda, i, o)?;
         let mut grads = Grads { lora_vocab: o.du.as_view_mut(), lora_hidden: o.dvh.as_view_mut(), w: None };
-        gpu.cuda.head_xent_backward::<bf16, u32>(
+        cuda.head_xent_backward::<bf16, u32>(
             &cfg,
             &m.weights(),
             h[i % 2].as_view(),
@@ -1533,7 +1575,7 @@ fn bench_xent(gpu: &Gpu, m: &Model, st: &Settings, rep: &mut Report) -> Res<()> 
         unfused_head_backward(gpu, m, &h[i % 2], z, &mut o.dh, &mut o.du, &mut o.dvh)
     };
 
-    let has_ours = implemented(fused_all(0, &mut ours))?;
+    let has_ours = implemented(fused_all(&gpu.cuda, 0, &mut ours))?;
     if !has_ours {
         rep.rows.push(Row {
             shape: sh.key.into(),
@@ -1557,12 +1599,25 @@ fn bench_xent(gpu: &Gpu, m: &Model, st: &Settings, rep: &mut Report) -> Res<()> 
         rep.check(sh, "xent: dU fused vs materialized", gpu.rel_norm(&ours.du, &mat.du)?);
         rep.check(sh, "xent: dVh fused vs materialized", gpu.rel_norm(&ours.dvh, &mat.dvh)?);
     }
+    // The ldmatrix + mma.sync kernels: the same checks, on their own buffers.
+    let mut ours_mma = XentBufs::new(gpu, t, v, d, r)?;
+    tl(fused_all(&gpu.cuda_mma, 0, &mut ours_mma))?;
+    {
+        let loss_mma = gpu.stream.clone_dtoh(&ours_mma.loss).ctx("download loss")?[0] as f64;
+        let loss_def = gpu.stream.clone_dtoh(&ours.loss).ctx("download loss")?[0] as f64;
+        gpu.sync()?;
+        rep.check(sh, "xent: loss fused (mma.sync) vs fused", rel_host(&[loss_mma], &[loss_def]));
+        rep.check(sh, "xent: dh fused (mma.sync) vs materialized", gpu.rel_norm(&ours_mma.dh, &mat.dh)?);
+        rep.check(sh, "xent: dU fused (mma.sync) vs materialized", gpu.rel_norm(&ours_mma.du, &mat.du)?);
+    }
 
     // Forward (loss only).
     let s0 = gpu.cuda.scratch_bytes_allocated();
-    let mem = gpu.mem.measure(&gpu.stream, || tl(fused_fwd(0, &mut ours)))?;
+    let mem = gpu.mem.measure(&gpu.stream, || tl(fused_fwd(&gpu.cuda, 0, &mut ours)))?;
     let fwd_scratch = gpu.cuda.scratch_bytes_allocated() - s0;
-    let ours_fwd = Some((gpu.time(st.warmup, st.iters, |i| tl(fused_fwd(i, &mut ours)))?, mem));
+    let ours_fwd = Some((gpu.time(st.warmup, st.iters, |i| tl(fused_fwd(&gpu.cuda, i, &mut ours)))?, mem));
+    let mem = gpu.mem.measure(&gpu.stream, || tl(fused_fwd(&gpu.cuda_mma, 0, &mut ours_mma)))?;
+    let mma_fwd = Some((gpu.time(st.warmup, st.iters, |i| tl(fused_fwd(&gpu.cuda_mma, i, &mut ours_mma)))?, mem));
     let mut z = gpu.alloc::<bf16>(t * v)?;
     let mem = gpu.mem.measure(&gpu.stream, || {
         let mut z2 = gpu.alloc::<bf16>(t * v)?;
@@ -1595,6 +1650,17 @@ fn bench_xent(gpu: &Gpu, m: &Model, st: &Settings, rep: &mut Report) -> Res<()> 
         rep,
         sh,
         "xent_forward",
+        "ours (fused, no logits, mma.sync)",
+        mma_fwd,
+        flop_fwd,
+        mat_fwd_t,
+        base_tf,
+        "Cuda::with_mma(true): _mma partials (ldmatrix + mma.sync, 3-stage cp.async)",
+    );
+    push_timed(
+        rep,
+        sh,
+        "xent_forward",
         "materialized (our head_forward + xent rows)",
         mat_fwd_t,
         flop_fwd,
@@ -1616,9 +1682,11 @@ fn bench_xent(gpu: &Gpu, m: &Model, st: &Settings, rep: &mut Report) -> Res<()> 
 
     // Forward + backward (LoRA mode).
     let s0 = gpu.cuda.scratch_bytes_allocated();
-    let mem = gpu.mem.measure(&gpu.stream, || tl(fused_all(0, &mut ours)))?;
+    let mem = gpu.mem.measure(&gpu.stream, || tl(fused_all(&gpu.cuda, 0, &mut ours)))?;
     let all_scratch = gpu.cuda.scratch_bytes_allocated() - s0;
-    let ours_all = Some((gpu.time(st.warmup, st.iters, |i| tl(fused_all(i, &mut ours)))?, mem));
+    let ours_all = Some((gpu.time(st.warmup, st.iters, |i| tl(fused_all(&gpu.cuda, i, &mut ours)))?, mem));
+    let mem = gpu.mem.measure(&gpu.stream, || tl(fused_all(&gpu.cuda_mma, 0, &mut ours_mma)))?;
+    let mma_all = Some((gpu.time(st.warmup, st.iters, |i| tl(fused_all(&gpu.cuda_mma, i, &mut ours_mma)))?, mem));
     let mem = gpu.mem.measure(&gpu.stream, || {
         let mut z2 = gpu.alloc::<bf16>(t * v)?;
         mat_all(0, &mut mat, &mut z2)
@@ -1645,6 +1713,17 @@ fn bench_xent(gpu: &Gpu, m: &Model, st: &Settings, rep: &mut Report) -> Res<()> 
         peft_t,
         None,
         &format!("loss + dh, dU, dVh; scratch {:.1} MiB; speedup vs the PEFT path", mib(all_scratch as u64)),
+    );
+    push_timed(
+        rep,
+        sh,
+        "xent_fwd_bwd",
+        "ours (fused, no logits, mma.sync)",
+        mma_all,
+        flop_all,
+        peft_t,
+        None,
+        "Cuda::with_mma(true): every GEMM of both passes on its _mma kernel",
     );
     push_timed(
         rep,
@@ -1930,6 +2009,10 @@ fn run_verify(gpu: &Gpu, rep: &mut Report) -> Res<()> {
         rep.check(&sh, "head_forward ours vs CPU", rel_host(&down(gpu, &out)?, &logits));
         tl(gpu.cuda_wide.head_forward(&m.cfg, &m.weights(), h.as_view(), out.as_view_mut()))?;
         rep.check(&sh, "head_forward ours (wide tiles) vs CPU", rel_host(&down(gpu, &out)?, &logits));
+        tl(gpu.cuda_mma.head_forward(&m.cfg, &m.weights(), h.as_view(), out.as_view_mut()))?;
+        rep.check(&sh, "head_forward ours (mma.sync) vs CPU", rel_host(&down(gpu, &out)?, &logits));
+        tl(gpu.cuda_wide_mma.head_forward(&m.cfg, &m.weights(), h.as_view(), out.as_view_mut()))?;
+        rep.check(&sh, "head_forward ours (wide, mma.sync) vs CPU", rel_host(&down(gpu, &out)?, &logits));
     } else {
         println!("  head_forward ours: not implemented");
     }
@@ -1955,6 +2038,15 @@ fn run_verify(gpu: &Gpu, rep: &mut Report) -> Res<()> {
         rep.check(&sh, "head_backward ours dh vs CPU", rel_host(&down(gpu, &dh)?, &dh_c));
         rep.check(&sh, "head_backward ours dU vs CPU", rel_host(&down(gpu, &du)?, &du_c));
         rep.check(&sh, "head_backward ours dVh vs CPU", rel_host(&down(gpu, &dvh)?, &dvh_c));
+        let (mut du, mut dvh) = (gpu.zeros::<f32>(v * r)?, gpu.zeros::<f32>(r * d)?);
+        {
+            let mut gr = Grads { lora_vocab: du.as_view_mut(), lora_hidden: dvh.as_view_mut(), w: None };
+            let (hv, gv) = (h.as_view(), g.as_view());
+            tl(gpu.cuda_mma.head_backward::<bf16, bf16>(&m.cfg, &m.weights(), hv, gv, dh.as_view_mut(), &mut gr))?;
+        }
+        rep.check(&sh, "head_backward ours (mma.sync) dh vs CPU", rel_host(&down(gpu, &dh)?, &dh_c));
+        rep.check(&sh, "head_backward ours (mma.sync) dU vs CPU", rel_host(&down(gpu, &du)?, &du_c));
+        rep.check(&sh, "head_backward ours (mma.sync) dVh vs CPU", rel_host(&down(gpu, &dvh)?, &dvh_c));
     } else {
         println!("  head_backward ours: not implemented");
     }
@@ -2043,6 +2135,27 @@ fn run_verify(gpu: &Gpu, rep: &mut Report) -> Res<()> {
         } else {
             println!("  head_xent_backward ours: not implemented");
         }
+        // The same on the ldmatrix + mma.sync kernels.
+        let (mut loss, mut lse) = (gpu.zeros::<f32>(1)?, gpu.zeros::<f32>(t)?);
+        let (mut du, mut dvh) = (gpu.zeros::<f32>(v * r)?, gpu.zeros::<f32>(r * d)?);
+        let c = &gpu.cuda_mma;
+        let (hv, iv) = (h.as_view(), ids.buf.as_view());
+        tl(c.head_xent_forward::<bf16, u32>(&xcfg, &m.weights(), hv, iv, loss.as_view_mut(), lse.as_view_mut()))?;
+        rep.check(
+            &sh,
+            "xent_forward ours (mma.sync) loss vs CPU",
+            rel_host(&down(gpu, &loss)?, &[f64::from(loss_c[0])]),
+        );
+        rep.check(&sh, "xent_forward ours (mma.sync) lse vs CPU", rel_host(&down(gpu, &lse)?, &wide(&lse_c)));
+        {
+            let mut gr = Grads { lora_vocab: du.as_view_mut(), lora_hidden: dvh.as_view_mut(), w: None };
+            let (hv, iv) = (h.as_view(), ids.buf.as_view());
+            let lv = lse.as_view();
+            tl(c.head_xent_backward::<bf16, u32>(&xcfg, &m.weights(), hv, iv, lv, 1.0, dh.as_view_mut(), &mut gr))?;
+        }
+        rep.check(&sh, "xent_backward ours (mma.sync) dh vs CPU", rel_host(&down(gpu, &dh)?, &wide(&dh_c)));
+        rep.check(&sh, "xent_backward ours (mma.sync) dU vs CPU", rel_host(&down(gpu, &du)?, &wide(&du_c)));
+        rep.check(&sh, "xent_backward ours (mma.sync) dVh vs CPU", rel_host(&down(gpu, &dvh)?, &wide(&dvh_c)));
     } else {
         println!("  head_xent_forward ours: not implemented");
     }

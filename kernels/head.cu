@@ -25,9 +25,9 @@ namespace {
 
 using tl::SegRows;
 
-template <class T, int STAGES, int BN = 128>
+template <class T, int STAGES, int BN = 128, bool MMA = false>
 TL_DEVICE void head_forward(const HeadForwardParams& p) {
-  using S = tl::GemmShape<T, 128, BN, 32, false, true, 0, STAGES>;
+  using S = tl::GemmShape<T, 128, BN, 32, false, true, 0, STAGES, MMA>;
   TL_DYNAMIC_SMEM(unsigned char, smem);
   const SegRows<T, T> a{static_cast<const T*>(p.h), p.hidden, p.hidden, static_cast<const T*>(p.p), p.rank, p.rank,
                         p.tokens};
@@ -53,9 +53,9 @@ TL_DEVICE auto pick_live(const F& f) {
 // FILTERED = false compiles without the tile-skip predicate (p.live must be
 // null; a filtered G is still exact: its dropped tiles are written as 0):
 // fewer registers, for the two-blocks-per-SM variants.
-template <class T, class G, int RX, int STAGES, bool FILTERED = true>
+template <class T, class G, int RX, int STAGES, bool FILTERED = true, bool MMA = false>
 TL_DEVICE void head_grad_h(const HeadGradHParams& p) {
-  using S = tl::GemmShape<T, 128, 128, 32, false, false, RX, STAGES>;
+  using S = tl::GemmShape<T, 128, 128, 32, false, false, RX, STAGES, MMA>;
   TL_DYNAMIC_SMEM(unsigned char, smem);
   const SegRows<G, float> a{static_cast<const G*>(p.g), p.vocab, p.vocab, nullptr, 0, 0, p.tokens};
   const SegRows<T, float> b{static_cast<const T*>(p.w), p.hidden, p.hidden, nullptr, 0, 0, p.vocab};
@@ -90,9 +90,9 @@ TL_DEVICE void head_grad_h(const HeadGradHParams& p) {
       live);
 }
 
-template <class T, class G, int BN, int WM, int WN, int STAGES>
+template <class T, class G, int BN, int WM, int WN, int STAGES, bool MMA = false>
 TL_DEVICE void head_grad_param(const HeadGradParamParams& p) {
-  using S = tl::GemmShape<T, 128, BN, 32, true, false, 0, STAGES>;
+  using S = tl::GemmShape<T, 128, BN, 32, true, false, 0, STAGES, MMA>;
   TL_DYNAMIC_SMEM(unsigned char, smem);
   // Split-K over tokens (k_split > 0): block z reduces tokens [z k_split, ...)
   // and WRITES its partial sums to grad + z * vocab * ncols (summed in order
@@ -141,6 +141,24 @@ TL_HEAD_FORWARD(bf16, __nv_bfloat16, 3, _s3)
 // of the 64 x 32 default), 3-stage cp.async ring, 90 KiB of shared memory.
 TL_KERNEL_BOUNDED(tl_head_forward_f16_w256, HeadForwardParams, 256) { head_forward<__half, 3, 256>(p); }
 TL_KERNEL_BOUNDED(tl_head_forward_bf16_w256, HeadForwardParams, 256) { head_forward<__nv_bfloat16, 3, 256>(p); }
+// ldmatrix + mma.sync instead of WMMA (an experiment to measure, `Cuda::with_mma`),
+// both on the 3-stage ring: 128 x 128 blocks (two per SM on sm_90+: ptxas
+// fits 128 registers without spills) and the wide 128 x 256 ones.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define TL_FORWARD_MMA_MIN_BLOCKS 2
+#else
+#define TL_FORWARD_MMA_MIN_BLOCKS 1
+#endif
+TL_KERNEL_BOUNDED_MIN(tl_head_forward_f16_mma, HeadForwardParams, 256, TL_FORWARD_MMA_MIN_BLOCKS) {
+  head_forward<__half, 3, 128, true>(p);
+}
+TL_KERNEL_BOUNDED_MIN(tl_head_forward_bf16_mma, HeadForwardParams, 256, TL_FORWARD_MMA_MIN_BLOCKS) {
+  head_forward<__nv_bfloat16, 3, 128, true>(p);
+}
+TL_KERNEL_BOUNDED(tl_head_forward_f16_w256_mma, HeadForwardParams, 256) { head_forward<__half, 3, 256, true>(p); }
+TL_KERNEL_BOUNDED(tl_head_forward_bf16_w256_mma, HeadForwardParams, 256) {
+  head_forward<__nv_bfloat16, 3, 256, true>(p);
+}
 
 // The cp.async ring only pays when G is stored in the compute dtype (f32 G
 // for half weights is converted on load), so _s3 exists for G == T only.
@@ -178,6 +196,18 @@ TL_HEAD_GRAD_H_O2(f16_f32, __half, float)
 TL_HEAD_GRAD_H_O2(bf16_bf16, __nv_bfloat16, __nv_bfloat16)
 TL_HEAD_GRAD_H_O2(bf16_f32, __nv_bfloat16, float)
 
+// ldmatrix + mma.sync on the 3-stage ring (`Executor::mma`), G in the storage dtype.
+#define TL_HEAD_GRAD_H_MMA(name, T, RX)                                                \
+  TL_KERNEL_BOUNDED(tl_head_grad_h_##name##_rx##RX##_mma, HeadGradHParams, 256) {      \
+    head_grad_h<T, T, RX, 3, true, true>(p);                                           \
+  }
+TL_HEAD_GRAD_H_MMA(f16_f16, __half, 16)
+TL_HEAD_GRAD_H_MMA(f16_f16, __half, 32)
+TL_HEAD_GRAD_H_MMA(f16_f16, __half, 64)
+TL_HEAD_GRAD_H_MMA(bf16_bf16, __nv_bfloat16, 16)
+TL_HEAD_GRAD_H_MMA(bf16_bf16, __nv_bfloat16, 32)
+TL_HEAD_GRAD_H_MMA(bf16_bf16, __nv_bfloat16, 64)
+
 // n64: dU (r columns, 8 warps stacked along V); n128: dW (d columns).
 #define TL_HEAD_GRAD_PARAM(name, T, G, STAGES, suffix)                                   \
   TL_KERNEL_BOUNDED(tl_head_grad_param_##name##_n64##suffix, HeadGradParamParams, 256) { \
@@ -193,3 +223,13 @@ TL_HEAD_GRAD_PARAM(bf16_bf16, __nv_bfloat16, __nv_bfloat16, 1, )
 TL_HEAD_GRAD_PARAM(bf16_f32, __nv_bfloat16, float, 1, )
 TL_HEAD_GRAD_PARAM(f16_f16, __half, __half, 3, _s3)
 TL_HEAD_GRAD_PARAM(bf16_bf16, __nv_bfloat16, __nv_bfloat16, 3, _s3)
+// ldmatrix + mma.sync on the 3-stage ring (`Executor::mma`), G in the storage dtype.
+#define TL_HEAD_GRAD_PARAM_MMA(name, T)                                                  \
+  TL_KERNEL_BOUNDED(tl_head_grad_param_##name##_n64_mma, HeadGradParamParams, 256) {     \
+    head_grad_param<T, T, 64, 8, 1, 3, true>(p);                                         \
+  }                                                                                      \
+  TL_KERNEL_BOUNDED(tl_head_grad_param_##name##_n128_mma, HeadGradParamParams, 256) {    \
+    head_grad_param<T, T, 128, 2, 4, 3, true>(p);                                        \
+  }
+TL_HEAD_GRAD_PARAM_MMA(f16_f16, __half)
+TL_HEAD_GRAD_PARAM_MMA(bf16_bf16, __nv_bfloat16)

@@ -12,6 +12,8 @@
 // shared memory, with the next K tile's loads issued before the current tile's
 // math. Math policy by compute type CT:
 //   * __half / __nv_bfloat16: WMMA m16n16k16 (tensor cores), 8 warps as WM x WN;
+//     or, with GemmShape's MMA flag, ldmatrix + mma.sync m16n8k16 (mma.cuh)
+//     with the same warp tiling, the epilogue reading the registers directly;
 //   * float: plain FMA, 16 x 16 threads each owning an 8 x 8 micro-tile
 //     (no TF32: f32 results stay within 1e-5 of the f64 reference).
 // Operand layouts in shared memory follow the global contiguity: A_COL means
@@ -20,6 +22,7 @@
 // to the row's extra results (or nullptr).
 #pragma once
 #include "common.cuh"
+#include "mma.cuh"
 
 namespace tl {
 
@@ -55,6 +58,20 @@ TL_DEVICE void tl_cp_async16(void* smem, const void* gmem) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
 #else
   *reinterpret_cast<uint4*>(smem) = *reinterpret_cast<const uint4*>(gmem);
+#endif
+}
+// As tl_cp_async16, but writes 16 zero bytes (and reads nothing) when !full:
+// the src-size operand of cp.async, so there is no branch around the copy.
+TL_DEVICE void tl_cp_async16_zfill(void* smem, const void* gmem, bool full) {
+#if defined(__CUDA_ARCH__)
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(full ? 16 : 0));
+#else
+  if (full) {
+    *reinterpret_cast<uint4*>(smem) = *reinterpret_cast<const uint4*>(gmem);
+  } else {
+    *reinterpret_cast<uint4*>(smem) = make_uint4(0u, 0u, 0u, 0u);
+  }
 #endif
 }
 TL_DEVICE void tl_cp_async_commit() {
@@ -163,13 +180,77 @@ struct Stage {
   }
 };
 
+// The steady state of one operand's cp.async staging: per-thread sources
+// computed once, so a K step inside segment 0 costs one cp.async (or a zero
+// store) per 16-byte chunk plus a pointer offset, with no per-chunk segment,
+// bounds or alignment logic. K runs along the tile's OUTER rows (K_OUTER:
+// A = Gᵀ, row-major B, the extras) or along its INNER columns (K_OUTER
+// false); the other coordinate is fixed for the block. Steps it cannot take
+// (`fast` false: K past segment 0 or past the last row) go through
+// Stage::issue, which handles every case.
+template <class CT, int OUTER, int INNER, int LD, bool K_OUTER>
+struct StageStream {
+  using St = Stage<CT, OUTER, INNER, LD>;
+  static constexpr int VEC = St::VEC, CH = St::CH, CHUNKS = St::CHUNKS;
+  // With whole chunks per thread (the usual case), no chunk < CHUNKS test.
+  static constexpr bool EVEN = CHUNKS % kGemmThreads == 0;
+  const CT* src[CH];   // chunk c at k = 0 (the operand's base if not in range)
+  unsigned ok = 0;     // chunk c exists and its fixed coordinate is in range
+  long long kstride = 0;  // elements per unit of k
+  int k_limit = -1;       // a step [k0, k0 + BK) is fast iff k0 + BK <= k_limit
+
+  template <class S0, class S1>
+  TL_DEVICE void init(const SegRows<S0, S1>& s, int fixed0, unsigned tid) {
+    if constexpr (std::is_same<S0, CT>::value) {
+      // Whole 16-byte vectors only: an aligned base and row length, and (when
+      // the fixed coordinate is a column) no vector straddling segment 0's end.
+      const bool aligned = (reinterpret_cast<unsigned long long>(s.p0) & 15ull) == 0 && s.ld0 % VEC == 0;
+      const bool whole = !K_OUTER || (s.len0 % VEC == 0 && s.len1 == 0);
+      if (!aligned || !whole) return;
+      kstride = K_OUTER ? s.ld0 : 1;
+      k_limit = K_OUTER ? s.rows : s.len0;
+#pragma unroll
+      for (int c = 0; c < CH; ++c) {
+        const int chunk = static_cast<int>(tid) + c * kGemmThreads;
+        const int o = chunk / (INNER / VEC);
+        const int i = (chunk % (INNER / VEC)) * VEC;
+        const bool in = chunk < CHUNKS && (K_OUTER ? fixed0 + i < s.len0 : fixed0 + o < s.rows);
+        src[c] = s.p0;
+        if (in) {
+          ok |= 1u << c;
+          src[c] = K_OUTER ? s.p0 + static_cast<long long>(o) * s.ld0 + fixed0 + i
+                           : s.p0 + static_cast<long long>(fixed0 + o) * s.ld0 + i;
+        }
+      }
+    }
+  }
+  TL_DEVICE bool fast(int k0, int bk) const { return k0 + bk <= k_limit; }
+  TL_DEVICE void issue(int k0, CT* smem, unsigned tid) const {
+    const long long kofs = static_cast<long long>(k0) * kstride;
+#pragma unroll
+    for (int c = 0; c < CH; ++c) {
+      const int chunk = static_cast<int>(tid) + c * kGemmThreads;
+      if (EVEN || chunk < CHUNKS) {
+        const int o = chunk / (INNER / VEC);
+        const int i = (chunk % (INNER / VEC)) * VEC;
+        const bool in = (ok >> c) & 1u;
+        // Out of range: zero-filled from the operand's base (read nothing).
+        tl_cp_async16_zfill(smem + o * LD + i, in ? src[c] + kofs : src[c], in);
+      }
+    }
+  }
+};
+
 // Tile shape and shared-memory layout of one GEMM configuration.
 // STAGES_ = 1: global -> registers -> shared, two barriers per K step.
 // STAGES_ >= 2: a STAGES_-deep cp.async ring, one barrier per K step.
-template <class CT, int BM_, int BN_, int BK_, bool A_COL_, bool B_COL_, int RX_, int STAGES_ = 1>
+// MMA_: tensor-core math by ldmatrix + mma.sync (MmaMath) instead of WMMA.
+// The padded rows (PAD) also keep ldmatrix free of bank conflicts: 8 rows of
+// 16 bytes at a stride of (BK or BN) + 8 values land in 8 distinct bank groups.
+template <class CT, int BM_, int BN_, int BK_, bool A_COL_, bool B_COL_, int RX_, int STAGES_ = 1, bool MMA_ = false>
 struct GemmShape {
   static constexpr int BM = BM_, BN = BN_, BK = BK_, RX = RX_, STAGES = STAGES_;
-  static constexpr bool A_COL = A_COL_, B_COL = B_COL_;
+  static constexpr bool A_COL = A_COL_, B_COL = B_COL_, MMA = MMA_;
   static constexpr int PAD = Vec16<CT>::N;  // skew rows to spread shared-memory banks
   // A tile: [BM][BK] (row) or [BK][BM] (col); B tile: [BK][BN] (row) or [BN][BK] (col).
   static constexpr int A_OUT = A_COL ? BK : BM, A_IN = A_COL ? BM : BK, LDA = A_IN + PAD;
@@ -196,6 +277,9 @@ struct WmmaMath {
   using B_L = typename std::conditional<Shape::B_COL, nvcuda::wmma::col_major, nvcuda::wmma::row_major>::type;
   nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> acc[FM][FN];
   nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> xacc[XF > 0 ? XF : 1];
+
+  // WMMA math is driven per warp.
+  TL_DEVICE static unsigned pick(unsigned warp, unsigned) { return warp; }
 
   TL_DEVICE void zero() {
 #pragma unroll
@@ -288,6 +372,9 @@ struct FmaMath {
   float acc[TM][TN];
   float xacc[TM][XC > 0 ? XC : 1];
 
+  // FMA math is driven per thread.
+  TL_DEVICE static unsigned pick(unsigned, unsigned tid) { return tid; }
+
   TL_DEVICE void zero() {
 #pragma unroll
     for (int i = 0; i < TM; ++i) {
@@ -344,23 +431,138 @@ struct FmaMath {
   }
 };
 
+// -------------------------------------------------------------- mma.sync ---
+// The WMMA policy's warp tiling on ldmatrix + mma.sync m16n8k16 (mma.cuh):
+// the accumulators are 16 x 8 blocks whose lane layout is known, so the
+// epilogue reads them from registers (no shared-memory scratch round trip).
+template <class CT, class Shape, int WM, int WN>
+struct MmaMath {
+  static_assert(WM * WN == 8, "8 warps");
+  static constexpr int WTM = Shape::BM / WM, WTN = Shape::BN / WN;
+  static constexpr int FM = WTM / 16, FN = WTN / 8;
+  static_assert(WTM % 16 == 0 && WTN % 16 == 0, "warp tile must be whole 16x16 blocks");
+  static_assert(Shape::RX % 16 == 0, "extra columns in whole 16s");
+  static constexpr int XF_TOTAL = (Shape::BM / 16) * (Shape::RX / 16);  // 16 x 16 extra blocks
+  static constexpr int XF = (XF_TOTAL + 7) / 8;                         // per warp
+  MmaAcc acc[FM][FN];
+  MmaAcc xacc[XF > 0 ? XF : 1][2];
+
+  // Driven per thread (it needs both the warp and the lane).
+  TL_DEVICE static unsigned pick(unsigned, unsigned tid) { return tid; }
+
+  TL_DEVICE void zero() {
+#pragma unroll
+    for (int i = 0; i < FM; ++i)
+#pragma unroll
+      for (int j = 0; j < FN; ++j) acc[i][j].zero();
+#pragma unroll
+    for (int x = 0; x < (XF > 0 ? XF : 1); ++x) {
+      xacc[x][0].zero();
+      xacc[x][1].zero();
+    }
+  }
+
+  // A block rows [m, m + 16) x k [kk, kk + 16), as mma_16816's 4 matrices.
+  TL_DEVICE static void load_a(Mat8 (&a)[4], const CT* As, int m, int kk, unsigned lane) {
+    const int i = static_cast<int>(lane) / 8, j = static_cast<int>(lane) % 8;
+    if constexpr (Shape::A_COL) {
+      // As[k][m]: matrix i is (m block i % 2, k block i / 2), stored k-major.
+      ldsm_x4_trans(a, As + (kk + 8 * (i / 2) + j) * Shape::LDA + m + 8 * (i % 2));
+    } else {
+      // As[m][k]: lanes 0-15 give rows m.. at k = kk, lanes 16-31 at kk + 8.
+      ldsm_x4(a, As + (m + static_cast<int>(lane) % 16) * Shape::LDA + kk + 8 * (static_cast<int>(lane) / 16));
+    }
+  }
+  // B columns [n, n + 16) x k [kk, kk + 16): b[0], b[1] are the n8 block at n,
+  // b[2], b[3] the one at n + 8 (each as mma_16816's b0, b1).
+  template <bool COL>
+  TL_DEVICE static void load_b(Mat8 (&b)[4], const CT* Bs, int ld, int n, int kk, unsigned lane) {
+    const int i = static_cast<int>(lane) / 8, j = static_cast<int>(lane) % 8;
+    if constexpr (COL) {
+      ldsm_x4(b, Bs + (n + 8 * (i / 2) + j) * ld + kk + 8 * (i % 2));  // Bs[n][k]
+    } else {
+      ldsm_x4_trans(b, Bs + (kk + 8 * (i % 2) + j) * ld + n + 8 * (i / 2));  // Bs[k][n]
+    }
+  }
+
+  TL_DEVICE void step(const CT* As, const CT* Bs, const CT* Xs, unsigned tid) {
+    const unsigned warp = tid / 32, lane = tid % 32;
+    const int wm = static_cast<int>(warp) / WN, wn = static_cast<int>(warp) % WN;
+#pragma unroll
+    for (int kk = 0; kk < Shape::BK; kk += 16) {
+      Mat8 a[FM][4];
+#pragma unroll
+      for (int i = 0; i < FM; ++i) load_a(a[i], As, wm * WTM + i * 16, kk, lane);
+#pragma unroll
+      for (int jj = 0; jj < FN / 2; ++jj) {
+        Mat8 b[4];
+        load_b<Shape::B_COL>(b, Bs, Shape::LDB, wn * WTN + jj * 16, kk, lane);
+#pragma unroll
+        for (int i = 0; i < FM; ++i) {
+          mma_16816<CT>(acc[i][2 * jj], a[i], b[0], b[1]);
+          mma_16816<CT>(acc[i][2 * jj + 1], a[i], b[2], b[3]);
+        }
+      }
+      if constexpr (Shape::RX > 0) {
+#pragma unroll
+        for (int x = 0; x < XF; ++x) {
+          const int f = static_cast<int>(warp) + x * 8;
+          if (f < XF_TOTAL) {  // warp-uniform
+            const int fm = f / (Shape::RX / 16), fx = f % (Shape::RX / 16);
+            Mat8 ax[4], bx[4];
+            load_a(ax, As, fm * 16, kk, lane);
+            load_b<false>(bx, Xs, Shape::LDX, fx * 16, kk, lane);
+            mma_16816<CT>(xacc[x][0], ax, bx[0], bx[1]);
+            mma_16816<CT>(xacc[x][1], ax, bx[2], bx[3]);
+          }
+        }
+      }
+    }
+  }
+
+  // Extras -> f32 shared [BM][RX].
+  TL_DEVICE void store_extras(float* xs, unsigned tid) const {
+    if constexpr (Shape::RX > 0) {
+      const unsigned warp = tid / 32, lane = tid % 32;
+#pragma unroll
+      for (int x = 0; x < XF; ++x) {
+        const int f = static_cast<int>(warp) + x * 8;
+        if (f < XF_TOTAL) {
+          const int fm = f / (Shape::RX / 16), fx = f % (Shape::RX / 16);
+#pragma unroll
+          for (int h = 0; h < 2; ++h)
+#pragma unroll
+            for (int e = 0; e < 4; ++e)
+              xs[(fm * 16 + MmaAcc::row(lane, e)) * Shape::RX + fx * 16 + 8 * h + MmaAcc::col(lane, e)] =
+                  xacc[x][h].get(lane, e);
+        }
+      }
+    }
+  }
+
+  // Calls epi(local_m, local_n, value) for every element this lane owns.
+  template <class Epi>
+  TL_DEVICE void for_each(float*, unsigned tid, unsigned, Epi&& epi) const {
+    const unsigned warp = tid / 32, lane = tid % 32;
+    const int wm = static_cast<int>(warp) / WN, wn = static_cast<int>(warp) % WN;
+#pragma unroll
+    for (int i = 0; i < FM; ++i)
+#pragma unroll
+      for (int j = 0; j < FN; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          epi(wm * WTM + i * 16 + MmaAcc::row(lane, e), wn * WTN + j * 8 + MmaAcc::col(lane, e),
+              acc[i][j].get(lane, e));
+  }
+};
+
 template <class CT, class Shape, int WM, int WN>
 struct MathFor {
-  using type = WmmaMath<CT, Shape, WM, WN>;
+  using type = typename std::conditional<Shape::MMA, MmaMath<CT, Shape, WM, WN>, WmmaMath<CT, Shape, WM, WN>>::type;
 };
 template <class Shape, int WM, int WN>
 struct MathFor<float, Shape, WM, WN> {
   using type = FmaMath<Shape>;
-};
-
-// WMMA math is driven per warp, FMA math per thread.
-template <class CT>
-struct WmmaOrTid {
-  static TL_DEVICE unsigned pick(unsigned warp, unsigned) { return warp; }
-};
-template <>
-struct WmmaOrTid<float> {
-  static TL_DEVICE unsigned pick(unsigned, unsigned tid) { return tid; }
 };
 
 // The block's whole GEMM: C tile at (m0, n0) over K = [0, k_total).
@@ -417,7 +619,7 @@ TL_DEVICE void tile_gemm(unsigned char* smem_raw, const SegRows<SA0, SA1>& a, co
       __syncthreads();
       const int kn = next_live(k0 + Shape::BK);
       if (kn < k_total) load(kn);  // in flight during the math below
-      math.step(As, Bs, Xs, WmmaOrTid<CT>::pick(warp, tid));
+      math.step(As, Bs, Xs, Math::pick(warp, tid));
       __syncthreads();
       k0 = kn;
     }
@@ -426,39 +628,68 @@ TL_DEVICE void tile_gemm(unsigned char* smem_raw, const SegRows<SA0, SA1>& a, co
     using SA = Stage<CT, Shape::A_OUT, Shape::A_IN, Shape::LDA>;
     using SB = Stage<CT, Shape::B_OUT, Shape::B_IN, Shape::LDB>;
     using SXs = Stage<CT, Shape::BK, (Shape::RX > 0 ? Shape::RX : Vec16<CT>::N), Shape::LDX>;
-    // Stages one K step into ring slot `slot`.
+    // Steady-state sources (StageStream); A's fixed coordinate is m0, B's n0.
+    StageStream<CT, Shape::A_OUT, Shape::A_IN, Shape::LDA, Shape::A_COL> fa;
+    StageStream<CT, Shape::B_OUT, Shape::B_IN, Shape::LDB, !Shape::B_COL> fb;
+    StageStream<CT, Shape::BK, (Shape::RX > 0 ? Shape::RX : Vec16<CT>::N), Shape::LDX, true> fx;
+    fa.init(a, m0, tid);
+    fb.init(b, n0, tid);
+    if constexpr (Shape::RX > 0) fx.init(x, 0, tid);
+    // Stages one K step into ring slot `slot`, any step (the general path).
     auto issue = [&](int slot, int k0) {
       CT* base = As + slot * Shape::STAGE_ELEMS;
-      if (Shape::A_COL) SA::issue(a, k0, m0, tid, base); else SA::issue(a, m0, k0, tid, base);
-      if (Shape::B_COL) SB::issue(b, n0, k0, tid, base + Shape::A_ELEMS);
+      if (fa.fast(k0, Shape::BK)) fa.issue(k0, base, tid);
+      else if (Shape::A_COL) SA::issue(a, k0, m0, tid, base);
+      else SA::issue(a, m0, k0, tid, base);
+      if (fb.fast(k0, Shape::BK)) fb.issue(k0, base + Shape::A_ELEMS, tid);
+      else if (Shape::B_COL) SB::issue(b, n0, k0, tid, base + Shape::A_ELEMS);
       else SB::issue(b, k0, n0, tid, base + Shape::A_ELEMS);
-      if constexpr (Shape::RX > 0) SXs::issue(x, k0, 0, tid, base + Shape::A_ELEMS + Shape::B_ELEMS);
+      if constexpr (Shape::RX > 0) {
+        CT* xb = base + Shape::A_ELEMS + Shape::B_ELEMS;
+        if (fx.fast(k0, Shape::BK)) fx.issue(k0, xb, tid);
+        else SXs::issue(x, k0, 0, tid, xb);
+      }
     };
+    // ... a step every operand can take on its steady-state path.
+    auto issue_fast = [&](int slot, int k0) {
+      CT* base = As + slot * Shape::STAGE_ELEMS;
+      fa.issue(k0, base, tid);
+      fb.issue(k0, base + Shape::A_ELEMS, tid);
+      if constexpr (Shape::RX > 0) fx.issue(k0, base + Shape::A_ELEMS + Shape::B_ELEMS, tid);
+    };
+    // Steps [k0, k0 + BK) with k0 + BK <= k_fast are fast for every operand.
+    int k_fast = min(min(fa.k_limit, fb.k_limit), k_total);
+    if constexpr (Shape::RX > 0) k_fast = min(k_fast, fx.k_limit);
     // Ring slots advance with wrap-around counters (no % in the loop).
     int pending = 0, slot_in = 0, slot_out = 0;
     int k_next = next_live(0);
-    auto issue_next = [&]() {
+    auto issue_next = [&](auto&& how) {
       if (k_next >= k_total) return;
-      issue(slot_in, k_next);
+      how(slot_in, k_next);
       slot_in = slot_in + 1 == S ? 0 : slot_in + 1;
       ++pending;
       k_next = next_live(k_next + Shape::BK);
     };
-#pragma unroll
-    for (int s = 0; s < S - 1; ++s) {
-      issue_next();
-      tl_cp_async_commit();
-    }
-    while (pending > 0) {
+    // One step: wait for the oldest staged K step, stage the next, multiply.
+    auto consume = [&](auto&& how) {
       tl_cp_async_wait<S - 2>();  // the oldest pending step has landed (for this thread)
       __syncthreads();            // ... for every thread; the previous step is no longer read
       --pending;
-      issue_next();
+      issue_next(how);
       tl_cp_async_commit();
       CT* base = As + slot_out * Shape::STAGE_ELEMS;
       slot_out = slot_out + 1 == S ? 0 : slot_out + 1;
-      math.step(base, base + Shape::A_ELEMS, base + Shape::A_ELEMS + Shape::B_ELEMS, WmmaOrTid<CT>::pick(warp, tid));
+      math.step(base, base + Shape::A_ELEMS, base + Shape::A_ELEMS + Shape::B_ELEMS, Math::pick(warp, tid));
+    };
+#pragma unroll
+    for (int s = 0; s < S - 1; ++s) {
+      issue_next(issue);
+      tl_cp_async_commit();
     }
+    // The hot loop has no general-path code in it; the tail steps (K past
+    // segment 0: the LoRA columns, the last partial tile) follow.
+    while (pending > 0 && k_next + Shape::BK <= k_fast) consume(issue_fast);
+    while (pending > 0) consume(issue);
     tl_cp_async_wait<0>();
     __syncthreads();
   }
@@ -467,7 +698,7 @@ TL_DEVICE void tile_gemm(unsigned char* smem_raw, const SegRows<SA0, SA1>& a, co
   float* xs = reinterpret_cast<float*>(smem_raw);
   float* scratch = xs + Shape::BM * Shape::RX;
   if constexpr (Shape::RX > 0) {
-    math.store_extras(xs, WmmaOrTid<CT>::pick(warp, tid));
+    math.store_extras(xs, Math::pick(warp, tid));
     __syncthreads();
     // xepi(m, j, value) once for every in-range row and extra column.
     for (int e = static_cast<int>(tid); e < Shape::BM * Shape::RX; e += kGemmThreads) {
@@ -475,7 +706,7 @@ TL_DEVICE void tile_gemm(unsigned char* smem_raw, const SegRows<SA0, SA1>& a, co
       if (m0 + lm < M) xepi(m0 + lm, j, xs[e]);
     }
   }
-  math.for_each(scratch, WmmaOrTid<CT>::pick(warp, tid), lane, [&](int lm, int ln, float v) {
+  math.for_each(scratch, Math::pick(warp, tid), lane, [&](int lm, int ln, float v) {
     const int m = m0 + lm, n = n0 + ln;
     if (m < M && n < N) epi(m, n, v, Shape::RX > 0 ? xs + lm * Shape::RX : static_cast<const float*>(nullptr));
   });

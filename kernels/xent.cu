@@ -7,7 +7,10 @@
 //           accumulators and parks the tile in shared memory; two threads per
 //           row then fold it into a running (max, sum of exp) in a fixed order,
 //           and the thread that owns column targets[t] keeps the target logit.
-//           Shared memory: GemmShape::SMEM_BYTES + 128 * 129 * 4.
+//           Shared memory: GemmShape::SMEM_BYTES + 128 * 129 * 4; the _mma
+//           variants (3-stage ring, ldmatrix + mma.sync, whose epilogue
+//           needs no shared memory) park the tile over the ring instead:
+//           max(GemmShape::SMEM_BYTES, 128 * 129 * 4).
 // combine   grid 1 block of 256 threads: merges the splits of each row in
 //           order (lse), forms the per-row losses, then sums them in a fixed
 //           tree order: loss[0] = scale * sum. Bitwise deterministic.
@@ -20,11 +23,13 @@ namespace {
 constexpr int kTile = 128;
 constexpr int kZld = kTile + 1;  // skew: row-wise reads by thread pairs
 
-template <class T>
+template <class T, int STAGES = 1, bool MMA = false>
 TL_DEVICE void xent_partial(const XentPartialParams& p) {
-  using S = tl::GemmShape<T, 128, 128, 32, false, true, 0, 1>;
+  using S = tl::GemmShape<T, 128, 128, 32, false, true, 0, STAGES, MMA>;
   TL_DYNAMIC_SMEM(unsigned char, smem);
-  float* z = reinterpret_cast<float*>(smem + S::SMEM_BYTES);
+  // MmaMath's epilogue reads registers only, and tile_gemm has drained and
+  // synchronized its ring before the epilogue: the tile may alias the ring.
+  float* z = reinterpret_cast<float*>(MMA ? smem : smem + S::SMEM_BYTES);
   const tl::SegRows<T, T> a{static_cast<const T*>(p.h), p.hidden, p.hidden, static_cast<const T*>(p.p), p.rank,
                             p.rank, p.tokens};
   const tl::SegRows<T, float> b{static_cast<const T*>(p.w), p.hidden, p.hidden, p.u, p.rank, p.rank, p.vocab};
@@ -87,6 +92,11 @@ TL_DEVICE void xent_partial(const XentPartialParams& p) {
 TL_KERNEL_BOUNDED(tl_xent_partial_f32, XentPartialParams, 256) { xent_partial<float>(p); }
 TL_KERNEL_BOUNDED(tl_xent_partial_f16, XentPartialParams, 256) { xent_partial<__half>(p); }
 TL_KERNEL_BOUNDED(tl_xent_partial_bf16, XentPartialParams, 256) { xent_partial<__nv_bfloat16>(p); }
+// ldmatrix + mma.sync on the 3-stage ring (`Executor::mma`). ptxas needs
+// ~170 registers (the softcap epilogue on 64 live accumulators): one block
+// per SM; asking for two spills.
+TL_KERNEL_BOUNDED(tl_xent_partial_f16_mma, XentPartialParams, 256) { xent_partial<__half, 3, true>(p); }
+TL_KERNEL_BOUNDED(tl_xent_partial_bf16_mma, XentPartialParams, 256) { xent_partial<__nv_bfloat16, 3, true>(p); }
 
 TL_KERNEL_BOUNDED(tl_xent_combine, XentCombineParams, 256) {
   __shared__ float red[256];

@@ -2,7 +2,8 @@
 // chunk at a time (src/kernels/ops.rs::head_xent_backward drives it).
 //
 // logits    grid (ceil(T / 128), ceil(cols / 128)), 256 threads, dynamic shared
-//           memory GemmShape::SMEM_BYTES. Recomputes the logit tile
+//           memory GemmShape::SMEM_BYTES (the _mma variants: ldmatrix +
+//           mma.sync on the 3-stage ring). Recomputes the logit tile
 //           z = [h | p] . [W | U]^T of columns [col0, col0 + cols) with the
 //           forward's K = d + r tile GEMM and writes, in the epilogue,
 //             G[t, c] = (exp(z'[t, v] - lse[t]) - [v == y_t]) * slope(z[t, v]) * factor
@@ -43,9 +44,9 @@ struct GradOfLogit {
   }
 };
 
-template <class T>
+template <class T, int STAGES = 1, bool MMA = false>
 TL_DEVICE void xent_grad_logits(const XentGradLogitsParams& p) {
-  using S = tl::GemmShape<T, 128, 128, 32, false, true, 0, 1>;
+  using S = tl::GemmShape<T, 128, 128, 32, false, true, 0, STAGES, MMA>;
   TL_DYNAMIC_SMEM(unsigned char, smem);
   const tl::SegRows<T, T> a{static_cast<const T*>(p.h), p.hidden, p.hidden, static_cast<const T*>(p.p), p.rank,
                             p.rank, p.tokens};
@@ -100,6 +101,11 @@ TL_DEVICE void xent_grad_finish(const XentGradFinishParams& p) {
 TL_KERNEL_BOUNDED(tl_xent_grad_logits_f32, XentGradLogitsParams, 256) { xent_grad_logits<float>(p); }
 TL_KERNEL_BOUNDED(tl_xent_grad_logits_f16, XentGradLogitsParams, 256) { xent_grad_logits<__half>(p); }
 TL_KERNEL_BOUNDED(tl_xent_grad_logits_bf16, XentGradLogitsParams, 256) { xent_grad_logits<__nv_bfloat16>(p); }
+// ldmatrix + mma.sync on the 3-stage ring (`Executor::mma`).
+TL_KERNEL_BOUNDED(tl_xent_grad_logits_f16_mma, XentGradLogitsParams, 256) { xent_grad_logits<__half, 3, true>(p); }
+TL_KERNEL_BOUNDED(tl_xent_grad_logits_bf16_mma, XentGradLogitsParams, 256) {
+  xent_grad_logits<__nv_bfloat16, 3, true>(p);
+}
 TL_KERNEL_BOUNDED(tl_xent_grad_finish_f32, XentGradFinishParams, 256) { xent_grad_finish<float>(p); }
 TL_KERNEL_BOUNDED(tl_xent_grad_finish_f16, XentGradFinishParams, 256) { xent_grad_finish<__half>(p); }
 TL_KERNEL_BOUNDED(tl_xent_grad_finish_bf16, XentGradFinishParams, 256) { xent_grad_finish<__nv_bfloat16>(p); }

@@ -14,8 +14,8 @@ use tiedlora::{bf16, f16, Backend, Cpu, DType, LoraConfig};
 
 /// Both head GEMM main loops: register-staged and the cp.async ring.
 const BACKENDS: [CpuKernels; 2] = [
-    CpuKernels { pipelined: false, xent_chunk_bytes: 0, wide_tiles: false },
-    CpuKernels { pipelined: true, xent_chunk_bytes: 0, wide_tiles: false },
+    CpuKernels { pipelined: false, xent_chunk_bytes: 0, wide_tiles: false, mma: false },
+    CpuKernels { pipelined: true, xent_chunk_bytes: 0, wide_tiles: false, mma: false },
 ];
 
 #[test]
@@ -61,6 +61,38 @@ fn head_forward_wide_tiles() {
     assert_all(head_case::<bf16, _>(&k, 300, 40, 16, 130, false));
     assert_all(head_case::<f16, _>(&k, 257, 24, 1, 3, false));
     assert_all(head_case::<bf16, _>(&k, 70, 48, 64, 1, false));
+}
+
+/// The ldmatrix + mma.sync kernels (`_mma`; forward also `_w256_mma`):
+/// forward, grad_h (every extra-column width: r = 1, 16, 17, 64) and
+/// grad_param (dU and dW), shapes off the tile, and V, d multiples of 8 over
+/// several K steps so the ring's steady-state path (StageStream) runs, with
+/// partial row and column tiles zero-filled by it. Every operand layout:
+/// ldmatrix plain (row-major A, column-major B) and transposed (A = Gᵀ,
+/// row-major B, the U columns of grad_h).
+#[test]
+fn head_mma() {
+    for wide_tiles in [false, true] {
+        let k = CpuKernels { mma: true, wide_tiles, ..CpuKernels::default() };
+        assert_all(head_case::<bf16, _>(&k, 300, 40, 16, 130, false));
+        assert_all(head_case::<f16, _>(&k, 257, 24, 1, 3, false));
+        assert_all(head_case::<bf16, _>(&k, 70, 48, 64, 1, false));
+        assert_all(head_case::<f16, _>(&k, 264, 136, 8, 150, true));
+    }
+    let k = CpuKernels { mma: true, ..CpuKernels::default() };
+    assert_all(head_case::<bf16, _>(&k, 136, 72, 17, 70, true));
+}
+
+/// The cp.async ring's steady-state path in every operand layout of the head
+/// GEMMs: V, d multiples of 8 (16-byte rows) with several whole K steps and a
+/// partial last one, T off the tiles (grad_param's K = T ends mid-step), and
+/// d not a multiple of 8 (no steady state: the general path only).
+#[test]
+fn head_ring_steady_state_layouts() {
+    let k = CpuKernels { pipelined: true, ..CpuKernels::default() };
+    assert_all(head_case::<bf16, _>(&k, 264, 136, 16, 150, true));
+    assert_all(head_case::<f16, _>(&k, 136, 72, 8, 70, false));
+    assert_all(head_case::<bf16, _>(&k, 136, 36, 16, 33, false));
 }
 
 #[test]
@@ -161,6 +193,30 @@ fn u32_and_i64_ids_give_identical_results() {
     assert_eq!(err, tiedlora::Error::TokenOutOfRange { arg: "ids", index: 7, value: v as i64, vocab: v });
 }
 
+/// The fused cross-entropy on the `_mma` logit kernels (forward partials
+/// with the logit tile over the drained ring, backward G per chunk).
+#[test]
+fn xent_mma_forward_and_backward() {
+    use common::parity::{xent_backward_case, xent_forward_case, XentCase};
+    let k = CpuKernels { mma: true, ..CpuKernels::default() };
+    assert_all(xent_forward_case::<bf16, _>(&k, 517, 40, 16, 9, Some(30.0), 1.0));
+    assert_all(xent_forward_case::<f16, _>(&k, 264, 136, 1, 150, None, 1.0));
+    let chunked = CpuKernels { mma: true, xent_chunk_bytes: 1, ..CpuKernels::default() };
+    let base = XentCase {
+        v: 300,
+        d: 24,
+        r: 16,
+        t: 150,
+        softcap: Some(30.0),
+        sum: true,
+        with_w: true,
+        logit_scale: 1.0,
+        tol: None,
+    };
+    assert_all(xent_backward_case::<bf16, _>(&chunked, base));
+    assert_all(xent_backward_case::<f16, _>(&k, XentCase { v: 264, d: 136, r: 8, t: 70, softcap: None, ..base }));
+}
+
 #[test]
 fn xent_forward_random_shapes_edges_and_extreme_logits() {
     let k = CpuKernels::default();
@@ -179,8 +235,8 @@ fn xent_forward_random_shapes_edges_and_extreme_logits() {
 #[test]
 fn xent_backward_random_shapes_and_edges() {
     use common::parity::{xent_backward_case, XentCase};
-    let chunked = CpuKernels { pipelined: false, xent_chunk_bytes: 1, wide_tiles: false };
-    let chunked_s3 = CpuKernels { pipelined: true, xent_chunk_bytes: 1, wide_tiles: false };
+    let chunked = CpuKernels { pipelined: false, xent_chunk_bytes: 1, ..CpuKernels::default() };
+    let chunked_s3 = CpuKernels { pipelined: true, xent_chunk_bytes: 1, ..CpuKernels::default() };
     let whole = CpuKernels::default();
     let base =
         XentCase { v: 600, d: 40, r: 3, t: 130, softcap: None, sum: false, with_w: true, logit_scale: 1.0, tol: None };
@@ -211,7 +267,7 @@ fn xent_extra_memory_matches_its_formula_and_has_no_tv_term() {
     let h: Vec<f32> = normal(&mut rng, t * d, 1.0);
     let targets = common::rand_inputs::ids(&mut rng, t, v);
     let wt = HostWeights { w: &w, u: &u, vh: &vh };
-    let k = CpuKernels { pipelined: false, xent_chunk_bytes: 1, wide_tiles: false };
+    let k = CpuKernels { pipelined: false, xent_chunk_bytes: 1, ..CpuKernels::default() };
     let s0 = thread_scratch_bytes();
     let (_, lse) = Harness::xent_forward(&k, &cfg, wt, &h, &targets).unwrap();
     let s1 = thread_scratch_bytes();
@@ -272,7 +328,7 @@ fn xent_backward_extreme_logits() {
 #[test]
 fn xent_backward_gradient_filter() {
     for pipelined in [false, true] {
-        let k = CpuKernels { pipelined, xent_chunk_bytes: 1, wide_tiles: false };
+        let k = CpuKernels { pipelined, xent_chunk_bytes: 1, ..CpuKernels::default() };
         assert_all(common::parity::xent_filter_case(&k, 1000, 40, 4, 130, 1e-3));
         assert_all(common::parity::xent_filter_case(&k, 2000, 24, 16, 9, 2f64.powi(-12)));
     }

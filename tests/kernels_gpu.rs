@@ -79,6 +79,23 @@ fn gpu_small_head_forward_wide_tiles() {
     assert_all(head_case::<bf16, _>(&g, 3001, 264, 16, 300, false));
 }
 
+/// The ldmatrix + mma.sync kernels (`Cuda::with_mma`): forward (128 x 128 and
+/// wide tiles), grad_h at every extra-column width, grad_param for dU and dW
+/// (tests/kernels_cpu.rs::head_mma on the device, plus a larger shape).
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_small_head_mma() {
+    for wide in [false, true] {
+        let g = gpu().with_mma(true).with_wide_tiles(wide);
+        assert_all(head_case::<bf16, _>(&g, 300, 40, 16, 130, false));
+        assert_all(head_case::<f16, _>(&g, 257, 24, 1, 3, false));
+        assert_all(head_case::<bf16, _>(&g, 70, 48, 64, 1, false));
+        assert_all(head_case::<f16, _>(&g, 264, 136, 8, 150, true));
+        assert_all(head_case::<bf16, _>(&g, 3001, 264, 16, 300, false));
+    }
+    assert_all(head_case::<bf16, _>(&gpu().with_mma(true), 136, 72, 17, 70, true));
+}
+
 #[test]
 #[ignore = "needs a CUDA device"]
 fn gpu_head_larger_shapes() {
@@ -123,6 +140,32 @@ fn gpu_small_xent_forward() {
     assert_all(common::parity::xent_forward_case::<f16, _>(&g, 300, 24, 1, 1, None, 1.0));
     assert_all(common::parity::xent_forward_case::<f32, _>(&g, 260, 16, 4, 3, Some(30.0), 2000.0));
     assert_all(common::parity::xent_forward_case::<bf16, _>(&g, 5000, 264, 16, 700, Some(30.0), 1.0));
+}
+
+/// The fused cross-entropy on the `_mma` kernels (logit partials, per-chunk
+/// G, and the backward's grad_h / grad_param).
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_small_xent_mma() {
+    use common::parity::{xent_backward_case, xent_forward_case, XentCase};
+    let g = gpu().with_mma(true);
+    assert_all(xent_forward_case::<bf16, _>(&g, 517, 40, 16, 9, Some(30.0), 1.0));
+    assert_all(xent_forward_case::<f16, _>(&g, 264, 136, 1, 150, None, 1.0));
+    assert_all(xent_forward_case::<bf16, _>(&g, 5000, 264, 16, 700, Some(30.0), 1.0));
+    let base = XentCase {
+        v: 300,
+        d: 24,
+        r: 16,
+        t: 150,
+        softcap: Some(30.0),
+        sum: true,
+        with_w: true,
+        logit_scale: 1.0,
+        tol: None,
+    };
+    assert_all(xent_backward_case::<bf16, _>(&gpu().with_mma(true).with_xent_chunk_bytes(1), base));
+    assert_all(xent_backward_case::<f16, _>(&g, XentCase { v: 264, d: 136, r: 8, t: 70, softcap: None, ..base }));
+    assert_all(xent_backward_case::<bf16, _>(&g, XentCase { v: 5000, d: 264, t: 700, with_w: false, ..base }));
 }
 
 #[test]

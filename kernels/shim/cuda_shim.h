@@ -313,6 +313,7 @@ enum WarpOp : int {
   kOpWmmaStoreBegin = 5,
   kOpWmmaStoreEnd = 6,
   kOpMatch = 7,
+  kOpLdmatrix = 8,
 };
 
 inline const char* op_name(int op) {
@@ -324,6 +325,7 @@ inline const char* op_name(int op) {
     case kOpWmmaStoreBegin:
     case kOpWmmaStoreEnd: return "wmma::store_matrix_sync";
     case kOpMatch: return "__match_any_sync";
+    case kOpLdmatrix: return "ldmatrix (tl::ldsm_x4)";
     default: return "?";
   }
 }

@@ -123,6 +123,7 @@ pub(crate) struct CudaExec<'a> {
     pub(crate) gemm_stages: u32,
     pub(crate) xent_chunk_bytes: usize,
     pub(crate) wide_tiles: bool,
+    pub(crate) mma: bool,
     pub(crate) grad_h_two_blocks: bool,
     /// Running total of scratch bytes allocated ([`super::Cuda::scratch_bytes_allocated`]).
     pub(crate) scratch_bytes: &'a std::sync::atomic::AtomicUsize,
@@ -167,6 +168,9 @@ impl Executor for CudaExec<'_> {
     }
     fn wide_tiles(&self) -> bool {
         self.wide_tiles
+    }
+    fn mma(&self) -> bool {
+        self.mma
     }
     fn grad_h_two_blocks(&self) -> bool {
         self.grad_h_two_blocks

@@ -45,6 +45,7 @@ pub struct Cuda {
     gemm_stages: u32,
     xent_chunk_bytes: usize,
     wide_tiles: bool,
+    mma: bool,
     grad_h_two_blocks: bool,
     scratch_bytes: AtomicUsize,
 }
@@ -87,6 +88,7 @@ impl Cuda {
             gemm_stages: 1,
             xent_chunk_bytes: 0,
             wide_tiles: false,
+            mma: false,
             grad_h_two_blocks: true,
             scratch_bytes: AtomicUsize::new(0),
         })
@@ -105,6 +107,20 @@ impl Cuda {
     /// experiment; BENCHMARKS.md says whether it pays). Same results.
     pub fn with_wide_tiles(mut self, on: bool) -> Self {
         self.wide_tiles = on;
+        self
+    }
+
+    /// Runs the f16 / bf16 GEMMs that have an `_mma` variant on it:
+    /// `head_forward` (also with [`Cuda::with_wide_tiles`]), the head
+    /// backward's `dh` and `dU` / `dW` GEMMs when G is in the storage dtype
+    /// (also inside the fused cross-entropy backward), and the fused
+    /// cross-entropy's logit kernels (`head_xent_forward`'s partials and the
+    /// backward's per-chunk G). Those use ldmatrix + mma.sync on a 3-stage
+    /// cp.async ring, with the epilogue reading the accumulators from
+    /// registers, instead of WMMA (an experiment: BENCHMARKS.md says whether
+    /// it pays). Same results up to f32 summation order.
+    pub fn with_mma(mut self, on: bool) -> Self {
+        self.mma = on;
         self
     }
 
@@ -157,6 +173,7 @@ impl Cuda {
             gemm_stages: self.gemm_stages,
             xent_chunk_bytes: self.xent_chunk_bytes,
             wide_tiles: self.wide_tiles,
+            mma: self.mma,
             grad_h_two_blocks: self.grad_h_two_blocks,
             scratch_bytes: &self.scratch_bytes,
         }
@@ -201,10 +218,12 @@ impl Backend for Cuda {
     type Dst<'a, T: 'static> = CudaViewMut<'a, T>;
 
     fn name(&self) -> &'static str {
-        match (self.gemm_stages == 3, self.wide_tiles) {
-            (_, true) => "cuda-wide",
-            (true, false) => "cuda-s3",
-            (false, false) => "cuda",
+        match (self.gemm_stages == 3, self.wide_tiles, self.mma) {
+            (_, true, true) => "cuda-wide-mma",
+            (_, true, false) => "cuda-wide",
+            (_, false, true) => "cuda-mma",
+            (true, false, false) => "cuda-s3",
+            (false, false, false) => "cuda",
         }
     }
 

@@ -41,6 +41,14 @@ pub trait Executor {
     fn wide_tiles(&self) -> bool {
         false
     }
+    /// Run the f16 / bf16 GEMMs that have an `_mma` variant on it:
+    /// `head_forward`, the head backward's grad_h and grad_param (G in the
+    /// storage dtype) and the fused cross-entropy's logit kernels. ldmatrix +
+    /// mma.sync on the 3-stage cp.async ring, epilogue from registers; the
+    /// default is no.
+    fn mma(&self) -> bool {
+        false
+    }
     /// Most bytes of G one vocabulary chunk of the fused cross-entropy
     /// backward may hold ([`super::xent_chunk_cols`]); 0 = the default.
     fn xent_chunk_bytes(&self) -> usize {

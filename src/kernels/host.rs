@@ -98,6 +98,24 @@ shim_table!(
     tl_head_forward_bf16_s3,
     tl_head_forward_f16_w256,
     tl_head_forward_bf16_w256,
+    tl_head_forward_f16_mma,
+    tl_head_forward_bf16_mma,
+    tl_head_forward_f16_w256_mma,
+    tl_head_forward_bf16_w256_mma,
+    tl_xent_partial_f16_mma,
+    tl_xent_partial_bf16_mma,
+    tl_xent_grad_logits_f16_mma,
+    tl_xent_grad_logits_bf16_mma,
+    tl_head_grad_h_f16_f16_rx16_mma,
+    tl_head_grad_h_f16_f16_rx32_mma,
+    tl_head_grad_h_f16_f16_rx64_mma,
+    tl_head_grad_h_bf16_bf16_rx16_mma,
+    tl_head_grad_h_bf16_bf16_rx32_mma,
+    tl_head_grad_h_bf16_bf16_rx64_mma,
+    tl_head_grad_param_f16_f16_n64_mma,
+    tl_head_grad_param_f16_f16_n128_mma,
+    tl_head_grad_param_bf16_bf16_n64_mma,
+    tl_head_grad_param_bf16_bf16_n128_mma,
     tl_head_grad_h_f16_f16_rx16_o2,
     tl_head_grad_h_f16_f32_rx16_o2,
     tl_head_grad_h_bf16_bf16_rx16_o2,
@@ -135,6 +153,8 @@ pub struct HostExec {
     pub xent_chunk_bytes: usize,
     /// As [`Executor::wide_tiles`].
     pub wide_tiles: bool,
+    /// As [`Executor::mma`].
+    pub mma: bool,
 }
 
 /// Host scratch: 16-byte aligned, zero-filled.
@@ -184,6 +204,9 @@ impl Executor for HostExec {
     fn wide_tiles(&self) -> bool {
         self.wide_tiles
     }
+    fn mma(&self) -> bool {
+        self.mma
+    }
     fn gemm_stages(&self) -> u32 {
         if self.gemm_stages == 3 {
             3
@@ -216,6 +239,9 @@ pub struct CpuKernels {
     pub xent_chunk_bytes: usize,
     /// Run `head_forward` (f16 / bf16) on the wide-tile kernels (`_w256`).
     pub wide_tiles: bool,
+    /// Run the GEMMs with an `_mma` variant on it (ldmatrix + mma.sync), as
+    /// [`crate::cuda::Cuda::with_mma`].
+    pub mma: bool,
 }
 
 impl CpuKernels {
@@ -224,6 +250,7 @@ impl CpuKernels {
             gemm_stages: if self.pipelined { 3 } else { 1 },
             xent_chunk_bytes: self.xent_chunk_bytes,
             wide_tiles: self.wide_tiles,
+            mma: self.mma,
         }
     }
 }
@@ -257,10 +284,12 @@ impl Backend for CpuKernels {
     type Dst<'a, T: 'static> = &'a mut [T];
 
     fn name(&self) -> &'static str {
-        match (self.pipelined, self.wide_tiles) {
-            (_, true) => "kernels-on-cpu-wide",
-            (true, false) => "kernels-on-cpu-s3",
-            (false, false) => "kernels-on-cpu",
+        match (self.pipelined, self.wide_tiles, self.mma) {
+            (_, true, true) => "kernels-on-cpu-wide-mma",
+            (_, true, false) => "kernels-on-cpu-wide",
+            (_, false, true) => "kernels-on-cpu-mma",
+            (true, false, false) => "kernels-on-cpu-s3",
+            (false, false, false) => "kernels-on-cpu",
         }
     }
 

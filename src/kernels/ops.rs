@@ -131,6 +131,18 @@ fn stage_suffix<E: Executor>(e: &E, t: DType, g: DType) -> &'static str {
     }
 }
 
+/// Kernel-name suffix and ring depth of the head backward GEMMs (grad_h,
+/// grad_param): `_mma` (ldmatrix + mma.sync, 3-stage ring) when the executor
+/// asks for it and G is in the storage dtype (f16 / bf16), else as
+/// [`stage_suffix`].
+fn backward_gemm_variant<E: Executor>(e: &E, t: DType, g: DType) -> (&'static str, usize) {
+    if e.mma() && t == g && t != DType::F32 {
+        return ("_mma", 3);
+    }
+    let sfx = stage_suffix(e, t, g);
+    (sfx, if sfx.is_empty() { 1 } else { 3 })
+}
+
 /// `<storage>_<grad>` kernel-name infix; the gradient is the storage dtype or f32.
 fn tg_name(t: DType, g: DType, names: [&'static str; 5]) -> Result<&'static str> {
     // names: f32_f32, f16_f16, f16_f32, bf16_bf16, bf16_f32
@@ -310,12 +322,20 @@ pub fn head_forward<E: Executor>(
         hidden: i32_of("hidden", d)?,
         rank: i32_of("rank", r)?,
     };
+    let mma = if e.mma() { "_mma" } else { "" };
     let plan = if e.wide_tiles() && t != DType::F32 {
         LaunchPlan {
-            kernel: intern(format!("tl_head_forward_{t}_w256")),
+            kernel: intern(format!("tl_head_forward_{t}_w256{mma}")),
             grid: (blocks(tokens, GEMM_TILE), blocks(v, 2 * GEMM_TILE), 1),
             block: (THREADS, 1, 1),
             shared_bytes: gemm_shared_bytes(t.size(), 128, 256, 32, false, true, 0, 3),
+        }
+    } else if e.mma() && t != DType::F32 {
+        LaunchPlan {
+            kernel: intern(format!("tl_head_forward_{t}_mma")),
+            grid: (blocks(tokens, GEMM_TILE), blocks(v, GEMM_TILE), 1),
+            block: (THREADS, 1, 1),
+            shared_bytes: gemm_shared_bytes(t.size(), 128, 128, 32, false, true, 0, 3),
         }
     } else {
         let sfx = stage_suffix(e, t, t);
@@ -382,8 +402,7 @@ fn grad_h<E: Executor>(e: &E, cfg: &LoraConfig, t: DType, gt: DType, op: GradH, 
         _pad: 0,
     };
     let tg = tg_name(t, gt, ["f32_f32", "f16_f16", "f16_f32", "bf16_bf16", "bf16_f32"])?;
-    let mut sfx = stage_suffix(e, t, gt);
-    let stages = if sfx.is_empty() { 1 } else { 3 };
+    let (mut sfx, stages) = backward_gemm_variant(e, t, gt);
     if sfx.is_empty() && rx == 16 && t != DType::F32 && op.live.is_none() && e.grad_h_two_blocks() {
         sfx = "_o2"; // same math without the tile filter, two blocks per SM (head.cu)
     }
@@ -432,8 +451,7 @@ fn grad_param<E: Executor>(
         k_split: i32_of("token split", k_split)?,
     };
     let tg = tg_name(t, gt, ["f32_f32", "f16_f16", "f16_f32", "bf16_bf16", "bf16_f32"])?;
-    let sfx = stage_suffix(e, t, gt);
-    let stages = if sfx.is_empty() { 1 } else { 3 };
+    let (sfx, stages) = backward_gemm_variant(e, t, gt);
     // n64 for the rank columns of dU (8 warps along V), n128 for dW's d columns.
     let bn = if ncols <= 64 { 64 } else { 128 };
     let plan = LaunchPlan {
@@ -734,11 +752,21 @@ pub fn head_xent_forward<E: Executor>(
         softcap: cfg.logit_softcap().unwrap_or(0.0) as f32,
     };
     let z_tile = (128 * 129 * 4) as u32;
-    let plan = LaunchPlan {
-        kernel: by_dtype!(t, "tl_xent_partial_", ""),
-        grid: (tiles_m as u32, splits as u32, 1),
-        block: (THREADS, 1, 1),
-        shared_bytes: gemm_shared_bytes(t.size(), 128, 128, 32, false, true, 0, 1) + z_tile,
+    // The _mma kernels park the logit tile over the drained ring (xent.cu).
+    let plan = if e.mma() && t != DType::F32 {
+        LaunchPlan {
+            kernel: by_dtype!(t, "tl_xent_partial_", "_mma"),
+            grid: (tiles_m as u32, splits as u32, 1),
+            block: (THREADS, 1, 1),
+            shared_bytes: gemm_shared_bytes(t.size(), 128, 128, 32, false, true, 0, 3).max(z_tile),
+        }
+    } else {
+        LaunchPlan {
+            kernel: by_dtype!(t, "tl_xent_partial_", ""),
+            grid: (tiles_m as u32, splits as u32, 1),
+            block: (THREADS, 1, 1),
+            shared_bytes: gemm_shared_bytes(t.size(), 128, 128, 32, false, true, 0, 1) + z_tile,
+        }
     };
     // SAFETY: h [T, d], p [T, r], W [V, d], U [V, r] (caller or above),
     // targets validated [T], partials [splits, T] and target_logit [T] above.
@@ -876,7 +904,8 @@ pub fn head_xent_backward<E: Executor>(
     let live = e.scratch(tiles_m * tiles_c * 4)?;
     let du_part = e.scratch(xent_du_partial_bytes(cfg, tokens, e.multiprocessors(), chunk))?;
     let filter = cfg.xent_grad_filter().unwrap_or(0.0) as f32;
-    let shared_bytes = gemm_shared_bytes(t.size(), 128, 128, 32, false, true, 0, 1);
+    let logits_mma = e.mma() && t != DType::F32;
+    let shared_bytes = gemm_shared_bytes(t.size(), 128, 128, 32, false, true, 0, if logits_mma { 3 } else { 1 });
     if valid > 0 {
         for col0 in (0..v).step_by(chunk) {
             let cols = chunk.min(v - col0);
@@ -901,7 +930,11 @@ pub fn head_xent_backward<E: Executor>(
                 _pad: 0,
             };
             let plan = LaunchPlan {
-                kernel: by_dtype!(t, "tl_xent_grad_logits_", ""),
+                kernel: if logits_mma {
+                    by_dtype!(t, "tl_xent_grad_logits_", "_mma")
+                } else {
+                    by_dtype!(t, "tl_xent_grad_logits_", "")
+                },
                 grid: (blocks(tokens, GEMM_TILE), blocks(cols, GEMM_TILE), 1),
                 block: (THREADS, 1, 1),
                 shared_bytes,
