@@ -66,8 +66,9 @@ def hot_loop(cuobjdump, env, cubin, fn):
         for start, end in loops:
             body = [t for a, t in ins if start <= a <= end]
             n = sum(key in t for t in body)
-            # The smallest loop that holds the most MMAs: the K-step loop.
-            if n and (best is None or n > best[0] or (n == best[0] and len(body) < len(best[2]))):
+            # The smallest loop that holds MMAs: the K-step loop (an outer
+            # loop over tiles, or the tail steps' loop, is larger).
+            if n and (best is None or len(body) < len(best[2])):
                 best = (n, key, body)
         if best:
             break
