@@ -568,6 +568,8 @@ struct Gpu {
     cuda_mma: Cuda,
     /// ... and with the wide-tile head forward too.
     cuda_wide_mma: Cuda,
+    /// The same backend with deferred id errors (no host round trip in the embedding ops).
+    cuda_defer: Cuda,
     stream: Arc<CudaStream>,
     k: BenchKernels,
     blas: Result<Blas, String>,
@@ -618,7 +620,8 @@ impl Gpu {
         let cuda_gh1 = Cuda::with_stream(stream.clone())?.with_grad_h_two_blocks(false);
         let cuda_mma = Cuda::with_stream(stream.clone())?.with_mma(true);
         let cuda_wide_mma = Cuda::with_stream(stream.clone())?.with_mma(true).with_wide_tiles(true);
-        Ok(Gpu { cuda, cuda_s3, cuda_wide, cuda_gh1, cuda_mma, cuda_wide_mma, stream, k, blas, mem, info })
+        let cuda_defer = Cuda::with_stream(stream.clone())?.with_deferred_id_errors(true)?;
+        Ok(Gpu { cuda, cuda_s3, cuda_wide, cuda_gh1, cuda_mma, cuda_wide_mma, cuda_defer, stream, k, blas, mem, info })
     }
 
     fn sync(&self) -> Res<()> {
@@ -1800,6 +1803,30 @@ fn bench_embed(gpu: &Gpu, m: &Model, st: &Settings, copy_gbs: Option<f64>, rep: 
             ..Row::default()
         });
     }
+    if has_ours {
+        // Deferred id errors: the same kernels with no host round trip.
+        let fwd_d = |i: usize, out: &mut CudaSlice<bf16>| {
+            gpu.cuda_defer.embed_forward::<bf16, u32>(&m.cfg, &m.weights(), ids[i % 2].buf.as_view(), out.as_view_mut())
+        };
+        let mut out_d = gpu.alloc::<bf16>(t * d)?;
+        tl(fwd_d(0, &mut out_d))?;
+        rep.check(sh, "embed_forward: fused (deferred ids) vs fused", gpu.rel_norm(&out_d, &out_o)?);
+        let mem = gpu.mem.measure(&gpu.stream, || tl(fwd_d(0, &mut out_d)))?;
+        let tm = gpu.time(st.warmup, st.iters, |i| tl(fwd_d(i, &mut out_d)))?;
+        tl(gpu.cuda_defer.take_id_error())?;
+        rep.rows.push(Row {
+            shape: sh.key.into(),
+            op: "embed_forward",
+            path: "ours (fused, deferred id errors)".into(),
+            timing: Some(tm),
+            gbs: Some(gbs(&tm)),
+            speedup: unf_t.map(|(u, _)| u.median_ms / tm.median_ms),
+            pct_ref: copy_gbs.map(|c| gbs(&tm) / c),
+            peak_extra: mem,
+            note: "Cuda::with_deferred_id_errors(true): no host round trip; errors via take_id_error".into(),
+            ..Row::default()
+        });
+    }
     if let Some((tm, mem)) = unf_t {
         rep.rows.push(Row {
             shape: sh.key.into(),
@@ -1874,6 +1901,31 @@ fn bench_embed(gpu: &Gpu, m: &Model, st: &Settings, copy_gbs: Option<f64>, rep: 
             op: "embed_backward",
             path: "ours (fused)".into(),
             note: "not implemented".into(),
+            ..Row::default()
+        });
+    }
+    if has_ours {
+        let bwd_d = |i: usize, du: &mut CudaSlice<f32>, dvh: &mut CudaSlice<f32>| {
+            let mut grads = Grads { lora_vocab: du.as_view_mut(), lora_hidden: dvh.as_view_mut(), w: None };
+            let (iv, dv) = (ids[i % 2].buf.as_view(), de[i % 2].as_view());
+            gpu.cuda_defer.embed_backward::<bf16, bf16, u32>(&m.cfg, &m.weights(), iv, dv, &mut grads)
+        };
+        let (mut du_d, mut dvh_d) = (gpu.zeros::<f32>(v * r)?, gpu.zeros::<f32>(r * d)?);
+        tl(bwd_d(0, &mut du_d, &mut dvh_d))?;
+        if unf_ok.is_ok() {
+            rep.check(sh, "embed_backward: dU fused (deferred ids) vs unfused", gpu.rel_norm(&du_d, &du_b)?);
+        }
+        let mem = gpu.mem.measure(&gpu.stream, || tl(bwd_d(0, &mut du_d, &mut dvh_d)))?;
+        let tm = gpu.time(st.warmup, st.iters, |i| tl(bwd_d(i, &mut du_d, &mut dvh_d)))?;
+        tl(gpu.cuda_defer.take_id_error())?;
+        rep.rows.push(Row {
+            shape: sh.key.into(),
+            op: "embed_backward",
+            path: "ours (fused, deferred id errors)".into(),
+            timing: Some(tm),
+            speedup: unf_t.map(|(u, _)| u.median_ms / tm.median_ms),
+            peak_extra: mem,
+            note: "Cuda::with_deferred_id_errors(true): no host round trip".into(),
             ..Row::default()
         });
     }

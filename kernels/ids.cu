@@ -6,6 +6,12 @@
 //   status[0] += invalid count, status[1] = min invalid index (host inits INT_MAX),
 //   status[2] += valid count. Integer atomics only: the results are exact.
 // Launch: grid ceil(n / 256), block 256.
+//
+// defer: one thread, after prepare_ids on the same stream (the backend's
+// deferred id errors, `Cuda::with_deferred_id_errors`): copies a bad call's
+// count, first bad index and value into the backend's record, so the op
+// returns without a host round trip and the error is read later. Stream
+// order makes the recorded error the first one enqueued.
 #include "params.h"
 
 namespace {
@@ -36,3 +42,21 @@ TL_DEVICE void prepare_ids(const PrepareIdsParams& p) {
 
 TL_KERNEL_BOUNDED(tl_prepare_ids_u32, PrepareIdsParams, 256) { prepare_ids<unsigned>(p); }
 TL_KERNEL_BOUNDED(tl_prepare_ids_i64, PrepareIdsParams, 256) { prepare_ids<long long>(p); }
+
+TL_KERNEL_BOUNDED(tl_ids_defer, DeferIdsParams, 32) {
+  if (threadIdx.x != 0) return;
+  const int bad = p.status[0];
+  if (bad == 0) return;
+  if (p.record[0] != 0) {
+    p.record[0] += bad;
+    return;
+  }
+  const int index = p.status[1];
+  const long long value = p.id_bytes == 8 ? static_cast<const long long*>(p.ids)[index]
+                                          : static_cast<long long>(static_cast<const unsigned*>(p.ids)[index]);
+  p.record[0] = bad;
+  p.record[1] = p.arg;
+  p.record[2] = index;
+  p.record[3] = value;
+  p.record[4] = p.vocab;
+}

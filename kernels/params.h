@@ -21,6 +21,20 @@ struct PrepareIdsParams {
 };
 TL_CHECK_PARAMS(PrepareIdsParams, 48);
 
+// ids.cu: fold one prepare_ids status into the backend's deferred-error
+// record (one thread): record = [error count, arg code, first bad index,
+// its value, vocab]; the first call with a bad id fills it, later ones only
+// add to the count.
+struct DeferIdsParams {
+  const int* status;     // [4] of the prepare_ids launch just before
+  const void* ids;       // the same ids, to read the offending value
+  long long* record;     // [5], owned by the backend, zeroed when read
+  long long vocab;
+  int id_bytes;          // 4 (u32) or 8 (i64)
+  int arg;               // 0 = "ids" (the only deferred argument so far)
+};
+TL_CHECK_PARAMS(DeferIdsParams, 40);
+
 // lora_small.cu: out[t, j] = scale * sum_k x[t, k] * vh[j, k]   (x: [rows, d], vh: [r, d] f32)
 struct LoraDownParams {
   const void* x;

@@ -142,6 +142,37 @@ fn gpu_small_xent_forward() {
     assert_all(common::parity::xent_forward_case::<bf16, _>(&g, 5000, 264, 16, 700, Some(30.0), 1.0));
 }
 
+/// Deferred id errors on the device: the embedding ops return Ok, bad rows
+/// are NaN, `take_id_error` reports the first bad id once, and the default
+/// backend still fails at the call.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_small_deferred_id_errors() {
+    use tiedlora::Weights;
+    let (v, d, r, t) = (50usize, 24usize, 4usize, 40usize);
+    let cfg = tiedlora::LoraConfig::builder(v, d, r).alpha(8.0).build().unwrap();
+    let g = gpu().with_deferred_id_errors(true).expect("record allocation");
+    let s = g.stream().clone();
+    let w = s.clone_htod(&vec![0.25f32; v * d]).unwrap();
+    let u = s.clone_htod(&vec![0.5f32; v * r]).unwrap();
+    let vh = s.clone_htod(&vec![0.125f32; r * d]).unwrap();
+    let mut ids: Vec<u32> = (0..t as u32).map(|i| i % v as u32).collect();
+    ids[7] = v as u32 + 3;
+    ids[20] = u32::MAX;
+    let ids_d = s.clone_htod(&ids).unwrap();
+    let mut out = s.alloc_zeros::<f32>(t * d).unwrap();
+    let wt = Weights::<Cuda, f32> { w: w.as_view(), lora_vocab: u.as_view(), lora_hidden: vh.as_view() };
+    g.embed_forward(&cfg, &wt, ids_d.as_view(), out.as_view_mut()).expect("deferred: Ok at the call");
+    let err = g.take_id_error().unwrap_err();
+    assert_eq!(err, tiedlora::Error::TokenOutOfRange { arg: "ids", index: 7, value: v as i64 + 3, vocab: v });
+    g.take_id_error().expect("the record was cleared");
+    let host = s.clone_dtoh(&out).unwrap();
+    assert!(host[7 * d..8 * d].iter().all(|x| x.is_nan()) && host[..d].iter().all(|x| x.is_finite()));
+    let checked = gpu();
+    let err = checked.embed_forward(&cfg, &wt, ids_d.as_view(), out.as_view_mut()).unwrap_err();
+    assert_eq!(err, tiedlora::Error::TokenOutOfRange { arg: "ids", index: 7, value: v as i64 + 3, vocab: v });
+}
+
 /// The fused cross-entropy on the `_mma` kernels (logit partials, per-chunk
 /// G, and the backward's grad_h / grad_param).
 #[test]

@@ -127,6 +127,8 @@ pub(crate) struct CudaExec<'a> {
     pub(crate) grad_h_two_blocks: bool,
     /// Running total of scratch bytes allocated ([`super::Cuda::scratch_bytes_allocated`]).
     pub(crate) scratch_bytes: &'a std::sync::atomic::AtomicUsize,
+    /// Device address of the deferred id-error record, if enabled.
+    pub(crate) deferred_id_record: Option<u64>,
 }
 
 impl Executor for CudaExec<'_> {
@@ -162,6 +164,9 @@ impl Executor for CudaExec<'_> {
     }
     fn gemm_stages(&self) -> u32 {
         self.gemm_stages
+    }
+    fn deferred_id_record(&self) -> Option<u64> {
+        self.deferred_id_record
     }
     fn xent_chunk_bytes(&self) -> usize {
         self.xent_chunk_bytes

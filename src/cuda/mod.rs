@@ -30,7 +30,7 @@ use crate::dtype::{Element, TokenId};
 use crate::error::{Error, Result};
 use crate::kernels::ops::{self, id_kind, GradAddrs, WeightAddrs};
 use crate::validate::{self, GradLens, WeightLens};
-use cudarc::driver::{CudaContext, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut};
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut};
 use exec::{driver_err, CudaExec, KernelCache};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -48,6 +48,9 @@ pub struct Cuda {
     mma: bool,
     grad_h_two_blocks: bool,
     scratch_bytes: AtomicUsize,
+    /// The deferred id-error record (5 × i64), if enabled; the lock is only
+    /// for clearing it through `&self`.
+    deferred_ids: Option<std::sync::Mutex<CudaSlice<i64>>>,
 }
 
 impl std::fmt::Debug for Cuda {
@@ -91,6 +94,7 @@ impl Cuda {
             mma: false,
             grad_h_two_blocks: true,
             scratch_bytes: AtomicUsize::new(0),
+            deferred_ids: None,
         })
     }
 
@@ -131,6 +135,56 @@ impl Cuda {
     pub fn with_grad_h_two_blocks(mut self, on: bool) -> Self {
         self.grad_h_two_blocks = on;
         self
+    }
+
+    /// Lets `embed_forward` and `embed_backward` return without waiting for
+    /// their id check (by default each reads the check's result back, a host
+    /// round trip per call that dominates the forward at training sizes).
+    ///
+    /// Bad ids stay harmless on the device: no memory is read or written for
+    /// them, the forward writes their rows as NaN and the backward drops
+    /// their tokens. The first one (index, value) is recorded on the device
+    /// and reported by the next [`Cuda::take_id_error`], as
+    /// [`Error::TokenOutOfRange`]. The cross-entropy ops keep checking their
+    /// targets at once (they need the count of valid targets on the host).
+    ///
+    /// ```no_run
+    /// # fn main() -> tiedlora::Result<()> {
+    /// use tiedlora::cuda::Cuda;
+    /// let gpu = Cuda::new(0)?.with_deferred_id_errors(true)?;
+    /// // ... embed_forward / embed_backward calls, no host round trip ...
+    /// gpu.take_id_error()?; // once per step: Err if any id was out of range
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn with_deferred_id_errors(mut self, on: bool) -> Result<Self> {
+        self.deferred_ids = if on {
+            let rec = self.stream.alloc_zeros::<i64>(5).map_err(|e| driver_err("deferred id record", e))?;
+            Some(std::sync::Mutex::new(rec))
+        } else {
+            None
+        };
+        Ok(self)
+    }
+
+    /// Waits for the stream and returns the first out-of-range id the
+    /// embedding ops met since the last call, as [`Error::TokenOutOfRange`]
+    /// (the record is then cleared). Always `Ok` unless
+    /// [`Cuda::with_deferred_id_errors`] is on: without it every op reports
+    /// its own bad ids.
+    pub fn take_id_error(&self) -> Result<()> {
+        let Some(rec) = &self.deferred_ids else { return Ok(()) };
+        let mut rec = rec.lock().unwrap_or_else(|p| p.into_inner());
+        let mut r = [0i64; 5];
+        self.stream.memcpy_dtoh(&*rec, &mut r).map_err(|e| driver_err("reading the id record", e))?;
+        self.synchronize()?;
+        if r[0] == 0 {
+            return Ok(());
+        }
+        self.stream.memcpy_htod(&[0i64; 5], &mut *rec).map_err(|e| driver_err("clearing the id record", e))?;
+        // r[1] is the argument code: only the embedding ops' "ids" defer so far.
+        debug_assert_eq!(r[1], i64::from(crate::kernels::ops::DEFERRED_ARG_IDS));
+        Err(Error::TokenOutOfRange { arg: "ids", index: r[2] as usize, value: r[3], vocab: r[4] as usize })
     }
 
     /// Bytes of G per vocabulary chunk of the fused cross-entropy backward
@@ -176,6 +230,11 @@ impl Cuda {
             mma: self.mma,
             grad_h_two_blocks: self.grad_h_two_blocks,
             scratch_bytes: &self.scratch_bytes,
+            deferred_id_record: self.deferred_ids.as_ref().map(|r| {
+                let r = r.lock().unwrap_or_else(|p| p.into_inner());
+                let (ptr, _sync) = r.device_ptr(&self.stream);
+                ptr
+            }),
         }
     }
 }

@@ -49,6 +49,13 @@ pub trait Executor {
     fn mma(&self) -> bool {
         false
     }
+    /// Device address of the deferred id-error record (5 × i64: error count,
+    /// argument code, first bad index, its value, vocab), if this executor
+    /// defers the embedding ops' id check instead of reading it back
+    /// (`Cuda::with_deferred_id_errors`); `None` (the default) checks at once.
+    fn deferred_id_record(&self) -> Option<u64> {
+        None
+    }
     /// Most bytes of G one vocabulary chunk of the fused cross-entropy
     /// backward may hold ([`super::xent_chunk_cols`]); 0 = the default.
     fn xent_chunk_bytes(&self) -> usize {

@@ -25,6 +25,7 @@ macro_rules! shim_table {
 shim_table!(
     tl_prepare_ids_u32,
     tl_prepare_ids_i64,
+    tl_ids_defer,
     tl_lora_down_f32_f32,
     tl_lora_down_f16_f16,
     tl_lora_down_f16_f32,
@@ -155,6 +156,9 @@ pub struct HostExec {
     pub wide_tiles: bool,
     /// As [`Executor::mma`].
     pub mma: bool,
+    /// As [`Executor::deferred_id_record`] (host address of 5 × i64); the
+    /// crate's own tests set it, nothing public runs ops on a `HostExec`.
+    pub(crate) deferred_id_record: Option<u64>,
 }
 
 /// Host scratch: 16-byte aligned, zero-filled.
@@ -207,6 +211,9 @@ impl Executor for HostExec {
     fn mma(&self) -> bool {
         self.mma
     }
+    fn deferred_id_record(&self) -> Option<u64> {
+        self.deferred_id_record
+    }
     fn gemm_stages(&self) -> u32 {
         if self.gemm_stages == 3 {
             3
@@ -251,6 +258,7 @@ impl CpuKernels {
             xent_chunk_bytes: self.xent_chunk_bytes,
             wide_tiles: self.wide_tiles,
             mma: self.mma,
+            deferred_id_record: None,
         }
     }
 }
@@ -433,5 +441,106 @@ impl Backend for CpuKernels {
     fn unmerge<T: Element>(&self, cfg: &LoraConfig, w: &mut [T], u: &[f32], vh: &[f32]) -> Result<()> {
         validate::check_weights(cfg, w.len(), u.len(), vh.len())?;
         ops::merge(&self.exec(), cfg, T::DTYPE, addr_mut(w), addr(u), addr(vh), true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dtype::DType;
+    use crate::kernels::ops::{self, IdKind};
+
+    fn addr<T>(s: &[T]) -> u64 {
+        s.as_ptr() as u64
+    }
+
+    /// Deferred id errors (`Cuda::with_deferred_id_errors`, here through the
+    /// shim): the embedding ops return Ok without reading the check back, bad
+    /// ids touch no memory (NaN rows, dropped tokens), and the record holds the
+    /// first bad call's count, index and value; later bad calls only add to
+    /// the count. Good rows and gradients equal the checked ops' on the same
+    /// tokens without the bad ones.
+    #[test]
+    fn deferred_id_errors_record_the_first_bad_id() {
+        let (v, d, r) = (50usize, 24usize, 4usize);
+        let cfg = LoraConfig::builder(v, d, r).alpha(8.0).build().unwrap();
+        let w: Vec<f32> = (0..v * d).map(|i| ((i * 7919) % 997) as f32 / 997.0 - 0.5).collect();
+        let u: Vec<f32> = (0..v * r).map(|i| ((i * 104_729) % 991) as f32 / 991.0 - 0.5).collect();
+        let vh: Vec<f32> = (0..r * d).map(|i| ((i * 1299) % 983) as f32 / 983.0 - 0.5).collect();
+        let wt = WeightAddrs { w: addr(&w), u: addr(&u), vh: addr(&vh) };
+        let mut ids: Vec<u32> = (0..40u32).map(|t| (t * 13) % v as u32).collect();
+        ids[7] = v as u32 + 3;
+        ids[20] = u32::MAX;
+        let good: Vec<usize> = (0..ids.len()).filter(|&t| t != 7 && t != 20).collect();
+        let record = vec![0i64; 5];
+        let exec = HostExec { deferred_id_record: Some(addr(&record)), ..HostExec::default() };
+
+        let mut out = vec![0f32; ids.len() * d];
+        ops::embed_forward(&exec, &cfg, DType::F32, wt, addr(&ids), IdKind::U32, out.as_mut_ptr() as u64, ids.len())
+            .expect("deferred: no error at the call");
+        assert_eq!(record, [2, i64::from(ops::DEFERRED_ARG_IDS), 7, v as i64 + 3, v as i64]);
+        let ids_good: Vec<u32> = good.iter().map(|&t| ids[t]).collect();
+        let mut want = vec![0f32; ids_good.len() * d];
+        let checked = HostExec::default();
+        ops::embed_forward(
+            &checked,
+            &cfg,
+            DType::F32,
+            wt,
+            addr(&ids_good),
+            IdKind::U32,
+            want.as_mut_ptr() as u64,
+            good.len(),
+        )
+        .unwrap();
+        for (k, &t) in good.iter().enumerate() {
+            assert_eq!(out[t * d..(t + 1) * d], want[k * d..(k + 1) * d], "row {t}");
+        }
+        assert!(out[7 * d..8 * d].iter().chain(&out[20 * d..21 * d]).all(|x| x.is_nan()));
+
+        // The backward, on other bad ids (3 and 20): their tokens are dropped,
+        // the count grows, the record keeps the first call's index and value.
+        let mut ids_b = ids.clone();
+        (ids_b[7], ids_b[3]) = (1, v as u32 + 9);
+        let good_b: Vec<usize> = (0..ids_b.len()).filter(|&t| t != 3 && t != 20).collect();
+        let de: Vec<f32> = (0..ids_b.len() * d).map(|i| ((i * 31) % 101) as f32 / 101.0 - 0.5).collect();
+        let (mut du, mut dvh) = (vec![0f32; v * r], vec![0f32; r * d]);
+        let grads = GradAddrs { u: du.as_mut_ptr() as u64, vh: dvh.as_mut_ptr() as u64, w: None };
+        ops::embed_backward(&exec, &cfg, DType::F32, wt, addr(&ids_b), IdKind::U32, addr(&de), grads, ids_b.len())
+            .unwrap();
+        assert_eq!(record, [4, i64::from(ops::DEFERRED_ARG_IDS), 7, v as i64 + 3, v as i64]);
+        let ids_good: Vec<u32> = good_b.iter().map(|&t| ids_b[t]).collect();
+        let de_good: Vec<f32> = good_b.iter().flat_map(|&t| de[t * d..(t + 1) * d].iter().copied()).collect();
+        let (mut du_w, mut dvh_w) = (vec![0f32; v * r], vec![0f32; r * d]);
+        let grads = GradAddrs { u: du_w.as_mut_ptr() as u64, vh: dvh_w.as_mut_ptr() as u64, w: None };
+        ops::embed_backward(
+            &checked,
+            &cfg,
+            DType::F32,
+            wt,
+            addr(&ids_good),
+            IdKind::U32,
+            addr(&de_good),
+            grads,
+            good_b.len(),
+        )
+        .unwrap();
+        let close = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| (x - y).abs() <= 1e-5 * (1.0 + y.abs()));
+        assert!(close(&du, &du_w) && close(&dvh, &dvh_w));
+        assert!(du.iter().any(|&x| x != 0.0), "the backward did run");
+
+        // Checked (the default): the same bad ids are an error at the call.
+        let err = ops::embed_forward(
+            &checked,
+            &cfg,
+            DType::F32,
+            wt,
+            addr(&ids),
+            IdKind::U32,
+            out.as_mut_ptr() as u64,
+            ids.len(),
+        )
+        .unwrap_err();
+        assert_eq!(err, Error::TokenOutOfRange { arg: "ids", index: 7, value: v as i64 + 3, vocab: v });
     }
 }

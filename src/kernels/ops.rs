@@ -160,18 +160,16 @@ fn tg_name(t: DType, g: DType, names: [&'static str; 5]) -> Result<&'static str>
     })
 }
 
-/// Validates ids (or targets, with `ignore`) on the device and narrows them
-/// to int32. Returns the int32 buffer and the count of valid entries; an
-/// out-of-range id is an [`Error::TokenOutOfRange`] quoting its index and value.
-pub fn prepare_ids<E: Executor>(
+/// Launches the id validation: returns the int32 ids (`-1` ignored, `-2`
+/// invalid) and the status buffer `[bad count, first bad index, valid count, 0]`.
+fn launch_prepare_ids<E: Executor>(
     e: &E,
-    arg: &'static str,
     ids: u64,
     kind: IdKind,
     n: usize,
     vocab: usize,
     ignore: Option<i64>,
-) -> Result<(E::Scratch, usize)> {
+) -> Result<(E::Scratch, E::Scratch)> {
     let out = e.scratch(n * 4)?;
     let mut status = e.scratch(16)?;
     e.upload(&mut status, bytemuck::cast_slice(&[0i32, i32::MAX, 0, 0]))?;
@@ -193,6 +191,22 @@ pub fn prepare_ids<E: Executor>(
     // SAFETY: `ids` holds n ids of `kind` (checked by the caller); `out` and
     // `status` are scratch buffers of n*4 and 16 bytes owned here.
     unsafe { e.launch(&plan, &params)? };
+    Ok((out, status))
+}
+
+/// Validates ids (or targets, with `ignore`) on the device and narrows them
+/// to int32. Returns the int32 buffer and the count of valid entries; an
+/// out-of-range id is an [`Error::TokenOutOfRange`] quoting its index and value.
+pub fn prepare_ids<E: Executor>(
+    e: &E,
+    arg: &'static str,
+    ids: u64,
+    kind: IdKind,
+    n: usize,
+    vocab: usize,
+    ignore: Option<i64>,
+) -> Result<(E::Scratch, usize)> {
+    let (out, status) = launch_prepare_ids(e, ids, kind, n, vocab, ignore)?;
     let mut st = [0i32; 4];
     e.download(&status, bytemuck::cast_slice_mut(&mut st))?;
     if st[0] > 0 {
@@ -213,6 +227,35 @@ pub fn prepare_ids<E: Executor>(
     }
     Ok((out, st[2] as usize))
 }
+
+/// The embedding ops' ids as int32: checked at once ([`prepare_ids`]), or,
+/// when the executor defers id errors, with no host round trip: bad ids
+/// become `-2` (their rows are NaN in the forward and contribute nothing to
+/// the backward, no memory is touched for them) and `tl_ids_defer` records
+/// the first one for the backend to report later.
+fn prepare_embed_ids<E: Executor>(e: &E, ids: u64, kind: IdKind, n: usize, vocab: usize) -> Result<E::Scratch> {
+    let Some(record) = e.deferred_id_record() else {
+        return prepare_ids(e, "ids", ids, kind, n, vocab, None).map(|(out, _)| out);
+    };
+    let (out, status) = launch_prepare_ids(e, ids, kind, n, vocab, None)?;
+    let params = DeferIdsParams {
+        status: e.addr(&status),
+        ids,
+        record,
+        vocab: vocab as i64,
+        id_bytes: kind.size() as i32,
+        arg: DEFERRED_ARG_IDS,
+    };
+    let plan = LaunchPlan::linear("tl_ids_defer", 1, 32);
+    // SAFETY: status is the 16-byte buffer the launch above fills; ids holds n
+    // ids of `kind` (the kernel reads only the index status names, < n); the
+    // record is the executor's own 5 × i64 buffer.
+    unsafe { e.launch(&plan, &params)? };
+    Ok(out)
+}
+
+/// Argument code of the deferred id-error record (`kernels/params.h`).
+pub const DEFERRED_ARG_IDS: i32 = 0;
 
 /// `out[rows, r] = scale · x[rows, d] · Vhᵀ`, `x` in `xt`, `out` in `ot` (xt or f32).
 #[allow(clippy::too_many_arguments)]
@@ -533,7 +576,7 @@ pub fn embed_forward<E: Executor>(
     tokens: usize,
 ) -> Result<()> {
     let (v, d, r) = (cfg.vocab(), cfg.hidden(), cfg.rank());
-    let (ids32, _) = prepare_ids(e, "ids", ids, kind, tokens, v, None)?;
+    let ids32 = prepare_embed_ids(e, ids, kind, tokens, v)?;
     let (kernel, nc, minb, waves) = embed_forward_kernel(t, r);
     let (bx, by) = EMBED_BLOCK;
     let gx = blocks(d.div_ceil(nc), bx);
@@ -652,7 +695,7 @@ pub fn embed_backward<E: Executor>(
 ) -> Result<()> {
     let (v, d, r) = (cfg.vocab(), cfg.hidden(), cfg.rank());
     let cs = cfg.embed_scale() * cfg.scale();
-    let (ids32, _) = prepare_ids(e, "ids", ids, kind, tokens, v, None)?;
+    let ids32 = prepare_embed_ids(e, ids, kind, tokens, v)?;
     let gu = e.scratch(tokens * r * 4)?;
     lora_down(e, cfg, gt, DType::F32, d_embed, wt.vh, e.addr(&gu), tokens, cs)?;
     let (keys, perm) = sort_ids(e, e.addr(&ids32), tokens, v)?;

@@ -25,6 +25,11 @@ params! {
         ids: u64, out: u64, status: u64, ignore_index: i64,
         n: i32, vocab: i32, allow_ignore: i32, _pad: u32,
     }
+    /// `ids.cu`: fold a prepare_ids status into the deferred-error record.
+    DeferIdsParams (40) {
+        status: u64, ids: u64, record: u64, vocab: i64,
+        id_bytes: i32, arg: i32,
+    }
     /// `lora_small.cu`: `out[t, j] = scale · Σ_k x[t, k] · Vh[j, k]`.
     LoraDownParams (40) {
         x: u64, vh: u64, out: u64,
