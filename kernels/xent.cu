@@ -43,8 +43,7 @@ TL_DEVICE void xent_partial(const XentPartialParams& p) {
   const int t = m0 + row;
   const int target = t < p.tokens ? p.targets[t] : -1;
   const float kappa = p.softcap;
-  float run_max = -INFINITY, run_sum = 0.0f, tgt = 0.0f;
-  bool found = false;
+  float run_max = -INFINITY, run_sum = 0.0f;
   for (int n0 = c_begin; n0 < c_end; n0 += kTile) {
     tl::tile_gemm<T, S, 2, 4>(
         smem, a, b, none, p.tokens, c_end, p.hidden + p.rank, m0, n0,
@@ -72,10 +71,9 @@ TL_DEVICE void xent_partial(const XentPartialParams& p) {
     } else if (m != m) {  // NaN propagates
       run_sum = m;
     }
-    if (target >= n0 + lo && target < n0 + hi) {
-      tgt = zr[target - n0];
-      found = true;
-    }
+    // The one thread whose columns hold the target writes its logit (target
+    // is -1 past the last token and for ignored rows: never in range).
+    if (target >= n0 + lo && target < n0 + hi) p.target_logit[t] = zr[target - n0];
     __syncthreads();  // z is rewritten by the next tile's epilogue
   }
   if (t < p.tokens) {
@@ -83,7 +81,6 @@ TL_DEVICE void xent_partial(const XentPartialParams& p) {
       p.part_max[static_cast<long long>(split) * p.tokens + t] = run_max;
       p.part_sum[static_cast<long long>(split) * p.tokens + t] = run_sum;
     }
-    if (found) p.target_logit[t] = tgt;
   }
 }
 
@@ -92,11 +89,20 @@ TL_DEVICE void xent_partial(const XentPartialParams& p) {
 TL_KERNEL_BOUNDED(tl_xent_partial_f32, XentPartialParams, 256) { xent_partial<float>(p); }
 TL_KERNEL_BOUNDED(tl_xent_partial_f16, XentPartialParams, 256) { xent_partial<__half>(p); }
 TL_KERNEL_BOUNDED(tl_xent_partial_bf16, XentPartialParams, 256) { xent_partial<__nv_bfloat16>(p); }
-// ldmatrix + mma.sync on the 3-stage ring (`Executor::mma`). ptxas needs
-// ~170 registers (the softcap epilogue on 64 live accumulators): one block
-// per SM; asking for two spills.
-TL_KERNEL_BOUNDED(tl_xent_partial_f16_mma, XentPartialParams, 256) { xent_partial<__half, 3, true>(p); }
-TL_KERNEL_BOUNDED(tl_xent_partial_bf16_mma, XentPartialParams, 256) { xent_partial<__nv_bfloat16, 3, true>(p); }
+// ldmatrix + mma.sync on the 3-stage ring (`Executor::mma`); two resident
+// blocks per SM on sm_90+ (128 registers without spills there; sm_80 would
+// spill, so it keeps one).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define TL_XENT_MMA_MIN_BLOCKS 2
+#else
+#define TL_XENT_MMA_MIN_BLOCKS 1
+#endif
+TL_KERNEL_BOUNDED_MIN(tl_xent_partial_f16_mma, XentPartialParams, 256, TL_XENT_MMA_MIN_BLOCKS) {
+  xent_partial<__half, 3, true>(p);
+}
+TL_KERNEL_BOUNDED_MIN(tl_xent_partial_bf16_mma, XentPartialParams, 256, TL_XENT_MMA_MIN_BLOCKS) {
+  xent_partial<__nv_bfloat16, 3, true>(p);
+}
 
 TL_KERNEL_BOUNDED(tl_xent_combine, XentCombineParams, 256) {
   __shared__ float red[256];
