@@ -202,17 +202,7 @@ fn xent_mma_forward_and_backward() {
     assert_all(xent_forward_case::<bf16, _>(&k, 517, 40, 16, 9, Some(30.0), 1.0));
     assert_all(xent_forward_case::<f16, _>(&k, 264, 136, 1, 150, None, 1.0));
     let chunked = CpuKernels { mma: true, xent_chunk_bytes: 1, ..CpuKernels::default() };
-    let base = XentCase {
-        v: 300,
-        d: 24,
-        r: 16,
-        t: 150,
-        softcap: Some(30.0),
-        sum: true,
-        with_w: true,
-        logit_scale: 1.0,
-        tol: None,
-    };
+    let base = XentCase::SOFTCAP_SUM;
     assert_all(xent_backward_case::<bf16, _>(&chunked, base));
     assert_all(xent_backward_case::<f16, _>(&k, XentCase { v: 264, d: 136, r: 8, t: 70, softcap: None, ..base }));
 }

@@ -183,17 +183,7 @@ fn gpu_small_xent_mma() {
     assert_all(xent_forward_case::<bf16, _>(&g, 517, 40, 16, 9, Some(30.0), 1.0));
     assert_all(xent_forward_case::<f16, _>(&g, 264, 136, 1, 150, None, 1.0));
     assert_all(xent_forward_case::<bf16, _>(&g, 5000, 264, 16, 700, Some(30.0), 1.0));
-    let base = XentCase {
-        v: 300,
-        d: 24,
-        r: 16,
-        t: 150,
-        softcap: Some(30.0),
-        sum: true,
-        with_w: true,
-        logit_scale: 1.0,
-        tol: None,
-    };
+    let base = XentCase::SOFTCAP_SUM;
     assert_all(xent_backward_case::<bf16, _>(&gpu().with_mma(true).with_xent_chunk_bytes(1), base));
     assert_all(xent_backward_case::<f16, _>(&g, XentCase { v: 264, d: 136, r: 8, t: 70, softcap: None, ..base }));
     assert_all(xent_backward_case::<bf16, _>(&g, XentCase { v: 5000, d: 264, t: 700, with_w: false, ..base }));

@@ -352,6 +352,22 @@ pub struct XentCase {
     pub tol: Option<f64>,
 }
 
+impl XentCase {
+    /// V = 300, d = 24, r = 16, T = 150, softcap 30, sum, dW on: the
+    /// half-precision case the kernel-variant tests start from.
+    pub const SOFTCAP_SUM: XentCase = XentCase {
+        v: 300,
+        d: 24,
+        r: 16,
+        t: 150,
+        softcap: Some(30.0),
+        sum: true,
+        with_w: true,
+        logit_scale: 1.0,
+        tol: None,
+    };
+}
+
 /// Fused cross-entropy backward of backend `k` against the reference, from the
 /// reference forward's lse, with an upstream gradient ≠ 1, gradient buffers
 /// that already hold values (the op adds into them; the added part is
