@@ -8,9 +8,12 @@
 // how the LoRA term joins the base GEMM in ONE reduction: the head forward's A
 // row is [h_t | s·h_t·Vhᵀ] and its B row is [W_v | U_v], so K = d + r.
 //
-// Block tile BM x BN, K step BK, 256 threads. Staging is global -> registers ->
-// shared memory, with the next K tile's loads issued before the current tile's
-// math. Math policy by compute type CT:
+// Block tile BM x BN, K step BK, 256 threads. Staging (GemmShape::STAGES): 1 =
+// global -> registers -> shared memory, the next K tile's loads issued before
+// the current tile's math; >= 2 = a cp.async ring whose hot loop takes only
+// whole steps inside segment 0 from per-thread sources computed once
+// (StageStream), the other steps (LoRA columns, partial tiles) after it on the
+// general path. Math policy by compute type CT:
 //   * __half / __nv_bfloat16: WMMA m16n16k16 (tensor cores), 8 warps as WM x WN;
 //     or, with GemmShape's MMA flag, ldmatrix + mma.sync m16n8k16 (mma.cuh)
 //     with the same warp tiling, the epilogue reading the registers directly;
