@@ -1,8 +1,8 @@
 // lora_small.cu: the thin LoRA products around the big GEMMs (O(T·d·r) work).
 //
-// lora_down   out[t, j] = scale · Σ_k x[t, k] · Vh[j, k]        one warp per row t;
-//             lanes stride over k, 16 rank accumulators per lane, then a fixed
-//             butterfly reduction. Grid (ceil(rows / 8)), block 256.
+// lora_down   out[t, j] = scale · Σ_k x[t, k] · Vh[j, k]        one warp per 4 rows;
+//             lanes stride over k, 4 x 16 accumulators per lane, then a fixed
+//             butterfly reduction per row. Grid (ceil(rows / 32)), block 256.
 //             Used for p = s·h·Vhᵀ (head) and gU = c·s·dE·Vhᵀ (embedding backward).
 // lora_up     grad[j, k] += scale · Σ_t X[row(t), j] · Y[t, k]   in two deterministic
 //             steps: partial sums over fixed token chunks (grid (ceil(d / 256),
@@ -14,36 +14,54 @@
 namespace {
 
 constexpr int kRankChunk = 16;
+// lora_down: rows per warp. Each Vh value a lane loads serves this many rows
+// (Vh is read once per warp, so per kRowsPerWarp rows, not per row); every
+// row's sums are formed in the same order as with one row per warp.
+constexpr int kRowsPerWarp = 4;
 
 template <class X, class O>
 TL_DEVICE void lora_down(const LoraDownParams& p) {
   const int warps = static_cast<int>(blockDim.x) / 32;
-  const int row = static_cast<int>(blockIdx.x) * warps + static_cast<int>(tl_warp_id());
+  const int row0 = (static_cast<int>(blockIdx.x) * warps + static_cast<int>(tl_warp_id())) * kRowsPerWarp;
   const int lane = static_cast<int>(tl_lane_id());
-  if (row >= p.rows) return;
-  const X* x = static_cast<const X*>(p.x) + static_cast<long long>(row) * p.hidden;
-  O* out = static_cast<O*>(p.out) + static_cast<long long>(row) * p.rank;
+  if (row0 >= p.rows) return;
+  const int nrows = min(kRowsPerWarp, p.rows - row0);  // warp-uniform
+  const X* x = static_cast<const X*>(p.x) + static_cast<long long>(row0) * p.hidden;
+  O* out = static_cast<O*>(p.out) + static_cast<long long>(row0) * p.rank;
   for (int j0 = 0; j0 < p.rank; j0 += kRankChunk) {
-    float acc[kRankChunk];
+    float acc[kRowsPerWarp][kRankChunk];
 #pragma unroll
-    for (int jj = 0; jj < kRankChunk; ++jj) acc[jj] = 0.0f;
+    for (int rr = 0; rr < kRowsPerWarp; ++rr)
+#pragma unroll
+      for (int jj = 0; jj < kRankChunk; ++jj) acc[rr][jj] = 0.0f;
     for (int k = lane; k < p.hidden; k += 32) {
-      const float xv = tl_to_float(x[k]);
+      float xv[kRowsPerWarp];
 #pragma unroll
-      for (int jj = 0; jj < kRankChunk; ++jj)
-        if (j0 + jj < p.rank) acc[jj] = fmaf(xv, p.vh[static_cast<long long>(j0 + jj) * p.hidden + k], acc[jj]);
+      for (int rr = 0; rr < kRowsPerWarp; ++rr)
+        xv[rr] = rr < nrows ? tl_to_float(x[static_cast<long long>(rr) * p.hidden + k]) : 0.0f;
+#pragma unroll
+      for (int jj = 0; jj < kRankChunk; ++jj) {
+        if (j0 + jj < p.rank) {
+          const float v = p.vh[static_cast<long long>(j0 + jj) * p.hidden + k];  // one load, kRowsPerWarp rows
+#pragma unroll
+          for (int rr = 0; rr < kRowsPerWarp; ++rr) acc[rr][jj] = fmaf(xv[rr], v, acc[rr][jj]);
+        }
+      }
     }
 #pragma unroll
-    for (int jj = 0; jj < kRankChunk; ++jj) {
+    for (int rr = 0; rr < kRowsPerWarp; ++rr) {
 #pragma unroll
-      for (int off = 16; off > 0; off >>= 1) acc[jj] += __shfl_xor_sync(TL_FULL_MASK, acc[jj], off);
-    }
-    if (lane < kRankChunk && j0 + lane < p.rank) {
-      float v = 0.0f;
+      for (int jj = 0; jj < kRankChunk; ++jj) {
 #pragma unroll
-      for (int jj = 0; jj < kRankChunk; ++jj)
-        if (jj == lane) v = acc[jj];
-      out[j0 + lane] = tl_from_float<O>(p.scale * v);
+        for (int off = 16; off > 0; off >>= 1) acc[rr][jj] += __shfl_xor_sync(TL_FULL_MASK, acc[rr][jj], off);
+      }
+      if (rr < nrows && lane < kRankChunk && j0 + lane < p.rank) {
+        float v = 0.0f;
+#pragma unroll
+        for (int jj = 0; jj < kRankChunk; ++jj)
+          if (jj == lane) v = acc[rr][jj];
+        out[static_cast<long long>(rr) * p.rank + j0 + lane] = tl_from_float<O>(p.scale * v);
+      }
     }
   }
 }

@@ -254,6 +254,9 @@ fn prepare_embed_ids<E: Executor>(e: &E, ids: u64, kind: IdKind, n: usize, vocab
     Ok(out)
 }
 
+/// `kRowsPerWarp` of `lora_down` in `kernels/lora_small.cu`.
+const LORA_DOWN_ROWS_PER_WARP: u32 = 4;
+
 /// Argument code of the deferred id-error record (`kernels/params.h`).
 pub const DEFERRED_ARG_IDS: i32 = 0;
 
@@ -287,7 +290,8 @@ fn lora_down<E: Executor>(
         rank: i32_of("rank", cfg.rank())?,
         scale: scale as f32,
     };
-    let plan = LaunchPlan::linear(kernel, blocks(rows, THREADS / 32), THREADS);
+    // One warp per LORA_DOWN_ROWS_PER_WARP rows (kernels/lora_small.cu).
+    let plan = LaunchPlan::linear(kernel, blocks(rows, THREADS / 32 * LORA_DOWN_ROWS_PER_WARP), THREADS);
     // SAFETY: x [rows, d] in xt, vh [r, d] f32 and out [rows, r] in ot are
     // checked (caller) or allocated (here) with those sizes.
     unsafe { e.launch(&plan, &params) }
