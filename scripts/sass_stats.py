@@ -6,11 +6,20 @@ nvcc (scripts/install-nvcc.sh) to sm_90 cubins, disassembles them with
 cuobjdump + nvdisasm (installed from PyPI into the git-ignored
 .nvcc/tools/, never system-wide), finds the innermost backward branch whose
 body holds tensor-core MMAs (HMMA) or, for the FMA kernels, FFMAs, and prints
-its instruction count per opcode. It answers "how many instructions does one
+its instruction count per opcode (the natural loop: out-of-line blocks the
+loop branches to and back from are counted too). It answers "how many instructions does one
 K step issue per MMA" before a GPU is available; it says nothing about time.
 
     python3 scripts/sass_stats.py                       # head + xent kernels, bf16
     python3 scripts/sass_stats.py kernels/head.cu 'tl_head_forward_bf16.*'
+
+Caveat: the loop is chosen statically (the smallest natural loop holding
+MMAs and global loads). ptxas may emit specialized copies of a loop (e.g.
+for a case it can prove), and the smallest copy need not be the one that
+runs most; read the SASS (`cuobjdump -sass -fun NAME`) before trusting a
+number. That is also why this is an analysis tool and not a CI check: with
+the steady-state staging disabled on purpose, a specialized copy still
+looked lean.
 """
 import os
 import re
@@ -49,6 +58,10 @@ def functions(cuobjdump, env, cubin):
 
 
 def hot_loop(cuobjdump, env, cubin, fn):
+    """The natural loop (every instruction on a path from the header back to
+    the back edge, out-of-line blocks included) holding MMAs and global loads
+    with the fewest instructions: the K-step loop's steady state. Returns (instructions in the function,
+    (MMA count, "HMMA" or "FFMA", loop instruction texts) or None)."""
     sass = subprocess.run([cuobjdump, "-sass", "-fun", fn, cubin], capture_output=True, text=True, env=env,
                           check=True).stdout
     ins = []
@@ -56,20 +69,47 @@ def hot_loop(cuobjdump, env, cubin, fn):
         m = re.match(r"\s+/\*([0-9a-f]+)\*/\s+(.*?)\s*;", line)
         if m:
             ins.append((int(m.group(1), 16), m.group(2)))
-    loops = []
-    for addr, text in ins:
-        m = re.search(r"BRA[^;]*0x([0-9a-f]+)", text)
-        if m and int(m.group(1), 16) < addr:
-            loops.append((int(m.group(1), 16), addr))
+    index = {a: i for i, (a, _) in enumerate(ins)}
+    # Control flow per instruction: a predicated branch or exit may fall through.
+    succ = []
+    for i, (_, text) in enumerate(ins):
+        words = text.split()
+        predicated = words[0].startswith("@") and not words[0].startswith("@PT")
+        op = opcode(text)
+        nxt = [i + 1] if i + 1 < len(ins) else []
+        m = re.search(r"0x([0-9a-f]+)", text) if op == "BRA" else None
+        if m and int(m.group(1), 16) in index:
+            tgt = [index[int(m.group(1), 16)]]
+            succ.append(tgt + nxt if predicated else tgt)
+        elif op in ("EXIT", "RET", "BRA"):
+            succ.append(nxt if predicated else [])
+        else:
+            succ.append(nxt)
+    pred = [[] for _ in ins]
+    for i, ss in enumerate(succ):
+        for j in ss:
+            pred[j].append(i)
     best = None
     for key in ("HMMA", "FFMA"):
-        for start, end in loops:
-            body = [t for a, t in ins if start <= a <= end]
-            n = sum(key in t for t in body)
-            # The smallest loop that holds MMAs: the K-step loop (an outer
-            # loop over tiles, or the tail steps' loop, is larger).
-            if n and (best is None or len(body) < len(best[2])):
-                best = (n, key, body)
+        for i, ss in enumerate(succ):
+            for h in ss:
+                if h > i:
+                    continue  # not a back edge
+                # Natural loop of the back edge i -> h.
+                body, stack = {h, i}, [i]
+                while stack:
+                    for q in pred[stack.pop()]:
+                        if q not in body:
+                            body.add(q)
+                            stack.append(q)
+                texts = [ins[k][1] for k in sorted(body)]
+                n = sum(key in t for t in texts)
+                # The steady state loads the next K step (LDG or LDGSTS); the
+                # drain iterations at the end of a ring, which only multiply,
+                # may form a smaller loop of their own.
+                loads = any(opcode(t) in ("LDG", "LDGSTS") for t in texts)
+                if n and loads and (best is None or len(texts) < len(best[2])):
+                    best = (n, key, texts)
         if best:
             break
     return len(ins), best
