@@ -1952,7 +1952,7 @@ fn bench_copy(gpu: &Gpu, bytes: usize, st: &Settings) -> Res<(Timing, f64)> {
     Ok((tm, 2.0 * bytes as f64 / (tm.median_ms * 1e-3) / 1e9))
 }
 
-fn run_bench(gpu: &Gpu, args: &Args, rep: &mut Report) {
+fn run_bench(gpu: &Gpu, args: &Args, rep: &mut Report, t0: Instant) {
     let st = Settings { warmup: args.warmup, iters: args.iters };
     println!("copy bandwidth: {} MiB device-to-device", args.copy_bytes >> 20);
     match bench_copy(gpu, args.copy_bytes, &st) {
@@ -2012,6 +2012,9 @@ fn run_bench(gpu: &Gpu, args: &Args, rep: &mut Report) {
         let _ = gpu.sync();
         gpu.mem.trim();
         println!("  shape {} took {:.1} s", sh.key, start.elapsed().as_secs_f64());
+        if let Err(e) = write_outputs(args, gpu, rep, t0.elapsed().as_secs_f64(), true) {
+            eprintln!("gpu_bench: partial results: {e}");
+        }
     }
 }
 
@@ -2217,7 +2220,10 @@ fn run_verify(gpu: &Gpu, rep: &mut Report) -> Res<()> {
 
 // -------------------------------------------------------------- main ---
 
-fn write_outputs(args: &Args, gpu: &Gpu, rep: &Report, wall_s: f64) -> Res<()> {
+/// Writes the JSON and markdown results. `partial`: written after each shape
+/// while the run goes on (quietly), so a run cut short by a time limit still
+/// leaves the shapes it finished; the last call overwrites them.
+fn write_outputs(args: &Args, gpu: &Gpu, rep: &Report, wall_s: f64, partial: bool) -> Res<()> {
     let date = utc_now();
     let command = std::env::args().collect::<Vec<_>>().join(" ");
     let mode = if args.verify { "verify" } else { "bench" };
@@ -2233,6 +2239,7 @@ fn write_outputs(args: &Args, gpu: &Gpu, rep: &Report, wall_s: f64) -> Res<()> {
     let doc = json!({
         "tool": "tiedlora examples/gpu_bench",
         "mode": mode,
+        "partial": partial,
         "date_utc": date,
         "command": command,
         "device": gpu.info,
@@ -2294,14 +2301,23 @@ fn write_outputs(args: &Args, gpu: &Gpu, rep: &Report, wall_s: f64) -> Res<()> {
             let _ = writeln!(md, "- {e}");
         }
     }
-    let _ = writeln!(md, "\nResult: {} ({wall_s:.1} s wall)", if rep.ok() { "all checks passed" } else { "FAILED" });
-    println!("\n{md}");
+    let verdict = match (partial, rep.ok()) {
+        (true, _) => "PARTIAL: written while the run was still going (later shapes missing)",
+        (false, true) => "all checks passed",
+        (false, false) => "FAILED",
+    };
+    let _ = writeln!(md, "\nResult: {verdict} ({wall_s:.1} s wall)");
+    if !partial {
+        println!("\n{md}");
+    }
     std::fs::create_dir_all(&args.out).ctx(&format!("creating {}", args.out.display()))?;
     let (jn, mn) = if args.verify { ("verify.json", "verify.md") } else { ("results.json", "results.md") };
     let pretty = serde_json::to_string_pretty(&doc).ctx("json")?;
     std::fs::write(args.out.join(jn), pretty + "\n").ctx(&format!("writing {jn}"))?;
     std::fs::write(args.out.join(mn), md).ctx(&format!("writing {mn}"))?;
-    println!("wrote {} and {}", args.out.join(jn).display(), args.out.join(mn).display());
+    if !partial {
+        println!("wrote {} and {}", args.out.join(jn).display(), args.out.join(mn).display());
+    }
     Ok(())
 }
 
@@ -2338,13 +2354,13 @@ fn main() {
             rep.errors.push(format!("verify: {e}"));
         }
     } else {
-        run_bench(&gpu, &args, &mut rep);
+        run_bench(&gpu, &args, &mut rep, start);
     }
     if let Err(e) = &gpu.blas {
         rep.errors.push(format!("cuBLAS unavailable: {e}"));
     }
     let wall = start.elapsed().as_secs_f64();
-    if let Err(e) = write_outputs(&args, &gpu, &rep, wall) {
+    if let Err(e) = write_outputs(&args, &gpu, &rep, wall, false) {
         eprintln!("gpu_bench: {e}");
         std::process::exit(1);
     }

@@ -16,10 +16,11 @@
 #   verify      gpu_bench --verify: every GPU path (ours and the cuBLAS baselines)
 #               once at T=512 V=8192 d=512, vs tiedlora::Cpu  -> OUTDIR/verify.{json,md}
 #   bench       gpu_bench: Gemma-2-2B and Llama-3.2-1B shapes  -> OUTDIR/results.{json,md}
-#   bench_py    scripts/bench_xent.py: PEFT / torch / CCE / Liger head + cross-entropy
-#               at the same shapes                              -> OUTDIR/results_py.md
 #   memcheck    compute-sanitizer --tool memcheck  on kernels_gpu's gpu_small_* tests
 #   racecheck   compute-sanitizer --tool racecheck on kernels_gpu's gpu_small_* tests
+#   bench_py    scripts/bench_xent.py: PEFT / torch / CCE / Liger head + cross-entropy
+#               at the same shapes                              -> OUTDIR/results_py.md
+#   ncu         Nsight Compute on the main kernels at the Llama shape -> OUTDIR/ncu.txt
 #   peft_golden, peft_export   scripts/peft_check.py on tests/data/goldens/peft_llama_tied and
 #               device-bundle/peft-export (CPU only; run in the background from the start)
 #
@@ -28,7 +29,9 @@
 # is cut to the time left):
 #   env ~3 s | kernels_gpu ~20-70 s (limit 150) | goldens ~5 s (limit 45) | cuda_step ~5-15 s (limit 60)
 #   verify ~10-20 s (limit 60; mostly the CPU reference, ~6 s on a 2-core box)
-#   bench ~15-40 s (limit 150): context + module load + cuBLAS init ~2 s; copy test
+#   bench ~40-110 s (limit 150; results written after each shape, so a cut
+#     run keeps the shapes it finished; the estimate below predates the xent,
+#     mma.sync and deferred-id rows, which roughly double it): context + module load + cuBLAS init ~2 s; copy test
 #     2x4 GiB x 26 copies ~0.1 s; per shape ~27 calls of each path (probe, memory,
 #     5 warm-up, 20 timed): Gemma fwd ours ~25-50 ms/call, unfused ~20 ms, cuBLAS
 #     ~13 ms; bwd ours ~40-80 ms, unfused ~25 ms -> ~6 s; Llama about half; fills,
@@ -209,10 +212,6 @@ step goldens 45 "$BIN/goldens" --include-ignored --nocapture --test-threads=1
 step cuda_step 60 "$BIN/cuda_step"
 step verify 60 "$BIN/gpu_bench" --verify --out "$OUTDIR"
 step bench 150 "$BIN/gpu_bench" --out "$OUTDIR"
-# The Python stack's head + cross-entropy paths (PEFT, torch, Cut Cross-Entropy,
-# Liger) at the same shapes, for the fused cross-entropy comparison.
-step bench_py 180 env PYTHONPATH="$BUNDLE/py${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 \
-  python3 scripts/bench_xent.py --out "$OUTDIR"
 if [ -n "$SANITIZER" ]; then
   step memcheck 90 "$SANITIZER" --tool memcheck --error-exitcode 1 --print-limit 20 \
     "$BIN/kernels_gpu" --ignored --nocapture --test-threads=1 "$SMALL_FILTER"
@@ -222,6 +221,11 @@ else
   record memcheck FAIL "compute-sanitizer not found"
   record racecheck FAIL "compute-sanitizer not found"
 fi
+# The Python stack's head + cross-entropy paths (PEFT, torch, Cut Cross-Entropy,
+# Liger) at the same shapes, for the fused cross-entropy comparison. After the
+# sanitizers: its time (Triton autotuning) is the least predictable.
+step bench_py 180 env PYTHONPATH="$BUNDLE/py${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 \
+  python3 scripts/bench_xent.py --out "$OUTDIR"
 
 # Nsight Compute profile of the main kernels at the Llama shape (one launch
 # each, a few sections), to steer the kernel work: OUTDIR/ncu.txt. Skipped
