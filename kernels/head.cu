@@ -127,7 +127,7 @@ TL_DEVICE void head_grad_param(const HeadGradParamParams& p) {
 
 // Two main loops per op: the register-staged one (suffix-less names) and a
 // 3-stage cp.async ring (suffix _s3, 60 KiB of dynamic shared memory), for the
-// tensor-core (f16/bf16) kernels. The host picks one (`Executor::gemm_stages`);
+// tensor-core (f16/bf16) kernels. The host picks one (`KernelOptions::gemm_stages`);
 // both are tested.
 #define TL_HEAD_FORWARD(name, T, STAGES, suffix) \
   TL_KERNEL_BOUNDED(tl_head_forward_##name##suffix, HeadForwardParams, 256) { head_forward<T, STAGES>(p); }
@@ -180,7 +180,7 @@ TL_HEAD_GRAD_H_ALL(bf16_bf16, __nv_bfloat16, __nv_bfloat16, 3, _s3)
 
 // Two resident blocks per SM for the rx16 half-precision grad_h on sm_90+:
 // ptxas fits them in 128 registers there without spilling (it does not on
-// sm_80, which keeps one block). Selected by `Executor::grad_h_two_blocks`;
+// sm_80, which keeps one block). Selected by `KernelOptions::grad_h_two_blocks`;
 // the plain kernels above stay for comparison (BENCHMARKS.md).
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 #define TL_GRAD_H_RX16_MIN_BLOCKS 2
@@ -196,7 +196,7 @@ TL_HEAD_GRAD_H_O2(f16_f32, __half, float)
 TL_HEAD_GRAD_H_O2(bf16_bf16, __nv_bfloat16, __nv_bfloat16)
 TL_HEAD_GRAD_H_O2(bf16_f32, __nv_bfloat16, float)
 
-// ldmatrix + mma.sync on the 3-stage ring (`Executor::mma`), G in the storage dtype.
+// ldmatrix + mma.sync on the 3-stage ring (`KernelOptions::mma`), G in the storage dtype.
 #define TL_HEAD_GRAD_H_MMA(name, T, RX)                                                \
   TL_KERNEL_BOUNDED(tl_head_grad_h_##name##_rx##RX##_mma, HeadGradHParams, 256) {      \
     head_grad_h<T, T, RX, 3, true, true>(p);                                           \
@@ -223,7 +223,7 @@ TL_HEAD_GRAD_PARAM(bf16_bf16, __nv_bfloat16, __nv_bfloat16, 1, )
 TL_HEAD_GRAD_PARAM(bf16_f32, __nv_bfloat16, float, 1, )
 TL_HEAD_GRAD_PARAM(f16_f16, __half, __half, 3, _s3)
 TL_HEAD_GRAD_PARAM(bf16_bf16, __nv_bfloat16, __nv_bfloat16, 3, _s3)
-// ldmatrix + mma.sync on the 3-stage ring (`Executor::mma`), G in the storage dtype.
+// ldmatrix + mma.sync on the 3-stage ring (`KernelOptions::mma`), G in the storage dtype.
 #define TL_HEAD_GRAD_PARAM_MMA(name, T)                                                  \
   TL_KERNEL_BOUNDED(tl_head_grad_param_##name##_n64_mma, HeadGradParamParams, 256) {     \
     head_grad_param<T, T, 64, 8, 1, 3, true>(p);                                         \

@@ -89,7 +89,7 @@ TL_DEVICE void xent_partial(const XentPartialParams& p) {
 TL_KERNEL_BOUNDED(tl_xent_partial_f32, XentPartialParams, 256) { xent_partial<float>(p); }
 TL_KERNEL_BOUNDED(tl_xent_partial_f16, XentPartialParams, 256) { xent_partial<__half>(p); }
 TL_KERNEL_BOUNDED(tl_xent_partial_bf16, XentPartialParams, 256) { xent_partial<__nv_bfloat16>(p); }
-// ldmatrix + mma.sync on the 3-stage ring (`Executor::mma`); two resident
+// ldmatrix + mma.sync on the 3-stage ring (`KernelOptions::mma`); two resident
 // blocks per SM on sm_90+ (128 registers without spills there; sm_80 would
 // spill, so it keeps one).
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900

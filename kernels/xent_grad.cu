@@ -101,7 +101,7 @@ TL_DEVICE void xent_grad_finish(const XentGradFinishParams& p) {
 TL_KERNEL_BOUNDED(tl_xent_grad_logits_f32, XentGradLogitsParams, 256) { xent_grad_logits<float>(p); }
 TL_KERNEL_BOUNDED(tl_xent_grad_logits_f16, XentGradLogitsParams, 256) { xent_grad_logits<__half>(p); }
 TL_KERNEL_BOUNDED(tl_xent_grad_logits_bf16, XentGradLogitsParams, 256) { xent_grad_logits<__nv_bfloat16>(p); }
-// ldmatrix + mma.sync on the 3-stage ring (`Executor::mma`).
+// ldmatrix + mma.sync on the 3-stage ring (`KernelOptions::mma`).
 TL_KERNEL_BOUNDED(tl_xent_grad_logits_f16_mma, XentGradLogitsParams, 256) { xent_grad_logits<__half, 3, true>(p); }
 TL_KERNEL_BOUNDED(tl_xent_grad_logits_bf16_mma, XentGradLogitsParams, 256) {
   xent_grad_logits<__nv_bfloat16, 3, true>(p);

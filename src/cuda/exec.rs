@@ -3,7 +3,7 @@
 //! one was built, else the compute_80 PTX, JIT-compiled by the driver).
 
 use crate::error::{Error, Result};
-use crate::kernels::exec::Executor;
+use crate::kernels::exec::{Executor, KernelOptions};
 use crate::kernels::params::KernelParams;
 use crate::kernels::plan::LaunchPlan;
 use crate::kernels::{module_of, EmbeddedModule};
@@ -120,11 +120,7 @@ pub(crate) struct CudaExec<'a> {
     pub(crate) stream: &'a Arc<CudaStream>,
     pub(crate) cache: &'a KernelCache,
     pub(crate) sms: u32,
-    pub(crate) gemm_stages: u32,
-    pub(crate) xent_chunk_bytes: usize,
-    pub(crate) wide_tiles: bool,
-    pub(crate) mma: bool,
-    pub(crate) grad_h_two_blocks: bool,
+    pub(crate) options: KernelOptions,
     /// Running total of scratch bytes allocated ([`super::Cuda::scratch_bytes_allocated`]).
     pub(crate) scratch_bytes: &'a std::sync::atomic::AtomicUsize,
     /// Device address of the deferred id-error record, if enabled.
@@ -162,23 +158,11 @@ impl Executor for CudaExec<'_> {
     fn multiprocessors(&self) -> u32 {
         self.sms
     }
-    fn gemm_stages(&self) -> u32 {
-        self.gemm_stages
+    fn options(&self) -> KernelOptions {
+        self.options
     }
     fn deferred_id_record(&self) -> Option<u64> {
         self.deferred_id_record
-    }
-    fn xent_chunk_bytes(&self) -> usize {
-        self.xent_chunk_bytes
-    }
-    fn wide_tiles(&self) -> bool {
-        self.wide_tiles
-    }
-    fn mma(&self) -> bool {
-        self.mma
-    }
-    fn grad_h_two_blocks(&self) -> bool {
-        self.grad_h_two_blocks
     }
     unsafe fn launch<P: KernelParams>(&self, plan: &LaunchPlan, params: &P) -> Result<()> {
         self.stream.context().bind_to_thread().map_err(|e| driver_err("bind context", e))?;

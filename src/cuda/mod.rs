@@ -28,6 +28,7 @@ use crate::backend::{Backend, Grads, Weights};
 use crate::config::LoraConfig;
 use crate::dtype::{Element, TokenId};
 use crate::error::{Error, Result};
+use crate::kernels::exec::KernelOptions;
 use crate::kernels::ops::{self, id_kind, GradAddrs, WeightAddrs};
 use crate::validate::{self, GradLens, WeightLens};
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut};
@@ -42,11 +43,7 @@ pub struct Cuda {
     cache: KernelCache,
     stream: Arc<CudaStream>,
     sms: u32,
-    gemm_stages: u32,
-    xent_chunk_bytes: usize,
-    wide_tiles: bool,
-    mma: bool,
-    grad_h_two_blocks: bool,
+    options: KernelOptions,
     scratch_bytes: AtomicUsize,
     /// The deferred id-error record (5 × i64), if enabled; the lock is only
     /// for clearing it through `&self`.
@@ -88,11 +85,7 @@ impl Cuda {
             cache: KernelCache::new(stream.context().clone(), cc),
             stream,
             sms: sms.max(1) as u32,
-            gemm_stages: 1,
-            xent_chunk_bytes: 0,
-            wide_tiles: false,
-            mma: false,
-            grad_h_two_blocks: true,
+            options: KernelOptions::default(),
             scratch_bytes: AtomicUsize::new(0),
             deferred_ids: None,
         })
@@ -102,7 +95,7 @@ impl Cuda {
     /// instead of the register-staged one. Same results; speed differs by card
     /// (BENCHMARKS.md measures both).
     pub fn with_gemm_pipeline(mut self, on: bool) -> Self {
-        self.gemm_stages = if on { 3 } else { 1 };
+        self.options.gemm_stages = if on { 3 } else { 1 };
         self
     }
 
@@ -110,7 +103,7 @@ impl Cuda {
     /// blocks with 64 × 64 warp tiles and a 3-stage cp.async ring (an
     /// experiment; BENCHMARKS.md says whether it pays). Same results.
     pub fn with_wide_tiles(mut self, on: bool) -> Self {
-        self.wide_tiles = on;
+        self.options.wide_tiles = on;
         self
     }
 
@@ -124,7 +117,7 @@ impl Cuda {
     /// registers, instead of WMMA (an experiment: BENCHMARKS.md says whether
     /// it pays). Same results up to f32 summation order.
     pub fn with_mma(mut self, on: bool) -> Self {
-        self.mma = on;
+        self.options.mma = on;
         self
     }
 
@@ -133,7 +126,7 @@ impl Cuda {
     /// SM (default yes; only sm_90+ cubins differ). Same results; a knob so
     /// the benchmark can compare both in one run.
     pub fn with_grad_h_two_blocks(mut self, on: bool) -> Self {
-        self.grad_h_two_blocks = on;
+        self.options.grad_h_two_blocks = on;
         self
     }
 
@@ -191,7 +184,7 @@ impl Cuda {
     /// (default [`crate::kernels::XENT_CHUNK_BYTES`], sized to stay in
     /// L2). Same results for any value; a tuning knob for other cards.
     pub fn with_xent_chunk_bytes(mut self, bytes: usize) -> Self {
-        self.xent_chunk_bytes = bytes;
+        self.options.xent_chunk_bytes = bytes;
         self
     }
 
@@ -224,11 +217,7 @@ impl Cuda {
             stream: &self.stream,
             cache: &self.cache,
             sms: self.sms,
-            gemm_stages: self.gemm_stages,
-            xent_chunk_bytes: self.xent_chunk_bytes,
-            wide_tiles: self.wide_tiles,
-            mma: self.mma,
-            grad_h_two_blocks: self.grad_h_two_blocks,
+            options: self.options,
             scratch_bytes: &self.scratch_bytes,
             deferred_id_record: self.deferred_ids.as_ref().map(|r| {
                 let r = r.lock().unwrap_or_else(|p| p.into_inner());
@@ -277,7 +266,7 @@ impl Backend for Cuda {
     type Dst<'a, T: 'static> = CudaViewMut<'a, T>;
 
     fn name(&self) -> &'static str {
-        match (self.gemm_stages == 3, self.wide_tiles, self.mma) {
+        match (self.options.gemm_stages == 3, self.options.wide_tiles, self.options.mma) {
             (_, true, true) => "cuda-wide-mma",
             (_, true, false) => "cuda-wide",
             (_, false, true) => "cuda-mma",

@@ -9,6 +9,35 @@ use super::params::KernelParams;
 use super::plan::LaunchPlan;
 use crate::error::Result;
 
+/// Kernel variants of the head ops: every combination gives the same results
+/// (up to f32 summation order); they differ in speed, which the benchmark
+/// compares. Set through `Cuda::with_*` and the `CpuKernels` fields.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KernelOptions {
+    /// GEMM main loop of the head kernels: 1 (register-staged) or 3 (cp.async ring).
+    pub gemm_stages: u32,
+    /// Run the rank <= 16 half-precision `grad_h` on its `_o2` kernels (two
+    /// resident blocks per SM on sm_90+).
+    pub grad_h_two_blocks: bool,
+    /// Run `head_forward` (f16 / bf16) on the wide-tile kernels (128 x 256
+    /// blocks, 3-stage ring).
+    pub wide_tiles: bool,
+    /// Run the f16 / bf16 GEMMs that have an `_mma` variant on it:
+    /// `head_forward`, the head backward's grad_h and grad_param (G in the
+    /// storage dtype) and the fused cross-entropy's logit kernels. ldmatrix +
+    /// mma.sync on the 3-stage cp.async ring, epilogue from registers.
+    pub mma: bool,
+    /// Most bytes of G one vocabulary chunk of the fused cross-entropy
+    /// backward may hold ([`super::xent_chunk_cols`]); 0 = the default.
+    pub xent_chunk_bytes: usize,
+}
+
+impl Default for KernelOptions {
+    fn default() -> Self {
+        KernelOptions { gemm_stages: 1, grad_h_two_blocks: true, wide_tiles: false, mma: false, xent_chunk_bytes: 0 }
+    }
+}
+
 /// Memory and launches on one machine (host threads or one CUDA stream).
 pub trait Executor {
     /// An owned scratch buffer (host memory or device memory).
@@ -29,37 +58,14 @@ pub trait Executor {
     /// Streaming multiprocessors of the device (sizes grid-stride launches;
     /// results never depend on it).
     fn multiprocessors(&self) -> u32;
-    /// GEMM main loop of the head kernels: 1 (register-staged) or 3 (cp.async ring).
-    fn gemm_stages(&self) -> u32;
-    /// Run the rank <= 16 half-precision `grad_h` on its `_o2` kernels (two
-    /// resident blocks per SM on sm_90+); the default is yes.
-    fn grad_h_two_blocks(&self) -> bool {
-        true
-    }
-    /// Run `head_forward` (f16 / bf16) on the wide-tile kernels (128 x 256
-    /// blocks, 3-stage ring); the default is no.
-    fn wide_tiles(&self) -> bool {
-        false
-    }
-    /// Run the f16 / bf16 GEMMs that have an `_mma` variant on it:
-    /// `head_forward`, the head backward's grad_h and grad_param (G in the
-    /// storage dtype) and the fused cross-entropy's logit kernels. ldmatrix +
-    /// mma.sync on the 3-stage cp.async ring, epilogue from registers; the
-    /// default is no.
-    fn mma(&self) -> bool {
-        false
-    }
+    /// Which kernel variants the ops launch (same results, different speed).
+    fn options(&self) -> KernelOptions;
     /// Device address of the deferred id-error record (5 × i64: error count,
     /// argument code, first bad index, its value, vocab), if this executor
     /// defers the embedding ops' id check instead of reading it back
     /// (`Cuda::with_deferred_id_errors`); `None` (the default) checks at once.
     fn deferred_id_record(&self) -> Option<u64> {
         None
-    }
-    /// Most bytes of G one vocabulary chunk of the fused cross-entropy
-    /// backward may hold ([`super::xent_chunk_cols`]); 0 = the default.
-    fn xent_chunk_bytes(&self) -> usize {
-        0
     }
     /// Runs one kernel.
     ///

@@ -2,7 +2,7 @@
 //! replays every op's launches through the shim, and [`CpuKernels`] is the
 //! [`Backend`] over host slices that tests compare with the reference.
 
-use super::exec::Executor;
+use super::exec::{Executor, KernelOptions};
 use super::ops::{self, id_kind, GradAddrs, WeightAddrs};
 use super::params::KernelParams;
 use super::plan::LaunchPlan;
@@ -148,14 +148,8 @@ pub fn thread_scratch_bytes() -> usize {
 /// Runs launches on CPU threads through the shim; scratch lives in host memory.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct HostExec {
-    /// Head GEMM main loop (1 or 3), as [`Executor::gemm_stages`].
-    pub gemm_stages: u32,
-    /// As [`Executor::xent_chunk_bytes`] (0 = default).
-    pub xent_chunk_bytes: usize,
-    /// As [`Executor::wide_tiles`].
-    pub wide_tiles: bool,
-    /// As [`Executor::mma`].
-    pub mma: bool,
+    /// As [`Executor::options`].
+    pub options: KernelOptions,
     /// As [`Executor::deferred_id_record`] (host address of 5 × i64); the
     /// crate's own tests set it, nothing public runs ops on a `HostExec`.
     pub(crate) deferred_id_record: Option<u64>,
@@ -202,24 +196,11 @@ impl Executor for HostExec {
         // Few blocks: the shim runs them one after another.
         2
     }
-    fn xent_chunk_bytes(&self) -> usize {
-        self.xent_chunk_bytes
-    }
-    fn wide_tiles(&self) -> bool {
-        self.wide_tiles
-    }
-    fn mma(&self) -> bool {
-        self.mma
+    fn options(&self) -> KernelOptions {
+        self.options
     }
     fn deferred_id_record(&self) -> Option<u64> {
         self.deferred_id_record
-    }
-    fn gemm_stages(&self) -> u32 {
-        if self.gemm_stages == 3 {
-            3
-        } else {
-            1
-        }
     }
     unsafe fn launch<P: KernelParams>(&self, plan: &LaunchPlan, params: &P) -> Result<()> {
         let entry = TABLE
@@ -254,10 +235,13 @@ pub struct CpuKernels {
 impl CpuKernels {
     fn exec(&self) -> HostExec {
         HostExec {
-            gemm_stages: if self.pipelined { 3 } else { 1 },
-            xent_chunk_bytes: self.xent_chunk_bytes,
-            wide_tiles: self.wide_tiles,
-            mma: self.mma,
+            options: KernelOptions {
+                gemm_stages: if self.pipelined { 3 } else { 1 },
+                xent_chunk_bytes: self.xent_chunk_bytes,
+                wide_tiles: self.wide_tiles,
+                mma: self.mma,
+                ..KernelOptions::default()
+            },
             deferred_id_record: None,
         }
     }

@@ -124,7 +124,7 @@ fn intern(name: String) -> &'static str {
 /// `_s3` when the executor runs the cp.async pipeline, the weights are f16 or
 /// bf16 and the gradient is in the same dtype (the combinations with an `_s3` kernel).
 fn stage_suffix<E: Executor>(e: &E, t: DType, g: DType) -> &'static str {
-    if e.gemm_stages() == 3 && t == g && t != DType::F32 {
+    if e.options().gemm_stages == 3 && t == g && t != DType::F32 {
         "_s3"
     } else {
         ""
@@ -136,7 +136,7 @@ fn stage_suffix<E: Executor>(e: &E, t: DType, g: DType) -> &'static str {
 /// asks for it and G is in the storage dtype (f16 / bf16), else as
 /// [`stage_suffix`].
 fn backward_gemm_variant<E: Executor>(e: &E, t: DType, g: DType) -> (&'static str, usize) {
-    if e.mma() && t == g && t != DType::F32 {
+    if e.options().mma && t == g && t != DType::F32 {
         return ("_mma", 3);
     }
     let sfx = stage_suffix(e, t, g);
@@ -369,15 +369,15 @@ pub fn head_forward<E: Executor>(
         hidden: i32_of("hidden", d)?,
         rank: i32_of("rank", r)?,
     };
-    let mma = if e.mma() { "_mma" } else { "" };
-    let plan = if e.wide_tiles() && t != DType::F32 {
+    let mma = if e.options().mma { "_mma" } else { "" };
+    let plan = if e.options().wide_tiles && t != DType::F32 {
         LaunchPlan {
             kernel: intern(format!("tl_head_forward_{t}_w256{mma}")),
             grid: (blocks(tokens, GEMM_TILE), blocks(v, 2 * GEMM_TILE), 1),
             block: (THREADS, 1, 1),
             shared_bytes: gemm_shared_bytes(t.size(), 128, 256, 32, false, true, 0, 3),
         }
-    } else if e.mma() && t != DType::F32 {
+    } else if e.options().mma && t != DType::F32 {
         LaunchPlan {
             kernel: intern(format!("tl_head_forward_{t}_mma")),
             grid: (blocks(tokens, GEMM_TILE), blocks(v, GEMM_TILE), 1),
@@ -450,7 +450,7 @@ fn grad_h<E: Executor>(e: &E, cfg: &LoraConfig, t: DType, gt: DType, op: GradH, 
     };
     let tg = tg_name(t, gt, ["f32_f32", "f16_f16", "f16_f32", "bf16_bf16", "bf16_f32"])?;
     let (mut sfx, stages) = backward_gemm_variant(e, t, gt);
-    if sfx.is_empty() && rx == 16 && t != DType::F32 && op.live.is_none() && e.grad_h_two_blocks() {
+    if sfx.is_empty() && rx == 16 && t != DType::F32 && op.live.is_none() && e.options().grad_h_two_blocks {
         sfx = "_o2"; // same math without the tile filter, two blocks per SM (head.cu)
     }
     let plan = LaunchPlan {
@@ -800,7 +800,7 @@ pub fn head_xent_forward<E: Executor>(
     };
     let z_tile = (128 * 129 * 4) as u32;
     // The _mma kernels park the logit tile over the drained ring (xent.cu).
-    let plan = if e.mma() && t != DType::F32 {
+    let plan = if e.options().mma && t != DType::F32 {
         LaunchPlan {
             kernel: by_dtype!(t, "tl_xent_partial_", "_mma"),
             grid: (tiles_m as u32, splits as u32, 1),
@@ -944,14 +944,14 @@ pub fn head_xent_backward<E: Executor>(
     lora_down(e, cfg, t, t, h, wt.vh, e.addr(&p), tokens, cfg.scale())?;
     let dh_acc = e.scratch(tokens * d * 4)?;
     let gu = e.scratch(tokens * r * 4)?;
-    let chunk = xent_chunk_cols(cfg, t, tokens, e.xent_chunk_bytes());
+    let chunk = xent_chunk_cols(cfg, t, tokens, e.options().xent_chunk_bytes);
     let g = e.scratch(tokens * chunk * t.size())?;
     let g_addr = e.addr(&g);
     let (tiles_m, tiles_c) = (tokens.div_ceil(GEMM_TILE as usize), chunk / GEMM_TILE as usize);
     let live = e.scratch(tiles_m * tiles_c * 4)?;
     let du_part = e.scratch(xent_du_partial_bytes(cfg, tokens, e.multiprocessors(), chunk))?;
     let filter = cfg.xent_grad_filter().unwrap_or(0.0) as f32;
-    let logits_mma = e.mma() && t != DType::F32;
+    let logits_mma = e.options().mma && t != DType::F32;
     let shared_bytes = gemm_shared_bytes(t.size(), 128, 128, 32, false, true, 0, if logits_mma { 3 } else { 1 });
     if valid > 0 {
         for col0 in (0..v).step_by(chunk) {
