@@ -4,8 +4,11 @@
 //! `kernels/` (`common.cuh`, `shim/`) is a header they include.
 //!
 //! - Feature `cuda`: nvcc compiles every kernel file to PTX for `compute_80`
-//!   and to cubins for `sm_80` and `sm_90` (`-O3 -lineinfo --std=c++17
-//!   -Ikernels -Xptxas -v`). The files are embedded in the crate through
+//!   and to cubins for `sm_80` and `sm_90a` (`-O3 -lineinfo --std=c++17
+//!   -Ikernels -Xptxas -v`). `sm_90a` is sm_90 plus Hopper's
+//!   architecture-specific instructions (wgmma, used by the `_wgmma`
+//!   kernels); its cubin loads on compute capability 9.0 only, the one
+//!   sm_90 cubins run on anyway. The files are embedded in the crate through
 //!   `$OUT_DIR/kernels_embedded.rs` (`src/kernels/mod.rs` includes it). Each
 //!   kernel's registers and shared memory are printed as `cargo:warning`
 //!   lines, and the build FAILS if any function reports spill stores/loads,
@@ -239,7 +242,7 @@ fn build_cuda(root: &Path, kernels: &Path, sources: &[PathBuf]) {
     fs::create_dir_all(&out_dir).unwrap_or_else(|e| fail(&format!("cannot create {}: {e}", out_dir.display())));
     let ccbin = env::var_os("NVCC_CCBIN").filter(|s| !s.is_empty());
 
-    let targets = [Target::Ptx, Target::Cubin("sm_80"), Target::Cubin("sm_90")];
+    let targets = [Target::Ptx, Target::Cubin("sm_80"), Target::Cubin("sm_90a")];
     let work: Vec<(&PathBuf, Target)> = sources.iter().flat_map(|s| targets.iter().map(move |t| (s, *t))).collect();
     let next = AtomicUsize::new(0);
     let results: Mutex<Vec<Result<Compiled, String>>> = Mutex::new(Vec::new());
@@ -357,7 +360,7 @@ fn build_cuda(root: &Path, kernels: &Path, sources: &[PathBuf]) {
         let find = |t: Target| done.iter().find(|c| &c.stem == *stem && c.target == t).expect("every target compiled");
         let ptx = find(Target::Ptx);
         let sm80 = find(Target::Cubin("sm_80"));
-        let sm90 = find(Target::Cubin("sm_90"));
+        let sm90 = find(Target::Cubin("sm_90a"));
         for (tag, c) in [("SM80", sm80), ("SM90", sm90)] {
             let len = fs::metadata(&c.out).unwrap_or_else(|e| fail(&format!("{}: {e}", c.out.display()))).len();
             writeln!(

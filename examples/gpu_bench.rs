@@ -568,6 +568,10 @@ struct Gpu {
     cuda_mma: Cuda,
     /// ... and with the wide-tile head forward too.
     cuda_wide_mma: Cuda,
+    /// The head forward on Hopper warpgroup MMAs (`Cuda::with_wgmma`; None
+    /// off compute capability 9.0), 128 x 128 and 128 x 256 tiles.
+    cuda_wgmma: Option<Cuda>,
+    cuda_wide_wgmma: Option<Cuda>,
     /// The same backend with deferred id errors (no host round trip in the embedding ops).
     cuda_defer: Cuda,
     stream: Arc<CudaStream>,
@@ -621,7 +625,24 @@ impl Gpu {
         let cuda_mma = Cuda::with_stream(stream.clone())?.with_mma(true);
         let cuda_wide_mma = Cuda::with_stream(stream.clone())?.with_mma(true).with_wide_tiles(true);
         let cuda_defer = Cuda::with_stream(stream.clone())?.with_deferred_id_errors(true)?;
-        Ok(Gpu { cuda, cuda_s3, cuda_wide, cuda_gh1, cuda_mma, cuda_wide_mma, cuda_defer, stream, k, blas, mem, info })
+        let cuda_wgmma = Cuda::with_stream(stream.clone())?.with_wgmma(true).ok();
+        let cuda_wide_wgmma = Cuda::with_stream(stream.clone())?.with_wgmma(true).ok().map(|c| c.with_wide_tiles(true));
+        Ok(Gpu {
+            cuda,
+            cuda_s3,
+            cuda_wide,
+            cuda_gh1,
+            cuda_mma,
+            cuda_wide_mma,
+            cuda_wgmma,
+            cuda_wide_wgmma,
+            cuda_defer,
+            stream,
+            k,
+            blas,
+            mem,
+            info,
+        })
     }
 
     fn sync(&self) -> Res<()> {
@@ -1238,6 +1259,14 @@ fn bench_head_forward(gpu: &Gpu, m: &Model, st: &Settings, rep: &mut Report) -> 
     let wide_t = variant(&gpu.cuda_wide, "wide tiles", &mut ours_out)?;
     let mma_t = variant(&gpu.cuda_mma, "mma.sync", &mut ours_out)?;
     let wide_mma_t = variant(&gpu.cuda_wide_mma, "wide mma.sync", &mut ours_out)?;
+    let wgmma_t = match &gpu.cuda_wgmma {
+        Some(c) => variant(c, "wgmma", &mut ours_out)?,
+        None => None,
+    };
+    let wide_wgmma_t = match &gpu.cuda_wide_wgmma {
+        Some(c) => variant(c, "wide wgmma", &mut ours_out)?,
+        None => None,
+    };
     let mut unf_t = None;
     let mut base_t = None;
     if unf_ok.is_ok() {
@@ -1303,6 +1332,28 @@ fn bench_head_forward(gpu: &Gpu, m: &Model, st: &Settings, rep: &mut Report) -> 
         unf_t,
         base_tf,
         "Cuda::with_mma(true).with_wide_tiles(true): _w256_mma, 64x64 warp tiles",
+    );
+    push_timed(
+        rep,
+        sh,
+        "head_forward",
+        "ours (fused, wgmma)",
+        wgmma_t,
+        flop,
+        unf_t,
+        base_tf,
+        "Cuda::with_wgmma(true): _wgmma, 128x128 blocks, 2 warpgroups x m64n128k16, 3-slot swizzled cp.async ring",
+    );
+    push_timed(
+        rep,
+        sh,
+        "head_forward",
+        "ours (fused, wide tiles, wgmma)",
+        wide_wgmma_t,
+        flop,
+        unf_t,
+        base_tf,
+        "Cuda::with_wgmma(true).with_wide_tiles(true): _w256_wgmma, 128x256 blocks, m64n256k16, 4 slots",
     );
     push_timed(
         rep,
@@ -2062,12 +2113,25 @@ fn run_verify(gpu: &Gpu, rep: &mut Report) -> Res<()> {
     let mut out = gpu.alloc::<bf16>(t * v)?;
     if implemented(gpu.cuda.head_forward(&m.cfg, &m.weights(), h.as_view(), out.as_view_mut()))? {
         rep.check(&sh, "head_forward ours vs CPU", rel_host(&down(gpu, &out)?, &logits));
-        tl(gpu.cuda_wide.head_forward(&m.cfg, &m.weights(), h.as_view(), out.as_view_mut()))?;
-        rep.check(&sh, "head_forward ours (wide tiles) vs CPU", rel_host(&down(gpu, &out)?, &logits));
-        tl(gpu.cuda_mma.head_forward(&m.cfg, &m.weights(), h.as_view(), out.as_view_mut()))?;
-        rep.check(&sh, "head_forward ours (mma.sync) vs CPU", rel_host(&down(gpu, &out)?, &logits));
-        tl(gpu.cuda_wide_mma.head_forward(&m.cfg, &m.weights(), h.as_view(), out.as_view_mut()))?;
-        rep.check(&sh, "head_forward ours (wide, mma.sync) vs CPU", rel_host(&down(gpu, &out)?, &logits));
+        // Every variant writes into NaN-poisoned logits (a variant that
+        // skipped a tile cannot pass on the previous variant's output).
+        let nan = vec![bf16::NAN; t * v];
+        let variants = [
+            (Some(&gpu.cuda_wide), "wide tiles"),
+            (Some(&gpu.cuda_mma), "mma.sync"),
+            (Some(&gpu.cuda_wide_mma), "wide, mma.sync"),
+            (gpu.cuda_wgmma.as_ref(), "wgmma"),
+            (gpu.cuda_wide_wgmma.as_ref(), "wide, wgmma"),
+        ];
+        for (cuda, label) in variants {
+            let Some(cuda) = cuda else {
+                println!("  head_forward ours ({label}): not on this GPU (needs compute capability 9.0)");
+                continue;
+            };
+            gpu.stream.memcpy_htod(&nan, &mut out).ctx("poison logits")?;
+            tl(cuda.head_forward(&m.cfg, &m.weights(), h.as_view(), out.as_view_mut()))?;
+            rep.check(&sh, format!("head_forward ours ({label}) vs CPU"), rel_host(&down(gpu, &out)?, &logits));
+        }
     } else {
         println!("  head_forward ours: not implemented");
     }

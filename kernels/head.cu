@@ -20,6 +20,7 @@
 // grad_h grid (ceil(T/128), ceil(d/128)); grad_param grid (ceil(V/128), ceil(ncols/BN)).
 #include "params.h"
 #include "tile_gemm.cuh"
+#include "wg_gemm.cuh"
 
 namespace {
 
@@ -39,6 +40,28 @@ TL_DEVICE void head_forward(const HeadForwardParams& p) {
       smem, a, b, none, p.tokens, p.vocab, p.hidden + p.rank, static_cast<int>(blockIdx.x) * S::BM,
       static_cast<int>(blockIdx.y) * S::BN,
       [&](int m, int n, float v, const float*) { out[m * ldo + n] = tl_from_float<T>(v); }, [](int, int, float) {});
+}
+
+// The forward on Hopper warpgroup MMAs (wg_gemm.cuh): 128 x BN blocks.
+template <class T, int BN, int STAGES>
+TL_DEVICE void head_forward_wgmma(const HeadForwardParams& p) {
+#if TL_HAS_WGMMA
+  using S = tl::WgShape<BN, STAGES>;
+  TL_DYNAMIC_SMEM(unsigned char, smem);
+  const SegRows<T, T> a{static_cast<const T*>(p.h), p.hidden, p.hidden, static_cast<const T*>(p.p), p.rank, p.rank,
+                        p.tokens};
+  const SegRows<T, float> b{static_cast<const T*>(p.w), p.hidden, p.hidden, p.u, p.rank, p.rank, p.vocab};
+  T* out = static_cast<T*>(p.out);
+  const long long ldo = p.vocab;
+  const int vocab = p.vocab;
+  tl::wg_gemm<T, S>(smem, a, b, p.tokens, p.vocab, p.hidden + p.rank, static_cast<int>(blockIdx.x) * S::BM,
+                    static_cast<int>(blockIdx.y) * S::BN, [&](int m, int n, float v0, float v1) {
+                      tl::store_pair(out + m * ldo + n, v0, v1, n + 1 < vocab);
+                    });
+#else
+  (void)p;
+  __trap();  // not an sm_90a build: the host never selects this kernel here
+#endif
 }
 
 template <bool FILTERED, class F>
@@ -158,6 +181,18 @@ TL_KERNEL_BOUNDED_MIN(tl_head_forward_bf16_mma, HeadForwardParams, 256, TL_FORWA
 TL_KERNEL_BOUNDED(tl_head_forward_f16_w256_mma, HeadForwardParams, 256) { head_forward<__half, 3, 256, true>(p); }
 TL_KERNEL_BOUNDED(tl_head_forward_bf16_w256_mma, HeadForwardParams, 256) {
   head_forward<__nv_bfloat16, 3, 256, true>(p);
+}
+
+// Hopper warpgroup MMAs (`KernelOptions::wgmma`, sm_90a cubin only):
+// 128 x 128 blocks on a 3-slot ring (97 KiB of shared memory, two blocks per
+// SM) and 128 x 256 blocks on a 4-slot ring (193 KiB, one block per SM).
+TL_KERNEL_BOUNDED_MIN(tl_head_forward_f16_wgmma, HeadForwardParams, 256, 2) { head_forward_wgmma<__half, 128, 3>(p); }
+TL_KERNEL_BOUNDED_MIN(tl_head_forward_bf16_wgmma, HeadForwardParams, 256, 2) {
+  head_forward_wgmma<__nv_bfloat16, 128, 3>(p);
+}
+TL_KERNEL_BOUNDED(tl_head_forward_f16_w256_wgmma, HeadForwardParams, 256) { head_forward_wgmma<__half, 256, 4>(p); }
+TL_KERNEL_BOUNDED(tl_head_forward_bf16_w256_wgmma, HeadForwardParams, 256) {
+  head_forward_wgmma<__nv_bfloat16, 256, 4>(p);
 }
 
 // The cp.async ring only pays when G is stored in the compute dtype (f32 G

@@ -48,7 +48,7 @@ def tools():
 
 
 def compile_cubin(src, out):
-    subprocess.run([NVCC, "-O3", "--std=c++17", "-I" + os.path.join(ROOT, "kernels"), "-cubin", "-arch=sm_90",
+    subprocess.run([NVCC, "-O3", "--std=c++17", "-I" + os.path.join(ROOT, "kernels"), "-cubin", "-arch=sm_90a",
                     src, "-o", out], check=True)
 
 
@@ -61,7 +61,7 @@ def hot_loop(cuobjdump, env, cubin, fn):
     """The natural loop (every instruction on a path from the header back to
     the back edge, out-of-line blocks included) holding MMAs and global loads
     with the fewest instructions: the K-step loop's steady state. Returns (instructions in the function,
-    (MMA count, "HMMA" or "FFMA", loop instruction texts) or None)."""
+    (MMA count, "HGMMA", "HMMA" or "FFMA", loop instruction texts) or None)."""
     sass = subprocess.run([cuobjdump, "-sass", "-fun", fn, cubin], capture_output=True, text=True, env=env,
                           check=True).stdout
     ins = []
@@ -90,7 +90,7 @@ def hot_loop(cuobjdump, env, cubin, fn):
         for j in ss:
             pred[j].append(i)
     best = None
-    for key in ("HMMA", "FFMA"):
+    for key in ("HGMMA", "HMMA", "FFMA"):
         for i, ss in enumerate(succ):
             for h in ss:
                 if h > i:

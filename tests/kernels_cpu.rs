@@ -14,8 +14,8 @@ use tiedlora::{bf16, f16, Backend, Cpu, DType, LoraConfig};
 
 /// Both head GEMM main loops: register-staged and the cp.async ring.
 const BACKENDS: [CpuKernels; 2] = [
-    CpuKernels { pipelined: false, xent_chunk_bytes: 0, wide_tiles: false, mma: false },
-    CpuKernels { pipelined: true, xent_chunk_bytes: 0, wide_tiles: false, mma: false },
+    CpuKernels { pipelined: false, xent_chunk_bytes: 0, wide_tiles: false, mma: false, wgmma: false },
+    CpuKernels { pipelined: true, xent_chunk_bytes: 0, wide_tiles: false, mma: false, wgmma: false },
 ];
 
 #[test]
@@ -81,6 +81,25 @@ fn head_mma() {
     }
     let k = CpuKernels { mma: true, ..CpuKernels::default() };
     assert_all(head_case::<bf16, _>(&k, 136, 72, 17, 70, true));
+}
+
+/// The Hopper warpgroup-MMA forward (`_wgmma`: 128 x 128 blocks on a 3-slot
+/// ring; `_w256_wgmma`: 128 x 256 on 4 slots), its swizzled tiles and
+/// descriptors evaluated by the shim, which also fails if a tile changes
+/// while an MMA may still read it. Shapes: d a multiple of 8 with several
+/// whole 64-wide K steps and a tail step mixing the last base columns with
+/// the LoRA ones (d = 200, 136), d a multiple of 64 (the LoRA columns alone in
+/// the tail), unaligned rows (d = 37: the general path only), T and V off
+/// the tiles (partial row and column tiles zero-filled), r = 1, 8, 16, 64.
+#[test]
+fn head_wgmma() {
+    for wide_tiles in [false, true] {
+        let k = CpuKernels { wgmma: true, wide_tiles, ..CpuKernels::default() };
+        assert_all(head_case::<bf16, _>(&k, 300, 200, 16, 130, false));
+        assert_all(head_case::<f16, _>(&k, 257, 136, 1, 3, false));
+        assert_all(head_case::<bf16, _>(&k, 70, 37, 64, 1, false));
+        assert_all(head_case::<f16, _>(&k, 264, 256, 8, 150, false));
+    }
 }
 
 /// The cp.async ring's steady-state path in every operand layout of the head

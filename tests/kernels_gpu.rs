@@ -94,13 +94,35 @@ fn gpu_small_head_mma() {
     assert_all(head_case::<bf16, _>(&gpu().with_mma(true), 136, 72, 17, 70, true));
 }
 
+/// The Hopper warpgroup-MMA forward (tests/kernels_cpu.rs::head_wgmma on
+/// the device: the hardware's swizzle, descriptors and accumulator layout).
+/// Needs compute capability 9.0 (`with_wgmma` is an `Err` elsewhere).
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_small_head_wgmma() {
+    for wide in [false, true] {
+        let g = gpu().with_wgmma(true).expect("wgmma needs an sm_90 GPU").with_wide_tiles(wide);
+        assert_all(head_case::<bf16, _>(&g, 300, 200, 16, 130, false));
+        assert_all(head_case::<f16, _>(&g, 257, 136, 1, 3, false));
+        assert_all(head_case::<bf16, _>(&g, 70, 37, 64, 1, false));
+        assert_all(head_case::<f16, _>(&g, 264, 256, 8, 150, false));
+    }
+}
+
 /// The wide-tile and mma.sync variants at a larger shape (kept out of the
 /// `gpu_small_*` set that scripts/gpu-check.sh runs under compute-sanitizer).
 #[test]
 #[ignore = "needs a CUDA device"]
 fn gpu_variants_larger_shapes() {
     use common::parity::{xent_backward_case, xent_forward_case, XentCase};
-    for g in [gpu().with_wide_tiles(true), gpu().with_mma(true), gpu().with_mma(true).with_wide_tiles(true)] {
+    let wgmma = |wide: bool| gpu().with_wgmma(true).expect("wgmma needs an sm_90 GPU").with_wide_tiles(wide);
+    for g in [
+        gpu().with_wide_tiles(true),
+        gpu().with_mma(true),
+        gpu().with_mma(true).with_wide_tiles(true),
+        wgmma(false),
+        wgmma(true),
+    ] {
         assert_all(head_case::<bf16, _>(&g, 3001, 264, 16, 300, false));
         assert_all(head_case::<f16, _>(&g, 1000, 200, 33, 257, true));
     }

@@ -46,6 +46,11 @@ impl KernelCache {
         }
     }
 
+    /// The device's compute capability (major, minor).
+    pub(crate) fn compute_capability(&self) -> (i32, i32) {
+        self.cc
+    }
+
     fn load(&self, m: &'static EmbeddedModule) -> Result<sys::CUmodule> {
         let mut modules = self.modules.lock().map_err(|_| Error::Backend("kernel cache poisoned".into()))?;
         if let Some(&h) = modules.get(m.name) {

@@ -121,6 +121,32 @@ impl Cuda {
         self
     }
 
+    /// Runs `head_forward` (f16 / bf16) on Hopper warpgroup MMAs
+    /// (`wgmma.mma_async` reading 128-byte-swizzled shared-memory tiles
+    /// through matrix descriptors): 128 × 128 blocks, or 128 × 256 with
+    /// [`Cuda::with_wide_tiles`]. These kernels exist only in the sm_90a
+    /// cubin, so this is an `Err` on any device but compute capability 9.0
+    /// (H100, H200, GH200). Same results up to f32 summation order.
+    ///
+    /// ```no_run
+    /// # fn main() -> tiedlora::Result<()> {
+    /// use tiedlora::cuda::Cuda;
+    /// let gpu = Cuda::new(0)?.with_wgmma(true)?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn with_wgmma(mut self, on: bool) -> Result<Self> {
+        let cc = self.cache.compute_capability();
+        if on && cc != (9, 0) {
+            return Err(Error::UnsupportedCombination(format!(
+                "wgmma kernels need compute capability 9.0 (their sm_90a cubin); this GPU is {}.{}",
+                cc.0, cc.1
+            )));
+        }
+        self.options.wgmma = on;
+        Ok(self)
+    }
+
     /// Whether the rank <= 16 half-precision `dh` GEMM of the head backward
     /// (and the fused cross-entropy backward) asks for two resident blocks per
     /// SM (default yes; only sm_90+ cubins differ). Same results; a knob so
@@ -266,6 +292,9 @@ impl Backend for Cuda {
     type Dst<'a, T: 'static> = CudaViewMut<'a, T>;
 
     fn name(&self) -> &'static str {
+        if self.options.wgmma {
+            return if self.options.wide_tiles { "cuda-wide-wgmma" } else { "cuda-wgmma" };
+        }
         match (self.options.gemm_stages == 3, self.options.wide_tiles, self.options.mma) {
             (_, true, true) => "cuda-wide-mma",
             (_, true, false) => "cuda-wide",

@@ -27,6 +27,11 @@ pub struct KernelOptions {
     /// storage dtype) and the fused cross-entropy's logit kernels. ldmatrix +
     /// mma.sync on the 3-stage cp.async ring, epilogue from registers.
     pub mma: bool,
+    /// Run `head_forward` (f16 / bf16) on Hopper warpgroup MMAs
+    /// (`wgmma.mma_async` from 128-byte-swizzled shared tiles, `_wgmma`
+    /// kernels, which exist only in the sm_90a cubin): 128 × 128 blocks, or
+    /// 128 × 256 with `wide_tiles`. Takes precedence over `mma` for the forward.
+    pub wgmma: bool,
     /// Most bytes of G one vocabulary chunk of the fused cross-entropy
     /// backward may hold ([`super::xent_chunk_cols`]); 0 = the default.
     pub xent_chunk_bytes: usize,
@@ -34,7 +39,14 @@ pub struct KernelOptions {
 
 impl Default for KernelOptions {
     fn default() -> Self {
-        KernelOptions { gemm_stages: 1, grad_h_two_blocks: true, wide_tiles: false, mma: false, xent_chunk_bytes: 0 }
+        KernelOptions {
+            gemm_stages: 1,
+            grad_h_two_blocks: true,
+            wide_tiles: false,
+            mma: false,
+            wgmma: false,
+            xent_chunk_bytes: 0,
+        }
     }
 }
 

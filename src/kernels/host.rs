@@ -103,6 +103,10 @@ shim_table!(
     tl_head_forward_bf16_mma,
     tl_head_forward_f16_w256_mma,
     tl_head_forward_bf16_w256_mma,
+    tl_head_forward_f16_wgmma,
+    tl_head_forward_bf16_wgmma,
+    tl_head_forward_f16_w256_wgmma,
+    tl_head_forward_bf16_w256_wgmma,
     tl_xent_partial_f16_mma,
     tl_xent_partial_bf16_mma,
     tl_xent_grad_logits_f16_mma,
@@ -230,6 +234,10 @@ pub struct CpuKernels {
     /// Run the GEMMs with an `_mma` variant on it (ldmatrix + mma.sync), as
     /// [`crate::cuda::Cuda::with_mma`].
     pub mma: bool,
+    /// Run `head_forward` (f16 / bf16) on the Hopper warpgroup-MMA kernels
+    /// (`_wgmma`), as [`crate::cuda::Cuda::with_wgmma`]; the shim evaluates
+    /// the MMAs from the same swizzled shared tiles and descriptors.
+    pub wgmma: bool,
 }
 
 impl CpuKernels {
@@ -240,6 +248,7 @@ impl CpuKernels {
                 xent_chunk_bytes: self.xent_chunk_bytes,
                 wide_tiles: self.wide_tiles,
                 mma: self.mma,
+                wgmma: self.wgmma,
                 ..KernelOptions::default()
             },
             deferred_id_record: None,

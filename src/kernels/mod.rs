@@ -7,7 +7,7 @@
 //!   `.cu` sources compiled by the host C++ compiler against
 //!   `kernels/shim/cuda_shim.h`).
 //! - Feature `cuda`: [`MODULES`] holds every `kernels/*.cu` compiled by nvcc
-//!   (PTX for `compute_80`, cubins for `sm_80` and `sm_90`), for cudarc to load.
+//!   (PTX for `compute_80`, cubins for `sm_80` and `sm_90a`), for cudarc to load.
 
 pub mod exec;
 // The op sequences take raw device / host addresses: crate-internal, reached
@@ -44,7 +44,7 @@ pub struct EmbeddedKernel {
     pub name: &'static str,
     /// ptxas's report for `sm_80`.
     pub sm80: KernelResources,
-    /// ptxas's report for `sm_90`.
+    /// ptxas's report for `sm_90a`.
     pub sm90: KernelResources,
 }
 
@@ -58,7 +58,7 @@ pub struct EmbeddedModule {
     pub ptx: &'static str,
     /// Cubin for `sm_80` (A100); 64-byte aligned.
     pub cubin_sm80: &'static [u8],
-    /// Cubin for `sm_90` (H100/H200); 64-byte aligned.
+    /// Cubin for `sm_90a` (H100/H200: sm_90 plus wgmma); 64-byte aligned.
     pub cubin_sm90: &'static [u8],
     /// The kernels it defines.
     pub kernels: &'static [EmbeddedKernel],

@@ -97,6 +97,13 @@ pub fn gemm_shared_bytes(
     tile.max(epi) as u32
 }
 
+/// Dynamic shared memory of a `wg_gemm` kernel (kernels/wg_gemm.cuh,
+/// `WgShape::SMEM_BYTES`): `stages` slots of a 128-row A tile and a `bn`-row B
+/// tile, 128 bytes per row, plus 1024 bytes to align the slots.
+pub fn wg_shared_bytes(bn: usize, stages: usize) -> u32 {
+    ((128 + bn) * 128 * stages + 1024) as u32
+}
+
 macro_rules! by_dtype {
     ($dt:expr, $prefix:literal, $suffix:literal) => {
         match $dt {
@@ -370,7 +377,15 @@ pub fn head_forward<E: Executor>(
         rank: i32_of("rank", r)?,
     };
     let mma = if e.options().mma { "_mma" } else { "" };
-    let plan = if e.options().wide_tiles && t != DType::F32 {
+    let plan = if e.options().wgmma && t != DType::F32 {
+        let (wide, bn, stages) = if e.options().wide_tiles { ("_w256", 256, 4) } else { ("", 128, 3) };
+        LaunchPlan {
+            kernel: intern(format!("tl_head_forward_{t}{wide}_wgmma")),
+            grid: (blocks(tokens, GEMM_TILE), blocks(v, bn), 1),
+            block: (THREADS, 1, 1),
+            shared_bytes: wg_shared_bytes(bn as usize, stages),
+        }
+    } else if e.options().wide_tiles && t != DType::F32 {
         LaunchPlan {
             kernel: intern(format!("tl_head_forward_{t}_w256{mma}")),
             grid: (blocks(tokens, GEMM_TILE), blocks(v, 2 * GEMM_TILE), 1),

@@ -1,0 +1,184 @@
+// wg_gemm.cuh: the head GEMM main loop on Hopper warpgroup MMAs (wgmma.cuh).
+//
+//   C[M, N] = A[M, K] . B[N, K]^T      (both operands K-major, f32 accumulation)
+//
+// A and B are "segmented rows" (tile_gemm.cuh): the head forward's A row is
+// [h_t | s h_t Vh^T] and its B row [W_v | U_v], so the LoRA columns join the
+// base reduction (K = d + r) exactly as in tile_gemm.
+//
+// Block tile 128 x BN, K step 64 (one 128-byte swizzled row per operand row),
+// 256 threads = 2 warpgroups; warpgroup g owns rows [64 g, 64 g + 64) and all
+// BN columns: four m64nBNk16 MMAs per K step, accumulators in registers
+// (BN / 2 per thread).
+//
+// Pipeline: STAGES shared slots of (A 128 x 64 | B BN x 64), each 1024-byte
+// aligned. Steps whose columns lie inside segment 0 with 16-byte aligned rows
+// (the steady state) are staged by cp.async from per-thread sources computed
+// once (zero-fill for rows past the end); the other steps (the LoRA columns,
+// the last partial K step, unaligned operands) by seg_load + st.shared. Step s
+// waits for its own cp.async group, fences the proxies (the tensor cores read
+// shared memory through the async proxy), passes one barrier, stages step
+// s + STAGES - 2 into the slot that step s - 2 used (every warpgroup retired
+// step s - 2's MMAs with wg_wait<1> before that barrier), issues its MMAs and
+// leaves them in flight while the next step's copies land.
+//
+// Epilogue: epi(m, n, v0, v1) for every in-range (m, n) with n even: v0 is
+// C[m, n], v1 is C[m, n + 1] (meaningless when n + 1 == N).
+#pragma once
+#include "tile_gemm.cuh"
+#include "wgmma.cuh"
+
+namespace tl {
+
+// Stores C[m, n] (and C[m, n + 1] when `both`) into row-major storage o = &C[m, n],
+// as one 32-bit store for 16-bit pairs at a 4-byte aligned address.
+template <class T>
+TL_DEVICE void store_pair(T* o, float v0, float v1, bool both) {
+  if constexpr (sizeof(T) == 2) {
+    if (both && (reinterpret_cast<unsigned long long>(o) & 3ull) == 0) {
+      const T pair[2] = {tl_from_float<T>(v0), tl_from_float<T>(v1)};
+      unsigned bits;
+      memcpy(&bits, pair, 4);
+      *reinterpret_cast<unsigned*>(o) = bits;
+      return;
+    }
+  }
+  o[0] = tl_from_float<T>(v0);
+  if (both) o[1] = tl_from_float<T>(v1);
+}
+
+template <int BN_, int STAGES_>
+struct WgShape {
+  static_assert(BN_ == 128 || BN_ == 256, "BN");
+  static_assert(STAGES_ >= 3, "the ring keeps STAGES - 2 steps in flight");
+  static constexpr int BM = 128, BN = BN_, BK = 64, STAGES = STAGES_;
+  static constexpr int A_BYTES = BM * 128, B_BYTES = BN * 128, STAGE_BYTES = A_BYTES + B_BYTES;
+  // + 1024: the slots start at the first 1024-byte boundary of the window.
+  static constexpr int SMEM_BYTES = STAGES * STAGE_BYTES + 1024;
+};
+
+// One operand's staging into a swizzled ROWS x 64 tile: 8 chunks of 16 bytes
+// per row, chunk tid + 256 i = (row tid / 8 + 32 i, column chunk tid % 8).
+template <class CT, int ROWS>
+struct WgStream {
+  static_assert(sizeof(CT) == 2 && ROWS % 32 == 0, "16-bit operands, rows in 32s");
+  static constexpr int CH = ROWS / 32;
+  const CT* p0 = nullptr;
+  long long off0 = 0;    // elements from p0 to chunk 0 at k = 0
+  long long step32 = 0;  // elements per 32 rows
+  unsigned ok = 0;       // chunk i's row is in range
+  int k_limit = -1;      // a step [k0, k0 + 64) is fast iff k0 + 64 <= k_limit
+
+  template <class S0, class S1>
+  TL_DEVICE void init(const SegRows<S0, S1>& s, int row0, unsigned tid) {
+    if constexpr (std::is_same<S0, CT>::value) {
+      if ((reinterpret_cast<unsigned long long>(s.p0) & 15ull) != 0 || s.ld0 % 8 != 0) return;
+      p0 = s.p0;
+      const int r = row0 + static_cast<int>(tid / 8);
+      off0 = static_cast<long long>(r) * s.ld0 + 8 * static_cast<int>(tid % 8);
+      step32 = 32 * s.ld0;
+      k_limit = s.len0;
+#pragma unroll
+      for (int i = 0; i < CH; ++i)
+        if (r + 32 * i < s.rows) ok |= 1u << i;
+    }
+  }
+  TL_DEVICE bool fast(int k0) const { return k0 + 64 <= k_limit; }
+  TL_DEVICE void issue_fast(int k0, unsigned char* tile, unsigned tid) const {
+    const int c = static_cast<int>(tid % 8);
+#pragma unroll
+    for (int i = 0; i < CH; ++i) {
+      const int row = static_cast<int>(tid / 8) + 32 * i;
+      const bool in = (ok >> i) & 1u;
+      // Out of range: zero-filled, the source is only named (nothing is read).
+      tl_cp_async16_zfill(tile + swz128_offset(row, c), in ? p0 + off0 + i * step32 + k0 : p0, in);
+    }
+  }
+  template <class S0, class S1>
+  TL_DEVICE static void issue_general(const SegRows<S0, S1>& s, int row0, int k0, unsigned char* tile, unsigned tid) {
+    const int c = static_cast<int>(tid % 8);
+#pragma unroll
+    for (int i = 0; i < CH; ++i) {
+      const int row = static_cast<int>(tid / 8) + 32 * i;
+      CT tmp[8];
+      seg_load<CT>(s, row0 + row, k0 + 8 * c, tmp);
+      *reinterpret_cast<uint4*>(tile + swz128_offset(row, c)) = *reinterpret_cast<const uint4*>(tmp);
+    }
+  }
+};
+
+template <class CT, class Shape, class SA0, class SA1, class SB0, class SB1, class Epi>
+TL_DEVICE void wg_gemm(unsigned char* smem_raw, const SegRows<SA0, SA1>& a, const SegRows<SB0, SB1>& b, int M, int N,
+                       int k_total, int m0, int n0, Epi&& epi) {
+  constexpr int S = Shape::STAGES, BN = Shape::BN;
+  unsigned char* smem = smem_raw + ((1024u - (smem_addr(smem_raw) & 1023u)) & 1023u);
+  const unsigned tid = tl_thread_linear();
+  const unsigned wg = tid / kWgThreads;
+
+  WgStream<CT, Shape::BM> fa;
+  WgStream<CT, BN> fb;
+  fa.init(a, m0, tid);
+  fb.init(b, n0, tid);
+  const int steps = (k_total + Shape::BK - 1) / Shape::BK;
+  auto issue = [&](int step, int slot) {
+    unsigned char* st = smem + slot * Shape::STAGE_BYTES;
+    const int k0 = step * Shape::BK;
+    if (fa.fast(k0)) fa.issue_fast(k0, st, tid);
+    else WgStream<CT, Shape::BM>::issue_general(a, m0, k0, st, tid);
+    if (fb.fast(k0)) fb.issue_fast(k0, st + Shape::A_BYTES, tid);
+    else WgStream<CT, BN>::issue_general(b, n0, k0, st + Shape::A_BYTES, tid);
+  };
+
+  WgAcc<BN> acc;
+  acc.zero();
+  // Ring slots advance with wrap-around counters (no % in the loop).
+  int slot_in = 0, slot_out = 0;
+#pragma unroll
+  for (int s = 0; s < S - 2; ++s) {
+    if (s < steps) issue(s, slot_in);
+    slot_in = slot_in + 1 == S ? 0 : slot_in + 1;
+    tl_cp_async_commit();  // empty groups keep the count uniform
+  }
+  // One K step: wait for its copies, stage step + S - 2 with `how`, multiply.
+  auto consume = [&](int step, auto&& how) {
+    tl_cp_async_wait<S - 3>();  // this thread's copies of `step` landed
+    fence_proxy_async();        // ... and are visible to the tensor cores
+    __syncthreads();            // ... for every thread; step - 2's MMAs are retired
+    if (step + S - 2 < steps) how(step + S - 2, slot_in);
+    slot_in = slot_in + 1 == S ? 0 : slot_in + 1;
+    tl_cp_async_commit();
+    const unsigned sa = smem_addr(smem + slot_out * Shape::STAGE_BYTES) + wg * 64u * 128u;
+    const unsigned sb = smem_addr(smem + slot_out * Shape::STAGE_BYTES + Shape::A_BYTES);
+    slot_out = slot_out + 1 == S ? 0 : slot_out + 1;
+    wg_fence_operands(acc);
+    wg_fence();
+#pragma unroll
+    for (int kk = 0; kk < Shape::BK / 16; ++kk) wgmma_k16<CT, BN>(acc, wg_desc(sa + 32u * kk), wg_desc(sb + 32u * kk));
+    wg_commit();
+    wg_fence_operands(acc);
+    wg_wait<1>();  // step - 1's MMAs are done: its slot is free after the next barrier
+  };
+  // The hot loop stages only steps both operands take on their steady-state
+  // path (no general-path code in it); the rest follow.
+  const int fast_steps = min(fa.k_limit, fb.k_limit) / Shape::BK;  // leading steps inside segment 0 (or <= 0)
+  auto issue_fast = [&](int step, int slot) {
+    unsigned char* st = smem + slot * Shape::STAGE_BYTES;
+    fa.issue_fast(step * Shape::BK, st, tid);
+    fb.issue_fast(step * Shape::BK, st + Shape::A_BYTES, tid);
+  };
+  int step = 0;
+  for (; step < steps && step + S - 2 < fast_steps; ++step) consume(step, issue_fast);
+  for (; step < steps; ++step) consume(step, issue);
+  wg_wait<0>();
+  wg_fence_operands(acc);
+  tl_cp_async_wait<0>();  // (only empty groups can remain)
+
+#pragma unroll
+  for (int e = 0; e < WgAcc<BN>::REGS; e += 2) {
+    const int m = m0 + 64 * static_cast<int>(wg) + WgAcc<BN>::row(tid, e);
+    const int n = n0 + WgAcc<BN>::col(tid, e);
+    if (m < M && n < N) epi(m, n, acc.v[e], acc.v[e + 1]);
+  }
+}
+
+}  // namespace tl
