@@ -1672,6 +1672,20 @@ fn bench_xent(gpu: &Gpu, m: &Model, st: &Settings, rep: &mut Report) -> Res<()> 
     let ours_fwd = Some((gpu.time(st.warmup, st.iters, |i| tl(fused_fwd(&gpu.cuda, i, &mut ours)))?, mem));
     let mem = gpu.mem.measure(&gpu.stream, || tl(fused_fwd(&gpu.cuda_mma, 0, &mut ours_mma)))?;
     let mma_fwd = Some((gpu.time(st.warmup, st.iters, |i| tl(fused_fwd(&gpu.cuda_mma, i, &mut ours_mma)))?, mem));
+    // The wgmma partials (forward only): loss checked against the default's, then timed.
+    let wgmma_fwd = match &gpu.cuda_wgmma {
+        Some(c) => {
+            tl(fused_fwd(c, 0, &mut ours_mma))?;
+            tl(fused_fwd(&gpu.cuda, 0, &mut ours))?;
+            let lw = gpu.stream.clone_dtoh(&ours_mma.loss).ctx("download loss")?[0] as f64;
+            let ld = gpu.stream.clone_dtoh(&ours.loss).ctx("download loss")?[0] as f64;
+            gpu.sync()?;
+            rep.check(sh, "xent: loss fused (wgmma) vs fused", rel_host(&[lw], &[ld]));
+            let mem = gpu.mem.measure(&gpu.stream, || tl(fused_fwd(c, 0, &mut ours_mma)))?;
+            Some((gpu.time(st.warmup, st.iters, |i| tl(fused_fwd(c, i, &mut ours_mma)))?, mem))
+        }
+        None => None,
+    };
     let mut z = gpu.alloc::<bf16>(t * v)?;
     let mem = gpu.mem.measure(&gpu.stream, || {
         let mut z2 = gpu.alloc::<bf16>(t * v)?;
@@ -1710,6 +1724,17 @@ fn bench_xent(gpu: &Gpu, m: &Model, st: &Settings, rep: &mut Report) -> Res<()> 
         mat_fwd_t,
         base_tf,
         "Cuda::with_mma(true): _mma partials (ldmatrix + mma.sync, 3-stage cp.async)",
+    );
+    push_timed(
+        rep,
+        sh,
+        "xent_forward",
+        "ours (fused, no logits, wgmma)",
+        wgmma_fwd,
+        flop_fwd,
+        mat_fwd_t,
+        base_tf,
+        "Cuda::with_wgmma(true): _wgmma partials (m64n128k16, logit tile in registers)",
     );
     push_timed(
         rep,
@@ -2253,6 +2278,17 @@ fn run_verify(gpu: &Gpu, rep: &mut Report) -> Res<()> {
             rep.check(&sh, "xent_backward ours dVh vs CPU", rel_host(&down(gpu, &dvh)?, &wide(&dvh_c)));
         } else {
             println!("  head_xent_backward ours: not implemented");
+        }
+        // The wgmma partials (forward), into NaN-poisoned outputs.
+        if let Some(c) = &gpu.cuda_wgmma {
+            let (mut loss, mut lse) = (gpu.alloc::<f32>(1)?, gpu.alloc::<f32>(t)?);
+            gpu.stream.memcpy_htod(&[f32::NAN], &mut loss).ctx("poison loss")?;
+            gpu.stream.memcpy_htod(&vec![f32::NAN; t], &mut lse).ctx("poison lse")?;
+            let (hv, iv) = (h.as_view(), ids.buf.as_view());
+            tl(c.head_xent_forward::<bf16, u32>(&xcfg, &m.weights(), hv, iv, loss.as_view_mut(), lse.as_view_mut()))?;
+            let want = [f64::from(loss_c[0])];
+            rep.check(&sh, "xent_forward ours (wgmma) loss vs CPU", rel_host(&down(gpu, &loss)?, &want));
+            rep.check(&sh, "xent_forward ours (wgmma) lse vs CPU", rel_host(&down(gpu, &lse)?, &wide(&lse_c)));
         }
         // The same on the ldmatrix + mma.sync kernels.
         let (mut loss, mut lse) = (gpu.zeros::<f32>(1)?, gpu.zeros::<f32>(t)?);

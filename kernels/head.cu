@@ -54,9 +54,12 @@ TL_DEVICE void head_forward_wgmma(const HeadForwardParams& p) {
   T* out = static_cast<T*>(p.out);
   const long long ldo = p.vocab;
   const int vocab = p.vocab;
-  tl::wg_gemm<T, S>(smem, a, b, p.tokens, p.vocab, p.hidden + p.rank, static_cast<int>(blockIdx.x) * S::BM,
-                    static_cast<int>(blockIdx.y) * S::BN, [&](int m, int n, float v0, float v1) {
-                      tl::store_pair(out + m * ldo + n, v0, v1, n + 1 < vocab);
+  const int n0 = static_cast<int>(blockIdx.y) * S::BN;
+  tl::wg_gemm<T, S>(smem, a, b, p.hidden + p.rank, static_cast<int>(blockIdx.x) * S::BM, n0,
+                    [&](const tl::WgAcc<BN>& acc, int m_base) {
+                      tl::for_each_pair(acc, m_base, n0, p.tokens, vocab, [&](int m, int n, float v0, float v1) {
+                        tl::store_pair(out + m * ldo + n, v0, v1, n + 1 < vocab);
+                      });
                     });
 #else
   (void)p;

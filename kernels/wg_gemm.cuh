@@ -22,8 +22,11 @@
 // step s - 2's MMAs with wg_wait<1> before that barrier), issues its MMAs and
 // leaves them in flight while the next step's copies land.
 //
-// Epilogue: epi(m, n, v0, v1) for every in-range (m, n) with n even: v0 is
-// C[m, n], v1 is C[m, n + 1] (meaningless when n + 1 == N).
+// Epilogue: after every warpgroup's MMAs are retired (and a barrier, so the
+// caller may reuse shared memory at once), epi(acc, m_base) with this
+// thread's accumulators (mutable: the epilogue may transform them in place): element e is C[m_base + WgAcc::row(tid, e),
+// n0 + WgAcc::col(tid, e)], not masked (rows past M and columns past N hold
+// 0 . 0 sums). for_each_pair walks the in-range elements two columns at a time.
 #pragma once
 #include "tile_gemm.cuh"
 #include "wgmma.cuh"
@@ -108,8 +111,8 @@ struct WgStream {
 };
 
 template <class CT, class Shape, class SA0, class SA1, class SB0, class SB1, class Epi>
-TL_DEVICE void wg_gemm(unsigned char* smem_raw, const SegRows<SA0, SA1>& a, const SegRows<SB0, SB1>& b, int M, int N,
-                       int k_total, int m0, int n0, Epi&& epi) {
+TL_DEVICE void wg_gemm(unsigned char* smem_raw, const SegRows<SA0, SA1>& a, const SegRows<SB0, SB1>& b, int k_total,
+                       int m0, int n0, Epi&& epi) {
   constexpr int S = Shape::STAGES, BN = Shape::BN;
   unsigned char* smem = smem_raw + ((1024u - (smem_addr(smem_raw) & 1023u)) & 1023u);
   const unsigned tid = tl_thread_linear();
@@ -172,12 +175,20 @@ TL_DEVICE void wg_gemm(unsigned char* smem_raw, const SegRows<SA0, SA1>& a, cons
   wg_wait<0>();
   wg_fence_operands(acc);
   tl_cp_async_wait<0>();  // (only empty groups can remain)
+  __syncthreads();        // no warpgroup reads the ring any more
+  epi(acc, m0 + 64 * static_cast<int>(wg));
+}
 
+// f(m, n, v0, v1) for every in-range (m, n < N) of the accumulators with n
+// even: v0 = C[m, n], v1 = C[m, n + 1] (meaningless when n + 1 == N).
+template <int BN, class F>
+TL_DEVICE void for_each_pair(const WgAcc<BN>& acc, int m_base, int n0, int M, int N, F&& f) {
+  const unsigned tid = tl_thread_linear();
 #pragma unroll
   for (int e = 0; e < WgAcc<BN>::REGS; e += 2) {
-    const int m = m0 + 64 * static_cast<int>(wg) + WgAcc<BN>::row(tid, e);
+    const int m = m_base + WgAcc<BN>::row(tid, e);
     const int n = n0 + WgAcc<BN>::col(tid, e);
-    if (m < M && n < N) epi(m, n, acc.v[e], acc.v[e + 1]);
+    if (m < M && n < N) f(m, n, acc.v[e], acc.v[e + 1]);
   }
 }
 

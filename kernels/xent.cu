@@ -10,13 +10,18 @@
 //           Shared memory: GemmShape::SMEM_BYTES + 128 * 129 * 4; the _mma
 //           variants (3-stage ring, ldmatrix + mma.sync, whose epilogue
 //           needs no shared memory) park the tile over the ring instead:
-//           max(GemmShape::SMEM_BYTES, 128 * 129 * 4).
+//           max(GemmShape::SMEM_BYTES, 128 * 129 * 4). The _wgmma variants
+//           (wg_gemm.cuh, sm_90a) keep the tile in registers: a row's 128
+//           columns are spread over the 4 lanes of a quad (WgAcc's layout),
+//           so its max and sum are in-thread folds plus two xor shuffles;
+//           shared memory WgShape<128, 3>::SMEM_BYTES.
 // combine   grid 1 block of 256 threads: merges the splits of each row in
 //           order (lse), forms the per-row losses, then sums them in a fixed
 //           tree order: loss[0] = scale * sum. Bitwise deterministic.
 // lse(z') = M + log(sum_v exp(z'_v - M)); loss_t = lse_t - z'_t[y_t].
 #include "params.h"
 #include "tile_gemm.cuh"
+#include "wg_gemm.cuh"
 
 namespace {
 
@@ -84,6 +89,85 @@ TL_DEVICE void xent_partial(const XentPartialParams& p) {
   }
 }
 
+template <class T>
+TL_DEVICE void xent_partial_wgmma(const XentPartialParams& p) {
+#if TL_HAS_WGMMA
+  using S = tl::WgShape<128, 3>;
+  using Acc = tl::WgAcc<128>;
+  TL_DYNAMIC_SMEM(unsigned char, smem);
+  const tl::SegRows<T, T> a{static_cast<const T*>(p.h), p.hidden, p.hidden, static_cast<const T*>(p.p), p.rank,
+                            p.rank, p.tokens};
+  const tl::SegRows<T, float> b{static_cast<const T*>(p.w), p.hidden, p.hidden, p.u, p.rank, p.rank, p.vocab};
+  const int m0 = static_cast<int>(blockIdx.x) * S::BM;
+  const int split = static_cast<int>(blockIdx.y);
+  const int c_begin = split * p.split_cols;
+  const int c_end = min(p.vocab, c_begin + p.split_cols);
+  const unsigned tid = tl_thread_linear();
+  // This thread's two rows (h = 0, 1: accumulator elements with (e / 2) % 2 == h).
+  const int t0 = m0 + 64 * static_cast<int>(tid / tl::kWgThreads) + Acc::row(tid, 0);
+  int target[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) target[h] = t0 + 8 * h < p.tokens ? p.targets[t0 + 8 * h] : -1;
+  const float kappa = p.softcap;
+  float run_max[2] = {-INFINITY, -INFINITY}, run_sum[2] = {0.0f, 0.0f};
+  for (int n0 = c_begin; n0 < c_end; n0 += S::BN) {
+    tl::wg_gemm<T, S>(smem, a, b, p.hidden + p.rank, m0, n0, [&](Acc& acc, int) {
+#pragma unroll
+      for (int e = 0; e < Acc::REGS; ++e) {
+        const float v = acc.v[e];
+        acc.v[e] = n0 + Acc::col(tid, e) < c_end ? (kappa > 0.0f ? kappa * tanhf(v / kappa) : v) : -INFINITY;
+      }
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        float m = -INFINITY;
+#pragma unroll
+        for (int e = 2 * h; e < Acc::REGS; e += 4) m = fmaxf(m, fmaxf(acc.v[e], acc.v[e + 1]));
+        m = fmaxf(m, __shfl_xor_sync(TL_FULL_MASK, m, 1));
+        m = fmaxf(m, __shfl_xor_sync(TL_FULL_MASK, m, 2));
+        float s = 0.0f;
+        if (m != -INFINITY) {
+#pragma unroll
+          for (int e = 2 * h; e < Acc::REGS; e += 4) s += __expf(acc.v[e] - m) + __expf(acc.v[e + 1] - m);
+        }
+        s += __shfl_xor_sync(TL_FULL_MASK, s, 1);
+        s += __shfl_xor_sync(TL_FULL_MASK, s, 2);
+        if (m != -INFINITY) {
+          const float nm = fmaxf(run_max[h], m);
+          run_sum[h] = run_sum[h] * __expf(run_max[h] - nm) + s * __expf(m - nm);
+          run_max[h] = nm;
+        } else if (m != m) {  // NaN propagates
+          run_sum[h] = m;
+        }
+        // The one lane whose columns hold the target writes its logit (target
+        // is -1 for ignored rows and rows past T; columns past c_end belong
+        // to the next split).
+        if (target[h] < c_end) {
+#pragma unroll
+          for (int e = 2 * h; e < Acc::REGS; e += 2 * 2) {
+            const int n = n0 + Acc::col(tid, e);
+            if (n == target[h]) p.target_logit[t0 + 8 * h] = acc.v[e];
+            if (n + 1 == target[h]) p.target_logit[t0 + 8 * h] = acc.v[e + 1];
+          }
+        }
+      }
+    });
+  }
+  if (tid % 4 == 0) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int t = t0 + 8 * h;
+      if (t < p.tokens) {
+        p.part_max[static_cast<long long>(split) * p.tokens + t] = run_max[h];
+        p.part_sum[static_cast<long long>(split) * p.tokens + t] = run_sum[h];
+      }
+    }
+  }
+#else
+  (void)p;
+  __trap();  // not an sm_90a build: the host never selects this kernel here
+#endif
+}
+
 }  // namespace
 
 TL_KERNEL_BOUNDED(tl_xent_partial_f32, XentPartialParams, 256) { xent_partial<float>(p); }
@@ -102,6 +186,13 @@ TL_KERNEL_BOUNDED_MIN(tl_xent_partial_f16_mma, XentPartialParams, 256, TL_XENT_M
 }
 TL_KERNEL_BOUNDED_MIN(tl_xent_partial_bf16_mma, XentPartialParams, 256, TL_XENT_MMA_MIN_BLOCKS) {
   xent_partial<__nv_bfloat16, 3, true>(p);
+}
+
+// Hopper warpgroup MMAs (`KernelOptions::wgmma`, sm_90a cubin only): 128 x 128
+// tiles on a 3-slot ring, two blocks per SM.
+TL_KERNEL_BOUNDED_MIN(tl_xent_partial_f16_wgmma, XentPartialParams, 256, 2) { xent_partial_wgmma<__half>(p); }
+TL_KERNEL_BOUNDED_MIN(tl_xent_partial_bf16_wgmma, XentPartialParams, 256, 2) {
+  xent_partial_wgmma<__nv_bfloat16>(p);
 }
 
 TL_KERNEL_BOUNDED(tl_xent_combine, XentCombineParams, 256) {

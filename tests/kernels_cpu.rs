@@ -226,6 +226,23 @@ fn xent_mma_forward_and_backward() {
     assert_all(xent_backward_case::<f16, _>(&k, XentCase { v: 264, d: 136, r: 8, t: 70, softcap: None, ..base }));
 }
 
+/// The fused cross-entropy forward on the Hopper warpgroup-MMA partials
+/// (`_wgmma`: logit tile in registers, row reductions over lane quads):
+/// several vocabulary splits with a partial last tile and split (targets in
+/// every split), d with and without a tail K step, r = 1 and 16, softcap on
+/// and off, large and small logits.
+#[test]
+fn xent_wgmma_forward() {
+    use common::parity::xent_forward_case;
+    let k = CpuKernels { wgmma: true, ..CpuKernels::default() };
+    assert_all(xent_forward_case::<bf16, _>(&k, 517, 40, 16, 9, Some(30.0), 1.0));
+    assert_all(xent_forward_case::<f16, _>(&k, 264, 136, 1, 150, None, 1.0));
+    assert_all(xent_forward_case::<bf16, _>(&k, 300, 64, 4, 3, Some(30.0), 2000.0));
+    // Small logits: the zero-filled columns past V would visibly raise the lse
+    // if the partial last tile were not masked.
+    assert_all(xent_forward_case::<bf16, _>(&k, 517, 40, 16, 9, None, 0.01));
+}
+
 #[test]
 fn xent_forward_random_shapes_edges_and_extreme_logits() {
     let k = CpuKernels::default();

@@ -128,6 +128,7 @@ fn gpu_variants_larger_shapes() {
     }
     let g = gpu().with_mma(true);
     assert_all(xent_forward_case::<bf16, _>(&g, 5000, 264, 16, 700, Some(30.0), 1.0));
+    assert_all(xent_forward_case::<bf16, _>(&wgmma(false), 5000, 264, 16, 700, Some(30.0), 1.0));
     let base = XentCase { v: 5000, d: 264, t: 700, with_w: false, ..XentCase::SOFTCAP_SUM };
     assert_all(xent_backward_case::<bf16, _>(&g, base));
 }
@@ -221,6 +222,18 @@ fn gpu_small_xent_mma() {
     let base = XentCase::SOFTCAP_SUM;
     assert_all(xent_backward_case::<bf16, _>(&gpu().with_mma(true).with_xent_chunk_bytes(1), base));
     assert_all(xent_backward_case::<f16, _>(&g, XentCase { v: 264, d: 136, r: 8, t: 70, softcap: None, ..base }));
+}
+
+/// tests/kernels_cpu.rs::xent_wgmma_forward on the device (compute capability 9.0).
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_small_xent_wgmma() {
+    use common::parity::xent_forward_case;
+    let g = gpu().with_wgmma(true).expect("wgmma needs an sm_90 GPU");
+    assert_all(xent_forward_case::<bf16, _>(&g, 517, 40, 16, 9, Some(30.0), 1.0));
+    assert_all(xent_forward_case::<f16, _>(&g, 264, 136, 1, 150, None, 1.0));
+    assert_all(xent_forward_case::<bf16, _>(&g, 300, 64, 4, 3, Some(30.0), 2000.0));
+    assert_all(xent_forward_case::<bf16, _>(&g, 517, 40, 16, 9, None, 0.01));
 }
 
 #[test]

@@ -109,6 +109,8 @@ shim_table!(
     tl_head_forward_bf16_w256_wgmma,
     tl_xent_partial_f16_mma,
     tl_xent_partial_bf16_mma,
+    tl_xent_partial_f16_wgmma,
+    tl_xent_partial_bf16_wgmma,
     tl_xent_grad_logits_f16_mma,
     tl_xent_grad_logits_bf16_mma,
     tl_head_grad_h_f16_f16_rx16_mma,

@@ -815,7 +815,15 @@ pub fn head_xent_forward<E: Executor>(
     };
     let z_tile = (128 * 129 * 4) as u32;
     // The _mma kernels park the logit tile over the drained ring (xent.cu).
-    let plan = if e.options().mma && t != DType::F32 {
+    let plan = if e.options().wgmma && t != DType::F32 {
+        // The logit tile stays in registers (xent.cu).
+        LaunchPlan {
+            kernel: by_dtype!(t, "tl_xent_partial_", "_wgmma"),
+            grid: (tiles_m as u32, splits as u32, 1),
+            block: (THREADS, 1, 1),
+            shared_bytes: wg_shared_bytes(128, 3),
+        }
+    } else if e.options().mma && t != DType::F32 {
         LaunchPlan {
             kernel: by_dtype!(t, "tl_xent_partial_", "_mma"),
             grid: (tiles_m as u32, splits as u32, 1),
