@@ -572,6 +572,9 @@ struct Gpu {
     /// off compute capability 9.0), 128 x 128 and 128 x 256 tiles.
     cuda_wgmma: Option<Cuda>,
     cuda_wide_wgmma: Option<Cuda>,
+    /// wgmma for the logit kernels and mma.sync for the other GEMMs (the
+    /// fused cross-entropy's fastest candidate).
+    cuda_wgmma_mma: Option<Cuda>,
     /// The same backend with deferred id errors (no host round trip in the embedding ops).
     cuda_defer: Cuda,
     stream: Arc<CudaStream>,
@@ -627,6 +630,7 @@ impl Gpu {
         let cuda_defer = Cuda::with_stream(stream.clone())?.with_deferred_id_errors(true)?;
         let cuda_wgmma = Cuda::with_stream(stream.clone())?.with_wgmma(true).ok();
         let cuda_wide_wgmma = Cuda::with_stream(stream.clone())?.with_wgmma(true).ok().map(|c| c.with_wide_tiles(true));
+        let cuda_wgmma_mma = Cuda::with_stream(stream.clone())?.with_wgmma(true).ok().map(|c| c.with_mma(true));
         Ok(Gpu {
             cuda,
             cuda_s3,
@@ -636,6 +640,7 @@ impl Gpu {
             cuda_wide_mma,
             cuda_wgmma,
             cuda_wide_wgmma,
+            cuda_wgmma_mma,
             cuda_defer,
             stream,
             k,
@@ -1766,6 +1771,19 @@ fn bench_xent(gpu: &Gpu, m: &Model, st: &Settings, rep: &mut Report) -> Res<()> 
     let ours_all = Some((gpu.time(st.warmup, st.iters, |i| tl(fused_all(&gpu.cuda, i, &mut ours)))?, mem));
     let mem = gpu.mem.measure(&gpu.stream, || tl(fused_all(&gpu.cuda_mma, 0, &mut ours_mma)))?;
     let mma_all = Some((gpu.time(st.warmup, st.iters, |i| tl(fused_all(&gpu.cuda_mma, i, &mut ours_mma)))?, mem));
+    // wgmma logit kernels + mma.sync for the rest: checked once from zeroed
+    // gradients against the materialized path, then timed.
+    let wgmma_all = match &gpu.cuda_wgmma_mma {
+        Some(c) => {
+            let mut o = XentBufs::new(gpu, t, v, d, r)?;
+            tl(fused_all(c, 0, &mut o))?;
+            rep.check(sh, "xent: dh fused (wgmma + mma.sync) vs materialized", gpu.rel_norm(&o.dh, &mat.dh)?);
+            rep.check(sh, "xent: dU fused (wgmma + mma.sync) vs materialized", gpu.rel_norm(&o.du, &mat.du)?);
+            let mem = gpu.mem.measure(&gpu.stream, || tl(fused_all(c, 0, &mut o)))?;
+            Some((gpu.time(st.warmup, st.iters, |i| tl(fused_all(c, i, &mut o)))?, mem))
+        }
+        None => None,
+    };
     let mem = gpu.mem.measure(&gpu.stream, || {
         let mut z2 = gpu.alloc::<bf16>(t * v)?;
         mat_all(0, &mut mat, &mut z2)
@@ -1803,6 +1821,17 @@ fn bench_xent(gpu: &Gpu, m: &Model, st: &Settings, rep: &mut Report) -> Res<()> 
         peft_t,
         None,
         "Cuda::with_mma(true): every GEMM of both passes on its _mma kernel",
+    );
+    push_timed(
+        rep,
+        sh,
+        "xent_fwd_bwd",
+        "ours (fused, no logits, wgmma + mma.sync)",
+        wgmma_all,
+        flop_all,
+        peft_t,
+        None,
+        "Cuda::with_wgmma(true)?.with_mma(true): logit kernels on wgmma, dh / dU GEMMs on _mma",
     );
     push_timed(
         rep,

@@ -3,7 +3,8 @@
 //
 // logits    grid (ceil(T / 128), ceil(cols / 128)), 256 threads, dynamic shared
 //           memory GemmShape::SMEM_BYTES (the _mma variants: ldmatrix +
-//           mma.sync on the 3-stage ring). Recomputes the logit tile
+//           mma.sync on the 3-stage ring; the _wgmma ones: wg_gemm.cuh,
+//           WgShape<128, 3>::SMEM_BYTES). Recomputes the logit tile
 //           z = [h | p] . [W | U]^T of columns [col0, col0 + cols) with the
 //           forward's K = d + r tile GEMM and writes, in the epilogue,
 //             G[t, c] = (exp(z'[t, v] - lse[t]) - [v == y_t]) * slope(z[t, v]) * factor
@@ -16,6 +17,7 @@
 //           dh[t, k] = dh_acc[t, k] + scale * sum_j gu[t, j] Vh[j, k].
 #include "params.h"
 #include "tile_gemm.cuh"
+#include "wg_gemm.cuh"
 
 namespace {
 
@@ -43,6 +45,9 @@ struct GradOfLogit {
     return (v == y ? prob - 1.0f : prob) * slope * factor;
   }
 };
+
+template <class T>
+TL_DEVICE void filter_tile(const XentGradLogitsParams& p, T* g, int m0, int n0, bool big);
 
 template <class T, int STAGES = 1, bool MMA = false>
 TL_DEVICE void xent_grad_logits(const XentGradLogitsParams& p) {
@@ -73,17 +78,61 @@ TL_DEVICE void xent_grad_logits(const XentGradLogitsParams& p) {
         g[m * ldg + c] = tl_from_float<T>(gv);
       },
       [](int, int, float) {});
-  // Gradient filter: a tile whose entries are all below the threshold is
-  // dropped (written as 0, flagged so the consumers skip it). With filter 0
-  // every tile is live (|G| < 0 never holds).
+  filter_tile(p, g, m0, n0, big);
+}
+
+// Gradient filter: a 128 x 128 tile whose entries are all below the threshold
+// (`big` false in every thread) is dropped (written as 0, flagged so the
+// consumers skip it). With filter 0 every tile is live (|G| < 0 never holds).
+template <class T>
+TL_DEVICE void filter_tile(const XentGradLogitsParams& p, T* g, int m0, int n0, bool big) {
+  const long long ldg = p.cols;
   const bool live = __syncthreads_or(big) != 0;
   if (!live) {
-    const int rows = min(S::BM, p.tokens - m0), cols = min(S::BN, p.cols - n0);
+    const int rows = min(128, p.tokens - m0), cols = min(128, p.cols - n0);
     for (int e = static_cast<int>(tl_thread_linear()); e < rows * cols; e += tl::kGemmThreads) {
       g[(m0 + e / cols) * ldg + n0 + e % cols] = tl_from_float<T>(0.0f);
     }
   }
   if (tl_thread_linear() == 0) p.live[static_cast<long long>(blockIdx.x) * gridDim.y + blockIdx.y] = live ? 1 : 0;
+}
+
+// The same on Hopper warpgroup MMAs (wg_gemm.cuh, sm_90a): 128 x 128 tiles,
+// G written from the accumulators two columns at a time.
+template <class T>
+TL_DEVICE void xent_grad_logits_wgmma(const XentGradLogitsParams& p) {
+#if TL_HAS_WGMMA
+  using S = tl::WgShape<128, 3>;
+  TL_DYNAMIC_SMEM(unsigned char, smem);
+  const tl::SegRows<T, T> a{static_cast<const T*>(p.h), p.hidden, p.hidden, static_cast<const T*>(p.p), p.rank,
+                            p.rank, p.tokens};
+  const tl::SegRows<T, float> b{static_cast<const T*>(p.w) + static_cast<long long>(p.col0) * p.hidden,
+                                p.hidden,
+                                p.hidden,
+                                p.u + static_cast<long long>(p.col0) * p.rank,
+                                p.rank,
+                                p.rank,
+                                p.cols};
+  const GradOfLogit gof{p.targets, p.lse, p.softcap, p.factor};
+  T* g = static_cast<T*>(p.g);
+  const long long ldg = p.cols;
+  const int m0 = static_cast<int>(blockIdx.x) * S::BM, n0 = static_cast<int>(blockIdx.y) * S::BN;
+  const float thresh = p.filter * fabsf(p.factor);
+  bool big = false;
+  tl::wg_gemm<T, S>(smem, a, b, p.hidden + p.rank, m0, n0, [&](const tl::WgAcc<128>& acc, int m_base) {
+    tl::for_each_pair(acc, m_base, n0, p.tokens, p.cols, [&](int m, int c, float z0, float z1) {
+      const bool both = c + 1 < p.cols;
+      const float g0 = gof(m, p.col0 + c, z0);
+      const float g1 = both ? gof(m, p.col0 + c + 1, z1) : 0.0f;
+      big = big || !(fabsf(g0) < thresh) || !(fabsf(g1) < thresh);  // NaN counts as big
+      tl::store_pair(g + m * ldg + c, g0, g1, both);
+    });
+  });
+  filter_tile(p, g, m0, n0, big);
+#else
+  (void)p;
+  __trap();  // not an sm_90a build: the host never selects this kernel here
+#endif
 }
 
 template <class T>
@@ -105,6 +154,13 @@ TL_KERNEL_BOUNDED(tl_xent_grad_logits_bf16, XentGradLogitsParams, 256) { xent_gr
 TL_KERNEL_BOUNDED(tl_xent_grad_logits_f16_mma, XentGradLogitsParams, 256) { xent_grad_logits<__half, 3, true>(p); }
 TL_KERNEL_BOUNDED(tl_xent_grad_logits_bf16_mma, XentGradLogitsParams, 256) {
   xent_grad_logits<__nv_bfloat16, 3, true>(p);
+}
+// Hopper warpgroup MMAs (`KernelOptions::wgmma`, sm_90a cubin only), two blocks per SM.
+TL_KERNEL_BOUNDED_MIN(tl_xent_grad_logits_f16_wgmma, XentGradLogitsParams, 256, 2) {
+  xent_grad_logits_wgmma<__half>(p);
+}
+TL_KERNEL_BOUNDED_MIN(tl_xent_grad_logits_bf16_wgmma, XentGradLogitsParams, 256, 2) {
+  xent_grad_logits_wgmma<__nv_bfloat16>(p);
 }
 TL_KERNEL_BOUNDED(tl_xent_grad_finish_f32, XentGradFinishParams, 256) { xent_grad_finish<float>(p); }
 TL_KERNEL_BOUNDED(tl_xent_grad_finish_f16, XentGradFinishParams, 256) { xent_grad_finish<__half>(p); }

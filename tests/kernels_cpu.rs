@@ -212,6 +212,43 @@ fn u32_and_i64_ids_give_identical_results() {
     assert_eq!(err, tiedlora::Error::TokenOutOfRange { arg: "ids", index: 7, value: v as i64, vocab: v });
 }
 
+/// The gradient filter on the wgmma G kernel (its per-element test is its
+/// own; the tile flag is shared with the other kernels and covered by
+/// `xent_backward_gradient_filter`): with near-uniform probabilities every
+/// |G| / f is at most 1 - 1/V < ε = 0.999, so every tile is dropped and the
+/// backward adds nothing; with the filter off the same call moves dh and dU.
+#[test]
+fn xent_wgmma_filter_drops_tiles_below_the_threshold() {
+    use tiedlora::{Grads, Weights};
+    let mut rng = fresh_rng("wgmma filter");
+    let (v, d, r, t) = (300, 72, 8, 140);
+    let w: Vec<bf16> = normal(&mut rng, v * d, 0.01);
+    let u: Vec<f32> = normal(&mut rng, v * r, 0.01);
+    let vh: Vec<f32> = normal(&mut rng, r * d, 0.01);
+    let h: Vec<bf16> = normal(&mut rng, t * d, 0.01);
+    let targets: Vec<u32> = common::rand_inputs::ids(&mut rng, t, v).iter().map(|&i| i as u32).collect();
+    let k = CpuKernels { wgmma: true, ..CpuKernels::default() };
+    let wt = Weights::<CpuKernels, bf16> { w: &w, lora_vocab: &u, lora_hidden: &vh };
+    let run = |eps: Option<f64>| {
+        let mut b = LoraConfig::builder(v, d, r).alpha(16.0);
+        if let Some(eps) = eps {
+            b = b.xent_grad_filter(eps);
+        }
+        let cfg = b.build().unwrap();
+        let (mut loss, mut lse) = ([f32::NAN], vec![f32::NAN; t]);
+        Backend::head_xent_forward(&k, &cfg, &wt, &h, &targets, &mut loss, &mut lse).unwrap();
+        let (mut du, mut dvh, mut dh) = (vec![0f32; v * r], vec![0f32; r * d], vec![bf16::NAN; t * d]);
+        let mut g = Grads::<CpuKernels> { lora_vocab: &mut du[..], lora_hidden: &mut dvh[..], w: None };
+        Backend::head_xent_backward(&k, &cfg, &wt, &h, &targets, &lse, 1.0, &mut dh, &mut g).unwrap();
+        (dh, du)
+    };
+    let (dh, du) = run(Some(0.999));
+    assert!(dh.iter().all(|x| x.to_f32() == 0.0), "a tile survived the filter (dh)");
+    assert!(du.iter().all(|&x| x == 0.0), "a tile survived the filter (dU)");
+    let (dh, du) = run(None);
+    assert!(dh.iter().any(|x| x.to_f32() != 0.0) && du.iter().any(|&x| x != 0.0), "the unfiltered case moves nothing");
+}
+
 /// The fused cross-entropy on the `_mma` logit kernels (forward partials
 /// with the logit tile over the drained ring, backward G per chunk).
 #[test]
@@ -230,9 +267,10 @@ fn xent_mma_forward_and_backward() {
 /// (`_wgmma`: logit tile in registers, row reductions over lane quads):
 /// several vocabulary splits with a partial last tile and split (targets in
 /// every split), d with and without a tail K step, r = 1 and 16, softcap on
-/// and off, large and small logits.
+/// and off, large and small logits; and the backward with the wgmma G kernel
+/// (several vocabulary chunks, and one).
 #[test]
-fn xent_wgmma_forward() {
+fn xent_wgmma_forward_and_backward() {
     use common::parity::xent_forward_case;
     let k = CpuKernels { wgmma: true, ..CpuKernels::default() };
     assert_all(xent_forward_case::<bf16, _>(&k, 517, 40, 16, 9, Some(30.0), 1.0));
@@ -241,6 +279,11 @@ fn xent_wgmma_forward() {
     // Small logits: the zero-filled columns past V would visibly raise the lse
     // if the partial last tile were not masked.
     assert_all(xent_forward_case::<bf16, _>(&k, 517, 40, 16, 9, None, 0.01));
+    use common::parity::{xent_backward_case, XentCase};
+    let chunked = CpuKernels { wgmma: true, xent_chunk_bytes: 1, ..CpuKernels::default() };
+    let base = XentCase::SOFTCAP_SUM;
+    assert_all(xent_backward_case::<bf16, _>(&chunked, base));
+    assert_all(xent_backward_case::<f16, _>(&k, XentCase { v: 264, d: 136, r: 8, t: 70, softcap: None, ..base }));
 }
 
 #[test]

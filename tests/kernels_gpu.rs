@@ -224,7 +224,7 @@ fn gpu_small_xent_mma() {
     assert_all(xent_backward_case::<f16, _>(&g, XentCase { v: 264, d: 136, r: 8, t: 70, softcap: None, ..base }));
 }
 
-/// tests/kernels_cpu.rs::xent_wgmma_forward on the device (compute capability 9.0).
+/// tests/kernels_cpu.rs::xent_wgmma_forward_and_backward on the device (compute capability 9.0).
 #[test]
 #[ignore = "needs a CUDA device"]
 fn gpu_small_xent_wgmma() {
@@ -234,6 +234,11 @@ fn gpu_small_xent_wgmma() {
     assert_all(xent_forward_case::<f16, _>(&g, 264, 136, 1, 150, None, 1.0));
     assert_all(xent_forward_case::<bf16, _>(&g, 300, 64, 4, 3, Some(30.0), 2000.0));
     assert_all(xent_forward_case::<bf16, _>(&g, 517, 40, 16, 9, None, 0.01));
+    use common::parity::{xent_backward_case, XentCase};
+    let chunked = gpu().with_wgmma(true).expect("wgmma needs an sm_90 GPU").with_xent_chunk_bytes(1);
+    let base = XentCase::SOFTCAP_SUM;
+    assert_all(xent_backward_case::<bf16, _>(&chunked, base));
+    assert_all(xent_backward_case::<f16, _>(&g, XentCase { v: 264, d: 136, r: 8, t: 70, softcap: None, ..base }));
 }
 
 #[test]

@@ -974,8 +974,13 @@ pub fn head_xent_backward<E: Executor>(
     let live = e.scratch(tiles_m * tiles_c * 4)?;
     let du_part = e.scratch(xent_du_partial_bytes(cfg, tokens, e.multiprocessors(), chunk))?;
     let filter = cfg.xent_grad_filter().unwrap_or(0.0) as f32;
+    let logits_wgmma = e.options().wgmma && t != DType::F32;
     let logits_mma = e.options().mma && t != DType::F32;
-    let shared_bytes = gemm_shared_bytes(t.size(), 128, 128, 32, false, true, 0, if logits_mma { 3 } else { 1 });
+    let shared_bytes = if logits_wgmma {
+        wg_shared_bytes(128, 3)
+    } else {
+        gemm_shared_bytes(t.size(), 128, 128, 32, false, true, 0, if logits_mma { 3 } else { 1 })
+    };
     if valid > 0 {
         for col0 in (0..v).step_by(chunk) {
             let cols = chunk.min(v - col0);
@@ -1000,7 +1005,9 @@ pub fn head_xent_backward<E: Executor>(
                 _pad: 0,
             };
             let plan = LaunchPlan {
-                kernel: if logits_mma {
+                kernel: if logits_wgmma {
+                    by_dtype!(t, "tl_xent_grad_logits_", "_wgmma")
+                } else if logits_mma {
                     by_dtype!(t, "tl_xent_grad_logits_", "_mma")
                 } else {
                     by_dtype!(t, "tl_xent_grad_logits_", "")
