@@ -572,8 +572,8 @@ struct Gpu {
     /// off compute capability 9.0), 128 x 128 and 128 x 256 tiles.
     cuda_wgmma: Option<Cuda>,
     cuda_wide_wgmma: Option<Cuda>,
-    /// wgmma for the logit kernels and mma.sync for the other GEMMs (the
-    /// fused cross-entropy's fastest candidate).
+    /// wgmma for the kernels that have it (head forward, grad_h, the
+    /// cross-entropy's logit kernels) and mma.sync for the other GEMMs.
     cuda_wgmma_mma: Option<Cuda>,
     /// The same backend with deferred id errors (no host round trip in the embedding ops).
     cuda_defer: Cuda,
@@ -1467,6 +1467,10 @@ fn bench_head_backward(gpu: &Gpu, m: &Model, st: &Settings, rep: &mut Report) ->
     let s3_t = variant(&gpu.cuda_s3, "cp.async s3")?;
     let gh1_t = variant(&gpu.cuda_gh1, "grad_h 1 block/SM")?;
     let mma_t = variant(&gpu.cuda_mma, "mma.sync")?;
+    let wgmma_t = match &gpu.cuda_wgmma_mma {
+        Some(c) => variant(c, "wgmma grad_h + mma.sync")?,
+        None => None,
+    };
     let (mut unf_t, mut gw_t) = (None, None);
     if unf_ok.is_ok() {
         let mem = gpu
@@ -1524,6 +1528,17 @@ fn bench_head_backward(gpu: &Gpu, m: &Model, st: &Settings, rep: &mut Report) ->
         unf_t,
         gw_tf,
         "Cuda::with_mma(true): grad_h / grad_param _mma kernels (ldmatrix + mma.sync, 3-stage cp.async)",
+    );
+    push_timed(
+        rep,
+        sh,
+        "head_backward",
+        "ours (fused, wgmma grad_h, mma.sync grad_param)",
+        wgmma_t,
+        flop,
+        unf_t,
+        gw_tf,
+        "Cuda::with_wgmma(true)?.with_mma(true): grad_h _wgmma (m64n(128+RX)k16, W N-major), dU _mma",
     );
     push_timed(
         rep,
@@ -1831,7 +1846,7 @@ fn bench_xent(gpu: &Gpu, m: &Model, st: &Settings, rep: &mut Report) -> Res<()> 
         flop_all,
         peft_t,
         None,
-        "Cuda::with_wgmma(true)?.with_mma(true): logit kernels on wgmma, dh / dU GEMMs on _mma",
+        "Cuda::with_wgmma(true)?.with_mma(true): logit kernels and grad_h on wgmma, dU on _mma",
     );
     push_timed(
         rep,

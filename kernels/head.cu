@@ -46,7 +46,7 @@ TL_DEVICE void head_forward(const HeadForwardParams& p) {
 template <class T, int BN, int STAGES>
 TL_DEVICE void head_forward_wgmma(const HeadForwardParams& p) {
 #if TL_HAS_WGMMA
-  using S = tl::WgShape<BN, STAGES>;
+  using S = tl::WgShapeK<T, BN, STAGES>;
   TL_DYNAMIC_SMEM(unsigned char, smem);
   const SegRows<T, T> a{static_cast<const T*>(p.h), p.hidden, p.hidden, static_cast<const T*>(p.p), p.rank, p.rank,
                         p.tokens};
@@ -54,8 +54,8 @@ TL_DEVICE void head_forward_wgmma(const HeadForwardParams& p) {
   T* out = static_cast<T*>(p.out);
   const long long ldo = p.vocab;
   const int vocab = p.vocab;
-  const int n0 = static_cast<int>(blockIdx.y) * S::BN;
-  tl::wg_gemm<T, S>(smem, a, b, p.hidden + p.rank, static_cast<int>(blockIdx.x) * S::BM, n0,
+  const int n0 = static_cast<int>(blockIdx.y) * S::N;
+  tl::wg_gemm<T, S>(smem, a, b, tl::no_rows(), p.hidden + p.rank, static_cast<int>(blockIdx.x) * S::BM, n0,
                     [&](const tl::WgAcc<BN>& acc, int m_base) {
                       tl::for_each_pair(acc, m_base, n0, p.tokens, vocab, [&](int m, int n, float v0, float v1) {
                         tl::store_pair(out + m * ldo + n, v0, v1, n + 1 < vocab);
@@ -114,6 +114,69 @@ TL_DEVICE void head_grad_h(const HeadGradHParams& p) {
         *gu = acc ? *gu + v : v;
       },
       live);
+}
+
+// grad_h on Hopper warpgroup MMAs (wg_gemm.cuh, sm_90a): B = W read N-major
+// (its rows are the K index), U's RX columns joining the same MMAs as columns
+// 128 .. 128 + RX of an m64n(128 + RX)k16, so one pass gives G W and G U. G in
+// the storage dtype, no tile filter (the host picks another kernel for those).
+// Epilogue: G U goes through shared memory (each row's r values are spread
+// over a lane quad), then dh = G W + s (G U) Vh from registers.
+template <class T, int RX>
+TL_DEVICE void head_grad_h_wgmma(const HeadGradHParams& p) {
+#if TL_HAS_WGMMA
+  using S = tl::WgShape<tl::WgBNMajor<T, 128, RX>, 4>;
+  using Acc = tl::WgAcc<S::N>;
+  TL_DYNAMIC_SMEM(unsigned char, smem);
+  const SegRows<T, float> a{static_cast<const T*>(p.g), p.vocab, p.vocab, nullptr, 0, 0, p.tokens};
+  const SegRows<T, float> b{static_cast<const T*>(p.w), p.hidden, p.hidden, nullptr, 0, 0, p.vocab};
+  const SegRows<float, float> x{p.u, p.rank, p.rank, nullptr, 0, 0, p.vocab};
+  const long long d = p.hidden;
+  const int r = p.rank;
+  const float s = p.scale;
+  const bool write_gu = blockIdx.y == 0;
+  const bool acc_mode = p.accumulate != 0;
+  const int m0 = static_cast<int>(blockIdx.x) * S::BM, n0 = static_cast<int>(blockIdx.y) * 128;
+  tl::wg_gemm<T, S>(smem, a, b, x, p.vocab, m0, n0, [&](Acc& acc, int m_base) {
+    const unsigned tid = tl_thread_linear();
+    float* xs = reinterpret_cast<float*>(smem);  // [128][RX]: the ring is free (wg_gemm's barrier)
+    // Elements e >= 64 are the columns >= 128 (WgAcc: column 8 (e / 4) + ...).
+#pragma unroll
+    for (int e = 64; e < Acc::REGS; ++e) xs[(m_base - m0 + Acc::row(tid, e)) * RX + Acc::col(tid, e) - 128] = acc.v[e];
+    __syncthreads();
+    if (write_gu) {
+      for (int e = static_cast<int>(tid); e < S::BM * RX; e += tl::kGemmThreads) {
+        const int m = m0 + e / RX, j = e % RX;
+        if (m < p.tokens && j < r) {
+          float* gu = p.gu + static_cast<long long>(m) * r + j;
+          *gu = acc_mode ? *gu + xs[e] : xs[e];
+        }
+      }
+    }
+#pragma unroll
+    for (int e = 0; e < 64; e += 2) {
+      const int m = m_base + Acc::row(tid, e), n = n0 + Acc::col(tid, e);
+      if (m >= p.tokens || n >= p.hidden) continue;
+      const bool both = n + 1 < p.hidden;
+      if (acc_mode) {
+        float* o = static_cast<float*>(p.dh) + m * d + n;
+        o[0] += acc.v[e];
+        if (both) o[1] += acc.v[e + 1];
+        continue;
+      }
+      const float* gu_row = xs + (m - m0) * RX;
+      float l0 = 0.0f, l1 = 0.0f;
+      for (int j = 0; j < r; ++j) {
+        l0 = fmaf(gu_row[j], p.vh[j * d + n], l0);
+        if (both) l1 = fmaf(gu_row[j], p.vh[j * d + n + 1], l1);
+      }
+      tl::store_pair(static_cast<T*>(p.dh) + m * d + n, fmaf(s, l0, acc.v[e]), fmaf(s, l1, acc.v[e + 1]), both);
+    }
+  });
+#else
+  (void)p;
+  __trap();  // not an sm_90a build: the host never selects this kernel here
+#endif
 }
 
 template <class T, class G, int BN, int WM, int WN, int STAGES, bool MMA = false>
@@ -245,6 +308,19 @@ TL_HEAD_GRAD_H_MMA(f16_f16, __half, 64)
 TL_HEAD_GRAD_H_MMA(bf16_bf16, __nv_bfloat16, 16)
 TL_HEAD_GRAD_H_MMA(bf16_bf16, __nv_bfloat16, 32)
 TL_HEAD_GRAD_H_MMA(bf16_bf16, __nv_bfloat16, 64)
+
+// Hopper warpgroup MMAs (`KernelOptions::wgmma`, sm_90a cubin only): 128 x
+// (128 + RX) tiles on a 4-slot ring (161 KiB of shared memory).
+#define TL_HEAD_GRAD_H_WGMMA(name, T, RX)                                         \
+  TL_KERNEL_BOUNDED(tl_head_grad_h_##name##_rx##RX##_wgmma, HeadGradHParams, 256) { \
+    head_grad_h_wgmma<T, RX>(p);                                                  \
+  }
+TL_HEAD_GRAD_H_WGMMA(f16_f16, __half, 16)
+TL_HEAD_GRAD_H_WGMMA(f16_f16, __half, 32)
+TL_HEAD_GRAD_H_WGMMA(f16_f16, __half, 64)
+TL_HEAD_GRAD_H_WGMMA(bf16_bf16, __nv_bfloat16, 16)
+TL_HEAD_GRAD_H_WGMMA(bf16_bf16, __nv_bfloat16, 32)
+TL_HEAD_GRAD_H_WGMMA(bf16_bf16, __nv_bfloat16, 64)
 
 // n64: dU (r columns, 8 warps stacked along V); n128: dW (d columns).
 #define TL_HEAD_GRAD_PARAM(name, T, G, STAGES, suffix)                                   \

@@ -4,14 +4,19 @@
 //
 // A and B are "segmented rows" (tile_gemm.cuh): the head forward's A row is
 // [h_t | s h_t Vh^T] and its B row [W_v | U_v], so the LoRA columns join the
-// base reduction (K = d + r) exactly as in tile_gemm.
+// base reduction (K = d + r) exactly as in tile_gemm. A is always K-major (its
+// rows are M). B comes through a policy:
+//   WgBKMajor<CT, BN>      B rows are N (the head forward: B = [W | U]);
+//   WgBNMajor<CT, BN, RX>  B rows are K (grad_h: B = W [V, d], N = BN columns
+//                          of d) plus RX extra columns from X rows (U [V, r]),
+//                          in the same MMA: N = BN + RX (dh and G U at once).
 //
-// Block tile 128 x BN, K step 64 (one 128-byte swizzled row per operand row),
+// Block tile 128 x N, K step 64 (one 128-byte swizzled row per operand row),
 // 256 threads = 2 warpgroups; warpgroup g owns rows [64 g, 64 g + 64) and all
-// BN columns: four m64nBNk16 MMAs per K step, accumulators in registers
-// (BN / 2 per thread).
+// N columns: four m64nNk16 MMAs per K step, accumulators in registers
+// (N / 2 per thread).
 //
-// Pipeline: STAGES shared slots of (A 128 x 64 | B BN x 64), each 1024-byte
+// Pipeline: STAGES shared slots of (A 128 x 64 | B), each 1024-byte
 // aligned. Steps whose columns lie inside segment 0 with 16-byte aligned rows
 // (the steady state) are staged by cp.async from per-thread sources computed
 // once (zero-fill for rows past the end); the other steps (the LoRA columns,
@@ -49,16 +54,6 @@ TL_DEVICE void store_pair(T* o, float v0, float v1, bool both) {
   o[0] = tl_from_float<T>(v0);
   if (both) o[1] = tl_from_float<T>(v1);
 }
-
-template <int BN_, int STAGES_>
-struct WgShape {
-  static_assert(BN_ == 128 || BN_ == 256, "BN");
-  static_assert(STAGES_ >= 3, "the ring keeps STAGES - 2 steps in flight");
-  static constexpr int BM = 128, BN = BN_, BK = 64, STAGES = STAGES_;
-  static constexpr int A_BYTES = BM * 128, B_BYTES = BN * 128, STAGE_BYTES = A_BYTES + B_BYTES;
-  // + 1024: the slots start at the first 1024-byte boundary of the window.
-  static constexpr int SMEM_BYTES = STAGES * STAGE_BYTES + 1024;
-};
 
 // One operand's staging into a swizzled ROWS x 64 tile: 8 chunks of 16 bytes
 // per row, chunk tid + 256 i = (row tid / 8 + 32 i, column chunk tid % 8).
@@ -110,29 +105,144 @@ struct WgStream {
   }
 };
 
-template <class CT, class Shape, class SA0, class SA1, class SB0, class SB1, class Epi>
-TL_DEVICE void wg_gemm(unsigned char* smem_raw, const SegRows<SA0, SA1>& a, const SegRows<SB0, SB1>& b, int k_total,
-                       int m0, int n0, Epi&& epi) {
-  constexpr int S = Shape::STAGES, BN = Shape::BN;
+// No extra columns (the X operand of a K-major B).
+TL_DEVICE SegRows<float, float> no_rows() { return SegRows<float, float>{nullptr, 0, 0, nullptr, 0, 0, 0}; }
+
+// B operand, K-major: B rows are the N index (WgStream's layout).
+template <class CT, int BN>
+struct WgBKMajor {
+  static constexpr int N = BN, BYTES = BN * 128;
+  WgStream<CT, BN> s;
+  template <class SB, class SX>
+  TL_DEVICE void init(const SB& b, const SX&, int n0, unsigned tid) {
+    s.init(b, n0, tid);
+  }
+  TL_DEVICE int k_limit() const { return s.k_limit; }
+  template <class SB, class SX>
+  TL_DEVICE void issue_fast(const SB&, const SX&, int k0, unsigned char* tile, unsigned tid) const {
+    s.issue_fast(k0, tile, tid);
+  }
+  template <class SB, class SX>
+  TL_DEVICE static void issue_general(const SB& b, const SX&, int n0, int k0, unsigned char* tile, unsigned tid) {
+    WgStream<CT, BN>::issue_general(b, n0, k0, tile, tid);
+  }
+  TL_DEVICE static void mma(WgAcc<N>& acc, unsigned long long da, unsigned sb, int kk) {
+    wgmma_k16<CT, N>(acc, da, wg_desc(sb + 32u * kk));
+  }
+};
+
+// B operand, N-major (wgmma.cuh): B rows are the K index. The BN columns of
+// B fill BN / 64 atoms [64 k][64 n]; the RX extra columns (X rows, converted
+// by seg_load, e.g. f32 U) the first RX columns of one more atom. W chunk
+// tid + 256 i = (k row tid / (BN / 8) + (256 / (BN / 8)) i, column chunk
+// tid % (BN / 8)): one column chunk per thread, so one in-range flag.
+template <class CT, int BN, int RX>
+struct WgBNMajor {
+  static_assert(sizeof(CT) == 2 && BN % 64 == 0 && RX % 16 == 0 && RX > 0 && RX <= 64, "BN, RX");
+  static constexpr int N = BN + RX, ATOMS = BN / 64 + 1, BYTES = ATOMS * 8192;
+  static constexpr int CPR = BN / 8, RPP = kGemmThreads / CPR, CH = 64 / RPP;
+  static_assert(kGemmThreads % CPR == 0 && 64 % RPP == 0, "whole k rows per pass");
+  const CT* p0 = nullptr;
+  long long off0 = 0, ld = 0;
+  bool ok = false;
+  int k_lim = -1;
+
+  TL_DEVICE static int offset(int kr, int cn) { return (cn / 8) * 8192 + kr * 128 + (((cn % 8) ^ (kr & 7)) << 4); }
+
+  template <class S0, class S1, class SX>
+  TL_DEVICE void init(const SegRows<S0, S1>& b, const SX&, int n0, unsigned tid) {
+    if constexpr (std::is_same<S0, CT>::value) {
+      // Whole 16-byte vectors: aligned base and rows, segment 0 only, its
+      // width a multiple of 8 (a chunk is all in or all out).
+      if ((reinterpret_cast<unsigned long long>(b.p0) & 15ull) != 0 || b.ld0 % 8 != 0 || b.len0 % 8 != 0 ||
+          b.len1 != 0)
+        return;
+      const int col = n0 + 8 * static_cast<int>(tid % CPR);
+      p0 = b.p0;
+      ld = b.ld0;
+      off0 = static_cast<long long>(tid / CPR) * b.ld0 + col;
+      ok = col < b.len0;
+      k_lim = b.rows;
+    }
+  }
+  TL_DEVICE int k_limit() const { return k_lim; }
+  template <class SX>
+  TL_DEVICE static void issue_x(const SX& x, int k0, unsigned char* tile, unsigned tid) {
+    constexpr int XC = RX / 8;  // chunks per k row
+    for (int j = static_cast<int>(tid); j < 64 * XC; j += kGemmThreads) {
+      const int kr = j / XC, c = j % XC;
+      CT tmp[8];
+      seg_load<CT>(x, k0 + kr, 8 * c, tmp);
+      *reinterpret_cast<uint4*>(tile + (ATOMS - 1) * 8192 + kr * 128 + ((c ^ (kr & 7)) << 4)) =
+          *reinterpret_cast<const uint4*>(tmp);
+    }
+  }
+  template <class SB, class SX>
+  TL_DEVICE void issue_fast(const SB&, const SX& x, int k0, unsigned char* tile, unsigned tid) const {
+    const int cn = static_cast<int>(tid % CPR);
+    const long long kofs = static_cast<long long>(k0) * ld;
+#pragma unroll
+    for (int i = 0; i < CH; ++i) {
+      const int kr = static_cast<int>(tid / CPR) + RPP * i;
+      // Columns past the end: zero-filled, the source only named.
+      tl_cp_async16_zfill(tile + offset(kr, cn), ok ? p0 + off0 + kofs + static_cast<long long>(RPP * i) * ld : p0, ok);
+    }
+    issue_x(x, k0, tile, tid);
+  }
+  template <class SB, class SX>
+  TL_DEVICE static void issue_general(const SB& b, const SX& x, int n0, int k0, unsigned char* tile, unsigned tid) {
+    const int cn = static_cast<int>(tid % CPR);
+#pragma unroll
+    for (int i = 0; i < CH; ++i) {
+      const int kr = static_cast<int>(tid / CPR) + RPP * i;
+      CT tmp[8];
+      seg_load<CT>(b, k0 + kr, n0 + 8 * cn, tmp);
+      *reinterpret_cast<uint4*>(tile + offset(kr, cn)) = *reinterpret_cast<const uint4*>(tmp);
+    }
+    issue_x(x, k0, tile, tid);
+  }
+  TL_DEVICE static void mma(WgAcc<N>& acc, unsigned long long da, unsigned sb, int kk) {
+    wgmma_k16_nb<CT, N>(acc, da, wg_desc_nb(sb + 2048u * kk));
+  }
+};
+
+template <class BPolicy, int STAGES_>
+struct WgShape {
+  static_assert(STAGES_ >= 3, "the ring keeps STAGES - 2 steps in flight");
+  using B = BPolicy;
+  static constexpr int BM = 128, N = B::N, BK = 64, STAGES = STAGES_;
+  static constexpr int A_BYTES = BM * 128, B_BYTES = B::BYTES, STAGE_BYTES = A_BYTES + B_BYTES;
+  // + 1024: the slots start at the first 1024-byte boundary of the window.
+  static constexpr int SMEM_BYTES = STAGES * STAGE_BYTES + 1024;
+};
+// The head forward's shape: K-major B, BN columns.
+template <class CT, int BN, int STAGES>
+using WgShapeK = WgShape<WgBKMajor<CT, BN>, STAGES>;
+
+template <class CT, class Shape, class SA0, class SA1, class SB0, class SB1, class SX0, class SX1, class Epi>
+TL_DEVICE void wg_gemm(unsigned char* smem_raw, const SegRows<SA0, SA1>& a, const SegRows<SB0, SB1>& b,
+                       const SegRows<SX0, SX1>& x, int k_total, int m0, int n0, Epi&& epi) {
+  constexpr int S = Shape::STAGES, N = Shape::N;
+  using BP = typename Shape::B;
   unsigned char* smem = smem_raw + ((1024u - (smem_addr(smem_raw) & 1023u)) & 1023u);
   const unsigned tid = tl_thread_linear();
   const unsigned wg = tid / kWgThreads;
 
   WgStream<CT, Shape::BM> fa;
-  WgStream<CT, BN> fb;
+  BP fb;
   fa.init(a, m0, tid);
-  fb.init(b, n0, tid);
+  fb.init(b, x, n0, tid);
   const int steps = (k_total + Shape::BK - 1) / Shape::BK;
   auto issue = [&](int step, int slot) {
     unsigned char* st = smem + slot * Shape::STAGE_BYTES;
     const int k0 = step * Shape::BK;
     if (fa.fast(k0)) fa.issue_fast(k0, st, tid);
     else WgStream<CT, Shape::BM>::issue_general(a, m0, k0, st, tid);
-    if (fb.fast(k0)) fb.issue_fast(k0, st + Shape::A_BYTES, tid);
-    else WgStream<CT, BN>::issue_general(b, n0, k0, st + Shape::A_BYTES, tid);
+    if (k0 + Shape::BK <= fb.k_limit()) fb.issue_fast(b, x, k0, st + Shape::A_BYTES, tid);
+    else BP::issue_general(b, x, n0, k0, st + Shape::A_BYTES, tid);
   };
 
-  WgAcc<BN> acc;
+  WgAcc<N> acc;
   acc.zero();
   // Ring slots advance with wrap-around counters (no % in the loop).
   int slot_in = 0, slot_out = 0;
@@ -156,18 +266,18 @@ TL_DEVICE void wg_gemm(unsigned char* smem_raw, const SegRows<SA0, SA1>& a, cons
     wg_fence_operands(acc);
     wg_fence();
 #pragma unroll
-    for (int kk = 0; kk < Shape::BK / 16; ++kk) wgmma_k16<CT, BN>(acc, wg_desc(sa + 32u * kk), wg_desc(sb + 32u * kk));
+    for (int kk = 0; kk < Shape::BK / 16; ++kk) BP::mma(acc, wg_desc(sa + 32u * kk), sb, kk);
     wg_commit();
     wg_fence_operands(acc);
     wg_wait<1>();  // step - 1's MMAs are done: its slot is free after the next barrier
   };
   // The hot loop stages only steps both operands take on their steady-state
   // path (no general-path code in it); the rest follow.
-  const int fast_steps = min(fa.k_limit, fb.k_limit) / Shape::BK;  // leading steps inside segment 0 (or <= 0)
+  const int fast_steps = min(fa.k_limit, fb.k_limit()) / Shape::BK;  // leading steps inside segment 0 (or <= 0)
   auto issue_fast = [&](int step, int slot) {
     unsigned char* st = smem + slot * Shape::STAGE_BYTES;
     fa.issue_fast(step * Shape::BK, st, tid);
-    fb.issue_fast(step * Shape::BK, st + Shape::A_BYTES, tid);
+    fb.issue_fast(b, x, step * Shape::BK, st + Shape::A_BYTES, tid);
   };
   int step = 0;
   for (; step < steps && step + S - 2 < fast_steps; ++step) consume(step, issue_fast);

@@ -7,20 +7,31 @@
 // descriptors (PTX ISA, "Matrix Descriptor Format"):
 //   bits  0-13  start address >> 4      bits 16-29  leading byte offset >> 4
 //   bits 32-45  stride byte offset >> 4 bits 62-63  swizzle (1 = 128 bytes)
-// The one layout used here ("K-major, 128B swizzle"): row i of an operand
+// Layouts used here. "K-major, 128B swizzle" (A always; B of the head
+// forward, whose B rows are the N index): row i of an operand
 // (a row of A, or a column n of B) holds 64 K values in 128 bytes at i * 128;
 // 8 rows form a 1024-byte atom (stride byte offset 1024); inside an atom the
 // 16-byte chunk c of row i is stored at chunk c ^ (i % 8). The swizzle is a
 // function of the shared address bits (bits 4-6 ^= bits 7-9), so tiles start
 // at 1024-byte boundaries, and the k-th 16-wide slice of a row is addressed by
 // adding 32 k bytes to the descriptor's start address.
+// "N-major, 128B swizzle" (B of grad_h, whose B rows are the K index; the
+// instruction's imm-trans-b = 1): an atom is 64 N values (128 bytes, one k)
+// x 8 k, the same 1024-byte swizzled block with k in the role of the row;
+// the leading byte offset steps between atoms along N, the stride byte
+// offset between groups of 8 k (PTX ISA, "Leading / Stride Dimension Byte
+// Offset", MN-major swizzled). Here a B tile is [N / 64 atoms][64 k] with
+// SBO = 1024 and LBO = 8192, and the k-th 16-deep slice starts 2048 k
+// bytes in.
 //
 //   swz128_offset(i, c)   byte offset of chunk c of row i in such a tile;
 //   wg_desc(saddr)        the descriptor of a tile slice at shared address saddr;
 //   WgAcc<N>              one thread's N / 2 accumulators of a 64 x N tile:
 //                         element e at row 16 (warp % 4) + lane / 4 + 8 ((e / 2) % 2),
 //                         column 8 (e / 4) + 2 (lane % 4) + e % 2;
+//   wg_desc_nb(saddr)     the N-major descriptor (LBO 8192, SBO 1024);
 //   wgmma_k16<CT>(acc, da, db)  issue acc += A . B (asynchronous);
+//   wgmma_k16_nb<CT>(...)  the same with an N-major B;
 //   wg_fence / wg_commit / wg_wait<N>   wgmma.fence, commit_group, wait_group N;
 //   fence_proxy_async()   orders this thread's shared-memory writes (st.shared,
 //                         cp.async) before later reads by the async proxy.
@@ -78,6 +89,12 @@ TL_DEVICE unsigned long long wg_desc(unsigned saddr) {
          | (1ull << 62);                                                           // 128-byte swizzle
 }
 
+TL_DEVICE unsigned long long wg_desc_nb(unsigned saddr) {
+  return static_cast<unsigned long long>((saddr & 0x3FFFFu) >> 4) | (static_cast<unsigned long long>(8192 >> 4) << 16)  // LBO: N atoms
+         | (static_cast<unsigned long long>(1024 >> 4) << 32)                                                           // SBO: 8 k
+         | (1ull << 62);                                                                                                // 128-byte swizzle
+}
+
 template <int N>
 struct WgAcc {
   static_assert(N % 16 == 0 && N >= 16 && N <= 256, "wgmma N");
@@ -101,18 +118,25 @@ struct Pending {
   int regs;
   bool bf16;
   unsigned long long da, db;
-  int group;  // commit group, -1 until committed
+  bool b_nmajor;  // B in the N-major layout (imm-trans-b = 1)
+  int group;      // commit group, -1 until committed
   std::vector<float> add;
 };
 inline thread_local std::vector<Pending> pending;
 inline thread_local int groups_committed = 0;
 
-// The 16-bit value at (row, k) of the tile slice `desc` describes.
-inline unsigned short at(unsigned long long desc, int row, int k) {
+// The 16-bit value at (row, k) of the tile slice `desc` describes: row is M
+// for A, N for B; K-major, or N-major (`nmajor`, B only).
+inline unsigned short at(unsigned long long desc, int row, int k, bool nmajor = false) {
   if ((desc >> 62) != 1 || ((desc >> 49) & 7) != 0) tl_shim::fatal("wgmma: only 128B-swizzled descriptors with base offset 0 are emulated");
   const unsigned start = static_cast<unsigned>(desc & 0x3FFF) << 4;
+  const unsigned lbo = static_cast<unsigned>((desc >> 16) & 0x3FFF) << 4;
   const unsigned sbo = static_cast<unsigned>((desc >> 32) & 0x3FFF) << 4;
-  const unsigned a = start + static_cast<unsigned>(row / 8) * sbo + static_cast<unsigned>(row % 8) * 128u + 2u * k;
+  // K-major: 8-row groups at SBO, a row's 64 k in 128 bytes. N-major: 64-wide
+  // N atoms at LBO, 8-k groups at SBO, one k's 64 N values in 128 bytes.
+  const unsigned a = nmajor ? start + static_cast<unsigned>(row / 64) * lbo + static_cast<unsigned>(k / 8) * sbo +
+                                  static_cast<unsigned>(k % 8) * 128u + 2u * static_cast<unsigned>(row % 64)
+                            : start + static_cast<unsigned>(row / 8) * sbo + static_cast<unsigned>(row % 8) * 128u + 2u * k;
   const unsigned phys = a ^ (((a >> 7) & 7u) << 4);
   if (phys + 2 > tl_shim::t_ctx.launch->dyn_smem_bytes) tl_shim::fatal("wgmma: descriptor reads shared byte %u, past the %u dynamic bytes", phys, tl_shim::t_ctx.launch->dyn_smem_bytes);
   unsigned short bits;
@@ -129,12 +153,12 @@ inline void evaluate(const Pending& p, float* out) {
     // The layout does not depend on N (WgAcc<16> is any WgAcc).
     const int m = WgAcc<16>::row(tid, e), n = WgAcc<16>::col(tid, e);
     float s = 0.0f;
-    for (int k = 0; k < 16; ++k) s = std::fma(to_f(p.bf16, at(p.da, m, k)), to_f(p.bf16, at(p.db, n, k)), s);
+    for (int k = 0; k < 16; ++k) s = std::fma(to_f(p.bf16, at(p.da, m, k)), to_f(p.bf16, at(p.db, n, k, p.b_nmajor)), s);
     out[e] = s;
   }
 }
-inline void issue(float* acc, int regs, bool bf16, unsigned long long da, unsigned long long db) {
-  Pending p{acc, regs, bf16, da, db, -1, std::vector<float>(static_cast<std::size_t>(regs))};
+inline void issue(float* acc, int regs, bool bf16, unsigned long long da, unsigned long long db, bool b_nmajor) {
+  Pending p{acc, regs, bf16, da, db, b_nmajor, -1, std::vector<float>(static_cast<std::size_t>(regs))};
   evaluate(p, p.add.data());
   pending.push_back(std::move(p));
 }
@@ -219,7 +243,29 @@ TL_DEVICE void wgmma_k16(WgAcc<N>& acc, unsigned long long da, unsigned long lon
   if constexpr (N == 256 && std::is_same<CT, __nv_bfloat16>::value) wgmma_ptx::m64n256k16_bf16(acc.v, da, db);
   static_assert(N == 128 || N == 256, "wgmma_asm.cuh has N = 128 and 256");
 #elif defined(TL_WGMMA_SHIM)
-  wgmma_shim::issue(acc.v, WgAcc<N>::REGS, std::is_same<CT, __nv_bfloat16>::value, da, db);
+  wgmma_shim::issue(acc.v, WgAcc<N>::REGS, std::is_same<CT, __nv_bfloat16>::value, da, db, false);
+#else
+  (void)acc;
+  (void)da;
+  (void)db;
+#endif
+}
+
+// acc += A . B with B N-major (descriptor from wg_desc_nb), N = 144, 160, 192.
+template <class CT, int N>
+TL_DEVICE void wgmma_k16_nb(WgAcc<N>& acc, unsigned long long da, unsigned long long db) {
+  static_assert(std::is_same<CT, __half>::value || std::is_same<CT, __nv_bfloat16>::value, "f16 or bf16 operands");
+#if defined(TL_WGMMA_PTX)
+  constexpr bool H = std::is_same<CT, __half>::value;
+  if constexpr (N == 144 && H) wgmma_ptx::m64n144k16_f16_nb(acc.v, da, db);
+  if constexpr (N == 144 && !H) wgmma_ptx::m64n144k16_bf16_nb(acc.v, da, db);
+  if constexpr (N == 160 && H) wgmma_ptx::m64n160k16_f16_nb(acc.v, da, db);
+  if constexpr (N == 160 && !H) wgmma_ptx::m64n160k16_bf16_nb(acc.v, da, db);
+  if constexpr (N == 192 && H) wgmma_ptx::m64n192k16_f16_nb(acc.v, da, db);
+  if constexpr (N == 192 && !H) wgmma_ptx::m64n192k16_bf16_nb(acc.v, da, db);
+  static_assert(N == 144 || N == 160 || N == 192, "wgmma_asm.cuh has N-major B for N = 144, 160, 192");
+#elif defined(TL_WGMMA_SHIM)
+  wgmma_shim::issue(acc.v, WgAcc<N>::REGS, std::is_same<CT, __nv_bfloat16>::value, da, db, true);
 #else
   (void)acc;
   (void)da;

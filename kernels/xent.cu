@@ -14,7 +14,7 @@
 //           (wg_gemm.cuh, sm_90a) keep the tile in registers: a row's 128
 //           columns are spread over the 4 lanes of a quad (WgAcc's layout),
 //           so its max and sum are in-thread folds plus two xor shuffles;
-//           shared memory WgShape<128, 3>::SMEM_BYTES.
+//           shared memory WgShapeK<T, 128, 3>::SMEM_BYTES.
 // combine   grid 1 block of 256 threads: merges the splits of each row in
 //           order (lse), forms the per-row losses, then sums them in a fixed
 //           tree order: loss[0] = scale * sum. Bitwise deterministic.
@@ -92,7 +92,7 @@ TL_DEVICE void xent_partial(const XentPartialParams& p) {
 template <class T>
 TL_DEVICE void xent_partial_wgmma(const XentPartialParams& p) {
 #if TL_HAS_WGMMA
-  using S = tl::WgShape<128, 3>;
+  using S = tl::WgShapeK<T, 128, 3>;
   using Acc = tl::WgAcc<128>;
   TL_DYNAMIC_SMEM(unsigned char, smem);
   const tl::SegRows<T, T> a{static_cast<const T*>(p.h), p.hidden, p.hidden, static_cast<const T*>(p.p), p.rank,
@@ -110,8 +110,8 @@ TL_DEVICE void xent_partial_wgmma(const XentPartialParams& p) {
   for (int h = 0; h < 2; ++h) target[h] = t0 + 8 * h < p.tokens ? p.targets[t0 + 8 * h] : -1;
   const float kappa = p.softcap;
   float run_max[2] = {-INFINITY, -INFINITY}, run_sum[2] = {0.0f, 0.0f};
-  for (int n0 = c_begin; n0 < c_end; n0 += S::BN) {
-    tl::wg_gemm<T, S>(smem, a, b, p.hidden + p.rank, m0, n0, [&](Acc& acc, int) {
+  for (int n0 = c_begin; n0 < c_end; n0 += S::N) {
+    tl::wg_gemm<T, S>(smem, a, b, tl::no_rows(), p.hidden + p.rank, m0, n0, [&](Acc& acc, int) {
 #pragma unroll
       for (int e = 0; e < Acc::REGS; ++e) {
         const float v = acc.v[e];

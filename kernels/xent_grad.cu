@@ -4,7 +4,7 @@
 // logits    grid (ceil(T / 128), ceil(cols / 128)), 256 threads, dynamic shared
 //           memory GemmShape::SMEM_BYTES (the _mma variants: ldmatrix +
 //           mma.sync on the 3-stage ring; the _wgmma ones: wg_gemm.cuh,
-//           WgShape<128, 3>::SMEM_BYTES). Recomputes the logit tile
+//           WgShapeK<T, 128, 3>::SMEM_BYTES). Recomputes the logit tile
 //           z = [h | p] . [W | U]^T of columns [col0, col0 + cols) with the
 //           forward's K = d + r tile GEMM and writes, in the epilogue,
 //             G[t, c] = (exp(z'[t, v] - lse[t]) - [v == y_t]) * slope(z[t, v]) * factor
@@ -102,7 +102,7 @@ TL_DEVICE void filter_tile(const XentGradLogitsParams& p, T* g, int m0, int n0, 
 template <class T>
 TL_DEVICE void xent_grad_logits_wgmma(const XentGradLogitsParams& p) {
 #if TL_HAS_WGMMA
-  using S = tl::WgShape<128, 3>;
+  using S = tl::WgShapeK<T, 128, 3>;
   TL_DYNAMIC_SMEM(unsigned char, smem);
   const tl::SegRows<T, T> a{static_cast<const T*>(p.h), p.hidden, p.hidden, static_cast<const T*>(p.p), p.rank,
                             p.rank, p.tokens};
@@ -116,10 +116,10 @@ TL_DEVICE void xent_grad_logits_wgmma(const XentGradLogitsParams& p) {
   const GradOfLogit gof{p.targets, p.lse, p.softcap, p.factor};
   T* g = static_cast<T*>(p.g);
   const long long ldg = p.cols;
-  const int m0 = static_cast<int>(blockIdx.x) * S::BM, n0 = static_cast<int>(blockIdx.y) * S::BN;
+  const int m0 = static_cast<int>(blockIdx.x) * S::BM, n0 = static_cast<int>(blockIdx.y) * S::N;
   const float thresh = p.filter * fabsf(p.factor);
   bool big = false;
-  tl::wg_gemm<T, S>(smem, a, b, p.hidden + p.rank, m0, n0, [&](const tl::WgAcc<128>& acc, int m_base) {
+  tl::wg_gemm<T, S>(smem, a, b, tl::no_rows(), p.hidden + p.rank, m0, n0, [&](const tl::WgAcc<128>& acc, int m_base) {
     tl::for_each_pair(acc, m_base, n0, p.tokens, p.cols, [&](int m, int c, float z0, float z1) {
       const bool both = c + 1 < p.cols;
       const float g0 = gof(m, p.col0 + c, z0);

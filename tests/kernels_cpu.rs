@@ -100,6 +100,14 @@ fn head_wgmma() {
         assert_all(head_case::<bf16, _>(&k, 70, 37, 64, 1, false));
         assert_all(head_case::<f16, _>(&k, 264, 256, 8, 150, false));
     }
+    // grad_h (G in the storage dtype): every extra-column width (r = 1, 16,
+    // 17, 33, 64), d off the 128 tile and not a multiple of 8 (general path
+    // only), V over several K steps with a partial last one.
+    let k = CpuKernels { wgmma: true, ..CpuKernels::default() };
+    assert_all(head_case::<bf16, _>(&k, 264, 136, 16, 150, true));
+    assert_all(head_case::<bf16, _>(&k, 200, 72, 17, 130, false));
+    assert_all(head_case::<f16, _>(&k, 300, 40, 33, 20, false));
+    assert_all(head_case::<bf16, _>(&k, 150, 37, 64, 9, false));
 }
 
 /// The cp.async ring's steady-state path in every operand layout of the head

@@ -94,8 +94,9 @@ fn gpu_small_head_mma() {
     assert_all(head_case::<bf16, _>(&gpu().with_mma(true), 136, 72, 17, 70, true));
 }
 
-/// The Hopper warpgroup-MMA forward (tests/kernels_cpu.rs::head_wgmma on
-/// the device: the hardware's swizzle, descriptors and accumulator layout).
+/// The Hopper warpgroup-MMA head kernels, forward and grad_h
+/// (tests/kernels_cpu.rs::head_wgmma on the device: the hardware's swizzle,
+/// descriptors and accumulator layout).
 /// Needs compute capability 9.0 (`with_wgmma` is an `Err` elsewhere).
 #[test]
 #[ignore = "needs a CUDA device"]
@@ -107,6 +108,11 @@ fn gpu_small_head_wgmma() {
         assert_all(head_case::<bf16, _>(&g, 70, 37, 64, 1, false));
         assert_all(head_case::<f16, _>(&g, 264, 256, 8, 150, false));
     }
+    let g = gpu().with_wgmma(true).expect("wgmma needs an sm_90 GPU");
+    assert_all(head_case::<bf16, _>(&g, 264, 136, 16, 150, true));
+    assert_all(head_case::<bf16, _>(&g, 200, 72, 17, 130, false));
+    assert_all(head_case::<f16, _>(&g, 300, 40, 33, 20, false));
+    assert_all(head_case::<bf16, _>(&g, 150, 37, 64, 9, false));
 }
 
 /// The wide-tile and mma.sync variants at a larger shape (kept out of the

@@ -104,6 +104,13 @@ pub fn wg_shared_bytes(bn: usize, stages: usize) -> u32 {
     ((128 + bn) * 128 * stages + 1024) as u32
 }
 
+/// Dynamic shared memory of a `wg_gemm` kernel with an N-major B
+/// (`WgBNMajor<CT, bn, RX>` on `stages` slots): a 128-row A tile and
+/// `bn / 64 + 1` B atoms of 8 KiB per slot, plus 1024 bytes of alignment.
+pub fn wg_nmajor_shared_bytes(bn: usize, stages: usize) -> u32 {
+    ((128 * 128 + (bn / 64 + 1) * 8192) * stages + 1024) as u32
+}
+
 macro_rules! by_dtype {
     ($dt:expr, $prefix:literal, $suffix:literal) => {
         match $dt {
@@ -464,6 +471,17 @@ fn grad_h<E: Executor>(e: &E, cfg: &LoraConfig, t: DType, gt: DType, op: GradH, 
         _pad: 0,
     };
     let tg = tg_name(t, gt, ["f32_f32", "f16_f16", "f16_f32", "bf16_bf16", "bf16_f32"])?;
+    if e.options().wgmma && t == gt && t != DType::F32 && op.live.is_none() {
+        // W read N-major with U's columns in the same MMAs (head.cu).
+        let plan = LaunchPlan {
+            kernel: intern(format!("tl_head_grad_h_{tg}_rx{rx}_wgmma")),
+            grid: (blocks(tokens, GEMM_TILE), blocks(d, GEMM_TILE), 1),
+            block: (THREADS, 1, 1),
+            shared_bytes: wg_nmajor_shared_bytes(128, 4),
+        };
+        // SAFETY: as below.
+        return unsafe { e.launch(&plan, &params) };
+    }
     let (mut sfx, stages) = backward_gemm_variant(e, t, gt);
     if sfx.is_empty() && rx == 16 && t != DType::F32 && op.live.is_none() && e.options().grad_h_two_blocks {
         sfx = "_o2"; // same math without the tile filter, two blocks per SM (head.cu)
