@@ -121,7 +121,8 @@ TL_DEVICE void head_grad_h(const HeadGradHParams& p) {
 // 128 .. 128 + RX of an m64n(128 + RX)k16, so one pass gives G W and G U. G in
 // the storage dtype, no tile filter (the host picks another kernel for those).
 // Epilogue: G U goes through shared memory (each row's r values are spread
-// over a lane quad), then dh = G W + s (G U) Vh from registers.
+// over a lane quad), then dh = G W + s (G U) Vh from registers. p.u is U
+// packed to [V, RX] in the storage dtype (the host runs lora_small.cu's pack).
 template <class T, int RX>
 TL_DEVICE void head_grad_h_wgmma(const HeadGradHParams& p) {
 #if TL_HAS_WGMMA
@@ -130,7 +131,8 @@ TL_DEVICE void head_grad_h_wgmma(const HeadGradHParams& p) {
   TL_DYNAMIC_SMEM(unsigned char, smem);
   const SegRows<T, float> a{static_cast<const T*>(p.g), p.vocab, p.vocab, nullptr, 0, 0, p.tokens};
   const SegRows<T, float> b{static_cast<const T*>(p.w), p.hidden, p.hidden, nullptr, 0, 0, p.vocab};
-  const SegRows<float, float> x{p.u, p.rank, p.rank, nullptr, 0, 0, p.vocab};
+  // U packed to the storage dtype, RX columns (params.h, lora_small.cu's pack).
+  const SegRows<T, float> x{reinterpret_cast<const T*>(p.u), RX, RX, nullptr, 0, 0, p.vocab};
   const long long d = p.hidden;
   const int r = p.rank;
   const float s = p.scale;

@@ -9,6 +9,9 @@
 //             chunks), block 256, one thread per column k), then a reduction
 //             over the chunks in order (grid ceil(r·d / 256), block 256).
 //             Used for dVh = s·(G U)ᵀ h (head) and c·s·U[ids]ᵀ dE (embedding).
+// pack        out[v, j] = U[v, j] rounded to the storage dtype, zero for
+//             r <= j < ld_out: U as the wgmma grad_h stages it (16-byte rows,
+//             cp.async). Grid-stride, block 256.
 #include "params.h"
 
 namespace {
@@ -117,3 +120,16 @@ TL_KERNEL_BOUNDED(tl_lora_up_reduce, LoraUpReduceParams, 256) {
   for (int s = 0; s < p.chunks; ++s) acc += p.partial[static_cast<long long>(s) * p.count + e];
   p.out[e] += p.scale * acc;
 }
+
+template <class T>
+TL_DEVICE void lora_pack(const LoraPackParams& p) {
+  const long long n = static_cast<long long>(p.rows) * p.ld_out;
+  for (long long e = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; e < n;
+       e += static_cast<long long>(gridDim.x) * blockDim.x) {
+    const long long v = e / p.ld_out;
+    const int j = static_cast<int>(e % p.ld_out);
+    static_cast<T*>(p.out)[e] = tl_from_float<T>(j < p.cols ? p.u[v * p.cols + j] : 0.0f);
+  }
+}
+TL_KERNEL_BOUNDED(tl_lora_pack_f16, LoraPackParams, 256) { lora_pack<__half>(p); }
+TL_KERNEL_BOUNDED(tl_lora_pack_bf16, LoraPackParams, 256) { lora_pack<__nv_bfloat16>(p); }

@@ -72,6 +72,17 @@ struct LoraUpReduceParams {
 };
 TL_CHECK_PARAMS(LoraUpReduceParams, 32);
 
+// lora_small.cu: out[v, j] = u[v, j] for j < cols, 0 for cols <= j < ld_out (storage dtype).
+struct LoraPackParams {
+  const float* u;  // [rows, cols]
+  void* out;       // [rows, ld_out]
+  int rows;
+  int cols;
+  int ld_out;
+  unsigned _pad;
+};
+TL_CHECK_PARAMS(LoraPackParams, 32);
+
 // head.cu: logits[t, v] = [h_t | p_t] . [W_v | U_v]   (p = s * h Vh^T, from lora_down)
 struct HeadForwardParams {
   const void* h;   // [T, d]
@@ -92,7 +103,7 @@ TL_CHECK_PARAMS(HeadForwardParams, 56);
 struct HeadGradHParams {
   const void* g;    // [T, V], dtype G
   const void* w;    // [V, d]
-  const float* u;   // [V, r]
+  const float* u;   // [V, r]; the _wgmma kernels: [V, RX] in the storage dtype (lora_small.cu's pack)
   const float* vh;  // [r, d]
   void* dh;         // [T, d] storage dtype, or f32 with accumulate
   float* gu;        // [T, r]

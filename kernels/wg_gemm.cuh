@@ -132,8 +132,9 @@ struct WgBKMajor {
 };
 
 // B operand, N-major (wgmma.cuh): B rows are the K index. The BN columns of
-// B fill BN / 64 atoms [64 k][64 n]; the RX extra columns (X rows, converted
-// by seg_load, e.g. f32 U) the first RX columns of one more atom. W chunk
+// B fill BN / 64 atoms [64 k][64 n]; the RX extra columns (X rows: U packed
+// to CT and RX columns, or any SegRows through seg_load) the first RX columns
+// of one more atom. W chunk
 // tid + 256 i = (k row tid / (BN / 8) + (256 / (BN / 8)) i, column chunk
 // tid % (BN / 8)): one column chunk per thread, so one in-range flag.
 template <class CT, int BN, int RX>
@@ -149,13 +150,14 @@ struct WgBNMajor {
 
   TL_DEVICE static int offset(int kr, int cn) { return (cn / 8) * 8192 + kr * 128 + (((cn % 8) ^ (kr & 7)) << 4); }
 
-  template <class S0, class S1, class SX>
-  TL_DEVICE void init(const SegRows<S0, S1>& b, const SX&, int n0, unsigned tid) {
-    if constexpr (std::is_same<S0, CT>::value) {
-      // Whole 16-byte vectors: aligned base and rows, segment 0 only, its
-      // width a multiple of 8 (a chunk is all in or all out).
+  template <class S0, class S1, class X0, class X1>
+  TL_DEVICE void init(const SegRows<S0, S1>& b, const SegRows<X0, X1>& x, int n0, unsigned tid) {
+    if constexpr (std::is_same<S0, CT>::value && std::is_same<X0, CT>::value) {
+      // Whole 16-byte vectors: aligned bases and rows, segment 0 only, B's
+      // width a multiple of 8 (a chunk is all in or all out), X as packed.
       if ((reinterpret_cast<unsigned long long>(b.p0) & 15ull) != 0 || b.ld0 % 8 != 0 || b.len0 % 8 != 0 ||
-          b.len1 != 0)
+          b.len1 != 0 || (reinterpret_cast<unsigned long long>(x.p0) & 15ull) != 0 || x.ld0 % 8 != 0 ||
+          x.len0 < RX || x.len1 != 0 || x.rows < b.rows)
         return;
       const int col = n0 + 8 * static_cast<int>(tid % CPR);
       p0 = b.p0;
@@ -166,15 +168,25 @@ struct WgBNMajor {
     }
   }
   TL_DEVICE int k_limit() const { return k_lim; }
-  template <class SX>
-  TL_DEVICE static void issue_x(const SX& x, int k0, unsigned char* tile, unsigned tid) {
+  // The X columns of step k0. `fast`: every row k0 .. k0 + 63 exists and X is
+  // stored in CT with 16-byte rows (U packed by lora_small.cu's pack, RX wide,
+  // zero-padded), so cp.async; otherwise seg_load (conversion, zeros past the
+  // ends) and a shared store.
+  template <class S0, class S1>
+  TL_DEVICE static void issue_x(const SegRows<S0, S1>& x, int k0, unsigned char* tile, unsigned tid, bool fast) {
     constexpr int XC = RX / 8;  // chunks per k row
     for (int j = static_cast<int>(tid); j < 64 * XC; j += kGemmThreads) {
       const int kr = j / XC, c = j % XC;
+      unsigned char* dst = tile + (ATOMS - 1) * 8192 + kr * 128 + ((c ^ (kr & 7)) << 4);
+      if constexpr (std::is_same<S0, CT>::value) {
+        if (fast) {
+          tl_cp_async16(dst, x.p0 + static_cast<long long>(k0 + kr) * x.ld0 + 8 * c);
+          continue;
+        }
+      }
       CT tmp[8];
       seg_load<CT>(x, k0 + kr, 8 * c, tmp);
-      *reinterpret_cast<uint4*>(tile + (ATOMS - 1) * 8192 + kr * 128 + ((c ^ (kr & 7)) << 4)) =
-          *reinterpret_cast<const uint4*>(tmp);
+      *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(tmp);
     }
   }
   template <class SB, class SX>
@@ -187,7 +199,7 @@ struct WgBNMajor {
       // Columns past the end: zero-filled, the source only named.
       tl_cp_async16_zfill(tile + offset(kr, cn), ok ? p0 + off0 + kofs + static_cast<long long>(RPP * i) * ld : p0, ok);
     }
-    issue_x(x, k0, tile, tid);
+    issue_x(x, k0, tile, tid, true);
   }
   template <class SB, class SX>
   TL_DEVICE static void issue_general(const SB& b, const SX& x, int n0, int k0, unsigned char* tile, unsigned tid) {
@@ -199,7 +211,7 @@ struct WgBNMajor {
       seg_load<CT>(b, k0 + kr, n0 + 8 * cn, tmp);
       *reinterpret_cast<uint4*>(tile + offset(kr, cn)) = *reinterpret_cast<const uint4*>(tmp);
     }
-    issue_x(x, k0, tile, tid);
+    issue_x(x, k0, tile, tid, false);
   }
   TL_DEVICE static void mma(WgAcc<N>& acc, unsigned long long da, unsigned sb, int kk) {
     wgmma_k16_nb<CT, N>(acc, da, wg_desc_nb(sb + 2048u * kk));

@@ -113,6 +113,8 @@ shim_table!(
     tl_xent_partial_bf16_wgmma,
     tl_xent_grad_logits_f16_mma,
     tl_xent_grad_logits_bf16_mma,
+    tl_lora_pack_f16,
+    tl_lora_pack_bf16,
     tl_head_grad_h_f16_f16_rx16_wgmma,
     tl_head_grad_h_f16_f16_rx32_wgmma,
     tl_head_grad_h_f16_f16_rx64_wgmma,

@@ -472,14 +472,29 @@ fn grad_h<E: Executor>(e: &E, cfg: &LoraConfig, t: DType, gt: DType, op: GradH, 
     };
     let tg = tg_name(t, gt, ["f32_f32", "f16_f16", "f16_f32", "bf16_bf16", "bf16_f32"])?;
     if e.options().wgmma && t == gt && t != DType::F32 && op.live.is_none() {
-        // W read N-major with U's columns in the same MMAs (head.cu).
+        // W read N-major with U's columns in the same MMAs (head.cu), U
+        // packed to [rows, rx] in the storage dtype first.
+        let packed = e.scratch(op.rows * rx * t.size())?;
+        let pack = LoraPackParams {
+            u: op.u,
+            out: e.addr(&packed),
+            rows: i32_of("vocab", op.rows)?,
+            cols: i32_of("rank", r)?,
+            ld_out: rx as i32,
+            _pad: 0,
+        };
+        let grid = blocks(op.rows * rx, THREADS).min(e.multiprocessors() * 8);
+        let plan = LaunchPlan::linear(by_dtype!(t, "tl_lora_pack_", ""), grid.max(1), THREADS);
+        // SAFETY: U rows [rows, r] f32 (caller), packed [rows, rx] allocated above.
+        unsafe { e.launch(&plan, &pack)? };
+        let params = HeadGradHParams { u: e.addr(&packed), ..params };
         let plan = LaunchPlan {
             kernel: intern(format!("tl_head_grad_h_{tg}_rx{rx}_wgmma")),
             grid: (blocks(tokens, GEMM_TILE), blocks(d, GEMM_TILE), 1),
             block: (THREADS, 1, 1),
             shared_bytes: wg_nmajor_shared_bytes(128, 4),
         };
-        // SAFETY: as below.
+        // SAFETY: as below, with U packed [rows, rx] in t.
         return unsafe { e.launch(&plan, &params) };
     }
     let (mut sfx, stages) = backward_gemm_variant(e, t, gt);
@@ -929,7 +944,10 @@ fn xent_du_partial_bytes(cfg: &LoraConfig, tokens: usize, sms: u32, chunk: usize
 /// allocates, each at least 16 bytes): O(T) for the targets, O(T·r) for p and G·U, O(T·d) for the f32
 /// dh accumulator, one G chunk of at most `max(32 MiB, T·128·elem)`, and the
 /// bounded dVh partials; no term in T·V or V·d. Mirrors the allocations of
-/// the op (a test checks the two agree).
+/// the op with the default kernels (a test checks the two agree). With
+/// `KernelOptions::wgmma` each chunk's `dh` GEMM also packs the chunk's U rows
+/// to the storage dtype (C·RX·elem bytes, RX = 16, 32 or 64; 64 KiB at the
+/// Gemma-2-2B shape), freed before the next chunk.
 pub fn head_xent_backward_scratch_bytes(
     cfg: &LoraConfig,
     t: DType,

@@ -45,6 +45,11 @@ params! {
         partial: u64, out: u64,
         chunks: i32, count: i32, scale: f32, _pad: u32,
     }
+    /// `lora_small.cu`: U rows in the storage dtype, zero-padded to `ld_out` columns.
+    LoraPackParams (32) {
+        u: u64, out: u64,
+        rows: i32, cols: i32, ld_out: i32, _pad: u32,
+    }
     /// `head.cu`: `logits = [h | p] · [W | U]ᵀ`.
     HeadForwardParams (56) {
         h: u64, p: u64, w: u64, u: u64, out: u64,
