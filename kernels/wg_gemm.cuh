@@ -1,6 +1,6 @@
 // wg_gemm.cuh: the head GEMM main loop on Hopper warpgroup MMAs (wgmma.cuh).
 //
-//   C[M, N] = A[M, K] . B[N, K]^T      (both operands K-major, f32 accumulation)
+//   C[M, N] = A[M, K] . B[K, N]        (f32 accumulation)
 //
 // A and B are "segmented rows" (tile_gemm.cuh): the head forward's A row is
 // [h_t | s h_t Vh^T] and its B row [W_v | U_v], so the LoRA columns join the
@@ -29,9 +29,10 @@
 //
 // Epilogue: after every warpgroup's MMAs are retired (and a barrier, so the
 // caller may reuse shared memory at once), epi(acc, m_base) with this
-// thread's accumulators (mutable: the epilogue may transform them in place): element e is C[m_base + WgAcc::row(tid, e),
-// n0 + WgAcc::col(tid, e)], not masked (rows past M and columns past N hold
-// 0 . 0 sums). for_each_pair walks the in-range elements two columns at a time.
+// thread's accumulators (mutable: the epilogue may transform them in place):
+// element e is C[m_base + WgAcc::row(tid, e), n0 + WgAcc::col(tid, e)], not
+// masked (rows past M and columns past N hold 0 . 0 sums). for_each_pair
+// walks the in-range elements two columns at a time.
 #pragma once
 #include "tile_gemm.cuh"
 #include "wgmma.cuh"
