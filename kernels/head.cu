@@ -214,6 +214,41 @@ TL_DEVICE void head_grad_param(const HeadGradParamParams& p) {
       [](int, int, float) {}, live);
 }
 
+// grad_param on Hopper warpgroup MMAs (wg_gemm.cuh, sm_90a): A = Gᵀ read
+// M-major and B (p for dU, h for dW) read N-major, both straight from their
+// token rows; BN = 64 (dU, r <= 64: the columns past r are zero-filled) or
+// 128 (dW). Split-K over grid.z exactly as head_grad_param; G in the storage
+// dtype, no tile filter (the host picks another kernel for those).
+template <class T, int BN>
+TL_DEVICE void head_grad_param_wgmma(const HeadGradParamParams& p) {
+#if TL_HAS_WGMMA
+  using S = tl::WgShapeMN<T, BN, 4>;
+  TL_DYNAMIC_SMEM(unsigned char, smem);
+  const int split = p.k_split > 0 ? static_cast<int>(blockIdx.z) : 0;
+  const long long t0 = static_cast<long long>(split) * p.k_split;
+  const int rows = p.k_split > 0 ? min(p.k_split, p.tokens - static_cast<int>(t0)) : p.tokens;
+  // Both operands' rows are tokens (the K index): A columns are the
+  // vocabulary (M), B columns the output columns (N).
+  const SegRows<T, float> a{static_cast<const T*>(p.g) + t0 * p.vocab, p.vocab, p.vocab, nullptr, 0, 0, rows};
+  const SegRows<T, float> b{static_cast<const T*>(p.b) + t0 * p.ncols, p.ncols, p.ncols, nullptr, 0, 0, rows};
+  const long long ld = p.ncols;
+  float* grad = p.grad + static_cast<long long>(split) * p.vocab * ld;
+  const bool write = p.k_split > 0;
+  const float scale = p.scale;
+  const int m0 = static_cast<int>(blockIdx.x) * S::BM, n0 = static_cast<int>(blockIdx.y) * BN;
+  tl::wg_gemm<T, S>(smem, a, b, tl::no_rows(), rows, m0, n0, [&](tl::WgAcc<BN>& acc, int m_base) {
+    tl::for_each_pair(acc, m_base, n0, p.vocab, p.ncols, [&](int m, int n, float v0, float v1) {
+      float* o = grad + m * ld + n;
+      o[0] = write ? scale * v0 : o[0] + scale * v0;
+      if (n + 1 < p.ncols) o[1] = write ? scale * v1 : o[1] + scale * v1;
+    });
+  });
+#else
+  (void)p;
+  __trap();  // not an sm_90a build: the host never selects this kernel here
+#endif
+}
+
 }  // namespace
 
 // Two main loops per op: the register-staged one (suffix-less names) and a
@@ -349,3 +384,14 @@ TL_HEAD_GRAD_PARAM(bf16_bf16, __nv_bfloat16, __nv_bfloat16, 3, _s3)
   }
 TL_HEAD_GRAD_PARAM_MMA(f16_f16, __half)
 TL_HEAD_GRAD_PARAM_MMA(bf16_bf16, __nv_bfloat16)
+// Hopper warpgroup MMAs (`KernelOptions::wgmma`, sm_90a cubin only), 4-slot
+// ring: n64 (dU) 97 KiB, two blocks per SM; n128 (dW) 129 KiB.
+#define TL_HEAD_GRAD_PARAM_WGMMA(name, T)                                                    \
+  TL_KERNEL_BOUNDED_MIN(tl_head_grad_param_##name##_n64_wgmma, HeadGradParamParams, 256, 2) { \
+    head_grad_param_wgmma<T, 64>(p);                                                         \
+  }                                                                                          \
+  TL_KERNEL_BOUNDED(tl_head_grad_param_##name##_n128_wgmma, HeadGradParamParams, 256) {      \
+    head_grad_param_wgmma<T, 128>(p);                                                        \
+  }
+TL_HEAD_GRAD_PARAM_WGMMA(f16_f16, __half)
+TL_HEAD_GRAD_PARAM_WGMMA(bf16_bf16, __nv_bfloat16)

@@ -112,6 +112,7 @@ TL_DEVICE SegRows<float, float> no_rows() { return SegRows<float, float>{nullptr
 // B operand, K-major: B rows are the N index (WgStream's layout).
 template <class CT, int BN>
 struct WgBKMajor {
+  using CT_ = CT;
   static constexpr int N = BN, BYTES = BN * 128;
   WgStream<CT, BN> s;
   template <class SB, class SX>
@@ -127,22 +128,22 @@ struct WgBKMajor {
   TL_DEVICE static void issue_general(const SB& b, const SX&, int n0, int k0, unsigned char* tile, unsigned tid) {
     WgStream<CT, BN>::issue_general(b, n0, k0, tile, tid);
   }
+  template <bool A_MMAJOR>
   TL_DEVICE static void mma(WgAcc<N>& acc, unsigned long long da, unsigned sb, int kk) {
+    static_assert(!A_MMAJOR, "paired with a K-major A");
     wgmma_k16<CT, N>(acc, da, wg_desc(sb + 32u * kk));
   }
 };
 
-// B operand, N-major (wgmma.cuh): B rows are the K index. The BN columns of
-// B fill BN / 64 atoms [64 k][64 n]; the RX extra columns (X rows: U packed
-// to CT and RX columns, or any SegRows through seg_load) the first RX columns
-// of one more atom. W chunk
-// tid + 256 i = (k row tid / (BN / 8) + (256 / (BN / 8)) i, column chunk
-// tid % (BN / 8)): one column chunk per thread, so one in-range flag.
-template <class CT, int BN, int RX>
-struct WgBNMajor {
-  static_assert(sizeof(CT) == 2 && BN % 64 == 0 && RX % 16 == 0 && RX > 0 && RX <= 64, "BN, RX");
-  static constexpr int N = BN + RX, ATOMS = BN / 64 + 1, BYTES = ATOMS * 8192;
-  static constexpr int CPR = BN / 8, RPP = kGemmThreads / CPR, CH = 64 / RPP;
+// A [64 k][COLS] tile whose source rows are the K index, in N-major atoms
+// (wgmma.cuh): COLS / 64 atoms [64 k][64 columns] of 8 KiB. Chunk tid + 256 i
+// = (k row tid / (COLS / 8) + (256 / (COLS / 8)) i, column chunk tid % (COLS /
+// 8)): one column chunk per thread, so one in-range flag. Used for an
+// N-major B (W in grad_h; p or h in grad_param) and an M-major A (Gᵀ).
+template <class CT, int COLS>
+struct WgKRowStream {
+  static_assert(sizeof(CT) == 2 && COLS % 64 == 0, "16-bit operands, whole atoms");
+  static constexpr int CPR = COLS / 8, RPP = kGemmThreads / CPR, CH = 64 / RPP, BYTES = COLS / 64 * 8192;
   static_assert(kGemmThreads % CPR == 0 && 64 % RPP == 0, "whole k rows per pass");
   const CT* p0 = nullptr;
   long long off0 = 0, ld = 0;
@@ -151,16 +152,16 @@ struct WgBNMajor {
 
   TL_DEVICE static int offset(int kr, int cn) { return (cn / 8) * 8192 + kr * 128 + (((cn % 8) ^ (kr & 7)) << 4); }
 
-  template <class S0, class S1, class X0, class X1>
-  TL_DEVICE void init(const SegRows<S0, S1>& b, const SegRows<X0, X1>& x, int n0, unsigned tid) {
-    if constexpr (std::is_same<S0, CT>::value && std::is_same<X0, CT>::value) {
-      // Whole 16-byte vectors: aligned bases and rows, segment 0 only, B's
-      // width a multiple of 8 (a chunk is all in or all out), X as packed.
+  // `extra_ok`: the caller's own conditions for the fast path.
+  template <class S0, class S1>
+  TL_DEVICE void init(const SegRows<S0, S1>& b, int c0, unsigned tid, bool extra_ok = true) {
+    if constexpr (std::is_same<S0, CT>::value) {
+      // Whole 16-byte vectors: aligned base and rows, segment 0 only, its
+      // width a multiple of 8 (a chunk is all in or all out).
       if ((reinterpret_cast<unsigned long long>(b.p0) & 15ull) != 0 || b.ld0 % 8 != 0 || b.len0 % 8 != 0 ||
-          b.len1 != 0 || (reinterpret_cast<unsigned long long>(x.p0) & 15ull) != 0 || x.ld0 % 8 != 0 ||
-          x.len0 < RX || x.len1 != 0 || x.rows < b.rows)
+          b.len1 != 0 || !extra_ok)
         return;
-      const int col = n0 + 8 * static_cast<int>(tid % CPR);
+      const int col = c0 + 8 * static_cast<int>(tid % CPR);
       p0 = b.p0;
       ld = b.ld0;
       off0 = static_cast<long long>(tid / CPR) * b.ld0 + col;
@@ -169,6 +170,50 @@ struct WgBNMajor {
     }
   }
   TL_DEVICE int k_limit() const { return k_lim; }
+  TL_DEVICE void issue_fast(int k0, unsigned char* tile, unsigned tid) const {
+    const int cn = static_cast<int>(tid % CPR);
+    const long long kofs = static_cast<long long>(k0) * ld;
+#pragma unroll
+    for (int i = 0; i < CH; ++i) {
+      const int kr = static_cast<int>(tid / CPR) + RPP * i;
+      // Columns past the end: zero-filled, the source only named.
+      tl_cp_async16_zfill(tile + offset(kr, cn), ok ? p0 + off0 + kofs + static_cast<long long>(RPP * i) * ld : p0, ok);
+    }
+  }
+  template <class S0, class S1>
+  TL_DEVICE static void issue_general(const SegRows<S0, S1>& b, int c0, int k0, unsigned char* tile, unsigned tid) {
+    const int cn = static_cast<int>(tid % CPR);
+#pragma unroll
+    for (int i = 0; i < CH; ++i) {
+      const int kr = static_cast<int>(tid / CPR) + RPP * i;
+      CT tmp[8];
+      seg_load<CT>(b, k0 + kr, c0 + 8 * cn, tmp);
+      *reinterpret_cast<uint4*>(tile + offset(kr, cn)) = *reinterpret_cast<const uint4*>(tmp);
+    }
+  }
+};
+
+// B operand, N-major (wgmma.cuh): B rows are the K index. The BN columns of
+// B fill BN / 64 atoms (WgKRowStream); the RX extra columns (X rows: U packed
+// to CT and RX columns, or any SegRows through seg_load) the first RX columns
+// of one more atom. Paired with a K-major A.
+template <class CT, int BN, int RX>
+struct WgBNMajor {
+  static_assert(RX % 16 == 0 && RX > 0 && RX <= 64, "RX");
+  using CT_ = CT;
+  static constexpr int N = BN + RX, ATOMS = BN / 64 + 1, BYTES = ATOMS * 8192;
+  WgKRowStream<CT, BN> w;
+
+  template <class S0, class S1, class X0, class X1>
+  TL_DEVICE void init(const SegRows<S0, S1>& b, const SegRows<X0, X1>& x, int n0, unsigned tid) {
+    if constexpr (std::is_same<X0, CT>::value) {
+      // X as packed: 16-byte rows, at least RX wide, at least as many rows.
+      w.init(b, n0, tid,
+             (reinterpret_cast<unsigned long long>(x.p0) & 15ull) == 0 && x.ld0 % 8 == 0 && x.len0 >= RX &&
+                 x.len1 == 0 && x.rows >= b.rows);
+    }
+  }
+  TL_DEVICE int k_limit() const { return w.k_limit(); }
   // The X columns of step k0. `fast`: every row k0 .. k0 + 63 exists and X is
   // stored in CT with 16-byte rows (U packed by lora_small.cu's pack, RX wide,
   // zero-padded), so cp.async; otherwise seg_load (conversion, zeros past the
@@ -192,36 +237,93 @@ struct WgBNMajor {
   }
   template <class SB, class SX>
   TL_DEVICE void issue_fast(const SB&, const SX& x, int k0, unsigned char* tile, unsigned tid) const {
-    const int cn = static_cast<int>(tid % CPR);
-    const long long kofs = static_cast<long long>(k0) * ld;
-#pragma unroll
-    for (int i = 0; i < CH; ++i) {
-      const int kr = static_cast<int>(tid / CPR) + RPP * i;
-      // Columns past the end: zero-filled, the source only named.
-      tl_cp_async16_zfill(tile + offset(kr, cn), ok ? p0 + off0 + kofs + static_cast<long long>(RPP * i) * ld : p0, ok);
-    }
+    w.issue_fast(k0, tile, tid);
     issue_x(x, k0, tile, tid, true);
   }
   template <class SB, class SX>
   TL_DEVICE static void issue_general(const SB& b, const SX& x, int n0, int k0, unsigned char* tile, unsigned tid) {
-    const int cn = static_cast<int>(tid % CPR);
-#pragma unroll
-    for (int i = 0; i < CH; ++i) {
-      const int kr = static_cast<int>(tid / CPR) + RPP * i;
-      CT tmp[8];
-      seg_load<CT>(b, k0 + kr, n0 + 8 * cn, tmp);
-      *reinterpret_cast<uint4*>(tile + offset(kr, cn)) = *reinterpret_cast<const uint4*>(tmp);
-    }
+    WgKRowStream<CT, BN>::issue_general(b, n0, k0, tile, tid);
     issue_x(x, k0, tile, tid, false);
   }
+  template <bool A_MMAJOR>
   TL_DEVICE static void mma(WgAcc<N>& acc, unsigned long long da, unsigned sb, int kk) {
+    static_assert(!A_MMAJOR, "paired with a K-major A");
     wgmma_k16_nb<CT, N>(acc, da, wg_desc_nb(sb + 2048u * kk));
   }
 };
 
-template <class BPolicy, int STAGES_>
+// B operand, N-major without extra columns, paired with an M-major A
+// (grad_param: B = p or h, whose rows are tokens, the K index).
+template <class CT, int BN>
+struct WgBNMajorPlain {
+  using CT_ = CT;
+  static constexpr int N = BN, BYTES = BN / 64 * 8192;
+  WgKRowStream<CT, BN> w;
+  template <class SB, class SX>
+  TL_DEVICE void init(const SB& b, const SX&, int n0, unsigned tid) {
+    w.init(b, n0, tid);
+  }
+  TL_DEVICE int k_limit() const { return w.k_limit(); }
+  template <class SB, class SX>
+  TL_DEVICE void issue_fast(const SB&, const SX&, int k0, unsigned char* tile, unsigned tid) const {
+    w.issue_fast(k0, tile, tid);
+  }
+  template <class SB, class SX>
+  TL_DEVICE static void issue_general(const SB& b, const SX&, int n0, int k0, unsigned char* tile, unsigned tid) {
+    WgKRowStream<CT, BN>::issue_general(b, n0, k0, tile, tid);
+  }
+  template <bool A_MMAJOR>
+  TL_DEVICE static void mma(WgAcc<N>& acc, unsigned long long da, unsigned sb, int kk) {
+    static_assert(A_MMAJOR, "paired with an M-major A");
+    wgmma_k16_ma_nb<CT, N>(acc, da, wg_desc_nb(sb + 2048u * kk));
+  }
+};
+
+// A operand, K-major: A rows are the M index (WgStream). Warpgroup g's 64
+// rows start 64 g rows (8 KiB) into the tile.
+template <class CT>
+struct WgAKMajor {
+  static constexpr bool M_MAJOR = false;
+  WgStream<CT, 128> s;
+  template <class SA>
+  TL_DEVICE void init(const SA& a, int m0, unsigned tid) {
+    s.init(a, m0, tid);
+  }
+  TL_DEVICE int k_limit() const { return s.k_limit; }
+  TL_DEVICE void issue_fast(int k0, unsigned char* tile, unsigned tid) const { s.issue_fast(k0, tile, tid); }
+  template <class SA>
+  TL_DEVICE static void issue_general(const SA& a, int m0, int k0, unsigned char* tile, unsigned tid) {
+    WgStream<CT, 128>::issue_general(a, m0, k0, tile, tid);
+  }
+  TL_DEVICE static unsigned long long desc(unsigned sa, unsigned wg, int kk) { return wg_desc(sa + wg * 8192u + 32u * kk); }
+};
+
+// A operand, M-major: A rows are the K index (grad_param: A = Gᵀ, G's rows
+// are tokens), [64 k][128 m] in two N-major-style atoms; warpgroup g's 64 m
+// are atom g (8 KiB in).
+template <class CT>
+struct WgAMMajor {
+  static constexpr bool M_MAJOR = true;
+  WgKRowStream<CT, 128> s;
+  template <class SA>
+  TL_DEVICE void init(const SA& a, int m0, unsigned tid) {
+    s.init(a, m0, tid);
+  }
+  TL_DEVICE int k_limit() const { return s.k_limit(); }
+  TL_DEVICE void issue_fast(int k0, unsigned char* tile, unsigned tid) const { s.issue_fast(k0, tile, tid); }
+  template <class SA>
+  TL_DEVICE static void issue_general(const SA& a, int m0, int k0, unsigned char* tile, unsigned tid) {
+    WgKRowStream<CT, 128>::issue_general(a, m0, k0, tile, tid);
+  }
+  TL_DEVICE static unsigned long long desc(unsigned sa, unsigned wg, int kk) {
+    return wg_desc_nb(sa + wg * 8192u + 2048u * kk);
+  }
+};
+
+template <class BPolicy, int STAGES_, class APolicy = WgAKMajor<typename BPolicy::CT_>>
 struct WgShape {
   static_assert(STAGES_ >= 3, "the ring keeps STAGES - 2 steps in flight");
+  using A = APolicy;
   using B = BPolicy;
   static constexpr int BM = 128, N = B::N, BK = 64, STAGES = STAGES_;
   static constexpr int A_BYTES = BM * 128, B_BYTES = B::BYTES, STAGE_BYTES = A_BYTES + B_BYTES;
@@ -231,6 +333,9 @@ struct WgShape {
 // The head forward's shape: K-major B, BN columns.
 template <class CT, int BN, int STAGES>
 using WgShapeK = WgShape<WgBKMajor<CT, BN>, STAGES>;
+// grad_param's shape: M-major A (Gᵀ), N-major B of BN columns.
+template <class CT, int BN, int STAGES>
+using WgShapeMN = WgShape<WgBNMajorPlain<CT, BN>, STAGES, WgAMMajor<CT>>;
 
 template <class CT, class Shape, class SA0, class SA1, class SB0, class SB1, class SX0, class SX1, class Epi>
 TL_DEVICE void wg_gemm(unsigned char* smem_raw, const SegRows<SA0, SA1>& a, const SegRows<SB0, SB1>& b,
@@ -241,7 +346,8 @@ TL_DEVICE void wg_gemm(unsigned char* smem_raw, const SegRows<SA0, SA1>& a, cons
   const unsigned tid = tl_thread_linear();
   const unsigned wg = tid / kWgThreads;
 
-  WgStream<CT, Shape::BM> fa;
+  using AP = typename Shape::A;
+  AP fa;
   BP fb;
   fa.init(a, m0, tid);
   fb.init(b, x, n0, tid);
@@ -249,8 +355,8 @@ TL_DEVICE void wg_gemm(unsigned char* smem_raw, const SegRows<SA0, SA1>& a, cons
   auto issue = [&](int step, int slot) {
     unsigned char* st = smem + slot * Shape::STAGE_BYTES;
     const int k0 = step * Shape::BK;
-    if (fa.fast(k0)) fa.issue_fast(k0, st, tid);
-    else WgStream<CT, Shape::BM>::issue_general(a, m0, k0, st, tid);
+    if (k0 + Shape::BK <= fa.k_limit()) fa.issue_fast(k0, st, tid);
+    else AP::issue_general(a, m0, k0, st, tid);
     if (k0 + Shape::BK <= fb.k_limit()) fb.issue_fast(b, x, k0, st + Shape::A_BYTES, tid);
     else BP::issue_general(b, x, n0, k0, st + Shape::A_BYTES, tid);
   };
@@ -273,20 +379,20 @@ TL_DEVICE void wg_gemm(unsigned char* smem_raw, const SegRows<SA0, SA1>& a, cons
     if (step + S - 2 < steps) how(step + S - 2, slot_in);
     slot_in = slot_in + 1 == S ? 0 : slot_in + 1;
     tl_cp_async_commit();
-    const unsigned sa = smem_addr(smem + slot_out * Shape::STAGE_BYTES) + wg * 64u * 128u;
+    const unsigned sa = smem_addr(smem + slot_out * Shape::STAGE_BYTES);
     const unsigned sb = smem_addr(smem + slot_out * Shape::STAGE_BYTES + Shape::A_BYTES);
     slot_out = slot_out + 1 == S ? 0 : slot_out + 1;
     wg_fence_operands(acc);
     wg_fence();
 #pragma unroll
-    for (int kk = 0; kk < Shape::BK / 16; ++kk) BP::mma(acc, wg_desc(sa + 32u * kk), sb, kk);
+    for (int kk = 0; kk < Shape::BK / 16; ++kk) BP::template mma<AP::M_MAJOR>(acc, AP::desc(sa, wg, kk), sb, kk);
     wg_commit();
     wg_fence_operands(acc);
     wg_wait<1>();  // step - 1's MMAs are done: its slot is free after the next barrier
   };
   // The hot loop stages only steps both operands take on their steady-state
   // path (no general-path code in it); the rest follow.
-  const int fast_steps = min(fa.k_limit, fb.k_limit()) / Shape::BK;  // leading steps inside segment 0 (or <= 0)
+  const int fast_steps = min(fa.k_limit(), fb.k_limit()) / Shape::BK;  // leading steps inside segment 0 (or <= 0)
   auto issue_fast = [&](int step, int slot) {
     unsigned char* st = smem + slot * Shape::STAGE_BYTES;
     fa.issue_fast(step * Shape::BK, st, tid);

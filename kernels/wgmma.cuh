@@ -32,6 +32,8 @@
 //   wg_desc_nb(saddr)     the N-major descriptor (LBO 8192, SBO 1024);
 //   wgmma_k16<CT>(acc, da, db)  issue acc += A . B (asynchronous);
 //   wgmma_k16_nb<CT>(...)  the same with an N-major B;
+//   wgmma_k16_ma_nb<CT>(...)  with an M-major A (same layout as an N-major B,
+//                         M in the role of N) and an N-major B;
 //   wg_fence / wg_commit / wg_wait<N>   wgmma.fence, commit_group, wait_group N;
 //   fence_proxy_async()   orders this thread's shared-memory writes (st.shared,
 //                         cp.async) before later reads by the async proxy.
@@ -118,6 +120,7 @@ struct Pending {
   int regs;
   bool bf16;
   unsigned long long da, db;
+  bool a_mmajor;  // A in the M-major layout (imm-trans-a = 1)
   bool b_nmajor;  // B in the N-major layout (imm-trans-b = 1)
   int group;      // commit group, -1 until committed
   std::vector<float> add;
@@ -153,12 +156,13 @@ inline void evaluate(const Pending& p, float* out) {
     // The layout does not depend on N (WgAcc<16> is any WgAcc).
     const int m = WgAcc<16>::row(tid, e), n = WgAcc<16>::col(tid, e);
     float s = 0.0f;
-    for (int k = 0; k < 16; ++k) s = std::fma(to_f(p.bf16, at(p.da, m, k)), to_f(p.bf16, at(p.db, n, k, p.b_nmajor)), s);
+    for (int k = 0; k < 16; ++k) s = std::fma(to_f(p.bf16, at(p.da, m, k, p.a_mmajor)), to_f(p.bf16, at(p.db, n, k, p.b_nmajor)), s);
     out[e] = s;
   }
 }
-inline void issue(float* acc, int regs, bool bf16, unsigned long long da, unsigned long long db, bool b_nmajor) {
-  Pending p{acc, regs, bf16, da, db, b_nmajor, -1, std::vector<float>(static_cast<std::size_t>(regs))};
+inline void issue(float* acc, int regs, bool bf16, unsigned long long da, unsigned long long db, bool a_mmajor,
+                  bool b_nmajor) {
+  Pending p{acc, regs, bf16, da, db, a_mmajor, b_nmajor, -1, std::vector<float>(static_cast<std::size_t>(regs))};
   evaluate(p, p.add.data());
   pending.push_back(std::move(p));
 }
@@ -243,7 +247,7 @@ TL_DEVICE void wgmma_k16(WgAcc<N>& acc, unsigned long long da, unsigned long lon
   if constexpr (N == 256 && std::is_same<CT, __nv_bfloat16>::value) wgmma_ptx::m64n256k16_bf16(acc.v, da, db);
   static_assert(N == 128 || N == 256, "wgmma_asm.cuh has N = 128 and 256");
 #elif defined(TL_WGMMA_SHIM)
-  wgmma_shim::issue(acc.v, WgAcc<N>::REGS, std::is_same<CT, __nv_bfloat16>::value, da, db, false);
+  wgmma_shim::issue(acc.v, WgAcc<N>::REGS, std::is_same<CT, __nv_bfloat16>::value, da, db, false, false);
 #else
   (void)acc;
   (void)da;
@@ -265,7 +269,28 @@ TL_DEVICE void wgmma_k16_nb(WgAcc<N>& acc, unsigned long long da, unsigned long 
   if constexpr (N == 192 && !H) wgmma_ptx::m64n192k16_bf16_nb(acc.v, da, db);
   static_assert(N == 144 || N == 160 || N == 192, "wgmma_asm.cuh has N-major B for N = 144, 160, 192");
 #elif defined(TL_WGMMA_SHIM)
-  wgmma_shim::issue(acc.v, WgAcc<N>::REGS, std::is_same<CT, __nv_bfloat16>::value, da, db, true);
+  wgmma_shim::issue(acc.v, WgAcc<N>::REGS, std::is_same<CT, __nv_bfloat16>::value, da, db, false, true);
+#else
+  (void)acc;
+  (void)da;
+  (void)db;
+#endif
+}
+
+// acc += A . B with A M-major and B N-major (both from wg_desc_nb: rows of
+// either operand are the K index), N = 64 or 128.
+template <class CT, int N>
+TL_DEVICE void wgmma_k16_ma_nb(WgAcc<N>& acc, unsigned long long da, unsigned long long db) {
+  static_assert(std::is_same<CT, __half>::value || std::is_same<CT, __nv_bfloat16>::value, "f16 or bf16 operands");
+#if defined(TL_WGMMA_PTX)
+  constexpr bool H = std::is_same<CT, __half>::value;
+  if constexpr (N == 64 && H) wgmma_ptx::m64n64k16_f16_ma_nb(acc.v, da, db);
+  if constexpr (N == 64 && !H) wgmma_ptx::m64n64k16_bf16_ma_nb(acc.v, da, db);
+  if constexpr (N == 128 && H) wgmma_ptx::m64n128k16_f16_ma_nb(acc.v, da, db);
+  if constexpr (N == 128 && !H) wgmma_ptx::m64n128k16_bf16_ma_nb(acc.v, da, db);
+  static_assert(N == 64 || N == 128, "wgmma_asm.cuh has M-major A with N = 64, 128");
+#elif defined(TL_WGMMA_SHIM)
+  wgmma_shim::issue(acc.v, WgAcc<N>::REGS, std::is_same<CT, __nv_bfloat16>::value, da, db, true, true);
 #else
   (void)acc;
   (void)da;

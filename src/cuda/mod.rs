@@ -124,13 +124,12 @@ impl Cuda {
     /// Runs `head_forward` (f16 / bf16) on Hopper warpgroup MMAs
     /// (`wgmma.mma_async` reading 128-byte-swizzled shared-memory tiles
     /// through matrix descriptors): 128 × 128 blocks, or 128 × 256 with
-    /// [`Cuda::with_wide_tiles`]; the head backward's `dh` GEMM (W read
-    /// N-major, `G·U` from the same MMAs; G in the storage dtype and no
-    /// gradient filter, else the other kernels run); and the fused
-    /// cross-entropy's logit kernels (`head_xent_forward`'s partials, 128 ×
-    /// 128 tiles kept in registers for the online logsumexp, and
-    /// `head_xent_backward`'s per-chunk G). The `dU` / `dW` GEMMs keep their
-    /// kernels (`with_mma` still applies to them). These kernels exist only in the sm_90a
+    /// [`Cuda::with_wide_tiles`]; the head backward's GEMMs (`dh`: W read
+    /// N-major, `G·U` from the same MMAs; `dU` / `dW`: Gᵀ read M-major) when
+    /// G is in the storage dtype and no gradient filter is on (else the
+    /// other kernels run); and the fused cross-entropy's logit kernels
+    /// (`head_xent_forward`'s partials, 128 × 128 tiles kept in registers
+    /// for the online logsumexp, and `head_xent_backward`'s per-chunk G). These kernels exist only in the sm_90a
     /// cubin, so this is an `Err` on any device but compute capability 9.0
     /// (H100, H200, GH200). Same results up to f32 summation order.
     ///

@@ -30,12 +30,12 @@ pub struct KernelOptions {
     /// Run `head_forward` (f16 / bf16) on Hopper warpgroup MMAs
     /// (`wgmma.mma_async` from 128-byte-swizzled shared tiles, `_wgmma`
     /// kernels, which exist only in the sm_90a cubin): 128 × 128 blocks, or
-    /// 128 × 256 with `wide_tiles`; the head backward's `dh` GEMM (grad_h:
-    /// W read N-major, U's columns in the same MMAs; G in the storage dtype,
-    /// no gradient filter); and the fused cross-entropy's logit kernels
-    /// (128 × 128: the forward's partials with the tile in registers, the
-    /// backward's per-chunk G) and its grad_h. Takes precedence over `mma`
-    /// for those.
+    /// 128 × 256 with `wide_tiles`; the head backward's GEMMs when G is in
+    /// the storage dtype and unfiltered (grad_h: W read N-major, U's columns
+    /// in the same MMAs; grad_param: Gᵀ read M-major); and the fused
+    /// cross-entropy's logit kernels (128 × 128: the forward's partials with
+    /// the tile in registers, the backward's per-chunk G). Takes precedence
+    /// over `mma` for those.
     pub wgmma: bool,
     /// Most bytes of G one vocabulary chunk of the fused cross-entropy
     /// backward may hold ([`super::xent_chunk_cols`]); 0 = the default.

@@ -111,6 +111,13 @@ pub fn wg_nmajor_shared_bytes(bn: usize, stages: usize) -> u32 {
     ((128 * 128 + (bn / 64 + 1) * 8192) * stages + 1024) as u32
 }
 
+/// Dynamic shared memory of a `wg_gemm` kernel with an M-major A and an
+/// N-major B of `bn` columns (`WgShapeMN`): per slot a 128-column A tile (16
+/// KiB) and `bn / 64` B atoms of 8 KiB, plus 1024 bytes of alignment.
+pub fn wg_mn_shared_bytes(bn: usize, stages: usize) -> u32 {
+    ((128 * 128 + bn / 64 * 8192) * stages + 1024) as u32
+}
+
 macro_rules! by_dtype {
     ($dt:expr, $prefix:literal, $suffix:literal) => {
         match $dt {
@@ -546,9 +553,20 @@ fn grad_param<E: Executor>(
         k_split: i32_of("token split", k_split)?,
     };
     let tg = tg_name(t, gt, ["f32_f32", "f16_f16", "f16_f32", "bf16_bf16", "bf16_f32"])?;
-    let (sfx, stages) = backward_gemm_variant(e, t, gt);
     // n64 for the rank columns of dU (8 warps along V), n128 for dW's d columns.
     let bn = if ncols <= 64 { 64 } else { 128 };
+    if e.options().wgmma && t == gt && t != DType::F32 && live.is_none() {
+        // Gᵀ read M-major, b N-major (head.cu).
+        let plan = LaunchPlan {
+            kernel: intern(format!("tl_head_grad_param_{tg}_n{bn}_wgmma")),
+            grid: (blocks(rows, GEMM_TILE), blocks(ncols, bn as u32), splits as u32),
+            block: (THREADS, 1, 1),
+            shared_bytes: wg_mn_shared_bytes(bn, 4),
+        };
+        // SAFETY: as below.
+        return unsafe { e.launch(&plan, &params) };
+    }
+    let (sfx, stages) = backward_gemm_variant(e, t, gt);
     let plan = LaunchPlan {
         kernel: intern(format!("tl_head_grad_param_{tg}_n{bn}{sfx}")),
         grid: (blocks(rows, GEMM_TILE), blocks(ncols, bn as u32), splits as u32),
