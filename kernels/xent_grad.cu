@@ -49,20 +49,30 @@ struct GradOfLogit {
 template <class T>
 TL_DEVICE void filter_tile(const XentGradLogitsParams& p, T* g, int m0, int n0, bool big);
 
+// The logit GEMM's operands: A rows [h_t | p_t], B rows [W_v | U_v] for the
+// chunk's vocabulary rows [col0, col0 + cols).
+template <class T>
+TL_DEVICE tl::SegRows<T, T> logit_rows_a(const XentGradLogitsParams& p) {
+  return tl::SegRows<T, T>{static_cast<const T*>(p.h), p.hidden, p.hidden, static_cast<const T*>(p.p),
+                           p.rank,                     p.rank,   p.tokens};
+}
+template <class T>
+TL_DEVICE tl::SegRows<T, float> logit_rows_b(const XentGradLogitsParams& p) {
+  return tl::SegRows<T, float>{static_cast<const T*>(p.w) + static_cast<long long>(p.col0) * p.hidden,
+                               p.hidden,
+                               p.hidden,
+                               p.u + static_cast<long long>(p.col0) * p.rank,
+                               p.rank,
+                               p.rank,
+                               p.cols};
+}
+
 template <class T, int STAGES = 1, bool MMA = false>
 TL_DEVICE void xent_grad_logits(const XentGradLogitsParams& p) {
   using S = tl::GemmShape<T, 128, 128, 32, false, true, 0, STAGES, MMA>;
   TL_DYNAMIC_SMEM(unsigned char, smem);
-  const tl::SegRows<T, T> a{static_cast<const T*>(p.h), p.hidden, p.hidden, static_cast<const T*>(p.p), p.rank,
-                            p.rank, p.tokens};
-  // B rows are the chunk's vocabulary rows [col0, col0 + cols).
-  const tl::SegRows<T, float> b{static_cast<const T*>(p.w) + static_cast<long long>(p.col0) * p.hidden,
-                                p.hidden,
-                                p.hidden,
-                                p.u + static_cast<long long>(p.col0) * p.rank,
-                                p.rank,
-                                p.rank,
-                                p.cols};
+  const tl::SegRows<T, T> a = logit_rows_a<T>(p);
+  const tl::SegRows<T, float> b = logit_rows_b<T>(p);
   const tl::SegRows<float, float> none{nullptr, 0, 0, nullptr, 0, 0, 0};
   const GradOfLogit gof{p.targets, p.lse, p.softcap, p.factor};
   T* g = static_cast<T*>(p.g);
@@ -104,15 +114,8 @@ TL_DEVICE void xent_grad_logits_wgmma(const XentGradLogitsParams& p) {
 #if TL_HAS_WGMMA
   using S = tl::WgShapeK<T, 128, 3>;
   TL_DYNAMIC_SMEM(unsigned char, smem);
-  const tl::SegRows<T, T> a{static_cast<const T*>(p.h), p.hidden, p.hidden, static_cast<const T*>(p.p), p.rank,
-                            p.rank, p.tokens};
-  const tl::SegRows<T, float> b{static_cast<const T*>(p.w) + static_cast<long long>(p.col0) * p.hidden,
-                                p.hidden,
-                                p.hidden,
-                                p.u + static_cast<long long>(p.col0) * p.rank,
-                                p.rank,
-                                p.rank,
-                                p.cols};
+  const tl::SegRows<T, T> a = logit_rows_a<T>(p);
+  const tl::SegRows<T, float> b = logit_rows_b<T>(p);
   const GradOfLogit gof{p.targets, p.lse, p.softcap, p.factor};
   T* g = static_cast<T*>(p.g);
   const long long ldg = p.cols;
