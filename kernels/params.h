@@ -178,7 +178,8 @@ TL_CHECK_PARAMS(XentCombineParams, 72);
 // from recomputed logits z = [h | p] . [W | U]^T, for valid targets y_t:
 //   G[t, c] = (exp(z'[t, v] - lse[t]) - [v == y_t]) * slope(z[t, v]) * factor,  v = col0 + c
 // (z' = kappa tanh(z / kappa), slope = 1 - tanh^2, or z' = z, slope = 1; rows
-// with an ignored target are 0). g is [T, cols] in the storage dtype.
+// with an ignored target are 0). g is [T, cols] in the storage dtype and holds
+// G * g_unit / factor: the consumers multiply by factor / g_unit at the end.
 struct XentGradLogitsParams {
   const void* h;        // [T, d]
   const void* p;        // [T, r] storage dtype (s h Vh^T)
@@ -195,13 +196,13 @@ struct XentGradLogitsParams {
   int col0;
   int cols;
   float softcap;        // kappa, 0 = none
-  float factor;         // grad_loss / N (mean) or grad_loss (sum); 0 if no valid target
+  float g_unit;         // g holds G * g_unit / factor = (softmax - onehot) * slope * g_unit (see xent_grad.cu)
   float filter;         // a tile whose |G| are all < filter * |factor| is written as 0; 0 = exact
   unsigned _pad;
 };
 TL_CHECK_PARAMS(XentGradLogitsParams, 104);
 
-// xent_grad.cu: dh[t, k] = dh_acc[t, k] + scale * sum_j gu[t, j] Vh[j, k].
+// xent_grad.cu: dh[t, k] = g_scale * (dh_acc[t, k] + scale * sum_j gu[t, j] Vh[j, k]).
 struct XentGradFinishParams {
   const float* dh_acc;  // [T, d] f32
   const float* gu;      // [T, r] f32
@@ -211,5 +212,7 @@ struct XentGradFinishParams {
   int hidden;
   int rank;
   float scale;
+  float g_scale;        // factor / g_unit: dh_acc and gu were summed from the stored (scaled) G
+  unsigned _pad;
 };
-TL_CHECK_PARAMS(XentGradFinishParams, 48);
+TL_CHECK_PARAMS(XentGradFinishParams, 56);

@@ -7,26 +7,33 @@
 //           WgShapeK<T, 128, 3>::SMEM_BYTES). Recomputes the logit tile
 //           z = [h | p] . [W | U]^T of columns [col0, col0 + cols) with the
 //           forward's K = d + r tile GEMM and writes, in the epilogue,
-//             G[t, c] = (exp(z'[t, v] - lse[t]) - [v == y_t]) * slope(z[t, v]) * factor
+//             G'[t, c] = (exp(z'[t, v] - lse[t]) - [v == y_t]) * slope(z[t, v]) * g_unit
 //           (v = col0 + c) to g [T, cols] in the storage dtype, and live[i, j]
-//           = whether tile (i, j) has an entry >= filter * |factor| (else the
+//           = whether tile (i, j) has an entry >= filter * g_unit (else the
 //           tile is written as 0: the optional gradient filter). The head
 //           backward's GEMMs (head.cu) then consume the chunk while it is in
 //           L2, skipping the tiles flagged 0.
+//           G' is the gradient G = d loss / d z without the loss factor
+//           (grad_loss / N) and times g_unit (2^15 in f16, else 1): |G'| <=
+//           g_unit, so in f16 probabilities down to 2^-29 stay normal numbers
+//           (G itself, ~1 / (V N) at a flat softmax, is below f16's smallest
+//           subnormal). The consumers' f32 sums get factor / g_unit once, at
+//           the end (finish, lora_up, the dU / dW GEMMs' scale).
 // finish    grid (T, ceil(d / 256)), 256 threads:
-//           dh[t, k] = dh_acc[t, k] + scale * sum_j gu[t, j] Vh[j, k].
+//           dh[t, k] = g_scale * (dh_acc[t, k] + scale * sum_j gu[t, j] Vh[j, k]).
 #include "params.h"
 #include "tile_gemm.cuh"
 #include "wg_gemm.cuh"
 
 namespace {
 
-// G of one logit, from the tile GEMM's f32 accumulator.
+// G' of one logit (the header: G without the loss factor, times g_unit), from
+// the tile GEMM's f32 accumulator.
 struct GradOfLogit {
   const int* targets;
   const float* lse;
   float kappa;
-  float factor;
+  float g_unit;
 
   TL_DEVICE float operator()(int t, int v, float z) const {
     const int y = targets[t];
@@ -42,7 +49,7 @@ struct GradOfLogit {
       slope = 4.0f * e / ((1.0f + e) * (1.0f + e));
     }
     const float prob = __expf(z - lse[t]);
-    return (v == y ? prob - 1.0f : prob) * slope * factor;
+    return (v == y ? prob - 1.0f : prob) * slope * g_unit;
   }
 };
 
@@ -74,11 +81,11 @@ TL_DEVICE void xent_grad_logits(const XentGradLogitsParams& p) {
   const tl::SegRows<T, T> a = logit_rows_a<T>(p);
   const tl::SegRows<T, float> b = logit_rows_b<T>(p);
   const tl::SegRows<float, float> none{nullptr, 0, 0, nullptr, 0, 0, 0};
-  const GradOfLogit gof{p.targets, p.lse, p.softcap, p.factor};
+  const GradOfLogit gof{p.targets, p.lse, p.softcap, p.g_unit};
   T* g = static_cast<T*>(p.g);
   const long long ldg = p.cols;
   const int m0 = static_cast<int>(blockIdx.x) * S::BM, n0 = static_cast<int>(blockIdx.y) * S::BN;
-  const float thresh = p.filter * fabsf(p.factor);
+  const float thresh = p.filter * p.g_unit;
   bool big = false;
   tl::tile_gemm<T, S, 2, 4>(
       smem, a, b, none, p.tokens, p.cols, p.hidden + p.rank, m0, n0,
@@ -116,11 +123,11 @@ TL_DEVICE void xent_grad_logits_wgmma(const XentGradLogitsParams& p) {
   TL_DYNAMIC_SMEM(unsigned char, smem);
   const tl::SegRows<T, T> a = logit_rows_a<T>(p);
   const tl::SegRows<T, float> b = logit_rows_b<T>(p);
-  const GradOfLogit gof{p.targets, p.lse, p.softcap, p.factor};
+  const GradOfLogit gof{p.targets, p.lse, p.softcap, p.g_unit};
   T* g = static_cast<T*>(p.g);
   const long long ldg = p.cols;
   const int m0 = static_cast<int>(blockIdx.x) * S::BM, n0 = static_cast<int>(blockIdx.y) * S::N;
-  const float thresh = p.filter * fabsf(p.factor);
+  const float thresh = p.filter * p.g_unit;
   bool big = false;
   tl::wg_gemm<T, S>(smem, a, b, tl::no_rows(), p.hidden + p.rank, m0, n0, [&](const tl::WgAcc<128>& acc, int m_base) {
     tl::for_each_pair(acc, m_base, n0, p.tokens, p.cols, [&](int m, int c, float z0, float z1) {
@@ -145,7 +152,8 @@ TL_DEVICE void xent_grad_finish(const XentGradFinishParams& p) {
   if (k >= p.hidden) return;
   float lora = 0.0f;
   for (int j = 0; j < p.rank; ++j) lora = fmaf(p.gu[t * p.rank + j], p.vh[static_cast<long long>(j) * p.hidden + k], lora);
-  static_cast<T*>(p.dh)[t * p.hidden + k] = tl_from_float<T>(fmaf(p.scale, lora, p.dh_acc[t * p.hidden + k]));
+  static_cast<T*>(p.dh)[t * p.hidden + k] =
+      tl_from_float<T>(p.g_scale * fmaf(p.scale, lora, p.dh_acc[t * p.hidden + k]));
 }
 
 }  // namespace

@@ -328,6 +328,26 @@ fn xent_backward_random_shapes_and_edges() {
     ));
 }
 
+/// f16 backward at a flat softmax with the mean over many tokens: every G
+/// entry is ~1/(V·N) ≈ 4e-6 here, a subnormal f16 number resolved to only ~1.5 %
+/// (at the Gemma shape, 1/(V·N) ≈ 5e-10 is 0 in f16). The kernels store G
+/// without the loss factor and times 2¹⁵ (`kernels/xent_grad.cu`), so the
+/// dtype's tolerance holds; storing G itself fails it (checked by mutation).
+/// All three logit kernels (WMMA, mma.sync, wgmma).
+#[test]
+fn xent_backward_f16_keeps_tiny_gradients() {
+    use common::parity::{xent_backward_case, XentCase};
+    let flat =
+        XentCase { v: 700, d: 32, r: 4, t: 300, softcap: None, sum: false, with_w: true, logit_scale: 0.05, tol: None };
+    for k in [
+        CpuKernels { xent_chunk_bytes: 1, ..CpuKernels::default() },
+        CpuKernels { mma: true, ..CpuKernels::default() },
+        CpuKernels { wgmma: true, ..CpuKernels::default() },
+    ] {
+        assert_all(xent_backward_case::<f16, _>(&k, flat));
+    }
+}
+
 /// The extra memory of the fused cross-entropy is exactly what the published
 /// formulas say (every scratch allocation counted), and those formulas have
 /// no T·V or V·d term: at the Gemma-2-2B shape they stay far below the logits.

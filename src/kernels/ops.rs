@@ -520,7 +520,7 @@ fn grad_h<E: Executor>(e: &E, cfg: &LoraConfig, t: DType, gt: DType, op: GradH, 
     unsafe { e.launch(&plan, &params) }
 }
 
-/// `grad[v, :] += Gᵀ[v, :] · b` over `rows` vocabulary rows: G [T, rows] in
+/// `grad[v, :] += scale · Gᵀ[v, :] · b` over `rows` vocabulary rows: G [T, rows] in
 /// `gt`, `b` [T, ncols] in `t`, `grad` [rows, ncols] f32; `live` as in [`GradH`].
 /// With `k_split` > 0 (tokens per split, a multiple of 128) the token range is
 /// split over grid.z and each split WRITES its partial sums to
@@ -538,6 +538,7 @@ fn grad_param<E: Executor>(
     ncols: usize,
     live: Option<(u64, usize)>,
     k_split: usize,
+    scale: f32,
 ) -> Result<()> {
     let splits = if k_split > 0 { tokens.div_ceil(k_split) } else { 1 };
     let params = HeadGradParamParams {
@@ -548,7 +549,7 @@ fn grad_param<E: Executor>(
         tokens: i32_of("tokens", tokens)?,
         vocab: i32_of("vocab", rows)?,
         ncols: i32_of("columns", ncols)?,
-        scale: 1.0,
+        scale,
         live_ld: live.map_or(0, |l| l.1 as i32),
         k_split: i32_of("token split", k_split)?,
     };
@@ -599,11 +600,11 @@ pub fn head_backward<E: Executor>(
     let op = GradH { g, w: wt.w, u: wt.u, vh: wt.vh, dh, gu: e.addr(&gu), rows: v, accumulate: false, live: None };
     grad_h(e, cfg, t, gt, op, tokens)?;
     // dU += Gᵀ p, p = s·h·Vhᵀ already carries the scale.
-    grad_param(e, t, gt, g, e.addr(&p), grads.u, tokens, v, r, None, 0)?;
+    grad_param(e, t, gt, g, e.addr(&p), grads.u, tokens, v, r, None, 0, 1.0)?;
     // dVh += s · guᵀ h.
     lora_up(e, cfg, t, e.addr(&gu), 0, h, grads.vh, tokens, cfg.scale())?;
     if let Some(dw) = grads.w {
-        grad_param(e, t, gt, g, h, dw, tokens, v, d, None, 0)?;
+        grad_param(e, t, gt, g, h, dw, tokens, v, d, None, 0, 1.0)?;
     }
     Ok(())
 }
@@ -916,6 +917,11 @@ pub fn head_xent_forward<E: Executor>(
 /// (mostly) in L2 (50 MB on an H100 / H200).
 pub const XENT_CHUNK_BYTES: usize = 32 << 20;
 
+/// The f16 cross-entropy backward stores G' = (softmax − onehot)·slope·2¹⁵
+/// (`kernels/xent_grad.cu`): |G'| ≤ 2¹⁵ < 65504, and probabilities down to
+/// 2⁻²⁹ stay normal f16 numbers (G itself is subnormal or 0 in f16 at large V·T).
+const XENT_F16_G_UNIT: f64 = 32768.0;
+
 /// Vocabulary columns per chunk of the kernel backends' `head_xent_backward`: a multiple of 128,
 /// at least 128, at most V rounded up, and at most `chunk_bytes` of G
 /// (0 = [`XENT_CHUNK_BYTES`]).
@@ -1016,7 +1022,12 @@ pub fn head_xent_backward<E: Executor>(
     let (v, d, r) = (cfg.vocab(), cfg.hidden(), cfg.rank());
     grad_h_rx(r)?;
     let (t32, valid) = prepare_ids(e, "targets", targets, kind, tokens, v, Some(cfg.ignore_index()))?;
-    let factor = (grad_loss as f64 * cfg.loss_scale(valid)) as f32;
+    // G is stored without the loss factor and times g_unit (xent_grad.cu):
+    // in f16, G itself (~1 / (V N)) would be subnormal or 0. The f32 sums
+    // over it get factor / g_unit once, at the end.
+    let g_unit = if t == DType::F16 { XENT_F16_G_UNIT } else { 1.0 };
+    let g_scale_f64 = grad_loss as f64 * cfg.loss_scale(valid) / g_unit;
+    let g_scale = g_scale_f64 as f32;
     let p = e.scratch(tokens * r * t.size())?;
     lora_down(e, cfg, t, t, h, wt.vh, e.addr(&p), tokens, cfg.scale())?;
     let dh_acc = e.scratch(tokens * d * 4)?;
@@ -1054,7 +1065,7 @@ pub fn head_xent_backward<E: Executor>(
                 col0: col0 as i32,
                 cols: cols as i32,
                 softcap: cfg.logit_softcap().unwrap_or(0.0) as f32,
-                factor,
+                g_unit: g_unit as f32,
                 filter,
                 _pad: 0,
             };
@@ -1095,7 +1106,7 @@ pub fn head_xent_backward<E: Executor>(
             let du = grads.u + (col0 * r * 4) as u64;
             let k_split = xent_du_split(tokens, cols, e.multiprocessors());
             if k_split < tokens {
-                grad_param(e, t, t, g_addr, e.addr(&p), e.addr(&du_part), tokens, cols, r, flags, k_split)?;
+                grad_param(e, t, t, g_addr, e.addr(&p), e.addr(&du_part), tokens, cols, r, flags, k_split, g_scale)?;
                 let reduce = LoraUpReduceParams {
                     partial: e.addr(&du_part),
                     out: du,
@@ -1109,10 +1120,11 @@ pub fn head_xent_backward<E: Executor>(
                 // above; du is the caller's dU rows [col0, col0 + cols).
                 unsafe { e.launch(&plan, &reduce)? };
             } else {
-                grad_param(e, t, t, g_addr, e.addr(&p), du, tokens, cols, r, flags, 0)?;
+                grad_param(e, t, t, g_addr, e.addr(&p), du, tokens, cols, r, flags, 0, g_scale)?;
             }
             if let Some(dw) = grads.w {
-                grad_param(e, t, t, g_addr, h, dw + (col0 * d * 4) as u64, tokens, cols, d, flags, 0)?;
+                let dw = dw + (col0 * d * 4) as u64;
+                grad_param(e, t, t, g_addr, h, dw, tokens, cols, d, flags, 0, g_scale)?;
             }
         }
     }
@@ -1125,6 +1137,8 @@ pub fn head_xent_backward<E: Executor>(
         hidden: i32_of("hidden", d)?,
         rank: i32_of("rank", r)?,
         scale: cfg.scale() as f32,
+        g_scale,
+        _pad: 0,
     };
     let plan = LaunchPlan {
         kernel: by_dtype!(t, "tl_xent_grad_finish_", ""),
@@ -1135,7 +1149,7 @@ pub fn head_xent_backward<E: Executor>(
     // SAFETY: dh_acc [T, d] and gu [T, r] allocated above, Vh [r, d] and dh [T, d] (caller).
     unsafe { e.launch(&plan, &finish)? };
     if valid > 0 {
-        lora_up(e, cfg, t, e.addr(&gu), 0, h, grads.vh, tokens, cfg.scale())?;
+        lora_up(e, cfg, t, e.addr(&gu), 0, h, grads.vh, tokens, cfg.scale() * g_scale_f64)?;
     }
     Ok(())
 }

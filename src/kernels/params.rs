@@ -92,13 +92,13 @@ params! {
     /// `xent_grad.cu`: G of one vocabulary chunk, from recomputed logits.
     XentGradLogitsParams (104) {
         h: u64, p: u64, w: u64, u: u64, targets: u64, lse: u64, g: u64, live: u64,
-        tokens: i32, vocab: i32, hidden: i32, rank: i32, col0: i32, cols: i32, softcap: f32, factor: f32,
+        tokens: i32, vocab: i32, hidden: i32, rank: i32, col0: i32, cols: i32, softcap: f32, g_unit: f32,
         filter: f32, _pad: u32,
     }
     /// `xent_grad.cu`: dh from the f32 accumulators, plus the LoRA term.
-    XentGradFinishParams (48) {
+    XentGradFinishParams (56) {
         dh_acc: u64, gu: u64, vh: u64, dh: u64,
-        tokens: i32, hidden: i32, rank: i32, scale: f32,
+        tokens: i32, hidden: i32, rank: i32, scale: f32, g_scale: f32, _pad: u32,
     }
     /// `embed.cu`: deterministic grouped row sum over the sorted ids.
     GroupRowsParams (56) {
