@@ -2,12 +2,14 @@
 //
 // lora_down   out[t, j] = scale · Σ_k x[t, k] · Vh[j, k]        one warp per 4 rows;
 //             lanes stride over k, 4 x 16 accumulators per lane, then a fixed
-//             butterfly reduction per row. Grid (ceil(rows / 32)), block 256.
+//             butterfly reduction per row; Vh staged in shared memory 256
+//             columns at a time (16 KiB static). Grid (ceil(rows / 32)), block 256.
 //             Used for p = s·h·Vhᵀ (head) and gU = c·s·dE·Vhᵀ (embedding backward).
 // lora_up     grad[j, k] += scale · Σ_t X[row(t), j] · Y[t, k]   in two deterministic
 //             steps: partial sums over fixed token chunks (grid (ceil(d / 256),
-//             chunks), block 256, one thread per column k), then a reduction
-//             over the chunks in order (grid ceil(r·d / 256), block 256).
+//             chunks), block 256, one thread per column k, X rows staged in
+//             shared memory 256 tokens at a time: 17 KiB static), then a
+//             reduction over the chunks in order (grid ceil(r·d / 256), block 256).
 //             Used for dVh = s·(G U)ᵀ h (head) and c·s·U[ids]ᵀ dE (embedding).
 // pack        out[v, j] = U[v, j] rounded to the storage dtype, zero for
 //             r <= j < ld_out: U as the wgmma grad_h stages it (16-byte rows,
@@ -22,35 +24,54 @@ constexpr int kRankChunk = 16;
 // row's sums are formed in the same order as with one row per warp.
 constexpr int kRowsPerWarp = 4;
 
+// lora_down: Vh columns staged in shared memory per step (kDownCols x kRankChunk f32).
+constexpr int kDownCols = 256;
+
+// Each block stages Vh[j0 .. j0 + 16, kc .. kc + kDownCols) once for its
+// 8 warps x kRowsPerWarp rows (Vh is read from L2 once per 32 rows); lane l
+// still sums k = l, l + 32, ... in increasing order, then the butterfly.
 template <class X, class O>
 TL_DEVICE void lora_down(const LoraDownParams& p) {
+  __shared__ float vs[kRankChunk * kDownCols];
   const int warps = static_cast<int>(blockDim.x) / 32;
   const int row0 = (static_cast<int>(blockIdx.x) * warps + static_cast<int>(tl_warp_id())) * kRowsPerWarp;
   const int lane = static_cast<int>(tl_lane_id());
-  if (row0 >= p.rows) return;
-  const int nrows = min(kRowsPerWarp, p.rows - row0);  // warp-uniform
-  const X* x = static_cast<const X*>(p.x) + static_cast<long long>(row0) * p.hidden;
-  O* out = static_cast<O*>(p.out) + static_cast<long long>(row0) * p.rank;
+  const int tid = static_cast<int>(threadIdx.x);
+  // No early return: every warp stages Vh and meets the barriers.
+  const int nrows = max(0, min(kRowsPerWarp, p.rows - row0));  // warp-uniform
+  const X* x = static_cast<const X*>(p.x) + static_cast<long long>(min(row0, p.rows)) * p.hidden;
+  O* out = static_cast<O*>(p.out) + static_cast<long long>(min(row0, p.rows)) * p.rank;
   for (int j0 = 0; j0 < p.rank; j0 += kRankChunk) {
     float acc[kRowsPerWarp][kRankChunk];
 #pragma unroll
     for (int rr = 0; rr < kRowsPerWarp; ++rr)
 #pragma unroll
       for (int jj = 0; jj < kRankChunk; ++jj) acc[rr][jj] = 0.0f;
-    for (int k = lane; k < p.hidden; k += 32) {
-      float xv[kRowsPerWarp];
+    for (int kc = 0; kc < p.hidden; kc += kDownCols) {
+      __syncthreads();  // the previous step's Vh is consumed
+      for (int e = tid; e < kRankChunk * kDownCols; e += static_cast<int>(blockDim.x)) {
+        const int jj = e / kDownCols, c = e % kDownCols;
+        vs[e] = j0 + jj < p.rank && kc + c < p.hidden ? p.vh[static_cast<long long>(j0 + jj) * p.hidden + kc + c] : 0.0f;
+      }
+      __syncthreads();
+      if (nrows == 0) continue;
+      const int kend = min(kDownCols, p.hidden - kc);
+      for (int c = lane; c < kend; c += 32) {
+        float xv[kRowsPerWarp];
 #pragma unroll
-      for (int rr = 0; rr < kRowsPerWarp; ++rr)
-        xv[rr] = rr < nrows ? tl_to_float(x[static_cast<long long>(rr) * p.hidden + k]) : 0.0f;
+        for (int rr = 0; rr < kRowsPerWarp; ++rr)
+          xv[rr] = rr < nrows ? tl_to_float(x[static_cast<long long>(rr) * p.hidden + kc + c]) : 0.0f;
 #pragma unroll
-      for (int jj = 0; jj < kRankChunk; ++jj) {
-        if (j0 + jj < p.rank) {
-          const float v = p.vh[static_cast<long long>(j0 + jj) * p.hidden + k];  // one load, kRowsPerWarp rows
+        for (int jj = 0; jj < kRankChunk; ++jj) {
+          if (j0 + jj < p.rank) {
+            const float v = vs[jj * kDownCols + c];  // one load, kRowsPerWarp rows
 #pragma unroll
-          for (int rr = 0; rr < kRowsPerWarp; ++rr) acc[rr][jj] = fmaf(xv[rr], v, acc[rr][jj]);
+            for (int rr = 0; rr < kRowsPerWarp; ++rr) acc[rr][jj] = fmaf(xv[rr], v, acc[rr][jj]);
+          }
         }
       }
     }
+    if (nrows == 0) continue;
 #pragma unroll
     for (int rr = 0; rr < kRowsPerWarp; ++rr) {
 #pragma unroll
@@ -69,11 +90,24 @@ TL_DEVICE void lora_down(const LoraDownParams& p) {
   }
 }
 
+// lora_up_partial: tokens staged per step, and y loads in flight per batch.
+constexpr int kUpStage = 256;
+constexpr int kUpBatch = 8;
+
+// One thread per column k, tokens of the chunk in order. The X rows of a
+// stage of kUpStage tokens (gathered through ids) and their skip flags are
+// staged in shared memory by the whole block, so the token loop has no
+// dependent global loads (ids -> X row) and reads X as broadcasts; y is
+// loaded kUpBatch tokens ahead. Every accumulator still sums its terms in
+// token order (the same result as one token at a time).
 template <class Y>
 TL_DEVICE void lora_up_partial(const LoraUpPartialParams& p) {
-  const int k = static_cast<int>(blockIdx.x * blockDim.x + threadIdx.x);
+  __shared__ float xs[kUpStage * kRankChunk];
+  __shared__ int use[kUpStage];
+  const int tid = static_cast<int>(threadIdx.x);
+  const int k = static_cast<int>(blockIdx.x * blockDim.x) + tid;
+  const bool col_ok = k < p.hidden;  // no early return: every thread stages and meets the barriers
   const int chunk = static_cast<int>(blockIdx.y);
-  if (k >= p.hidden) return;
   const Y* y = static_cast<const Y*>(p.y);
   const int t_begin = chunk * p.chunk;
   const int t_end = min(p.tokens, t_begin + p.chunk);
@@ -82,18 +116,37 @@ TL_DEVICE void lora_up_partial(const LoraUpPartialParams& p) {
     float acc[kRankChunk];
 #pragma unroll
     for (int jj = 0; jj < kRankChunk; ++jj) acc[jj] = 0.0f;
-    for (int t = t_begin; t < t_end; ++t) {
-      const int row = p.ids ? p.ids[t] : t;
-      if (row < 0) continue;  // ignored or invalid id: contributes nothing
-      const float yv = tl_to_float(y[static_cast<long long>(t) * p.hidden + k]);
-      const float* xr = p.x + static_cast<long long>(row) * p.rank;
+    for (int s0 = t_begin; s0 < t_end; s0 += kUpStage) {
+      const int n = min(kUpStage, t_end - s0);
+      __syncthreads();  // the previous stage is consumed
+      for (int e = tid; e < n * kRankChunk; e += static_cast<int>(blockDim.x)) {
+        const int tt = e / kRankChunk, jj = e % kRankChunk;
+        const int row = p.ids ? p.ids[s0 + tt] : s0 + tt;
+        // Ignored or invalid id (< 0): the token contributes nothing.
+        xs[e] = row >= 0 && j0 + jj < p.rank ? p.x[static_cast<long long>(row) * p.rank + j0 + jj] : 0.0f;
+        if (jj == 0) use[tt] = row >= 0;
+      }
+      __syncthreads();
+      if (!col_ok) continue;
+      for (int b = 0; b < n; b += kUpBatch) {
+        float yv[kUpBatch];
+#pragma unroll
+        for (int u = 0; u < kUpBatch; ++u)
+          yv[u] = b + u < n ? tl_to_float(y[static_cast<long long>(s0 + b + u) * p.hidden + k]) : 0.0f;
+#pragma unroll
+        for (int u = 0; u < kUpBatch; ++u) {
+          if (b + u >= n || !use[b + u]) continue;  // block-uniform
+          const float* xr = xs + (b + u) * kRankChunk;
+#pragma unroll
+          for (int jj = 0; jj < kRankChunk; ++jj) acc[jj] = fmaf(xr[jj], yv[u], acc[jj]);
+        }
+      }
+    }
+    if (col_ok) {
 #pragma unroll
       for (int jj = 0; jj < kRankChunk; ++jj)
-        if (j0 + jj < p.rank) acc[jj] = fmaf(xr[j0 + jj], yv, acc[jj]);
+        if (j0 + jj < p.rank) out[static_cast<long long>(j0 + jj) * p.hidden + k] = acc[jj];
     }
-#pragma unroll
-    for (int jj = 0; jj < kRankChunk; ++jj)
-      if (j0 + jj < p.rank) out[static_cast<long long>(j0 + jj) * p.hidden + k] = acc[jj];
   }
 }
 

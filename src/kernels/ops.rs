@@ -283,7 +283,7 @@ pub const DEFERRED_ARG_IDS: i32 = 0;
 
 /// `out[rows, r] = scale · x[rows, d] · Vhᵀ`, `x` in `xt`, `out` in `ot` (xt or f32).
 #[allow(clippy::too_many_arguments)]
-fn lora_down<E: Executor>(
+pub(crate) fn lora_down<E: Executor>(
     e: &E,
     cfg: &LoraConfig,
     xt: DType,
