@@ -21,6 +21,8 @@
 #   bench_py    scripts/bench_xent.py: PEFT / torch / CCE / Liger head + cross-entropy
 #               at the same shapes                              -> OUTDIR/results_py.md
 #   ncu         Nsight Compute on the main kernels at the Llama shape -> OUTDIR/ncu.txt
+#   ncu_small   durations of every launch of the small kernels (embedding ops, lora_down /
+#               lora_up, sort, grouped sums) at the Llama shape, as CSV -> end of OUTDIR/ncu.txt
 #   peft_golden, peft_export   scripts/peft_check.py on tests/data/goldens/peft_llama_tied and
 #               device-bundle/peft-export (CPU only; run in the background from the start)
 #
@@ -39,6 +41,8 @@
 #     than estimated the bench still ends within ~60 s.
 #   bench_py ~40-120 s (limit 180; first calls include Triton autotuning)
 #   memcheck ~20-60 s (limit 90) | racecheck ~30-90 s (limit 90)
+#   ncu ~30-90 s (limit 90) | ncu_small ~15-40 s (limit 60: one Llama bench pass,
+#     durations of the small kernels only)
 #   peft (background, overlapping the GPU steps) ~15-30 s each, limit 120 each
 #   expected total ~6-8 min; hard cap 9 min + packing (steps past the budget are
 #   SKIPped in this order of importance: ... sanitizers, then ncu last).
@@ -236,8 +240,16 @@ if [ -n "$NCU" ] && [ "${GPU_CHECK_NCU:-1}" != 0 ]; then
       --launch-count 8 --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
       --section MemoryWorkloadAnalysis \"$BIN/gpu_bench\" --shapes llama --warmup 0 --iters 1 --copy-mib 64 \
       --out \"$WORK/ncu-bench\" >\"$OUTDIR/ncu.txt\" 2>&1"
+  # Durations only, of the small kernels around the GEMMs (the embedding
+  # ops are launch- and latency-bound; their per-kernel split says where the
+  # time goes): one CSV row per launch, appended to OUTDIR/ncu.txt (the
+  # device tool returns at most 8 files).
+  step ncu_small 60 bash -c "\"$NCU\" --kernel-name regex:'tl_(prepare_ids|ids_defer|lora_down|lora_up|lora_pack|sort_ids|group_rows|embed_forward|xent_combine|xent_grad_finish)' \
+      --launch-count 120 --metrics gpu__time_duration.sum --csv \"$BIN/gpu_bench\" --shapes llama --warmup 0 --iters 1 \
+      --copy-mib 64 --out \"$WORK/ncu-small\" >>\"$OUTDIR/ncu.txt\" 2>&1"
 else
   record ncu SKIP "ncu not found or GPU_CHECK_NCU=0"
+  record ncu_small SKIP "ncu not found or GPU_CHECK_NCU=0"
 fi
 
 # ------------------------------------------------------ collect PEFT ---
