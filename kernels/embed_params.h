@@ -9,9 +9,9 @@
 // Compile-time constants the host mirrors (src/kernels/params.rs).
 #define TL_EMBED_BLOCK_X 32       // embed_forward: blockDim.x (one warp of column groups)
 #define TL_EMBED_MAX_WARPS 4      // embed_forward: blockDim.y <= 4 (128 threads; per-warp shared-memory rings)
-#define TL_SORT_THREADS 256       // sort_ids: blockDim.x of hist / scan / scatter
-#define TL_SORT_TILE 4096         // sort_ids: keys per hist/scatter block (16 per thread)
-#define TL_SORT_RADIX_BITS 8      // sort_ids: digit width (256 buckets)
+#define TL_SORT_THREADS 512       // sort_ids: blockDim.x of hist / scan / scatter
+#define TL_SORT_TILE 4096         // sort_ids: keys per hist/scatter block (8 per thread)
+#define TL_SORT_RADIX_BITS 9      // sort_ids: digit width (512 buckets, one per thread)
 #define TL_GROUP_CHUNK 64         // group_rows: sorted positions per chunk
 
 // embed.cu: out[t, :] = embed_scale * (W[ids[t], :] + scale * U[ids[t], :] . Vh)

@@ -8,23 +8,24 @@
 // Bitwise deterministic: only integer counts use atomics, every element's
 // destination is computed from its position (no order dependence).
 //
-// One LSD pass per 8-bit digit of the key, key(x) = x < 0 ? V : x,
-// digit = (key >> shift) & 255:
-//   passes P = ceil(bits(V) / 8), bits(V) = 32 - clz(V)   (V=37: 1, V=32000: 2, V=256000: 3)
-//   pass p = 0 .. P-1, shift = 8 p, nblocks = ceil(T / 4096):
-//     1. tl_sort_ids_hist     grid (nblocks), block 256   hist[b * 256 + digit] = count in tile b
-//     2. tl_sort_ids_scan     grid (1),       block 256   hist[b * 256 + g] := sum of all counts of
+// One LSD pass per 9-bit digit of the key, key(x) = x < 0 ? V : x,
+// digit = (key >> shift) & 511 (9 bits: two passes up to V < 2^18, Gemma's
+// 256000 included, where 8-bit digits took three):
+//   passes P = ceil(bits(V) / 9), bits(V) = 32 - clz(V)   (V=37: 1, V=32000: 2, V=256000: 2)
+//   pass p = 0 .. P-1, shift = 9 p, nblocks = ceil(T / 4096):
+//     1. tl_sort_ids_hist     grid (nblocks), block 512   hist[b * 512 + digit] = count in tile b
+//     2. tl_sort_ids_scan     grid (1),       block 512   hist[b * 512 + g] := sum of all counts of
 //                                                        digits < g + counts of digit g in tiles < b
 //                                                        (exclusive scan, digit-major; in place)
-//     3. tl_sort_ids_scatter  grid (nblocks), block 256   stable scatter of (key, value)
+//     3. tl_sort_ids_scatter  grid (nblocks), block 512   stable scatter of (key, value)
 //   All three take the same SortPassParams. Pass 0 reads keys_in = ids,
 //   vals_in = null (value = position t); pass p > 0 reads the previous pass's
 //   (keys_out, vals_out). To finish in the caller's (keys, perm) buffers,
 //   pass p writes (keys, perm) when (P - 1 - p) is even, else the scratch
 //   (tmp_keys, tmp_vals); a pass never reads the buffer it writes.
 //   Scratch: tmp_keys [T] i32, tmp_vals [T] i32 (only when P >= 2),
-//            hist [nblocks * 256] i32 (reused by every pass; no init needed).
-//   No dynamic shared memory; static shared: hist 1 KiB, scan 32 B, scatter 9 KiB.
+//            hist [nblocks * 512] i32 (reused by every pass; no init needed).
+//   No dynamic shared memory; static shared: hist 2 KiB, scan 64 B, scatter 34 KiB.
 //   T = 0: launch nothing. Grid limit: nblocks <= 2^31 - 1 (any int T).
 #include "embed_params.h"
 
@@ -43,7 +44,7 @@ TL_DEVICE unsigned lanemask_lt(int lane) { return (1u << lane) - 1u; }
 
 }  // namespace
 
-TL_KERNEL_BOUNDED(tl_sort_ids_hist, SortPassParams, 256) {
+TL_KERNEL_BOUNDED(tl_sort_ids_hist, SortPassParams, TL_SORT_THREADS) {
   __shared__ int cnt[kRadix];
   const int tid = static_cast<int>(threadIdx.x);
   const int lane = tid & 31;
@@ -68,7 +69,7 @@ TL_KERNEL_BOUNDED(tl_sort_ids_hist, SortPassParams, 256) {
 
 // Exclusive scan over (digit, block), digit-major: thread = digit. Integer
 // sums, so the order of the additions does not matter.
-TL_KERNEL_BOUNDED(tl_sort_ids_scan, SortPassParams, 256) {
+TL_KERNEL_BOUNDED(tl_sort_ids_scan, SortPassParams, TL_SORT_THREADS) {
   __shared__ int warp_total[kWarps];
   const int d = static_cast<int>(threadIdx.x);
   const int lane = d & 31;
@@ -98,11 +99,11 @@ TL_KERNEL_BOUNDED(tl_sort_ids_scan, SortPassParams, 256) {
   }
 }
 
-// Stable scatter. The tile is processed in 16 sub-tiles of 256 consecutive
+// Stable scatter. The tile is processed in 8 sub-tiles of 512 consecutive
 // keys (one per thread, in order); an element's rank among equal digits of the
 // tile = equal digits in earlier sub-tiles (running) + in lower warps of this
 // sub-tile (per-warp counts) + in lower lanes of its warp (match mask).
-TL_KERNEL_BOUNDED(tl_sort_ids_scatter, SortPassParams, 256) {
+TL_KERNEL_BOUNDED(tl_sort_ids_scatter, SortPassParams, TL_SORT_THREADS) {
   __shared__ int offset[kRadix];           // global offset of each digit for this tile
   __shared__ int wcount[kWarps][kRadix];   // per-warp digit counts of the current sub-tile
   const int tid = static_cast<int>(threadIdx.x);

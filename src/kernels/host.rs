@@ -463,6 +463,43 @@ mod tests {
         s.as_ptr() as u64
     }
 
+    /// sort_ids (kernels/sort_ids.cu): ascending keys with skipped ids (< 0)
+    /// as the key V at the end, and the positions of equal keys in increasing
+    /// order (stable), for 1, 2 and 3 radix passes (V = 300, 5000, 300000 at
+    /// 9 bits per pass: the result lands in the caller's buffers after an
+    /// odd and an even number of passes), one and three sort blocks, T = 1,
+    /// and a heavy duplicate. Fresh random ids (seed printed).
+    #[test]
+    fn sort_ids_is_a_stable_sort_for_every_pass_count() {
+        use rand::{Rng, SeedableRng};
+        let seed: u64 = rand::random();
+        println!("sort seed {seed}");
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let exec = HostExec::default();
+        for v in [300usize, 5000, 300_000] {
+            for t in [1usize, 4000, 9000] {
+                let ids: Vec<i32> = (0..t)
+                    .map(|i| match rng.random_range(0..10) {
+                        0 => -2,
+                        1 => (v / 2) as i32,
+                        _ if i % 3 == 0 => v as i32 - 1,
+                        _ => rng.random_range(0..v as i32),
+                    })
+                    .collect();
+                let (keys, perm) = ops::sort_ids(&exec, addr(&ids), t, v).unwrap();
+                let (mut k, mut p) = (vec![0u8; t * 4], vec![0u8; t * 4]);
+                exec.download(&keys, &mut k).unwrap();
+                exec.download(&perm, &mut p).unwrap();
+                let (k, p): (&[i32], &[i32]) = (bytemuck::cast_slice(&k), bytemuck::cast_slice(&p));
+                let key = |i: i32| if i < 0 { v as i32 } else { i };
+                let mut want: Vec<(i32, i32)> = (0..t as i32).map(|i| (key(ids[i as usize]), i)).collect();
+                want.sort();
+                let got: Vec<(i32, i32)> = k.iter().copied().zip(p.iter().copied()).collect();
+                assert!(got == want, "V={v} T={t}: not the stable sort (seed {seed})");
+            }
+        }
+    }
+
     /// lora_down and lora_up against f64 sums, on shapes that take every
     /// staging path: d = 600 (three 256-column Vh steps, the last partial),
     /// r = 20 (two rank chunks), 300 rows (the last block's upper warps have

@@ -673,15 +673,20 @@ pub fn embed_forward<E: Executor>(
 }
 
 /// Stable sort of token positions by id: returns (keys, perm), skipped ids last.
-fn sort_ids<E: Executor>(e: &E, ids32: u64, tokens: usize, vocab: usize) -> Result<(E::Scratch, E::Scratch)> {
+pub(crate) fn sort_ids<E: Executor>(
+    e: &E,
+    ids32: u64,
+    tokens: usize,
+    vocab: usize,
+) -> Result<(E::Scratch, E::Scratch)> {
     let bits = 32 - (vocab as u32).leading_zeros();
-    let passes = bits.div_ceil(8).max(1) as usize;
+    let passes = bits.div_ceil(SORT_RADIX_BITS).max(1) as usize;
     let nblocks = tokens.div_ceil(SORT_TILE);
     let keys = e.scratch(tokens * 4)?;
     let perm = e.scratch(tokens * 4)?;
     let tmp_keys = e.scratch(tokens * 4)?;
     let tmp_vals = e.scratch(tokens * 4)?;
-    let hist = e.scratch(nblocks * 256 * 4)?;
+    let hist = e.scratch(nblocks * (1 << SORT_RADIX_BITS) * 4)?;
     let (mut k_in, mut v_in) = (ids32, 0u64);
     for p in 0..passes {
         let (k_out, v_out) = if (passes - 1 - p) % 2 == 0 {
@@ -697,13 +702,13 @@ fn sort_ids<E: Executor>(e: &E, ids32: u64, tokens: usize, vocab: usize) -> Resu
             hist: e.addr(&hist),
             n: i32_of("tokens", tokens)?,
             vocab: i32_of("vocab", vocab)?,
-            shift: 8 * p as i32,
+            shift: (SORT_RADIX_BITS as usize * p) as i32,
             nblocks: nblocks as i32,
         };
         for (kernel, grid) in [("tl_sort_ids_hist", nblocks), ("tl_sort_ids_scan", 1), ("tl_sort_ids_scatter", nblocks)]
         {
-            let plan = LaunchPlan::linear(kernel, grid as u32, THREADS);
-            // SAFETY: keys/vals buffers of T ints, hist of nblocks*256 ints, all
+            let plan = LaunchPlan::linear(kernel, grid as u32, SORT_THREADS);
+            // SAFETY: keys/vals buffers of T ints, hist of nblocks * 2^RADIX_BITS ints, all
             // allocated here; ids32 is the validated [T] buffer.
             unsafe { e.launch(&plan, &params)? };
         }

@@ -109,6 +109,10 @@ params! {
 
 /// `TL_SORT_TILE` in `kernels/embed_params.h`: keys per sort block.
 pub const SORT_TILE: usize = 4096;
+/// `TL_SORT_THREADS` in `kernels/embed_params.h`: threads of every sort kernel.
+pub const SORT_THREADS: u32 = 512;
+/// `TL_SORT_RADIX_BITS` in `kernels/embed_params.h`: bits per radix pass.
+pub const SORT_RADIX_BITS: u32 = 9;
 /// `TL_GROUP_CHUNK`: sorted positions per grouped-sum chunk.
 pub const GROUP_CHUNK: usize = 64;
 /// `TL_EMBED_BLOCK_X` and the 128-thread launch bound of `embed_forward`.
