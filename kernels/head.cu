@@ -181,31 +181,49 @@ TL_DEVICE void head_grad_h_wgmma(const HeadGradHParams& p) {
 #endif
 }
 
+// Split-K over tokens (k_split > 0): block z reduces tokens [z k_split, ...)
+// and WRITES its partial sums to grad + z * vocab * ncols (summed in order by
+// the caller); k_split = 0: one K range, added into grad. G and B rows start
+// at token t0.
+template <class G, class T>
+struct GradParamSplit {
+  long long t0;
+  int rows;
+  bool write;
+  float* grad;
+  SegRows<G, float> a;
+  SegRows<T, float> b;
+
+  TL_DEVICE explicit GradParamSplit(const HeadGradParamParams& p) {
+    const int split = p.k_split > 0 ? static_cast<int>(blockIdx.z) : 0;
+    t0 = static_cast<long long>(split) * p.k_split;
+    rows = p.k_split > 0 ? min(p.k_split, p.tokens - static_cast<int>(t0)) : p.tokens;
+    write = p.k_split > 0;
+    grad = p.grad + static_cast<long long>(split) * p.vocab * p.ncols;
+    a = SegRows<G, float>{static_cast<const G*>(p.g) + t0 * p.vocab, p.vocab, p.vocab, nullptr, 0, 0, rows};
+    b = SegRows<T, float>{static_cast<const T*>(p.b) + t0 * p.ncols, p.ncols, p.ncols, nullptr, 0, 0, rows};
+  }
+};
+
 template <class T, class G, int BN, int WM, int WN, int STAGES, bool MMA = false>
 TL_DEVICE void head_grad_param(const HeadGradParamParams& p) {
   using S = tl::GemmShape<T, 128, BN, 32, true, false, 0, STAGES, MMA>;
   TL_DYNAMIC_SMEM(unsigned char, smem);
-  // Split-K over tokens (k_split > 0): block z reduces tokens [z k_split, ...)
-  // and WRITES its partial sums to grad + z * vocab * ncols (summed in order
-  // by the caller); k_split = 0: one K range, added into grad.
-  const int split = p.k_split > 0 ? static_cast<int>(blockIdx.z) : 0;
-  const long long t0 = static_cast<long long>(split) * p.k_split;
-  const int rows = p.k_split > 0 ? min(p.k_split, p.tokens - static_cast<int>(t0)) : p.tokens;
-  const SegRows<G, float> a{static_cast<const G*>(p.g) + t0 * p.vocab, p.vocab, p.vocab, nullptr, 0, 0, rows};
-  const SegRows<T, float> b{static_cast<const T*>(p.b) + t0 * p.ncols, p.ncols, p.ncols, nullptr, 0, 0, rows};
+  const GradParamSplit<G, T> sp(p);
   const SegRows<float, float> none{nullptr, 0, 0, nullptr, 0, 0, 0};
   const long long ld = p.ncols;
-  float* grad = p.grad + static_cast<long long>(split) * p.vocab * ld;
-  const bool write = p.k_split > 0;
+  float* grad = sp.grad;
+  const bool write = sp.write;
+  const int rows = sp.rows;
   // K runs over tokens: skip the 128-token tiles whose G tile in this block's
   // 128 vocabulary columns was filtered to 0 (k_split is a multiple of 128).
-  const int* live_col = p.live ? p.live + blockIdx.x + (t0 / 128) * p.live_ld : nullptr;
+  const int* live_col = p.live ? p.live + blockIdx.x + (sp.t0 / 128) * p.live_ld : nullptr;
   const int live_ld = p.live_ld;
   const auto live = [live_col, live_ld](int k0) {
     return live_col == nullptr || live_col[static_cast<long long>(k0 / 128) * live_ld] != 0;
   };
   tl::tile_gemm<T, S, WM, WN>(
-      smem, a, b, none, p.vocab, p.ncols, rows, static_cast<int>(blockIdx.x) * S::BM,
+      smem, sp.a, sp.b, none, p.vocab, p.ncols, rows, static_cast<int>(blockIdx.x) * S::BM,
       static_cast<int>(blockIdx.y) * S::BN,
       [&](int m, int n, float v, const float*) {
         float* o = grad + m * ld + n;
@@ -224,19 +242,15 @@ TL_DEVICE void head_grad_param_wgmma(const HeadGradParamParams& p) {
 #if TL_HAS_WGMMA
   using S = tl::WgShapeMN<T, BN, 4>;
   TL_DYNAMIC_SMEM(unsigned char, smem);
-  const int split = p.k_split > 0 ? static_cast<int>(blockIdx.z) : 0;
-  const long long t0 = static_cast<long long>(split) * p.k_split;
-  const int rows = p.k_split > 0 ? min(p.k_split, p.tokens - static_cast<int>(t0)) : p.tokens;
   // Both operands' rows are tokens (the K index): A columns are the
   // vocabulary (M), B columns the output columns (N).
-  const SegRows<T, float> a{static_cast<const T*>(p.g) + t0 * p.vocab, p.vocab, p.vocab, nullptr, 0, 0, rows};
-  const SegRows<T, float> b{static_cast<const T*>(p.b) + t0 * p.ncols, p.ncols, p.ncols, nullptr, 0, 0, rows};
+  const GradParamSplit<T, T> sp(p);
   const long long ld = p.ncols;
-  float* grad = p.grad + static_cast<long long>(split) * p.vocab * ld;
-  const bool write = p.k_split > 0;
+  float* grad = sp.grad;
+  const bool write = sp.write;
   const float scale = p.scale;
   const int m0 = static_cast<int>(blockIdx.x) * S::BM, n0 = static_cast<int>(blockIdx.y) * BN;
-  tl::wg_gemm<T, S>(smem, a, b, tl::no_rows(), rows, m0, n0, [&](tl::WgAcc<BN>& acc, int m_base) {
+  tl::wg_gemm<T, S>(smem, sp.a, sp.b, tl::no_rows(), sp.rows, m0, n0, [&](tl::WgAcc<BN>& acc, int m_base) {
     tl::for_each_pair(acc, m_base, n0, p.vocab, p.ncols, [&](int m, int n, float v0, float v1) {
       float* o = grad + m * ld + n;
       o[0] = write ? scale * v0 : o[0] + scale * v0;
