@@ -298,7 +298,14 @@ impl Backend for Cuda {
 
     fn name(&self) -> &'static str {
         if self.options.wgmma {
-            return if self.options.wide_tiles { "cuda-wide-wgmma" } else { "cuda-wgmma" };
+            // The kernels wgmma does not cover (f32, the filtered backward)
+            // run on mma.sync when that is on too.
+            return match (self.options.wide_tiles, self.options.mma) {
+                (true, true) => "cuda-wide-wgmma-mma",
+                (true, false) => "cuda-wide-wgmma",
+                (false, true) => "cuda-wgmma-mma",
+                (false, false) => "cuda-wgmma",
+            };
         }
         match (self.options.gemm_stages == 3, self.options.wide_tiles, self.options.mma) {
             (_, true, true) => "cuda-wide-mma",
