@@ -575,6 +575,8 @@ struct Gpu {
     /// wgmma for the kernels that have it (head forward, grad_h, the
     /// cross-entropy's logit kernels) and mma.sync for the other GEMMs.
     cuda_wgmma_mma: Option<Cuda>,
+    /// ... with the grad_h in whole 64-column atoms (`with_wgmma_whole_atoms`).
+    cuda_wgmma_whole: Option<Cuda>,
     /// The same backend with deferred id errors (no host round trip in the embedding ops).
     cuda_defer: Cuda,
     stream: Arc<CudaStream>,
@@ -631,6 +633,10 @@ impl Gpu {
         let cuda_wgmma = Cuda::with_stream(stream.clone())?.with_wgmma(true).ok();
         let cuda_wide_wgmma = Cuda::with_stream(stream.clone())?.with_wgmma(true).ok().map(|c| c.with_wide_tiles(true));
         let cuda_wgmma_mma = Cuda::with_stream(stream.clone())?.with_wgmma(true).ok().map(|c| c.with_mma(true));
+        let cuda_wgmma_whole = Cuda::with_stream(stream.clone())?
+            .with_wgmma(true)
+            .ok()
+            .map(|c| c.with_mma(true).with_wgmma_whole_atoms(true));
         Ok(Gpu {
             cuda,
             cuda_s3,
@@ -641,6 +647,7 @@ impl Gpu {
             cuda_wgmma,
             cuda_wide_wgmma,
             cuda_wgmma_mma,
+            cuda_wgmma_whole,
             cuda_defer,
             stream,
             k,
@@ -1471,6 +1478,10 @@ fn bench_head_backward(gpu: &Gpu, m: &Model, st: &Settings, rep: &mut Report) ->
         Some(c) => variant(c, "wgmma")?,
         None => None,
     };
+    let whole_t = match &gpu.cuda_wgmma_whole {
+        Some(c) => variant(c, "wgmma, whole atoms")?,
+        None => None,
+    };
     let (mut unf_t, mut gw_t) = (None, None);
     if unf_ok.is_ok() {
         let mem = gpu
@@ -1539,6 +1550,17 @@ fn bench_head_backward(gpu: &Gpu, m: &Model, st: &Settings, rep: &mut Report) ->
         unf_t,
         gw_tf,
         "Cuda::with_wgmma(true)?: grad_h _wgmma (m64n(128+RX)k16, W N-major), dU _wgmma (Gᵀ M-major)",
+    );
+    push_timed(
+        rep,
+        sh,
+        "head_backward",
+        "ours (fused, wgmma, whole atoms)",
+        whole_t,
+        flop,
+        unf_t,
+        gw_tf,
+        "with_wgmma_whole_atoms(true): grad_h _rx64_wgmma (m64n192k16) at r = 16",
     );
     push_timed(
         rep,

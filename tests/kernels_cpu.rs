@@ -14,8 +14,22 @@ use tiedlora::{bf16, f16, Backend, Cpu, DType, LoraConfig};
 
 /// Both head GEMM main loops: register-staged and the cp.async ring.
 const BACKENDS: [CpuKernels; 2] = [
-    CpuKernels { pipelined: false, xent_chunk_bytes: 0, wide_tiles: false, mma: false, wgmma: false },
-    CpuKernels { pipelined: true, xent_chunk_bytes: 0, wide_tiles: false, mma: false, wgmma: false },
+    CpuKernels {
+        pipelined: false,
+        xent_chunk_bytes: 0,
+        wide_tiles: false,
+        mma: false,
+        wgmma: false,
+        wgmma_whole_atoms: false,
+    },
+    CpuKernels {
+        pipelined: true,
+        xent_chunk_bytes: 0,
+        wide_tiles: false,
+        mma: false,
+        wgmma: false,
+        wgmma_whole_atoms: false,
+    },
 ];
 
 #[test]
@@ -108,6 +122,30 @@ fn head_wgmma() {
     assert_all(head_case::<bf16, _>(&k, 200, 72, 17, 130, false));
     assert_all(head_case::<f16, _>(&k, 300, 40, 33, 20, false));
     assert_all(head_case::<bf16, _>(&k, 150, 37, 64, 9, false));
+    // The whole-atom fallback (`Cuda::with_wgmma_whole_atoms`): RX = 64 at
+    // r = 16 and 17, the U columns past r zero.
+    let k = CpuKernels { wgmma: true, wgmma_whole_atoms: true, ..CpuKernels::default() };
+    assert_all(head_case::<bf16, _>(&k, 264, 136, 16, 150, true));
+    assert_all(head_case::<f16, _>(&k, 200, 72, 17, 130, false));
+    // ... and it takes effect: the packed U it stages is [V, 64] instead of
+    // [V, 16] (bf16), the only scratch that differs.
+    use tiedlora::kernels::host::thread_scratch_bytes;
+    let (v, d, r, t) = (130, 24, 16, 5);
+    let cfg = LoraConfig::builder(v, d, r).build().unwrap();
+    let mut rng = fresh_rng("whole atoms scratch");
+    let w: Vec<bf16> = normal(&mut rng, v * d, 0.5);
+    let u: Vec<f32> = normal(&mut rng, v * r, 0.5);
+    let vh: Vec<f32> = normal(&mut rng, r * d, 0.5);
+    let h: Vec<bf16> = normal(&mut rng, t * d, 1.0);
+    let g: Vec<bf16> = normal(&mut rng, t * v, 1.0);
+    let scratch = |whole: bool| {
+        let k = CpuKernels { wgmma: true, wgmma_whole_atoms: whole, ..CpuKernels::default() };
+        let mut grads = HostGrads::zeros(&cfg, false);
+        let s0 = thread_scratch_bytes();
+        Harness::head_backward(&k, &cfg, HostWeights { w: &w, u: &u, vh: &vh }, &h, &g, &mut grads).unwrap();
+        thread_scratch_bytes() - s0
+    };
+    assert_eq!(scratch(true) - scratch(false), v * (64 - 16) * 2);
 }
 
 /// The cp.async ring's steady-state path in every operand layout of the head

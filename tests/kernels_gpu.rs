@@ -115,6 +115,19 @@ fn gpu_small_head_wgmma() {
     assert_all(head_case::<bf16, _>(&g, 150, 37, 64, 9, false));
 }
 
+/// The wgmma grad_h with 64 extra columns at r = 16 and 17
+/// (`with_wgmma_whole_atoms`: W's N-major tile in whole 64-column atoms).
+/// A test of its own so that it reports even when the partial-atom n144 /
+/// n160 kernels of `gpu_small_head_wgmma` fail: that pair of results says
+/// whether the partial atoms are the cause.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_small_head_wgmma_whole_atoms() {
+    let g = gpu().with_wgmma(true).expect("wgmma needs an sm_90 GPU").with_wgmma_whole_atoms(true);
+    assert_all(head_case::<bf16, _>(&g, 264, 136, 16, 150, true));
+    assert_all(head_case::<f16, _>(&g, 200, 72, 17, 130, false));
+}
+
 /// The wide-tile and mma.sync variants at a larger shape (kept out of the
 /// `gpu_small_*` set that scripts/gpu-check.sh runs under compute-sanitizer).
 #[test]

@@ -152,6 +152,17 @@ impl Cuda {
         Ok(self)
     }
 
+    /// With [`Cuda::with_wgmma`]: run the head backward's `dh` GEMM (and the
+    /// fused cross-entropy backward's) with 64 extra U columns at every rank,
+    /// so W's N-major tile is three whole 64-column swizzle atoms
+    /// (m64n192k16) rather than ending in a partly filled one (n144 at
+    /// r <= 16, n160 at r <= 32). Same results, more MMA work at r <= 32; a
+    /// fallback kept until a GPU run confirms the partial atoms (BENCHMARKS.md).
+    pub fn with_wgmma_whole_atoms(mut self, on: bool) -> Self {
+        self.options.wgmma_whole_atoms = on;
+        self
+    }
+
     /// Whether the rank <= 16 half-precision `dh` GEMM of the head backward
     /// (and the fused cross-entropy backward) asks for two resident blocks per
     /// SM (default yes; only sm_90+ cubins differ). Same results; a knob so

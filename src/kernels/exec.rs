@@ -37,6 +37,12 @@ pub struct KernelOptions {
     /// the tile in registers, the backward's per-chunk G). Takes precedence
     /// over `mma` for those.
     pub wgmma: bool,
+    /// Give the wgmma grad_h 64 extra U columns at every rank (m64n192k16:
+    /// W's N-major tile in three whole 64-column swizzle atoms) instead of
+    /// the smallest of 16 / 32 / 64 that holds r (n144 / n160 end in a partly
+    /// filled atom, a layout CUTLASS never generates). More MMA work at
+    /// r <= 32; a fallback until a GPU run confirms the partial atoms.
+    pub wgmma_whole_atoms: bool,
     /// Most bytes of G one vocabulary chunk of the fused cross-entropy
     /// backward may hold ([`super::xent_chunk_cols`]); 0 = the default.
     pub xent_chunk_bytes: usize,
@@ -50,6 +56,7 @@ impl Default for KernelOptions {
             wide_tiles: false,
             mma: false,
             wgmma: false,
+            wgmma_whole_atoms: false,
             xent_chunk_bytes: 0,
         }
     }

@@ -254,6 +254,9 @@ pub struct CpuKernels {
     /// (`_wgmma`), as [`crate::cuda::Cuda::with_wgmma`]; the shim evaluates
     /// the MMAs from the same swizzled shared tiles and descriptors.
     pub wgmma: bool,
+    /// With `wgmma`: the grad_h at 64 extra columns for every rank, as
+    /// [`crate::cuda::Cuda::with_wgmma_whole_atoms`].
+    pub wgmma_whole_atoms: bool,
 }
 
 impl CpuKernels {
@@ -265,6 +268,7 @@ impl CpuKernels {
                 wide_tiles: self.wide_tiles,
                 mma: self.mma,
                 wgmma: self.wgmma,
+                wgmma_whole_atoms: self.wgmma_whole_atoms,
                 ..KernelOptions::default()
             },
             deferred_id_record: None,

@@ -481,6 +481,7 @@ fn grad_h<E: Executor>(e: &E, cfg: &LoraConfig, t: DType, gt: DType, op: GradH, 
     if e.options().wgmma && t == gt && t != DType::F32 && op.live.is_none() {
         // W read N-major with U's columns in the same MMAs (head.cu), U
         // packed to [rows, rx] in the storage dtype first.
+        let rx = if e.options().wgmma_whole_atoms { MAX_HEAD_RANK } else { rx };
         let packed = e.scratch(op.rows * rx * t.size())?;
         let pack = LoraPackParams {
             u: op.u,
