@@ -141,6 +141,14 @@ impl Executor for CudaExec<'_> {
         self.scratch_bytes.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
         self.stream.alloc_zeros::<u8>(bytes).map_err(|e| driver_err("scratch allocation", e))
     }
+    fn scratch_uninit(&self, bytes: usize) -> Result<CudaSlice<u8>> {
+        let bytes = bytes.max(16);
+        self.scratch_bytes.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+        // SAFETY: u8 has no invalid bit patterns, and the ops that ask for an
+        // uninitialized scratch write every byte they read first (the host
+        // executor poisons these buffers, so the CPU tests check that).
+        unsafe { self.stream.alloc::<u8>(bytes) }.map_err(|e| driver_err("scratch allocation", e))
+    }
     fn addr(&self, s: &CudaSlice<u8>) -> u64 {
         let (ptr, _sync) = s.device_ptr(self.stream);
         ptr

@@ -69,6 +69,12 @@ pub trait Executor {
 
     /// A zero-filled scratch buffer of at least `bytes` bytes, 16-byte aligned.
     fn scratch(&self, bytes: usize) -> Result<Self::Scratch>;
+    /// A scratch buffer like [`Executor::scratch`] but with unspecified
+    /// contents (on a GPU: no memset launch), for buffers whose every byte
+    /// an op reads is first written by its own launches. The host executor
+    /// fills it with 0xFF bytes (NaN as f32, -1 as i32), so that the tests
+    /// catch a read before a write.
+    fn scratch_uninit(&self, bytes: usize) -> Result<Self::Scratch>;
     /// The address kernels use for `s`.
     fn addr(&self, s: &Self::Scratch) -> u64;
     /// Copies `data` to the start of `s`.

@@ -186,6 +186,11 @@ impl Executor for HostExec {
         SCRATCH_BYTES.with(|n| n.set(n.get() + bytes.max(16)));
         Ok(HostScratch(vec![0u128; bytes.div_ceil(16).max(1)]))
     }
+    fn scratch_uninit(&self, bytes: usize) -> Result<HostScratch> {
+        SCRATCH_BYTES.with(|n| n.set(n.get() + bytes.max(16)));
+        // Poison, not zeros: a kernel that reads before it writes gets NaN / -1.
+        Ok(HostScratch(vec![u128::MAX; bytes.div_ceil(16).max(1)]))
+    }
     fn addr(&self, s: &HostScratch) -> u64 {
         s.0.as_ptr() as u64
     }

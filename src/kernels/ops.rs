@@ -191,7 +191,7 @@ fn launch_prepare_ids<E: Executor>(
     vocab: usize,
     ignore: Option<i64>,
 ) -> Result<(E::Scratch, E::Scratch)> {
-    let out = e.scratch(n * 4)?;
+    let out = e.scratch_uninit(n * 4)?;
     let mut status = e.scratch(16)?;
     e.upload(&mut status, bytemuck::cast_slice(&[0i32, i32::MAX, 0, 0]))?;
     let params = PrepareIdsParams {
@@ -336,7 +336,7 @@ pub fn lora_up<E: Executor>(
     // the scratch ([chunks, r, d] f32) stays bounded for any T.
     let chunk = UP_CHUNK.max(tokens.div_ceil(4 * e.multiprocessors() as usize));
     let chunks = tokens.div_ceil(chunk);
-    let partial = e.scratch(chunks * r * d * 4)?;
+    let partial = e.scratch_uninit(chunks * r * d * 4)?;
     let params = LoraUpPartialParams {
         x,
         ids,
@@ -377,7 +377,7 @@ pub fn head_forward<E: Executor>(
     tokens: usize,
 ) -> Result<()> {
     let (v, d, r) = (cfg.vocab(), cfg.hidden(), cfg.rank());
-    let p = e.scratch(tokens * r * t.size())?;
+    let p = e.scratch_uninit(tokens * r * t.size())?;
     lora_down(e, cfg, t, t, h, wt.vh, e.addr(&p), tokens, cfg.scale())?;
     let params = HeadForwardParams {
         h,
@@ -482,7 +482,7 @@ fn grad_h<E: Executor>(e: &E, cfg: &LoraConfig, t: DType, gt: DType, op: GradH, 
         // W read N-major with U's columns in the same MMAs (head.cu), U
         // packed to [rows, rx] in the storage dtype first.
         let rx = if e.options().wgmma_whole_atoms { MAX_HEAD_RANK } else { rx };
-        let packed = e.scratch(op.rows * rx * t.size())?;
+        let packed = e.scratch_uninit(op.rows * rx * t.size())?;
         let pack = LoraPackParams {
             u: op.u,
             out: e.addr(&packed),
@@ -595,9 +595,9 @@ pub fn head_backward<E: Executor>(
 ) -> Result<()> {
     let (v, d, r) = (cfg.vocab(), cfg.hidden(), cfg.rank());
     grad_h_rx(r)?;
-    let p = e.scratch(tokens * r * t.size())?;
+    let p = e.scratch_uninit(tokens * r * t.size())?;
     lora_down(e, cfg, t, t, h, wt.vh, e.addr(&p), tokens, cfg.scale())?;
-    let gu = e.scratch(tokens * r * 4)?;
+    let gu = e.scratch_uninit(tokens * r * 4)?;
     let op = GradH { g, w: wt.w, u: wt.u, vh: wt.vh, dh, gu: e.addr(&gu), rows: v, accumulate: false, live: None };
     grad_h(e, cfg, t, gt, op, tokens)?;
     // dU += Gᵀ p, p = s·h·Vhᵀ already carries the scale.
@@ -683,11 +683,11 @@ pub(crate) fn sort_ids<E: Executor>(
     let bits = 32 - (vocab as u32).leading_zeros();
     let passes = bits.div_ceil(SORT_RADIX_BITS).max(1) as usize;
     let nblocks = tokens.div_ceil(SORT_TILE);
-    let keys = e.scratch(tokens * 4)?;
-    let perm = e.scratch(tokens * 4)?;
-    let tmp_keys = e.scratch(tokens * 4)?;
-    let tmp_vals = e.scratch(tokens * 4)?;
-    let hist = e.scratch(nblocks * (1 << SORT_RADIX_BITS) * 4)?;
+    let keys = e.scratch_uninit(tokens * 4)?;
+    let perm = e.scratch_uninit(tokens * 4)?;
+    let tmp_keys = e.scratch_uninit(tokens * 4)?;
+    let tmp_vals = e.scratch_uninit(tokens * 4)?;
+    let hist = e.scratch_uninit(nblocks * (1 << SORT_RADIX_BITS) * 4)?;
     let (mut k_in, mut v_in) = (ids32, 0u64);
     for p in 0..passes {
         let (k_out, v_out) = if (passes - 1 - p) % 2 == 0 {
@@ -733,7 +733,7 @@ fn group_rows<E: Executor>(
     scale: f64,
 ) -> Result<()> {
     let nchunks = tokens.div_ceil(GROUP_CHUNK);
-    let partial = e.scratch(2 * nchunks * ncols * 4)?;
+    let partial = e.scratch_uninit(2 * nchunks * ncols * 4)?;
     let params = GroupRowsParams {
         keys: e.addr(keys),
         perm: e.addr(perm),
@@ -773,7 +773,7 @@ pub fn embed_backward<E: Executor>(
     let (v, d, r) = (cfg.vocab(), cfg.hidden(), cfg.rank());
     let cs = cfg.embed_scale() * cfg.scale();
     let ids32 = prepare_embed_ids(e, ids, kind, tokens, v)?;
-    let gu = e.scratch(tokens * r * 4)?;
+    let gu = e.scratch_uninit(tokens * r * 4)?;
     lora_down(e, cfg, gt, DType::F32, d_embed, wt.vh, e.addr(&gu), tokens, cs)?;
     let (keys, perm) = sort_ids(e, e.addr(&ids32), tokens, v)?;
     group_rows(e, &keys, &perm, DType::F32, e.addr(&gu), grads.u, tokens, v, r, 1.0)?;
@@ -847,7 +847,7 @@ pub fn head_xent_forward<E: Executor>(
 ) -> Result<()> {
     let (v, d, r) = (cfg.vocab(), cfg.hidden(), cfg.rank());
     let (t32, valid) = prepare_ids(e, "targets", targets, kind, tokens, v, Some(cfg.ignore_index()))?;
-    let p = e.scratch(tokens * r * t.size())?;
+    let p = e.scratch_uninit(tokens * r * t.size())?;
     lora_down(e, cfg, t, t, h, wt.vh, e.addr(&p), tokens, cfg.scale())?;
     let tiles_m = tokens.div_ceil(GEMM_TILE as usize);
     let (split_cols, splits) = xent_splits(cfg, tokens, e.multiprocessors());
@@ -1034,7 +1034,7 @@ pub fn head_xent_backward<E: Executor>(
     let g_unit = if t == DType::F16 { XENT_F16_G_UNIT } else { 1.0 };
     let g_scale_f64 = grad_loss as f64 * cfg.loss_scale(valid) / g_unit;
     let g_scale = g_scale_f64 as f32;
-    let p = e.scratch(tokens * r * t.size())?;
+    let p = e.scratch_uninit(tokens * r * t.size())?;
     lora_down(e, cfg, t, t, h, wt.vh, e.addr(&p), tokens, cfg.scale())?;
     let dh_acc = e.scratch(tokens * d * 4)?;
     let gu = e.scratch(tokens * r * 4)?;
