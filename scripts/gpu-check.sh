@@ -20,7 +20,8 @@
 #   racecheck   compute-sanitizer --tool racecheck on kernels_gpu's gpu_small_* tests
 #   bench_py    scripts/bench_xent.py: PEFT / torch / CCE / Liger head + cross-entropy
 #               at the same shapes                              -> OUTDIR/results_py.md
-#   ncu         Nsight Compute on the main kernels at the Llama shape -> OUTDIR/ncu.txt
+#   ncu         Nsight Compute on the first launch of each _mma / _wgmma GEMM kernel
+#               at the Llama shape -> OUTDIR/ncu.txt
 #   ncu_small   durations of every launch of the small kernels (embedding ops, lora_down /
 #               lora_up, sort, grouped sums) at the Llama shape, as CSV -> end of OUTDIR/ncu.txt
 #   peft_golden, peft_export   scripts/peft_check.py on tests/data/goldens/peft_llama_tied and
@@ -41,7 +42,7 @@
 #     than estimated the bench still ends within ~60 s.
 #   bench_py ~40-120 s (limit 180; first calls include Triton autotuning)
 #   memcheck ~20-60 s (limit 90) | racecheck ~30-90 s (limit 90)
-#   ncu ~30-90 s (limit 90) | ncu_small ~15-40 s (limit 60: one Llama bench pass,
+#   ncu ~40-100 s (limit 100; ~12 kernels x 4 sections) | ncu_small ~15-40 s (limit 60: one Llama bench pass,
 #     durations of the small kernels only)
 #   peft (background, overlapping the GPU steps) ~15-30 s each, limit 120 each
 #   expected total ~6-8 min; hard cap 9 min + packing (steps past the budget are
@@ -231,14 +232,17 @@ fi
 step bench_py 180 env PYTHONPATH="$BUNDLE/py${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 \
   python3 scripts/bench_xent.py --out "$OUTDIR"
 
-# Nsight Compute profile of the main kernels at the Llama shape (one launch
-# each, a few sections), to steer the kernel work: OUTDIR/ncu.txt. Skipped
-# when ncu is absent or GPU_CHECK_NCU=0.
+# Nsight Compute profile of the tensor-core GEMM kernels at the Llama shape,
+# to steer the kernel work: OUTDIR/ncu.txt. The first launch of EACH kernel
+# whose name ends in _mma or _wgmma (`--kernel-id ::regex:NAME:1`; the
+# default kernels' profile is in BENCHMARKS.md, second run), so mma.sync and
+# wgmma variants of every op sit side by side. Skipped when ncu is absent or
+# GPU_CHECK_NCU=0.
 NCU="$(command -v ncu || ls /usr/local/cuda/bin/ncu 2>/dev/null || true)"
 if [ -n "$NCU" ] && [ "${GPU_CHECK_NCU:-1}" != 0 ]; then
-  step ncu 90 bash -c "\"$NCU\" --kernel-name regex:'tl_(head_forward|head_grad_h|head_grad_param|embed_forward|lora_up_partial|sort_ids_scatter|group_rows)' \
-      --launch-count 8 --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
-      --section MemoryWorkloadAnalysis \"$BIN/gpu_bench\" --shapes llama --warmup 0 --iters 1 --copy-mib 64 \
+  step ncu 100 bash -c "\"$NCU\" --kernel-id '::regex:^tl_(head_forward|head_grad_h|head_grad_param|xent_partial|xent_grad_logits)_.*(_mma|_wgmma)\$:1' \
+      --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+      \"$BIN/gpu_bench\" --shapes llama --warmup 0 --iters 1 --copy-mib 64 \
       --out \"$WORK/ncu-bench\" >\"$OUTDIR/ncu.txt\" 2>&1"
   # Durations only, of the small kernels around the GEMMs (the embedding
   # ops are launch- and latency-bound; their per-kernel split says where the
