@@ -521,26 +521,27 @@ fn grad_h<E: Executor>(e: &E, cfg: &LoraConfig, t: DType, gt: DType, op: GradH, 
     unsafe { e.launch(&plan, &params) }
 }
 
-/// `grad[v, :] += scale · Gᵀ[v, :] · b` over `rows` vocabulary rows: G [T, rows] in
-/// `gt`, `b` [T, ncols] in `t`, `grad` [rows, ncols] f32; `live` as in [`GradH`].
-/// With `k_split` > 0 (tokens per split, a multiple of 128) the token range is
-/// split over grid.z and each split WRITES its partial sums to
-/// `grad + z·rows·ncols` (the caller sums them in order).
-#[allow(clippy::too_many_arguments)]
-fn grad_param<E: Executor>(
-    e: &E,
-    t: DType,
-    gt: DType,
+/// Operands of one grad_param launch, `grad[v, :] += scale · Gᵀ[v, :] · b`
+/// over `rows` vocabulary rows: G [T, rows] (dtype `gt`), `b` [T, ncols]
+/// (storage dtype), `grad` [rows, ncols] f32.
+struct GradParam {
     g: u64,
     b: u64,
     grad: u64,
-    tokens: usize,
     rows: usize,
     ncols: usize,
+    /// Tile flags of G as in [`GradH`], if filtered.
     live: Option<(u64, usize)>,
+    /// 0, or tokens per split (a multiple of 128): the token range is split
+    /// over grid.z and each split WRITES its partial sums to
+    /// `grad + z·rows·ncols` (the caller sums them in order).
     k_split: usize,
     scale: f32,
-) -> Result<()> {
+}
+
+/// One grad_param launch (`dU += Gᵀ p`, `dW += Gᵀ h`), see [`GradParam`].
+fn grad_param<E: Executor>(e: &E, t: DType, gt: DType, op: GradParam, tokens: usize) -> Result<()> {
+    let GradParam { g, b, grad, rows, ncols, live, k_split, scale } = op;
     let splits = if k_split > 0 { tokens.div_ceil(k_split) } else { 1 };
     let params = HeadGradParamParams {
         g,
@@ -601,11 +602,13 @@ pub fn head_backward<E: Executor>(
     let op = GradH { g, w: wt.w, u: wt.u, vh: wt.vh, dh, gu: e.addr(&gu), rows: v, accumulate: false, live: None };
     grad_h(e, cfg, t, gt, op, tokens)?;
     // dU += Gᵀ p, p = s·h·Vhᵀ already carries the scale.
-    grad_param(e, t, gt, g, e.addr(&p), grads.u, tokens, v, r, None, 0, 1.0)?;
+    let du = GradParam { g, b: e.addr(&p), grad: grads.u, rows: v, ncols: r, live: None, k_split: 0, scale: 1.0 };
+    grad_param(e, t, gt, du, tokens)?;
     // dVh += s · guᵀ h.
     lora_up(e, cfg, t, e.addr(&gu), 0, h, grads.vh, tokens, cfg.scale())?;
     if let Some(dw) = grads.w {
-        grad_param(e, t, gt, g, h, dw, tokens, v, d, None, 0, 1.0)?;
+        let dw = GradParam { g, b: h, grad: dw, rows: v, ncols: d, live: None, k_split: 0, scale: 1.0 };
+        grad_param(e, t, gt, dw, tokens)?;
     }
     Ok(())
 }
@@ -1111,8 +1114,18 @@ pub fn head_xent_backward<E: Executor>(
             // range for parallelism; the partials are summed in order.
             let du = grads.u + (col0 * r * 4) as u64;
             let k_split = xent_du_split(tokens, cols, e.multiprocessors());
+            let du_op = |grad, k_split| GradParam {
+                g: g_addr,
+                b: e.addr(&p),
+                grad,
+                rows: cols,
+                ncols: r,
+                live: flags,
+                k_split,
+                scale: g_scale,
+            };
             if k_split < tokens {
-                grad_param(e, t, t, g_addr, e.addr(&p), e.addr(&du_part), tokens, cols, r, flags, k_split, g_scale)?;
+                grad_param(e, t, t, du_op(e.addr(&du_part), k_split), tokens)?;
                 let reduce = LoraUpReduceParams {
                     partial: e.addr(&du_part),
                     out: du,
@@ -1126,11 +1139,13 @@ pub fn head_xent_backward<E: Executor>(
                 // above; du is the caller's dU rows [col0, col0 + cols).
                 unsafe { e.launch(&plan, &reduce)? };
             } else {
-                grad_param(e, t, t, g_addr, e.addr(&p), du, tokens, cols, r, flags, 0, g_scale)?;
+                grad_param(e, t, t, du_op(du, 0), tokens)?;
             }
             if let Some(dw) = grads.w {
-                let dw = dw + (col0 * d * 4) as u64;
-                grad_param(e, t, t, g_addr, h, dw, tokens, cols, d, flags, 0, g_scale)?;
+                let grad = dw + (col0 * d * 4) as u64;
+                let dw_op =
+                    GradParam { g: g_addr, b: h, grad, rows: cols, ncols: d, live: flags, k_split: 0, scale: g_scale };
+                grad_param(e, t, t, dw_op, tokens)?;
             }
         }
     }
