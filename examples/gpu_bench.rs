@@ -577,6 +577,11 @@ struct Gpu {
     cuda_wgmma_mma: Option<Cuda>,
     /// ... with the grad_h in whole 64-column atoms (`with_wgmma_whole_atoms`).
     cuda_wgmma_whole: Option<Cuda>,
+    /// The backward's plain GEMMs on cuBLAS (`Cuda::with_cublas`; None if
+    /// libcublas does not load), and the same with the wgmma / mma.sync
+    /// logit kernels (None off compute capability 9.0).
+    cuda_cublas: Option<Cuda>,
+    cuda_wgmma_cublas: Option<Cuda>,
     /// The same backend with deferred id errors (no host round trip in the embedding ops).
     cuda_defer: Cuda,
     stream: Arc<CudaStream>,
@@ -637,8 +642,15 @@ impl Gpu {
             .with_wgmma(true)
             .ok()
             .map(|c| c.with_mma(true).with_wgmma_whole_atoms(true));
+        let cuda_cublas = Cuda::with_stream(stream.clone())?.with_cublas(true).ok();
+        let cuda_wgmma_cublas = Cuda::with_stream(stream.clone())?
+            .with_wgmma(true)
+            .ok()
+            .and_then(|c| c.with_mma(true).with_cublas(true).ok());
         Ok(Gpu {
             cuda,
+            cuda_cublas,
+            cuda_wgmma_cublas,
             cuda_s3,
             cuda_wide,
             cuda_gh1,
@@ -1482,6 +1494,10 @@ fn bench_head_backward(gpu: &Gpu, m: &Model, st: &Settings, rep: &mut Report) ->
         Some(c) => variant(c, "wgmma, whole atoms")?,
         None => None,
     };
+    let cublas_t = match &gpu.cuda_cublas {
+        Some(c) => variant(c, "cuBLAS engine")?,
+        None => None,
+    };
     let (mut unf_t, mut gw_t) = (None, None);
     if unf_ok.is_ok() {
         let mem = gpu
@@ -1561,6 +1577,17 @@ fn bench_head_backward(gpu: &Gpu, m: &Model, st: &Settings, rep: &mut Report) ->
         unf_t,
         gw_tf,
         "with_wgmma_whole_atoms(true): grad_h _rx64_wgmma (m64n192k16) at r = 16",
+    );
+    push_timed(
+        rep,
+        sh,
+        "head_backward",
+        "ours (cuBLAS engine)",
+        cublas_t,
+        flop,
+        unf_t,
+        gw_tf,
+        "Cuda::with_cublas(true)?: cuBLAS G·W, G·U (f32 out), Gᵀ·p; our lora_down, finish (dh = acc + s·gu·Vh), lora_up",
     );
     push_timed(
         rep,
@@ -1810,17 +1837,18 @@ fn bench_xent(gpu: &Gpu, m: &Model, st: &Settings, rep: &mut Report) -> Res<()> 
     let mma_all = Some((gpu.time(st.warmup, st.iters, |i| tl(fused_all(&gpu.cuda_mma, i, &mut ours_mma)))?, mem));
     // The wgmma kernels (mma.sync where none exists): checked once from zeroed
     // gradients against the materialized path, then timed.
-    let wgmma_all = match &gpu.cuda_wgmma_mma {
-        Some(c) => {
-            let mut o = XentBufs::new(gpu, t, v, d, r)?;
-            tl(fused_all(c, 0, &mut o))?;
-            rep.check(sh, "xent: dh fused (wgmma) vs materialized", gpu.rel_norm(&o.dh, &mat.dh)?);
-            rep.check(sh, "xent: dU fused (wgmma) vs materialized", gpu.rel_norm(&o.du, &mat.du)?);
-            let mem = gpu.mem.measure(&gpu.stream, || tl(fused_all(c, 0, &mut o)))?;
-            Some((gpu.time(st.warmup, st.iters, |i| tl(fused_all(c, i, &mut o)))?, mem))
-        }
-        None => None,
+    let mut checked_all = |c: Option<&Cuda>, label: &str| -> Res<Option<(Timing, Option<u64>)>> {
+        let Some(c) = c else { return Ok(None) };
+        let mut o = XentBufs::new(gpu, t, v, d, r)?;
+        tl(fused_all(c, 0, &mut o))?;
+        rep.check(sh, format!("xent: dh fused ({label}) vs materialized"), gpu.rel_norm(&o.dh, &mat.dh)?);
+        rep.check(sh, format!("xent: dU fused ({label}) vs materialized"), gpu.rel_norm(&o.du, &mat.du)?);
+        let mem = gpu.mem.measure(&gpu.stream, || tl(fused_all(c, 0, &mut o)))?;
+        Ok(Some((gpu.time(st.warmup, st.iters, |i| tl(fused_all(c, i, &mut o)))?, mem)))
     };
+    let wgmma_all = checked_all(gpu.cuda_wgmma_mma.as_ref(), "wgmma")?;
+    let cublas_all = checked_all(gpu.cuda_cublas.as_ref(), "cuBLAS engine")?;
+    let wgmma_cublas_all = checked_all(gpu.cuda_wgmma_cublas.as_ref(), "wgmma logits, cuBLAS engine")?;
     let mem = gpu.mem.measure(&gpu.stream, || {
         let mut z2 = gpu.alloc::<bf16>(t * v)?;
         mat_all(0, &mut mat, &mut z2)
@@ -1869,6 +1897,28 @@ fn bench_xent(gpu: &Gpu, m: &Model, st: &Settings, rep: &mut Report) -> Res<()> 
         peft_t,
         None,
         "Cuda::with_wgmma(true)?: every GEMM of both passes on its _wgmma kernel",
+    );
+    push_timed(
+        rep,
+        sh,
+        "xent_fwd_bwd",
+        "ours (fused logits, cuBLAS engine)",
+        cublas_all,
+        flop_all,
+        peft_t,
+        None,
+        "Cuda::with_cublas(true)?: default logit kernels; the backward's G·W, G·U, Gᵀ·p per chunk on cuBLAS",
+    );
+    push_timed(
+        rep,
+        sh,
+        "xent_fwd_bwd",
+        "ours (fused wgmma logits, cuBLAS engine)",
+        wgmma_cublas_all,
+        flop_all,
+        peft_t,
+        None,
+        "with_wgmma(true)?.with_mma(true).with_cublas(true)?: wgmma logit kernels, backward GEMMs on cuBLAS",
     );
     push_timed(
         rep,
@@ -2248,15 +2298,22 @@ fn run_verify(gpu: &Gpu, rep: &mut Report) -> Res<()> {
         rep.check(&sh, "head_backward ours dh vs CPU", rel_host(&down(gpu, &dh)?, &dh_c));
         rep.check(&sh, "head_backward ours dU vs CPU", rel_host(&down(gpu, &du)?, &du_c));
         rep.check(&sh, "head_backward ours dVh vs CPU", rel_host(&down(gpu, &dvh)?, &dvh_c));
-        let (mut du, mut dvh) = (gpu.zeros::<f32>(v * r)?, gpu.zeros::<f32>(r * d)?);
-        {
-            let mut gr = Grads { lora_vocab: du.as_view_mut(), lora_hidden: dvh.as_view_mut(), w: None };
-            let (hv, gv) = (h.as_view(), g.as_view());
-            tl(gpu.cuda_mma.head_backward::<bf16, bf16>(&m.cfg, &m.weights(), hv, gv, dh.as_view_mut(), &mut gr))?;
+        for (cuda, label) in [(Some(&gpu.cuda_mma), "mma.sync"), (gpu.cuda_cublas.as_ref(), "cuBLAS engine")] {
+            let Some(cuda) = cuda else {
+                println!("  head_backward ours ({label}): unavailable (libcublas did not load)");
+                continue;
+            };
+            let (mut du, mut dvh) = (gpu.zeros::<f32>(v * r)?, gpu.zeros::<f32>(r * d)?);
+            gpu.stream.memcpy_htod(&vec![bf16::NAN; t * d], &mut dh).ctx("poison dh")?;
+            {
+                let mut gr = Grads { lora_vocab: du.as_view_mut(), lora_hidden: dvh.as_view_mut(), w: None };
+                let (hv, gv) = (h.as_view(), g.as_view());
+                tl(cuda.head_backward::<bf16, bf16>(&m.cfg, &m.weights(), hv, gv, dh.as_view_mut(), &mut gr))?;
+            }
+            rep.check(&sh, format!("head_backward ours ({label}) dh vs CPU"), rel_host(&down(gpu, &dh)?, &dh_c));
+            rep.check(&sh, format!("head_backward ours ({label}) dU vs CPU"), rel_host(&down(gpu, &du)?, &du_c));
+            rep.check(&sh, format!("head_backward ours ({label}) dVh vs CPU"), rel_host(&down(gpu, &dvh)?, &dvh_c));
         }
-        rep.check(&sh, "head_backward ours (mma.sync) dh vs CPU", rel_host(&down(gpu, &dh)?, &dh_c));
-        rep.check(&sh, "head_backward ours (mma.sync) dU vs CPU", rel_host(&down(gpu, &du)?, &du_c));
-        rep.check(&sh, "head_backward ours (mma.sync) dVh vs CPU", rel_host(&down(gpu, &dvh)?, &dvh_c));
     } else {
         println!("  head_backward ours: not implemented");
     }

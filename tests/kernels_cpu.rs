@@ -21,6 +21,7 @@ const BACKENDS: [CpuKernels; 2] = [
         mma: false,
         wgmma: false,
         wgmma_whole_atoms: false,
+        cublas: false,
     },
     CpuKernels {
         pipelined: true,
@@ -29,6 +30,7 @@ const BACKENDS: [CpuKernels; 2] = [
         mma: false,
         wgmma: false,
         wgmma_whole_atoms: false,
+        cublas: false,
     },
 ];
 
@@ -148,6 +150,41 @@ fn head_wgmma() {
     assert_eq!(scratch(true) - scratch(false), v * (64 - 16) * 2);
 }
 
+/// The backward's plain GEMMs on a GEMM engine (`Cuda::with_cublas`; on the
+/// CPU a host f32 GEMM stands in for cuBLAS, so this checks the op sequence
+/// around it: operand layouts, leading dimensions of the vocabulary chunks,
+/// U packed to the storage dtype, beta, the dU / dW scale and the finish).
+/// head_backward in all three dtypes with and without dW, r = 1, 16, 64,
+/// shapes off the tiles; every golden case (gradients added into non-zero buffers by both paths);
+/// the fused cross-entropy backward over several chunks with softcap, dW, the
+/// f16 tiny-gradient case and the gradient filter. (G in f32 under bf16
+/// storage, which the engine leaves to the fused kernels:
+/// `head_f32_gradients_for_half_weights`.)
+#[test]
+fn backward_gemm_engine() {
+    use common::parity::{xent_backward_case, XentCase};
+    let k = CpuKernels { cublas: true, ..CpuKernels::default() };
+    assert_all(head_case::<bf16, _>(&k, 300, 40, 16, 130, true));
+    assert_all(head_case::<f16, _>(&k, 257, 24, 1, 3, false));
+    assert_all(head_case::<f32, _>(&k, 131, 37, 64, 5, true));
+    let mut failures = Vec::new();
+    for (label, case) in &all_cases().expect("golden discovery") {
+        match run_case(&k, case, label) {
+            Ok(checks) => failures.extend(checks.iter().filter(|c| !c.passed()).map(|c| c.to_string())),
+            Err(e) => failures.push(format!("{label}/{}: {e}", case.name())),
+        }
+    }
+    assert!(failures.is_empty(), "GEMM-engine golden failures: {failures:?}");
+    let chunked = CpuKernels { cublas: true, xent_chunk_bytes: 1, ..CpuKernels::default() };
+    let base = XentCase::SOFTCAP_SUM;
+    assert_all(xent_backward_case::<bf16, _>(&chunked, base));
+    assert_all(xent_backward_case::<f32, _>(&k, XentCase { v: 200, d: 33, r: 64, t: 9, ..base }));
+    let flat =
+        XentCase { v: 700, d: 32, r: 4, t: 300, softcap: None, sum: false, with_w: true, logit_scale: 0.05, tol: None };
+    assert_all(xent_backward_case::<f16, _>(&chunked, flat));
+    assert_all(common::parity::xent_filter_case(&chunked, 1000, 40, 4, 130, 1e-3));
+}
+
 /// The cp.async ring's steady-state path in every operand layout of the head
 /// GEMMs: V, d multiples of 8 (16-byte rows) with several whole K steps and a
 /// partial last one, T off the tiles (grad_param's K = T ends mid-step), and
@@ -188,7 +225,8 @@ fn head_f32_gradients_for_half_weights() {
     let wt = HostWeights { w: &w, u: &u, vh: &vh };
     let mut gr = HostGrads::zeros(&cfg, false);
     let dh_ref = Harness::head_backward(&Cpu::new(), &cfg, wt, &h, &g, &mut gr).unwrap();
-    for k in &BACKENDS {
+    let engine = CpuKernels { cublas: true, ..CpuKernels::default() };
+    for k in BACKENDS.iter().chain([&engine]) {
         let mut gk = HostGrads::zeros(&cfg, false);
         let dh = Harness::head_backward(k, &cfg, wt, &h, &g, &mut gk).unwrap();
         let tol = DType::BF16.tolerance();

@@ -2,7 +2,9 @@
 //! modules embedded at build time (cubin for the device's architecture when
 //! one was built, else the compute_80 PTX, JIT-compiled by the driver).
 
+use super::blas::GemmEngine;
 use crate::error::{Error, Result};
+use crate::kernels::dense::DenseGemm;
 use crate::kernels::exec::{Executor, KernelOptions};
 use crate::kernels::params::KernelParams;
 use crate::kernels::plan::LaunchPlan;
@@ -130,6 +132,8 @@ pub(crate) struct CudaExec<'a> {
     pub(crate) scratch_bytes: &'a std::sync::atomic::AtomicUsize,
     /// Device address of the deferred id-error record, if enabled.
     pub(crate) deferred_id_record: Option<u64>,
+    /// cuBLAS on this stream, with `options.cublas`.
+    pub(crate) engine: Option<&'a GemmEngine>,
 }
 
 impl Executor for CudaExec<'_> {
@@ -192,5 +196,12 @@ impl Executor for CudaExec<'_> {
             result::launch_kernel(f, plan.grid, plan.block, plan.shared_bytes, self.stream.cu_stream(), &mut args)
         }
         .map_err(|e| driver_err(&format!("launch {plan}"), e))
+    }
+    unsafe fn gemm(&self, g: &DenseGemm) -> Result<()> {
+        let engine = self.engine.ok_or_else(|| Error::Backend("a GEMM-engine call without cuBLAS loaded".into()))?;
+        self.stream.context().bind_to_thread().map_err(|e| driver_err("bind context", e))?;
+        // SAFETY: the caller's guarantees (Executor::gemm); the handle is
+        // bound to this stream, so the GEMM is ordered after every launch.
+        unsafe { engine.run(g) }
     }
 }

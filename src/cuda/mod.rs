@@ -22,6 +22,7 @@
 //! # }
 //! ```
 
+mod blas;
 mod exec;
 
 use crate::backend::{Backend, Grads, Weights};
@@ -31,6 +32,7 @@ use crate::error::{Error, Result};
 use crate::kernels::exec::KernelOptions;
 use crate::kernels::ops::{self, id_kind, GradAddrs, WeightAddrs};
 use crate::validate::{self, GradLens, WeightLens};
+use blas::GemmEngine;
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut};
 use exec::{driver_err, CudaExec, KernelCache};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -41,6 +43,8 @@ pub struct Cuda {
     // Dropped first: the kernel cache unloads its modules while the context
     // (which it also holds) is alive.
     cache: KernelCache,
+    /// cuBLAS, loaded by `with_cublas(true)`.
+    engine: Option<GemmEngine>,
     stream: Arc<CudaStream>,
     sms: u32,
     options: KernelOptions,
@@ -83,6 +87,7 @@ impl Cuda {
             .map_err(|e| driver_err("multiprocessor count", e))?;
         Ok(Cuda {
             cache: KernelCache::new(stream.context().clone(), cc),
+            engine: None,
             stream,
             sms: sms.max(1) as u32,
             options: KernelOptions::default(),
@@ -161,6 +166,35 @@ impl Cuda {
     pub fn with_wgmma_whole_atoms(mut self, on: bool) -> Self {
         self.options.wgmma_whole_atoms = on;
         self
+    }
+
+    /// Runs the backward's plain GEMMs on cuBLAS (`cublasGemmEx`, f32
+    /// compute and output): in `head_backward` (G in the storage dtype)
+    /// `G·W` and `G·U` into f32 scratch, then one kernel adds the LoRA term
+    /// `s·(G·U)·Vh` and rounds `dh` once, and `dU += Gᵀ·(s·h·Vhᵀ)`,
+    /// `dW += Gᵀ·h`; in `head_xent_backward` the same GEMMs per vocabulary
+    /// chunk of G while it is in L2. The logits (`head_forward`, the fused
+    /// cross-entropy forward and the backward's recomputation) stay on the
+    /// hand-written kernels, whose K = d + r reduction keeps the LoRA logits
+    /// out of memory. Still one shared gradient, no `[T, V]` temporary, and
+    /// deterministic (cuBLAS GEMMs give the same bits run to run on one GPU
+    /// and toolkit); `head_backward` reads G three times instead of the fused
+    /// kernels' two and holds an f32 `[T, d]` (75 MB at the Gemma-2-2B shape).
+    /// Same results up to f32 summation order; BENCHMARKS.md compares the
+    /// two. `Err` if libcublas cannot be loaded; it takes 32 MiB of device
+    /// memory for cuBLAS's workspace.
+    ///
+    /// ```no_run
+    /// # fn main() -> tiedlora::Result<()> {
+    /// use tiedlora::cuda::Cuda;
+    /// let gpu = Cuda::new(0)?.with_cublas(true)?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn with_cublas(mut self, on: bool) -> Result<Self> {
+        self.engine = if on { Some(GemmEngine::new(&self.stream)?) } else { None };
+        self.options.cublas = on;
+        Ok(self)
     }
 
     /// Whether the rank <= 16 half-precision `dh` GEMM of the head backward
@@ -261,6 +295,7 @@ impl Cuda {
             sms: self.sms,
             options: self.options,
             scratch_bytes: &self.scratch_bytes,
+            engine: self.engine.as_ref(),
             deferred_id_record: self.deferred_ids.as_ref().map(|r| {
                 let r = r.lock().unwrap_or_else(|p| p.into_inner());
                 let (ptr, _sync) = r.device_ptr(&self.stream);
@@ -308,6 +343,10 @@ impl Backend for Cuda {
     type Dst<'a, T: 'static> = CudaViewMut<'a, T>;
 
     fn name(&self) -> &'static str {
+        if self.options.cublas {
+            // The logit kernels still follow the other options.
+            return "cuda-cublas-backward";
+        }
         if self.options.wgmma {
             // The kernels wgmma does not cover (f32, the filtered backward)
             // run on mma.sync when that is on too.

@@ -5,9 +5,10 @@
 //! implement it. Both therefore run the same launches (plans and params) in
 //! the same order, so the CPU run also tests the host side of every op.
 
+use super::dense::DenseGemm;
 use super::params::KernelParams;
 use super::plan::LaunchPlan;
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 /// Kernel variants of the head ops: every combination gives the same results
 /// (up to f32 summation order); they differ in speed, which the benchmark
@@ -46,6 +47,14 @@ pub struct KernelOptions {
     /// Most bytes of G one vocabulary chunk of the fused cross-entropy
     /// backward may hold ([`super::xent_chunk_cols`]); 0 = the default.
     pub xent_chunk_bytes: usize,
+    /// Run the backward's plain GEMMs on the executor's GEMM engine
+    /// ([`Executor::gemm`]: cuBLAS on a GPU): in `head_backward` (G in the
+    /// storage dtype) `G·W` and `G·U` into f32 and `dU += Gᵀ·p`,
+    /// `dW += Gᵀ·h`; in the fused cross-entropy backward the same four per
+    /// chunk of G. The logits (forward, and their recomputation in the
+    /// backward) stay on the fused kernels: their K = d + r reduction is what
+    /// keeps the LoRA logits out of memory.
+    pub cublas: bool,
 }
 
 impl Default for KernelOptions {
@@ -58,6 +67,7 @@ impl Default for KernelOptions {
             wgmma: false,
             wgmma_whole_atoms: false,
             xent_chunk_bytes: 0,
+            cublas: false,
         }
     }
 }
@@ -104,4 +114,16 @@ pub trait Executor {
     /// in it must be valid for the reads and writes that kernel does under
     /// `plan` until the launch has finished.
     unsafe fn launch<P: KernelParams>(&self, plan: &LaunchPlan, params: &P) -> Result<()>;
+    /// Runs one [`DenseGemm`] on this executor's GEMM engine, ordered after
+    /// every launch so far (an `Err` where there is none; the ops only ask
+    /// when [`KernelOptions::cublas`] is on).
+    ///
+    /// # Safety
+    /// Every address in `g` must be valid for the reads and writes the GEMM
+    /// does (A, B read; C written, and read unless `beta == 0`) until it has
+    /// finished, and C must not overlap A or B.
+    unsafe fn gemm(&self, g: &DenseGemm) -> Result<()> {
+        let _ = g;
+        Err(Error::UnsupportedCombination("this executor has no GEMM engine".into()))
+    }
 }

@@ -2,6 +2,7 @@
 //! replays every op's launches through the shim, and [`CpuKernels`] is the
 //! [`Backend`] over host slices that tests compare with the reference.
 
+use super::dense::{host_gemm, DenseGemm};
 use super::exec::{Executor, KernelOptions};
 use super::ops::{self, id_kind, GradAddrs, WeightAddrs};
 use super::params::KernelParams;
@@ -237,6 +238,15 @@ impl Executor for HostExec {
         // caller guarantees params/addresses fit the kernel (Executor::launch).
         unsafe { shim::launch(entry, plan, params) }
     }
+    unsafe fn gemm(&self, g: &DenseGemm) -> Result<()> {
+        if !self.options.cublas {
+            return Err(Error::Backend("a GEMM-engine call with `cublas` off".into()));
+        }
+        // SAFETY: the caller guarantees the addresses hold the matrices g
+        // describes (Executor::gemm); launches are synchronous here.
+        unsafe { host_gemm(g) };
+        Ok(())
+    }
 }
 
 /// The `kernels/*.cu` sources executed on the CPU, as a [`Backend`] over host
@@ -262,6 +272,11 @@ pub struct CpuKernels {
     /// With `wgmma`: the grad_h at 64 extra columns for every rank, as
     /// [`crate::cuda::Cuda::with_wgmma_whole_atoms`].
     pub wgmma_whole_atoms: bool,
+    /// Run the backward's plain GEMMs on a GEMM engine, as
+    /// [`crate::cuda::Cuda::with_cublas`]; here a plain f32 host GEMM
+    /// ([`super::dense::host_gemm`]) stands in for cuBLAS, so the tests check
+    /// the op sequence around it.
+    pub cublas: bool,
 }
 
 impl CpuKernels {
@@ -274,6 +289,7 @@ impl CpuKernels {
                 mma: self.mma,
                 wgmma: self.wgmma,
                 wgmma_whole_atoms: self.wgmma_whole_atoms,
+                cublas: self.cublas,
                 ..KernelOptions::default()
             },
             deferred_id_record: None,
@@ -310,6 +326,9 @@ impl Backend for CpuKernels {
     type Dst<'a, T: 'static> = &'a mut [T];
 
     fn name(&self) -> &'static str {
+        if self.cublas {
+            return "kernels-on-cpu-gemm-engine";
+        }
         match (self.pipelined, self.wide_tiles, self.mma) {
             (_, true, true) => "kernels-on-cpu-wide-mma",
             (_, true, false) => "kernels-on-cpu-wide",

@@ -9,6 +9,7 @@
 //! - Feature `cuda`: [`MODULES`] holds every `kernels/*.cu` compiled by nvcc
 //!   (PTX for `compute_80`, cubins for `sm_80` and `sm_90a`), for cudarc to load.
 
+pub mod dense;
 pub mod exec;
 // The op sequences take raw device / host addresses: crate-internal, reached
 // through the safe `Backend` impls. Their memory formulas are public.

@@ -5,6 +5,7 @@
 //! Inputs are addresses of buffers whose lengths the caller (a [`crate::Backend`]
 //! impl) has already checked against the config.
 
+use super::dense::{DenseGemm, Operand};
 use super::exec::Executor;
 use super::params::*;
 use super::plan::LaunchPlan;
@@ -482,19 +483,7 @@ fn grad_h<E: Executor>(e: &E, cfg: &LoraConfig, t: DType, gt: DType, op: GradH, 
         // W read N-major with U's columns in the same MMAs (head.cu), U
         // packed to [rows, rx] in the storage dtype first.
         let rx = if e.options().wgmma_whole_atoms { MAX_HEAD_RANK } else { rx };
-        let packed = e.scratch_uninit(op.rows * rx * t.size())?;
-        let pack = LoraPackParams {
-            u: op.u,
-            out: e.addr(&packed),
-            rows: i32_of("vocab", op.rows)?,
-            cols: i32_of("rank", r)?,
-            ld_out: rx as i32,
-            _pad: 0,
-        };
-        let grid = blocks(op.rows * rx, THREADS).min(e.multiprocessors() * 8);
-        let plan = LaunchPlan::linear(by_dtype!(t, "tl_lora_pack_", ""), grid.max(1), THREADS);
-        // SAFETY: U rows [rows, r] f32 (caller), packed [rows, rx] allocated above.
-        unsafe { e.launch(&plan, &pack)? };
+        let packed = pack_u(e, t, op.u, op.rows, r, rx)?;
         let params = HeadGradHParams { u: e.addr(&packed), ..params };
         let plan = LaunchPlan {
             kernel: intern(format!("tl_head_grad_h_{tg}_rx{rx}_wgmma")),
@@ -580,6 +569,117 @@ fn grad_param<E: Executor>(e: &E, t: DType, gt: DType, op: GradParam, tokens: us
     unsafe { e.launch(&plan, &params) }
 }
 
+/// U's rows [rows, r] (f32) in the half-precision storage dtype `t`, each
+/// row padded with zeros to `ld` columns: the operand the tensor-core GEMMs
+/// that take U as a B matrix read.
+fn pack_u<E: Executor>(e: &E, t: DType, u: u64, rows: usize, r: usize, ld: usize) -> Result<E::Scratch> {
+    let packed = e.scratch_uninit(rows * ld * t.size())?;
+    let pack = LoraPackParams {
+        u,
+        out: e.addr(&packed),
+        rows: i32_of("vocab", rows)?,
+        cols: i32_of("rank", r)?,
+        ld_out: i32_of("packed rank", ld)?,
+        _pad: 0,
+    };
+    let grid = blocks(rows * ld, THREADS).min(e.multiprocessors() * 8);
+    let plan = LaunchPlan::linear(by_dtype!(t, "tl_lora_pack_", ""), grid.max(1), THREADS);
+    // SAFETY: U rows [rows, r] f32 (caller), packed [rows, ld] allocated above.
+    unsafe { e.launch(&plan, &pack)? };
+    Ok(packed)
+}
+
+/// Operands of the backward's plain GEMMs over one slice of G [T, rows]
+/// (row length `rows`), run on the executor's GEMM engine
+/// (`KernelOptions::cublas`), see [`engine_grads`].
+struct EngineGrads {
+    g: u64,
+    /// W and U rows of the slice's vocabulary rows.
+    w: u64,
+    u: u64,
+    h: u64,
+    /// p = s·h·Vhᵀ [T, r], storage dtype.
+    p: u64,
+    /// f32 [T, d] and [T, r].
+    dh_acc: u64,
+    gu: u64,
+    /// The slice's rows of dU [rows, r] and dW [rows, d] (f32, added into).
+    du: u64,
+    dw: Option<u64>,
+    rows: usize,
+    /// 0: `dh_acc`, `gu` are written (not read); 1: added into.
+    beta: f32,
+    /// Scale of the dU / dW products.
+    scale: f32,
+}
+
+/// `dh_acc (+)= G W`, `gu (+)= G U`, `dU += scale·Gᵀ p`, `dW += scale·Gᵀ h` on
+/// the GEMM engine, U rounded to the storage dtype as the fused kernels do.
+fn engine_grads<E: Executor>(e: &E, cfg: &LoraConfig, t: DType, op: EngineGrads, tokens: usize) -> Result<()> {
+    let (d, r) = (cfg.hidden(), cfg.rank());
+    let plain = |addr, ld| Operand { addr, ld, trans: false };
+    let g = plain(op.g, op.rows);
+    let gt = Operand { trans: true, ..g };
+    let gemm = |m, n, k, a, b, c, ldc, alpha, beta| DenseGemm { m, n, k, a, b, ab: t, c, ldc, alpha, beta };
+    // SAFETY (every gemm below): G [T, rows], W / U rows [rows, d] / [rows, r],
+    // h [T, d], p [T, r] are checked by the caller or allocated by the op;
+    // dh_acc, gu (the op's scratch) and dU / dW (the caller's f32 gradients)
+    // have the sizes above and overlap none of the operands.
+    unsafe { e.gemm(&gemm(tokens, d, op.rows, g, plain(op.w, d), op.dh_acc, d, 1.0, op.beta))? };
+    let packed;
+    let u = if t == DType::F32 {
+        plain(op.u, r)
+    } else {
+        packed = pack_u(e, t, op.u, op.rows, r, r)?;
+        plain(e.addr(&packed), r)
+    };
+    // SAFETY: as above.
+    unsafe { e.gemm(&gemm(tokens, r, op.rows, g, u, op.gu, r, 1.0, op.beta))? };
+    // SAFETY: as above.
+    unsafe { e.gemm(&gemm(op.rows, r, tokens, gt, plain(op.p, r), op.du, r, op.scale, 1.0))? };
+    if let Some(dw) = op.dw {
+        // SAFETY: as above.
+        unsafe { e.gemm(&gemm(op.rows, d, tokens, gt, plain(op.h, d), dw, d, op.scale, 1.0))? };
+    }
+    Ok(())
+}
+
+/// `dh = g_scale · (dh_acc + s · gu · Vh)` in the storage dtype.
+#[allow(clippy::too_many_arguments)]
+fn grad_finish<E: Executor>(
+    e: &E,
+    cfg: &LoraConfig,
+    t: DType,
+    dh_acc: u64,
+    gu: u64,
+    vh: u64,
+    dh: u64,
+    tokens: usize,
+    g_scale: f32,
+) -> Result<()> {
+    let d = cfg.hidden();
+    let finish = XentGradFinishParams {
+        dh_acc,
+        gu,
+        vh,
+        dh,
+        tokens: i32_of("tokens", tokens)?,
+        hidden: i32_of("hidden", d)?,
+        rank: i32_of("rank", cfg.rank())?,
+        scale: cfg.scale() as f32,
+        g_scale,
+        _pad: 0,
+    };
+    let plan = LaunchPlan {
+        kernel: by_dtype!(t, "tl_xent_grad_finish_", ""),
+        grid: (tokens as u32, blocks(d, THREADS), 1),
+        block: (THREADS, 1, 1),
+        shared_bytes: 0,
+    };
+    // SAFETY: dh_acc [T, d] and gu [T, r] f32, Vh [r, d] and dh [T, d] (callers).
+    unsafe { e.launch(&plan, &finish) }
+}
+
 /// Head backward: `dh = G W + s (G U) Vh`, `dU += Gᵀ (s h Vhᵀ)`, `dVh += s (G U)ᵀ h`, `dW += Gᵀ h`.
 #[allow(clippy::too_many_arguments)]
 pub fn head_backward<E: Executor>(
@@ -599,6 +699,29 @@ pub fn head_backward<E: Executor>(
     let p = e.scratch_uninit(tokens * r * t.size())?;
     lora_down(e, cfg, t, t, h, wt.vh, e.addr(&p), tokens, cfg.scale())?;
     let gu = e.scratch_uninit(tokens * r * 4)?;
+    if e.options().cublas && gt == t {
+        // G·W and G·U into f32 on the GEMM engine, then dh's LoRA term and one rounding.
+        let dh_acc = e.scratch_uninit(tokens * d * 4)?;
+        let (p, gu) = (e.addr(&p), e.addr(&gu));
+        let du = grads.u;
+        let op = EngineGrads {
+            g,
+            w: wt.w,
+            u: wt.u,
+            h,
+            p,
+            dh_acc: e.addr(&dh_acc),
+            gu,
+            du,
+            dw: grads.w,
+            rows: v,
+            beta: 0.0,
+            scale: 1.0,
+        };
+        engine_grads(e, cfg, t, op, tokens)?;
+        grad_finish(e, cfg, t, e.addr(&dh_acc), gu, wt.vh, dh, tokens, 1.0)?;
+        return lora_up(e, cfg, t, gu, 0, h, grads.vh, tokens, cfg.scale());
+    }
     let op = GradH { g, w: wt.w, u: wt.u, vh: wt.vh, dh, gu: e.addr(&gu), rows: v, accumulate: false, live: None };
     grad_h(e, cfg, t, gt, op, tokens)?;
     // dU += Gᵀ p, p = s·h·Vhᵀ already carries the scale.
@@ -980,7 +1103,9 @@ fn xent_du_partial_bytes(cfg: &LoraConfig, tokens: usize, sms: u32, chunk: usize
 /// the op with the default kernels (a test checks the two agree). With
 /// `KernelOptions::wgmma` each chunk's `dh` GEMM also packs the chunk's U rows
 /// to the storage dtype (C·RX·elem bytes, RX = 16, 32 or 64; 64 KiB at the
-/// Gemma-2-2B shape), freed before the next chunk.
+/// Gemma-2-2B shape), freed before the next chunk; with `KernelOptions::cublas`
+/// the same for `G·U` (C·r·elem bytes, f16 / bf16 only), and the dU
+/// partials this formula counts go unused.
 pub fn head_xent_backward_scratch_bytes(
     cfg: &LoraConfig,
     t: DType,
@@ -1098,6 +1223,26 @@ pub fn head_xent_backward<E: Executor>(
             // consumers skip filtered tiles; without a filter every tile is live.
             let flags = (filter > 0.0).then(|| (e.addr(&live), cols.div_ceil(GEMM_TILE as usize)));
             let (w_rows, u_rows) = (wt.w + (col0 * d * t.size()) as u64, wt.u + (col0 * r * 4) as u64);
+            let du = grads.u + (col0 * r * 4) as u64;
+            if e.options().cublas {
+                // Filtered tiles of G hold zeros, so the engine's sums equal the skipping kernels'.
+                let op = EngineGrads {
+                    g: g_addr,
+                    w: w_rows,
+                    u: u_rows,
+                    h,
+                    p: e.addr(&p),
+                    dh_acc: e.addr(&dh_acc),
+                    gu: e.addr(&gu),
+                    du,
+                    dw: grads.w.map(|dw| dw + (col0 * d * 4) as u64),
+                    rows: cols,
+                    beta: 1.0,
+                    scale: g_scale,
+                };
+                engine_grads(e, cfg, t, op, tokens)?;
+                continue;
+            }
             let op = GradH {
                 g: g_addr,
                 w: w_rows,
@@ -1112,7 +1257,6 @@ pub fn head_xent_backward<E: Executor>(
             grad_h(e, cfg, t, t, op, tokens)?;
             // dU += Gᵀ p: few vocabulary tiles per chunk, so split the token
             // range for parallelism; the partials are summed in order.
-            let du = grads.u + (col0 * r * 4) as u64;
             let k_split = xent_du_split(tokens, cols, e.multiprocessors());
             let du_op = |grad, k_split| GradParam {
                 g: g_addr,
@@ -1149,26 +1293,7 @@ pub fn head_xent_backward<E: Executor>(
             }
         }
     }
-    let finish = XentGradFinishParams {
-        dh_acc: e.addr(&dh_acc),
-        gu: e.addr(&gu),
-        vh: wt.vh,
-        dh,
-        tokens: i32_of("tokens", tokens)?,
-        hidden: i32_of("hidden", d)?,
-        rank: i32_of("rank", r)?,
-        scale: cfg.scale() as f32,
-        g_scale,
-        _pad: 0,
-    };
-    let plan = LaunchPlan {
-        kernel: by_dtype!(t, "tl_xent_grad_finish_", ""),
-        grid: (tokens as u32, blocks(d, THREADS), 1),
-        block: (THREADS, 1, 1),
-        shared_bytes: 0,
-    };
-    // SAFETY: dh_acc [T, d] and gu [T, r] allocated above, Vh [r, d] and dh [T, d] (caller).
-    unsafe { e.launch(&plan, &finish)? };
+    grad_finish(e, cfg, t, e.addr(&dh_acc), e.addr(&gu), wt.vh, dh, tokens, g_scale)?;
     if valid > 0 {
         lora_up(e, cfg, t, e.addr(&gu), 0, h, grads.vh, tokens, cfg.scale() * g_scale_f64)?;
     }

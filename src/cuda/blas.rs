@@ -1,0 +1,108 @@
+//! [`GemmEngine`]: cuBLAS as the GEMM engine of [`super::Cuda::with_cublas`],
+//! running the ops' [`DenseGemm`]s on the backend's stream.
+
+use super::exec::driver_err;
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::kernels::dense::DenseGemm;
+use cudarc::cublas::{result as blas, sys, CudaBlas};
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
+use std::ffi::c_void;
+use std::sync::Arc;
+
+/// cuBLAS workspace: what cuBLAS asks for on Hopper (32 MiB), allocated once.
+const WORKSPACE_BYTES: usize = 32 << 20;
+
+/// A cuBLAS handle bound to one stream, with its workspace.
+pub(crate) struct GemmEngine {
+    // Dropped before the workspace it points at.
+    blas: CudaBlas,
+    _workspace: CudaSlice<u8>,
+}
+
+impl std::fmt::Debug for GemmEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("GemmEngine(cuBLAS)")
+    }
+}
+
+fn data_type(t: DType) -> sys::cudaDataType {
+    match t {
+        DType::F32 => sys::cudaDataType::CUDA_R_32F,
+        DType::F16 => sys::cudaDataType::CUDA_R_16F,
+        DType::BF16 => sys::cudaDataType::CUDA_R_16BF,
+    }
+}
+
+impl GemmEngine {
+    /// A handle on `stream`; an `Err` (never a panic) without libcublas.
+    pub(crate) fn new(stream: &Arc<CudaStream>) -> Result<Self> {
+        // SAFETY: only probes whether libcublas can be loaded (CudaBlas::new panics otherwise).
+        if !unsafe { sys::is_culib_present() } {
+            return Err(Error::BackendUnavailable(
+                "cuBLAS (libcublas.so.13) not found: put the CUDA toolkit's lib64, or pip's \
+                 nvidia/cu13/lib, on LD_LIBRARY_PATH to use `Cuda::with_cublas`"
+                    .into(),
+            ));
+        }
+        let blas = CudaBlas::new(stream.clone()).map_err(|e| driver_err("cublasCreate", e))?;
+        let workspace = stream.alloc_zeros::<u8>(WORKSPACE_BYTES).map_err(|e| driver_err("cuBLAS workspace", e))?;
+        let ws = {
+            let (ptr, _sync) = workspace.device_ptr(stream);
+            ptr
+        };
+        // SAFETY: `workspace` is a live device allocation of WORKSPACE_BYTES
+        // that outlives the handle (field order); both use `stream`.
+        unsafe { sys::cublasSetWorkspace_v2(*blas.handle(), ws as *mut c_void, WORKSPACE_BYTES) }
+            .result()
+            .map_err(|e| driver_err("cublasSetWorkspace", e))?;
+        Ok(GemmEngine { blas, _workspace: workspace })
+    }
+
+    /// Enqueues `g` (row-major, f32 C, f32 compute) on the handle's stream.
+    ///
+    /// cuBLAS is column-major: a row-major [r, c] matrix with leading
+    /// dimension ld is the column-major [c, r] transpose with the same ld, so
+    /// this computes `Cᵀ = op(B)ᵀ · op(A)ᵀ`: cuBLAS m' = n, n' = m, B first.
+    ///
+    /// # Safety
+    /// As [`crate::kernels::exec::Executor::gemm`].
+    pub(crate) unsafe fn run(&self, g: &DenseGemm) -> Result<()> {
+        let dim = |what: &str, v: usize| {
+            i32::try_from(v)
+                .map_err(|_| Error::ShapeMismatch(format!("GEMM {what} = {v} does not fit cuBLAS's 32-bit sizes")))
+        };
+        let (m, n, k) = (dim("m", g.m)?, dim("n", g.n)?, dim("k", g.k)?);
+        let (lda, ldb, ldc) = (dim("lda", g.a.ld)?, dim("ldb", g.b.ld)?, dim("ldc", g.ldc)?);
+        let op = |t: bool| if t { sys::cublasOperation_t::CUBLAS_OP_T } else { sys::cublasOperation_t::CUBLAS_OP_N };
+        let ab = data_type(g.ab);
+        // SAFETY: the caller guarantees A, B and C hold the matrices `g`
+        // describes for the GEMM's lifetime on this stream; alpha and beta
+        // are host f32 values (host pointer mode, f32 compute), read before
+        // the call returns.
+        unsafe {
+            blas::gemm_ex(
+                *self.blas.handle(),
+                op(g.b.trans),
+                op(g.a.trans),
+                n,
+                m,
+                k,
+                &g.alpha as *const f32 as *const c_void,
+                g.b.addr as *const c_void,
+                ab,
+                ldb,
+                g.a.addr as *const c_void,
+                ab,
+                lda,
+                &g.beta as *const f32 as *const c_void,
+                g.c as *mut c_void,
+                sys::cudaDataType::CUDA_R_32F,
+                ldc,
+                sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(|e| driver_err(&format!("cublasGemmEx {}x{}x{}", g.m, g.n, g.k), e))
+    }
+}

@@ -1,0 +1,166 @@
+//! [`DenseGemm`]: one plain GEMM handed to an executor's GEMM engine
+//! (`KernelOptions::cublas`: cuBLAS on a GPU, [`host_gemm`] on the CPU shim).
+//!
+//! The head backward's `dh = G·W` is a textbook GEMM with nothing to fuse in
+//! its main loop (the LoRA term `s·(G·U)·Vh` is added afterwards from a
+//! [T, r] product), so a vendor GEMM may run it; the op sequences in
+//! `ops.rs` stay the same on both executors, and the CPU tests check them
+//! with [`host_gemm`] standing in for cuBLAS.
+
+use crate::dtype::DType;
+
+/// One row-major operand of a [`DenseGemm`].
+#[derive(Debug, Clone, Copy)]
+pub struct Operand {
+    /// Address of element (0, 0) of the stored matrix.
+    pub addr: u64,
+    /// Elements between consecutive stored rows.
+    pub ld: usize,
+    /// The product uses the stored matrix transposed.
+    pub trans: bool,
+}
+
+/// Row-major `C[m, n] = alpha · op(A)[m, k] · op(B)[k, n] + beta · C` with A
+/// and B in `ab` (f32, f16 or bf16), C in f32, f32 accumulation. `op(A)` is A
+/// stored [m, k] (or [k, m] when `a.trans`), `op(B)` is B stored [k, n] (or
+/// [n, k]). With `beta == 0`, C is only written (it may hold NaN before).
+#[derive(Debug, Clone, Copy)]
+pub struct DenseGemm {
+    /// Rows of C.
+    pub m: usize,
+    /// Columns of C.
+    pub n: usize,
+    /// The reduction length.
+    pub k: usize,
+    /// A.
+    pub a: Operand,
+    /// B.
+    pub b: Operand,
+    /// Element type of A and B.
+    pub ab: DType,
+    /// Address of C (f32).
+    pub c: u64,
+    /// Elements between consecutive rows of C.
+    pub ldc: usize,
+    /// Scale of the product.
+    pub alpha: f32,
+    /// Scale of C's old value (0: C is not read).
+    pub beta: f32,
+}
+
+/// Reads element `i` of a buffer of `t` values at `addr` as f32.
+///
+/// # Safety
+/// `addr` must point at more than `i` live, aligned values of `t`.
+#[cfg(feature = "cpu-kernels")]
+unsafe fn load(t: DType, addr: u64, i: usize) -> f32 {
+    // SAFETY: the caller guarantees element i exists and is aligned.
+    unsafe {
+        match t {
+            DType::F32 => *(addr as *const f32).add(i),
+            DType::F16 => (*(addr as *const half::f16).add(i)).to_f32(),
+            DType::BF16 => (*(addr as *const half::bf16).add(i)).to_f32(),
+        }
+    }
+}
+
+/// `op(X)` as a dense f32 matrix [rows, cols], row-major.
+///
+/// # Safety
+/// `x` must address a live matrix of `t` holding `op(X)` as [`Operand`] says.
+#[cfg(feature = "cpu-kernels")]
+unsafe fn widen(t: DType, x: &Operand, rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(rows * cols);
+    for i in 0..rows {
+        for j in 0..cols {
+            let at = if x.trans { j * x.ld + i } else { i * x.ld + j };
+            // SAFETY: (i, j) lies inside op(X) (caller).
+            out.push(unsafe { load(t, x.addr, at) });
+        }
+    }
+    out
+}
+
+/// The GEMM engine of the CPU shim: what cuBLAS computes for a
+/// [`DenseGemm`] (f32 products summed in f32, in order of k), on host memory.
+///
+/// # Safety
+/// Every address must point at host memory holding the matrices `g`
+/// describes (A, B readable; C writable, and readable unless `beta == 0`),
+/// and C must not overlap A or B.
+#[cfg(feature = "cpu-kernels")]
+pub unsafe fn host_gemm(g: &DenseGemm) {
+    // SAFETY: the caller guarantees A and B hold op(A) [m, k] and op(B) [k, n].
+    let (a, b) = unsafe { (widen(g.ab, &g.a, g.m, g.k), widen(g.ab, &g.b, g.k, g.n)) };
+    let c = g.c as *mut f32;
+    for i in 0..g.m {
+        for j in 0..g.n {
+            let mut acc = 0.0f32;
+            for p in 0..g.k {
+                acc = a[i * g.k + p].mul_add(b[p * g.n + j], acc);
+            }
+            // SAFETY: (i, j) lies inside C (caller); C is not read when beta == 0.
+            unsafe {
+                let at = c.add(i * g.ldc + j);
+                *at = if g.beta == 0.0 { g.alpha * acc } else { g.alpha * acc + g.beta * *at };
+            }
+        }
+    }
+}
+
+#[cfg(all(test, feature = "cpu-kernels"))]
+mod tests {
+    use super::*;
+    use half::bf16;
+
+    /// Every transpose combination against an f64 sum, with leading dimensions
+    /// wider than the matrices, beta = 0 over a NaN-filled C (not read) and
+    /// beta = 1 (accumulates).
+    #[test]
+    fn host_gemm_matches_f64_for_every_layout() {
+        use rand::Rng;
+        let (m, n, k) = (5, 7, 9);
+        let pad = 3;
+        let mut rng = rand::rng();
+        let mut val = |_: usize| rng.random_range(-0.75f32..0.75);
+        for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+            // Stored shapes (rows, cols) and their leading dimensions.
+            let (ar, ac) = if ta { (k, m) } else { (m, k) };
+            let (br, bc) = if tb { (n, k) } else { (k, n) };
+            let a: Vec<bf16> = (0..ar * (ac + pad)).map(|s| bf16::from_f32(val(s))).collect();
+            let b: Vec<bf16> = (0..br * (bc + pad)).map(|s| bf16::from_f32(val(s))).collect();
+            let opa = |i: usize, p: usize| if ta { a[p * (ac + pad) + i] } else { a[i * (ac + pad) + p] }.to_f64();
+            let opb = |p: usize, j: usize| if tb { b[j * (bc + pad) + p] } else { b[p * (bc + pad) + j] }.to_f64();
+            let ldc = n + 1;
+            for beta in [0.0f32, 1.0] {
+                let old: Vec<f32> = (0..m * ldc).map(&mut val).collect();
+                let mut c: Vec<f32> = if beta == 0.0 { vec![f32::NAN; m * ldc] } else { old.clone() };
+                let g = DenseGemm {
+                    m,
+                    n,
+                    k,
+                    a: Operand { addr: a.as_ptr() as u64, ld: ac + pad, trans: ta },
+                    b: Operand { addr: b.as_ptr() as u64, ld: bc + pad, trans: tb },
+                    ab: DType::BF16,
+                    c: c.as_mut_ptr() as u64,
+                    ldc,
+                    alpha: 0.5,
+                    beta,
+                };
+                // SAFETY: a, b, c are live host buffers of the sizes g describes.
+                unsafe { host_gemm(&g) };
+                for i in 0..m {
+                    for j in 0..n {
+                        let want = 0.5 * (0..k).map(|p| opa(i, p) * opb(p, j)).sum::<f64>()
+                            + beta as f64 * old[i * ldc + j] as f64;
+                        let got = c[i * ldc + j] as f64;
+                        assert!((got - want).abs() < 1e-5, "({ta}, {tb}, beta {beta}) C[{i},{j}] = {got}, want {want}");
+                    }
+                    // The padding column of C is never written.
+                    let pad_at = i * ldc + n;
+                    assert!(c[pad_at].is_nan() == (beta == 0.0) && (beta == 0.0 || c[pad_at] == old[pad_at]));
+                }
+            }
+        }
+    }
+}
