@@ -577,11 +577,10 @@ struct Gpu {
     cuda_wgmma_mma: Option<Cuda>,
     /// ... with the grad_h in whole 64-column atoms (`with_wgmma_whole_atoms`).
     cuda_wgmma_whole: Option<Cuda>,
-    /// The backward's plain GEMMs on cuBLAS (`Cuda::with_cublas`; None if
-    /// libcublas does not load), and the same with the wgmma / mma.sync
-    /// logit kernels (None off compute capability 9.0).
+    /// The GEMM-engine paths on cuBLAS (`Cuda::with_cublas`; None if
+    /// libcublas does not load), and the same with 128 MiB logit chunks.
     cuda_cublas: Option<Cuda>,
-    cuda_wgmma_cublas: Option<Cuda>,
+    cuda_cublas_big: Option<Cuda>,
     /// The same backend with deferred id errors (no host round trip in the embedding ops).
     cuda_defer: Cuda,
     stream: Arc<CudaStream>,
@@ -643,14 +642,12 @@ impl Gpu {
             .ok()
             .map(|c| c.with_mma(true).with_wgmma_whole_atoms(true));
         let cuda_cublas = Cuda::with_stream(stream.clone())?.with_cublas(true).ok();
-        let cuda_wgmma_cublas = Cuda::with_stream(stream.clone())?
-            .with_wgmma(true)
-            .ok()
-            .and_then(|c| c.with_mma(true).with_cublas(true).ok());
+        let cuda_cublas_big =
+            Cuda::with_stream(stream.clone())?.with_cublas(true).ok().map(|c| c.with_xent_chunk_bytes(128 << 20));
         Ok(Gpu {
             cuda,
             cuda_cublas,
-            cuda_wgmma_cublas,
+            cuda_cublas_big,
             cuda_s3,
             cuda_wide,
             cuda_gh1,
@@ -1291,6 +1288,10 @@ fn bench_head_forward(gpu: &Gpu, m: &Model, st: &Settings, rep: &mut Report) -> 
         Some(c) => variant(c, "wide wgmma", &mut ours_out)?,
         None => None,
     };
+    let cublas_t = match &gpu.cuda_cublas {
+        Some(c) => variant(c, "cuBLAS engine", &mut ours_out)?,
+        None => None,
+    };
     let mut unf_t = None;
     let mut base_t = None;
     if unf_ok.is_ok() {
@@ -1378,6 +1379,17 @@ fn bench_head_forward(gpu: &Gpu, m: &Model, st: &Settings, rep: &mut Report) -> 
         unf_t,
         base_tf,
         "Cuda::with_wgmma(true).with_wide_tiles(true): _w256_wgmma, 128x256 blocks, m64n256k16, 4 slots",
+    );
+    push_timed(
+        rep,
+        sh,
+        "head_forward",
+        "ours (cuBLAS engine, f32 chunks in L2)",
+        cublas_t,
+        flop,
+        unf_t,
+        base_tf,
+        "Cuda::with_cublas(true)?: per 32 MiB f32 chunk [T, C]: cuBLAS h·W_cᵀ, += p·U_cᵀ, then one rounding into the logits",
     );
     push_timed(
         rep,
@@ -1755,6 +1767,19 @@ fn bench_xent(gpu: &Gpu, m: &Model, st: &Settings, rep: &mut Report) -> Res<()> 
         }
         None => None,
     };
+    let cublas_fwd = match &gpu.cuda_cublas {
+        Some(c) => {
+            tl(fused_fwd(c, 0, &mut ours_mma))?;
+            tl(fused_fwd(&gpu.cuda, 0, &mut ours))?;
+            let le = gpu.stream.clone_dtoh(&ours_mma.loss).ctx("download loss")?[0] as f64;
+            let ld = gpu.stream.clone_dtoh(&ours.loss).ctx("download loss")?[0] as f64;
+            gpu.sync()?;
+            rep.check(sh, "xent: loss (cuBLAS engine) vs fused", rel_host(&[le], &[ld]));
+            let mem = gpu.mem.measure(&gpu.stream, || tl(fused_fwd(c, 0, &mut ours_mma)))?;
+            Some((gpu.time(st.warmup, st.iters, |i| tl(fused_fwd(c, i, &mut ours_mma)))?, mem))
+        }
+        None => None,
+    };
     let mut z = gpu.alloc::<bf16>(t * v)?;
     let mem = gpu.mem.measure(&gpu.stream, || {
         let mut z2 = gpu.alloc::<bf16>(t * v)?;
@@ -1809,6 +1834,17 @@ fn bench_xent(gpu: &Gpu, m: &Model, st: &Settings, rep: &mut Report) -> Res<()> 
         rep,
         sh,
         "xent_forward",
+        "ours (cuBLAS engine, f32 chunks in L2)",
+        cublas_fwd,
+        flop_fwd,
+        mat_fwd_t,
+        base_tf,
+        "Cuda::with_cublas(true)?: per 32 MiB f32 chunk [T, C]: cuBLAS h·W_cᵀ, += p·U_cᵀ, then its logsumexp partials",
+    );
+    push_timed(
+        rep,
+        sh,
+        "xent_forward",
         "materialized (our head_forward + xent rows)",
         mat_fwd_t,
         flop_fwd,
@@ -1848,7 +1884,7 @@ fn bench_xent(gpu: &Gpu, m: &Model, st: &Settings, rep: &mut Report) -> Res<()> 
     };
     let wgmma_all = checked_all(gpu.cuda_wgmma_mma.as_ref(), "wgmma")?;
     let cublas_all = checked_all(gpu.cuda_cublas.as_ref(), "cuBLAS engine")?;
-    let wgmma_cublas_all = checked_all(gpu.cuda_wgmma_cublas.as_ref(), "wgmma logits, cuBLAS engine")?;
+    let cublas_big_all = checked_all(gpu.cuda_cublas_big.as_ref(), "cuBLAS engine, 128 MiB blocks")?;
     let mem = gpu.mem.measure(&gpu.stream, || {
         let mut z2 = gpu.alloc::<bf16>(t * v)?;
         mat_all(0, &mut mat, &mut z2)
@@ -1902,23 +1938,23 @@ fn bench_xent(gpu: &Gpu, m: &Model, st: &Settings, rep: &mut Report) -> Res<()> 
         rep,
         sh,
         "xent_fwd_bwd",
-        "ours (fused logits, cuBLAS engine)",
+        "ours (cuBLAS engine, f32 chunks in L2)",
         cublas_all,
         flop_all,
         peft_t,
         None,
-        "Cuda::with_cublas(true)?: default logit kernels; the backward's G·W, G·U, Gᵀ·p per chunk on cuBLAS",
+        "Cuda::with_cublas(true)?: both passes per f32 logits chunk on cuBLAS; backward per token x vocabulary block (engine_xent_block)",
     );
     push_timed(
         rep,
         sh,
         "xent_fwd_bwd",
-        "ours (fused wgmma logits, cuBLAS engine)",
-        wgmma_cublas_all,
+        "ours (cuBLAS engine, 128 MiB blocks)",
+        cublas_big_all,
         flop_all,
         peft_t,
         None,
-        "with_wgmma(true)?.with_mma(true).with_cublas(true)?: wgmma logit kernels, backward GEMMs on cuBLAS",
+        "with_cublas(true)?.with_xent_chunk_bytes(128 MiB): the engine with 4x larger logit chunks / backward blocks",
     );
     push_timed(
         rep,
@@ -2263,10 +2299,13 @@ fn run_verify(gpu: &Gpu, rep: &mut Report) -> Res<()> {
             (Some(&gpu.cuda_wide_mma), "wide, mma.sync"),
             (gpu.cuda_wgmma.as_ref(), "wgmma"),
             (gpu.cuda_wide_wgmma.as_ref(), "wide, wgmma"),
+            (gpu.cuda_cublas.as_ref(), "cuBLAS engine"),
         ];
         for (cuda, label) in variants {
             let Some(cuda) = cuda else {
-                println!("  head_forward ours ({label}): not on this GPU (needs compute capability 9.0)");
+                println!(
+                    "  head_forward ours ({label}): unavailable (wgmma needs compute capability 9.0; cuBLAS must load)"
+                );
                 continue;
             };
             gpu.stream.memcpy_htod(&nan, &mut out).ctx("poison logits")?;

@@ -216,3 +216,53 @@ struct XentGradFinishParams {
   unsigned _pad;
 };
 TL_CHECK_PARAMS(XentGradFinishParams, 56);
+
+// The GEMM-engine paths (KernelOptions::cublas): a chunk z [rows, cols] of f32
+// logits, row length cols, computed by the engine as h W_c^T + p U_c^T for the
+// vocabulary columns [col0, col0 + cols); these kernels consume it.
+
+// head.cu: logits[t, col0 + c] = z[t, c] in the storage dtype.
+struct LogitsStoreParams {
+  const float* z;  // [T, cols]
+  void* out;       // [T, ld_out] storage dtype (written)
+  int tokens;
+  int cols;
+  int col0;
+  int ld_out;      // V
+};
+TL_CHECK_PARAMS(LogitsStoreParams, 32);
+
+// xent.cu: per row t, the online (max, sum exp) of z' (softcapped) over the
+// chunk in a fixed order, folded into the running pair part_max / part_sum[t]
+// of the chunks before (chunk 0 writes it), and target_logit[t] =
+// z'[t, y_t - col0] when y_t falls in the chunk.
+struct XentChunkPartialParams {
+  const float* z;        // [T, cols]
+  const int* targets;    // [T] validated: in [0, V) or -1 (ignored)
+  float* part_max;       // [T] running
+  float* part_sum;       // [T] running
+  float* target_logit;   // [T]
+  int tokens;
+  int cols;
+  int col0;
+  int chunk;             // this chunk's index (0: start the running pair)
+  float softcap;         // kappa, 0 = none
+  unsigned _pad;
+};
+TL_CHECK_PARAMS(XentChunkPartialParams, 64);
+
+// xent_grad.cu: g = G' of XentGradLogitsParams (G * g_unit / factor) for one
+// block of tokens: targets and lse point at the block's first row.
+struct XentChunkGradParams {
+  const float* z;        // [tokens, cols]
+  const int* targets;    // [tokens]
+  const float* lse;      // [tokens]
+  void* g;               // [tokens, cols] storage dtype (written)
+  int tokens;
+  int cols;
+  int col0;
+  float softcap;
+  float g_unit;
+  unsigned _pad;
+};
+TL_CHECK_PARAMS(XentChunkGradParams, 56);

@@ -18,6 +18,12 @@
 // combine   grid 1 block of 256 threads: merges the splits of each row in
 //           order (lse), forms the per-row losses, then sums them in a fixed
 //           tree order: loss[0] = scale * sum. Bitwise deterministic.
+// chunk_partial  (the GEMM-engine path, KernelOptions::cublas) grid ceil(T / 8),
+//           256 threads, one warp per token row of an f32 logits chunk z
+//           [T, cols] the engine computed: lane l folds columns l, l + 32, ...
+//           into its (max, sum of exp) of z', then the lanes merge in a fixed
+//           xor-shuffle order, then folds that into the running pair of the
+//           chunks before it (combine then sees one split).
 // lse(z') = M + log(sum_v exp(z'_v - M)); loss_t = lse_t - z'_t[y_t].
 #include "params.h"
 #include "tile_gemm.cuh"
@@ -168,6 +174,51 @@ TL_DEVICE void xent_partial_wgmma(const XentPartialParams& p) {
 #endif
 }
 
+// Merges (m2, s2) into the online (max, sum of exp) pair (m, s); an empty
+// pair has m = -inf, s = 0. A NaN logit makes the sum NaN for good.
+TL_DEVICE void lse_merge(float& m, float& s, float m2, float s2) {
+  if (m2 != m2 || s2 != s2) {
+    s = m2 != m2 ? m2 : s2;
+    return;
+  }
+  const float nm = fmaxf(m, m2);
+  if (nm == -INFINITY) return;  // both empty
+  s = s * __expf(m - nm) + s2 * __expf(m2 - nm);
+  m = nm;
+}
+
+TL_DEVICE void xent_chunk_partial(const XentChunkPartialParams& p) {
+  const unsigned lane = threadIdx.x % 32;
+  const long long t = static_cast<long long>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
+  if (t >= p.tokens) return;  // whole warps leave together
+  const float* zr = p.z + t * p.cols;
+  const float kappa = p.softcap;
+  float m = -INFINITY, s = 0.0f;
+  for (int c = static_cast<int>(lane); c < p.cols; c += 32) {
+    const float v = kappa > 0.0f ? kappa * tanhf(zr[c] / kappa) : zr[c];
+    lse_merge(m, s, v, 1.0f);
+  }
+  for (int off = 16; off > 0; off >>= 1) {
+    const float m2 = __shfl_xor_sync(TL_FULL_MASK, m, off);
+    const float s2 = __shfl_xor_sync(TL_FULL_MASK, s, off);
+    lse_merge(m, s, m2, s2);
+  }
+  if (lane == 0) {
+    // Chunks run in order on one stream: fold this one into the running pair
+    // (O(T) memory for any number of chunks, one fixed order).
+    if (p.chunk > 0) {
+      float m0 = p.part_max[t], s0 = p.part_sum[t];
+      lse_merge(m0, s0, m, s);
+      m = m0;
+      s = s0;
+    }
+    p.part_max[t] = m;
+    p.part_sum[t] = s;
+    const int y = p.targets[t] - p.col0;
+    if (y >= 0 && y < p.cols) p.target_logit[t] = kappa > 0.0f ? kappa * tanhf(zr[y] / kappa) : zr[y];
+  }
+}
+
 }  // namespace
 
 TL_KERNEL_BOUNDED(tl_xent_partial_f32, XentPartialParams, 256) { xent_partial<float>(p); }
@@ -223,3 +274,4 @@ TL_KERNEL_BOUNDED(tl_xent_combine, XentCombineParams, 256) {
   }
   if (tid == 0) p.loss[0] = p.scale * red[0];
 }
+TL_KERNEL_BOUNDED(tl_xent_chunk_partial, XentChunkPartialParams, 256) { xent_chunk_partial(p); }

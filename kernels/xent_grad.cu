@@ -19,6 +19,9 @@
 //           (G itself, ~1 / (V N) at a flat softmax, is below f16's smallest
 //           subnormal). The consumers' f32 sums get factor / g_unit once, at
 //           the end (finish, lora_up, the dU / dW GEMMs' scale).
+// chunk_grad  (the GEMM-engine path, KernelOptions::cublas) grid (tokens,
+//           ceil(cols / 256)), 256 threads: g = G' from an f32 logits chunk z
+//           [tokens, cols] the engine computed, for one block of tokens.
 // finish    grid (T, ceil(d / 256)), 256 threads:
 //           dh[t, k] = g_scale * (dh_acc[t, k] + scale * sum_j gu[t, j] Vh[j, k]).
 #include "params.h"
@@ -156,6 +159,16 @@ TL_DEVICE void xent_grad_finish(const XentGradFinishParams& p) {
       tl_from_float<T>(p.g_scale * fmaf(p.scale, lora, p.dh_acc[t * p.hidden + k]));
 }
 
+template <class T>
+TL_DEVICE void xent_chunk_grad(const XentChunkGradParams& p) {
+  const long long t = blockIdx.x;
+  const int c = static_cast<int>(blockIdx.y * blockDim.x + threadIdx.x);
+  if (c >= p.cols) return;
+  const GradOfLogit gof{p.targets, p.lse, p.softcap, p.g_unit};
+  const long long i = t * p.cols + c;
+  static_cast<T*>(p.g)[i] = tl_from_float<T>(gof(static_cast<int>(t), p.col0 + c, p.z[i]));
+}
+
 }  // namespace
 
 TL_KERNEL_BOUNDED(tl_xent_grad_logits_f32, XentGradLogitsParams, 256) { xent_grad_logits<float>(p); }
@@ -176,3 +189,6 @@ TL_KERNEL_BOUNDED_MIN(tl_xent_grad_logits_bf16_wgmma, XentGradLogitsParams, 256,
 TL_KERNEL_BOUNDED(tl_xent_grad_finish_f32, XentGradFinishParams, 256) { xent_grad_finish<float>(p); }
 TL_KERNEL_BOUNDED(tl_xent_grad_finish_f16, XentGradFinishParams, 256) { xent_grad_finish<__half>(p); }
 TL_KERNEL_BOUNDED(tl_xent_grad_finish_bf16, XentGradFinishParams, 256) { xent_grad_finish<__nv_bfloat16>(p); }
+TL_KERNEL_BOUNDED(tl_xent_chunk_grad_f32, XentChunkGradParams, 256) { xent_chunk_grad<float>(p); }
+TL_KERNEL_BOUNDED(tl_xent_chunk_grad_f16, XentChunkGradParams, 256) { xent_chunk_grad<__half>(p); }
+TL_KERNEL_BOUNDED(tl_xent_chunk_grad_bf16, XentChunkGradParams, 256) { xent_chunk_grad<__nv_bfloat16>(p); }

@@ -128,18 +128,19 @@ fn gpu_small_head_wgmma_whole_atoms() {
     assert_all(head_case::<f16, _>(&g, 200, 72, 17, 130, false));
 }
 
-/// The backward's plain GEMMs on cuBLAS (`Cuda::with_cublas`):
-/// tests/kernels_cpu.rs::backward_gemm_engine on the device (there a host
-/// GEMM stands in for cuBLAS; here the transposes, leading dimensions and
-/// data types of the real `cublasGemmEx` calls are checked).
+/// The GEMM-engine paths on cuBLAS (`Cuda::with_cublas`):
+/// tests/kernels_cpu.rs::gemm_engine_paths on the device (there a host GEMM
+/// stands in for cuBLAS; here the transposes, leading dimensions and data
+/// types of the real `cublasGemmEx` calls are checked).
 #[test]
 #[ignore = "needs a CUDA device"]
-fn gpu_small_backward_cublas() {
-    use common::parity::{xent_backward_case, XentCase};
+fn gpu_small_gemm_engine_paths() {
+    use common::parity::{xent_backward_case, xent_forward_case, XentCase};
     let g = gpu().with_cublas(true).expect("cuBLAS must load on the GPU machine");
-    assert_all(head_case::<bf16, _>(&g, 300, 40, 16, 130, true));
+    let chunked = gpu().with_cublas(true).expect("cuBLAS").with_xent_chunk_bytes(1);
+    assert_all(head_case::<bf16, _>(&chunked, 300, 40, 16, 130, true));
     assert_all(head_case::<f16, _>(&g, 257, 24, 1, 3, false));
-    assert_all(head_case::<f32, _>(&g, 131, 37, 64, 5, true));
+    assert_all(head_case::<f32, _>(&chunked, 131, 37, 64, 5, true));
     let mut failures = Vec::new();
     for (label, case) in &all_cases().expect("golden discovery") {
         match run_case(&g, case, label) {
@@ -148,13 +149,16 @@ fn gpu_small_backward_cublas() {
         }
     }
     assert!(failures.is_empty(), "cuBLAS-engine golden failures: {failures:?}");
-    let chunked = gpu().with_cublas(true).expect("cuBLAS").with_xent_chunk_bytes(1);
+    assert_all(xent_forward_case::<bf16, _>(&chunked, 517, 40, 16, 9, Some(30.0), 1.0));
+    assert_all(xent_forward_case::<f16, _>(&chunked, 264, 136, 1, 150, None, 1.0));
+    assert_all(xent_forward_case::<f32, _>(&g, 260, 16, 4, 3, Some(30.0), 2000.0));
     let base = XentCase::SOFTCAP_SUM;
     assert_all(xent_backward_case::<bf16, _>(&chunked, base));
     assert_all(xent_backward_case::<f32, _>(&g, XentCase { v: 200, d: 33, r: 64, t: 9, ..base }));
     let flat =
         XentCase { v: 700, d: 32, r: 4, t: 300, softcap: None, sum: false, with_w: true, logit_scale: 0.05, tol: None };
     assert_all(xent_backward_case::<f16, _>(&chunked, flat));
+    assert_all(common::parity::xent_filter_case(&chunked, 1000, 40, 4, 130, 1e-3));
 }
 
 /// The wide-tile and mma.sync variants at a larger shape (kept out of the
@@ -180,7 +184,9 @@ fn gpu_variants_larger_shapes() {
     assert_all(xent_forward_case::<bf16, _>(&wgmma(false), 5000, 264, 16, 700, Some(30.0), 1.0));
     let base = XentCase { v: 5000, d: 264, t: 700, with_w: false, ..XentCase::SOFTCAP_SUM };
     assert_all(xent_backward_case::<bf16, _>(&g, base));
-    assert_all(xent_backward_case::<bf16, _>(&gpu().with_cublas(true).expect("cuBLAS"), base));
+    let engine = gpu().with_cublas(true).expect("cuBLAS");
+    assert_all(xent_forward_case::<bf16, _>(&engine, 5000, 264, 16, 700, Some(30.0), 1.0));
+    assert_all(xent_backward_case::<bf16, _>(&engine, base));
 }
 
 #[test]

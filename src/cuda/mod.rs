@@ -168,21 +168,30 @@ impl Cuda {
         self
     }
 
-    /// Runs the backward's plain GEMMs on cuBLAS (`cublasGemmEx`, f32
-    /// compute and output): in `head_backward` (G in the storage dtype)
-    /// `G·W` and `G·U` into f32 scratch, then one kernel adds the LoRA term
-    /// `s·(G·U)·Vh` and rounds `dh` once, and `dU += Gᵀ·(s·h·Vhᵀ)`,
-    /// `dW += Gᵀ·h`; in `head_xent_backward` the same GEMMs per vocabulary
-    /// chunk of G while it is in L2. The logits (`head_forward`, the fused
-    /// cross-entropy forward and the backward's recomputation) stay on the
-    /// hand-written kernels, whose K = d + r reduction keeps the LoRA logits
-    /// out of memory. Still one shared gradient, no `[T, V]` temporary, and
-    /// deterministic (cuBLAS GEMMs give the same bits run to run on one GPU
-    /// and toolkit); `head_backward` reads G three times instead of the fused
-    /// kernels' two and holds an f32 `[T, d]` (75 MB at the Gemma-2-2B shape).
-    /// Same results up to f32 summation order; BENCHMARKS.md compares the
-    /// two. `Err` if libcublas cannot be loaded; it takes 32 MiB of device
-    /// memory for cuBLAS's workspace.
+    /// Runs the head's GEMMs on cuBLAS (`cublasGemmEx`, f32 compute and
+    /// output) instead of the hand-written tile kernels, keeping the fusion
+    /// where it matters (no `[T, V]` buffer, one shared gradient):
+    ///
+    /// - `head_forward`, `head_xent_forward`: per vocabulary chunk of f32
+    ///   logits `[T, C]` (at most 32 MiB, [`Cuda::with_xent_chunk_bytes`],
+    ///   so it stays in L2), cuBLAS writes `h·W_cᵀ` and adds `p·U_cᵀ`
+    ///   (p = s·h·Vhᵀ); one kernel then rounds the chunk into the logits, or
+    ///   folds it into per-row logsumexp partials merged in a fixed order.
+    /// - `head_xent_backward`: per block of tokens × vocabulary columns (f32
+    ///   logits + G in the chunk bytes), the logits as above, G from them,
+    ///   then cuBLAS `dh_acc += G·W`, `gu += G·U`, `dU += Gᵀ·p`, `dW += Gᵀ·h`
+    ///   (with the gradient filter on, the fused logit kernel writes G and
+    ///   cuBLAS consumes it).
+    /// - `head_backward` (G in the storage dtype): `G·W` and `G·U` into f32,
+    ///   one kernel adds `s·(G·U)·Vh` and rounds `dh` once, and
+    ///   `dU += Gᵀ·p`, `dW += Gᵀ·h`. It reads G three times (the fused kernels
+    ///   twice) and holds an f32 `[T, d]` (75 MB at the Gemma-2-2B shape).
+    ///
+    /// The operands are rounded as in the fused kernels (U to the storage
+    /// dtype), so the results agree up to f32 summation order; cuBLAS gives
+    /// the same bits run to run on one GPU and toolkit. BENCHMARKS.md
+    /// compares the two paths. `Err` if libcublas cannot be loaded; takes 32
+    /// MiB of device memory for cuBLAS's workspace.
     ///
     /// ```no_run
     /// # fn main() -> tiedlora::Result<()> {
@@ -344,8 +353,9 @@ impl Backend for Cuda {
 
     fn name(&self) -> &'static str {
         if self.options.cublas {
-            // The logit kernels still follow the other options.
-            return "cuda-cublas-backward";
+            // The head GEMMs run on cuBLAS (G in f32 under half storage and
+            // the filtered G still on the kernels the other options pick).
+            return "cuda-cublas";
         }
         if self.options.wgmma {
             // The kernels wgmma does not cover (f32, the filtered backward)

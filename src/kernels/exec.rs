@@ -47,13 +47,16 @@ pub struct KernelOptions {
     /// Most bytes of G one vocabulary chunk of the fused cross-entropy
     /// backward may hold ([`super::xent_chunk_cols`]); 0 = the default.
     pub xent_chunk_bytes: usize,
-    /// Run the backward's plain GEMMs on the executor's GEMM engine
-    /// ([`Executor::gemm`]: cuBLAS on a GPU): in `head_backward` (G in the
-    /// storage dtype) `G·W` and `G·U` into f32 and `dU += Gᵀ·p`,
-    /// `dW += Gᵀ·h`; in the fused cross-entropy backward the same four per
-    /// chunk of G. The logits (forward, and their recomputation in the
-    /// backward) stay on the fused kernels: their K = d + r reduction is what
-    /// keeps the LoRA logits out of memory.
+    /// Run the head's GEMMs on the executor's GEMM engine
+    /// ([`Executor::gemm`]: cuBLAS on a GPU). `head_forward` and the fused
+    /// cross-entropy go per chunk of f32 logits [T, C] (at most
+    /// `xent_chunk_bytes`, so the chunk stays in L2): the engine writes
+    /// `h·W_cᵀ` and adds `p·U_cᵀ`, then one small kernel rounds the chunk into
+    /// the logits, folds it into logsumexp partials, or turns it into G (the
+    /// backward per block of tokens × columns, with the engine's `dh += G·W`,
+    /// `gu += G·U`, `dU += Gᵀ·p`, `dW += Gᵀ·h` on it); `head_backward` (G in
+    /// the storage dtype) runs `G·W`, `G·U` into f32, `dU += Gᵀ·p`,
+    /// `dW += Gᵀ·h`. Still one shared gradient and no [T, V] buffer.
     pub cublas: bool,
 }
 

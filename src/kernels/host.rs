@@ -152,6 +152,13 @@ shim_table!(
     tl_head_grad_h_bf16_bf16_rx64_s3,
     tl_head_grad_param_bf16_bf16_n64_s3,
     tl_head_grad_param_bf16_bf16_n128_s3,
+    tl_logits_store_f32,
+    tl_logits_store_f16,
+    tl_logits_store_bf16,
+    tl_xent_chunk_partial,
+    tl_xent_chunk_grad_f32,
+    tl_xent_chunk_grad_f16,
+    tl_xent_chunk_grad_bf16,
 );
 
 thread_local! {
@@ -272,7 +279,7 @@ pub struct CpuKernels {
     /// With `wgmma`: the grad_h at 64 extra columns for every rank, as
     /// [`crate::cuda::Cuda::with_wgmma_whole_atoms`].
     pub wgmma_whole_atoms: bool,
-    /// Run the backward's plain GEMMs on a GEMM engine, as
+    /// Run the head's GEMMs on a GEMM engine, as
     /// [`crate::cuda::Cuda::with_cublas`]; here a plain f32 host GEMM
     /// ([`super::dense::host_gemm`]) stands in for cuBLAS, so the tests check
     /// the op sequence around it.

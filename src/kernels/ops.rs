@@ -380,6 +380,35 @@ pub fn head_forward<E: Executor>(
     let (v, d, r) = (cfg.vocab(), cfg.hidden(), cfg.rank());
     let p = e.scratch_uninit(tokens * r * t.size())?;
     lora_down(e, cfg, t, t, h, wt.vh, e.addr(&p), tokens, cfg.scale())?;
+    if e.options().cublas {
+        // Per vocabulary chunk: f32 logits on the GEMM engine (in L2), then
+        // one rounding to the storage dtype into their columns.
+        let cols_c = engine_chunk_cols(e, cfg, tokens);
+        let z = e.scratch_uninit(tokens * cols_c * 4)?;
+        let (_packed, u) = engine_u(e, t, wt.u, v, r)?;
+        for col0 in (0..v).step_by(cols_c) {
+            let cols = cols_c.min(v - col0);
+            let rows = (wt.w + (col0 * d * t.size()) as u64, u + (col0 * r * t.size()) as u64);
+            engine_logits(e, cfg, t, (h, e.addr(&p)), rows, e.addr(&z), tokens, cols)?;
+            let store = LogitsStoreParams {
+                z: e.addr(&z),
+                out: logits,
+                tokens: i32_of("tokens", tokens)?,
+                cols: cols as i32,
+                col0: col0 as i32,
+                ld_out: i32_of("vocab", v)?,
+            };
+            let plan = LaunchPlan {
+                kernel: by_dtype!(t, "tl_logits_store_", ""),
+                grid: (tokens as u32, blocks(cols, THREADS), 1),
+                block: (THREADS, 1, 1),
+                shared_bytes: 0,
+            };
+            // SAFETY: z [T, cols] f32 written above, logits [T, V] (caller).
+            unsafe { e.launch(&plan, &store)? };
+        }
+        return Ok(());
+    }
     let params = HeadForwardParams {
         h,
         p: e.addr(&p),
@@ -589,12 +618,50 @@ fn pack_u<E: Executor>(e: &E, t: DType, u: u64, rows: usize, r: usize, ld: usize
     Ok(packed)
 }
 
+/// U [rows, r] as the GEMM engine's operand, in the storage dtype `t`, row
+/// length r (the tensor cores round U to it in the fused kernels too): U
+/// itself for f32, else a packed copy, kept alive by the returned scratch.
+fn engine_u<E: Executor>(e: &E, t: DType, u: u64, rows: usize, r: usize) -> Result<(Option<E::Scratch>, u64)> {
+    if t == DType::F32 {
+        return Ok((None, u));
+    }
+    let packed = pack_u(e, t, u, rows, r, r)?;
+    let addr = e.addr(&packed);
+    Ok((Some(packed), addr))
+}
+
+/// `z[rows, cols] = h · W_cᵀ + p · U_cᵀ` (f32, row length `cols`) on the GEMM
+/// engine: the logits of `rows` tokens (h, p from their first row) for the
+/// vocabulary rows W_c, U_c (U in the storage dtype, [`engine_u`]).
+#[allow(clippy::too_many_arguments)]
+fn engine_logits<E: Executor>(
+    e: &E,
+    cfg: &LoraConfig,
+    t: DType,
+    (h, p): (u64, u64),
+    (w_rows, u_rows): (u64, u64),
+    z: u64,
+    rows: usize,
+    cols: usize,
+) -> Result<()> {
+    let (d, r) = (cfg.hidden(), cfg.rank());
+    let gemm = |k, a, b, beta| DenseGemm { m: rows, n: cols, k, a, b, ab: t, c: z, ldc: cols, alpha: 1.0, beta };
+    let rows_of = |addr, ld, trans| Operand { addr, ld, trans };
+    // SAFETY: h [rows, d], p [rows, r], W_c [cols, d], U_c [cols, r] in t are
+    // checked by the caller or allocated by the op; z [rows, cols] f32 is the
+    // op's scratch.
+    unsafe { e.gemm(&gemm(d, rows_of(h, d, false), rows_of(w_rows, d, true), 0.0))? };
+    // SAFETY: as above.
+    unsafe { e.gemm(&gemm(r, rows_of(p, r, false), rows_of(u_rows, r, true), 1.0)) }
+}
+
 /// Operands of the backward's plain GEMMs over one slice of G [T, rows]
 /// (row length `rows`), run on the executor's GEMM engine
 /// (`KernelOptions::cublas`), see [`engine_grads`].
 struct EngineGrads {
     g: u64,
-    /// W and U rows of the slice's vocabulary rows.
+    /// W rows and U rows ([`engine_u`]: in the storage dtype, row length r)
+    /// of the slice's vocabulary rows.
     w: u64,
     u: u64,
     h: u64,
@@ -614,7 +681,7 @@ struct EngineGrads {
 }
 
 /// `dh_acc (+)= G W`, `gu (+)= G U`, `dU += scale·Gᵀ p`, `dW += scale·Gᵀ h` on
-/// the GEMM engine, U rounded to the storage dtype as the fused kernels do.
+/// the GEMM engine.
 fn engine_grads<E: Executor>(e: &E, cfg: &LoraConfig, t: DType, op: EngineGrads, tokens: usize) -> Result<()> {
     let (d, r) = (cfg.hidden(), cfg.rank());
     let plain = |addr, ld| Operand { addr, ld, trans: false };
@@ -626,15 +693,8 @@ fn engine_grads<E: Executor>(e: &E, cfg: &LoraConfig, t: DType, op: EngineGrads,
     // dh_acc, gu (the op's scratch) and dU / dW (the caller's f32 gradients)
     // have the sizes above and overlap none of the operands.
     unsafe { e.gemm(&gemm(tokens, d, op.rows, g, plain(op.w, d), op.dh_acc, d, 1.0, op.beta))? };
-    let packed;
-    let u = if t == DType::F32 {
-        plain(op.u, r)
-    } else {
-        packed = pack_u(e, t, op.u, op.rows, r, r)?;
-        plain(e.addr(&packed), r)
-    };
     // SAFETY: as above.
-    unsafe { e.gemm(&gemm(tokens, r, op.rows, g, u, op.gu, r, 1.0, op.beta))? };
+    unsafe { e.gemm(&gemm(tokens, r, op.rows, g, plain(op.u, r), op.gu, r, 1.0, op.beta))? };
     // SAFETY: as above.
     unsafe { e.gemm(&gemm(op.rows, r, tokens, gt, plain(op.p, r), op.du, r, op.scale, 1.0))? };
     if let Some(dw) = op.dw {
@@ -703,16 +763,16 @@ pub fn head_backward<E: Executor>(
         // G·W and G·U into f32 on the GEMM engine, then dh's LoRA term and one rounding.
         let dh_acc = e.scratch_uninit(tokens * d * 4)?;
         let (p, gu) = (e.addr(&p), e.addr(&gu));
-        let du = grads.u;
+        let (_packed, u) = engine_u(e, t, wt.u, v, r)?;
         let op = EngineGrads {
             g,
             w: wt.w,
-            u: wt.u,
+            u,
             h,
             p,
             dh_acc: e.addr(&dh_acc),
             gu,
-            du,
+            du: grads.u,
             dw: grads.w,
             rows: v,
             beta: 0.0,
@@ -946,7 +1006,10 @@ fn xent_splits(cfg: &LoraConfig, tokens: usize, sms: u32) -> (usize, usize) {
 
 /// Extra device memory of `Backend::head_xent_forward` on the kernel backends, in bytes (every scratch it
 /// allocates, each at least 16 bytes): O(T) for the targets, the split
-/// partials and the row losses, O(T·r) for p. Mirrors the op's allocations.
+/// partials and the row losses, O(T·r) for p. Mirrors the op's allocations
+/// with the default kernels; with `KernelOptions::cublas` the partials are
+/// one running pair per row, plus one f32 logits chunk (at most the chunk
+/// bytes) and U packed to the storage dtype (V·r·elem, f16 / bf16).
 pub fn head_xent_forward_scratch_bytes(cfg: &LoraConfig, t: DType, tokens: usize, sms: u32) -> usize {
     let (_, splits) = xent_splits(cfg, tokens, sms);
     [tokens * 4, 16, tokens * cfg.rank() * t.size(), splits * tokens * 4, splits * tokens * 4, tokens * 4, tokens * 4]
@@ -976,55 +1039,90 @@ pub fn head_xent_forward<E: Executor>(
     let p = e.scratch_uninit(tokens * r * t.size())?;
     lora_down(e, cfg, t, t, h, wt.vh, e.addr(&p), tokens, cfg.scale())?;
     let tiles_m = tokens.div_ceil(GEMM_TILE as usize);
-    let (split_cols, splits) = xent_splits(cfg, tokens, e.multiprocessors());
+    let (split_cols, splits) = if e.options().cublas {
+        // One running (max, sum) pair per row across the engine's chunks.
+        (engine_chunk_cols(e, cfg, tokens), 1)
+    } else {
+        xent_splits(cfg, tokens, e.multiprocessors())
+    };
     let part_max = e.scratch(splits * tokens * 4)?;
     let part_sum = e.scratch(splits * tokens * 4)?;
     let target_logit = e.scratch(tokens * 4)?;
     let row_loss = e.scratch(tokens * 4)?;
-    let params = XentPartialParams {
-        h,
-        p: e.addr(&p),
-        w: wt.w,
-        u: wt.u,
-        targets: e.addr(&t32),
-        part_max: e.addr(&part_max),
-        part_sum: e.addr(&part_sum),
-        target_logit: e.addr(&target_logit),
-        tokens: i32_of("tokens", tokens)?,
-        vocab: i32_of("vocab", v)?,
-        hidden: i32_of("hidden", d)?,
-        rank: i32_of("rank", r)?,
-        split_cols: i32_of("vocabulary split", split_cols)?,
-        softcap: cfg.logit_softcap().unwrap_or(0.0) as f32,
-    };
-    let z_tile = (128 * 129 * 4) as u32;
-    // The _mma kernels park the logit tile over the drained ring (xent.cu).
-    let plan = if e.options().wgmma && t != DType::F32 {
-        // The logit tile stays in registers (xent.cu).
-        LaunchPlan {
-            kernel: by_dtype!(t, "tl_xent_partial_", "_wgmma"),
-            grid: (tiles_m as u32, splits as u32, 1),
-            block: (THREADS, 1, 1),
-            shared_bytes: wg_shared_bytes(128, 3),
-        }
-    } else if e.options().mma && t != DType::F32 {
-        LaunchPlan {
-            kernel: by_dtype!(t, "tl_xent_partial_", "_mma"),
-            grid: (tiles_m as u32, splits as u32, 1),
-            block: (THREADS, 1, 1),
-            shared_bytes: gemm_shared_bytes(t.size(), 128, 128, 32, false, true, 0, 3).max(z_tile),
+    if e.options().cublas {
+        // Per vocabulary chunk: f32 logits on the GEMM engine (in L2), then
+        // their logsumexp folded into the rows' running pairs, in order.
+        let z = e.scratch_uninit(tokens * split_cols * 4)?;
+        let (_packed, u) = engine_u(e, t, wt.u, v, r)?;
+        for (chunk, col0) in (0..v).step_by(split_cols).enumerate() {
+            let cols = split_cols.min(v - col0);
+            let rows = (wt.w + (col0 * d * t.size()) as u64, u + (col0 * r * t.size()) as u64);
+            engine_logits(e, cfg, t, (h, e.addr(&p)), rows, e.addr(&z), tokens, cols)?;
+            let partial = XentChunkPartialParams {
+                z: e.addr(&z),
+                targets: e.addr(&t32),
+                part_max: e.addr(&part_max),
+                part_sum: e.addr(&part_sum),
+                target_logit: e.addr(&target_logit),
+                tokens: i32_of("tokens", tokens)?,
+                cols: cols as i32,
+                col0: col0 as i32,
+                chunk: chunk as i32,
+                softcap: cfg.logit_softcap().unwrap_or(0.0) as f32,
+                _pad: 0,
+            };
+            // One warp per token row.
+            let plan = LaunchPlan::linear("tl_xent_chunk_partial", blocks(tokens, THREADS / 32), THREADS);
+            // SAFETY: z [T, cols] written above; targets [T], the running
+            // pairs [T] and target_logit [T] allocated above.
+            unsafe { e.launch(&plan, &partial)? };
         }
     } else {
-        LaunchPlan {
-            kernel: by_dtype!(t, "tl_xent_partial_", ""),
-            grid: (tiles_m as u32, splits as u32, 1),
-            block: (THREADS, 1, 1),
-            shared_bytes: gemm_shared_bytes(t.size(), 128, 128, 32, false, true, 0, 1) + z_tile,
-        }
-    };
-    // SAFETY: h [T, d], p [T, r], W [V, d], U [V, r] (caller or above),
-    // targets validated [T], partials [splits, T] and target_logit [T] above.
-    unsafe { e.launch(&plan, &params)? };
+        let params = XentPartialParams {
+            h,
+            p: e.addr(&p),
+            w: wt.w,
+            u: wt.u,
+            targets: e.addr(&t32),
+            part_max: e.addr(&part_max),
+            part_sum: e.addr(&part_sum),
+            target_logit: e.addr(&target_logit),
+            tokens: i32_of("tokens", tokens)?,
+            vocab: i32_of("vocab", v)?,
+            hidden: i32_of("hidden", d)?,
+            rank: i32_of("rank", r)?,
+            split_cols: i32_of("vocabulary split", split_cols)?,
+            softcap: cfg.logit_softcap().unwrap_or(0.0) as f32,
+        };
+        let z_tile = (128 * 129 * 4) as u32;
+        // The _mma kernels park the logit tile over the drained ring (xent.cu).
+        let plan = if e.options().wgmma && t != DType::F32 {
+            // The logit tile stays in registers (xent.cu).
+            LaunchPlan {
+                kernel: by_dtype!(t, "tl_xent_partial_", "_wgmma"),
+                grid: (tiles_m as u32, splits as u32, 1),
+                block: (THREADS, 1, 1),
+                shared_bytes: wg_shared_bytes(128, 3),
+            }
+        } else if e.options().mma && t != DType::F32 {
+            LaunchPlan {
+                kernel: by_dtype!(t, "tl_xent_partial_", "_mma"),
+                grid: (tiles_m as u32, splits as u32, 1),
+                block: (THREADS, 1, 1),
+                shared_bytes: gemm_shared_bytes(t.size(), 128, 128, 32, false, true, 0, 3).max(z_tile),
+            }
+        } else {
+            LaunchPlan {
+                kernel: by_dtype!(t, "tl_xent_partial_", ""),
+                grid: (tiles_m as u32, splits as u32, 1),
+                block: (THREADS, 1, 1),
+                shared_bytes: gemm_shared_bytes(t.size(), 128, 128, 32, false, true, 0, 1) + z_tile,
+            }
+        };
+        // SAFETY: h [T, d], p [T, r], W [V, d], U [V, r] (caller or above),
+        // targets validated [T], partials [splits, T] and target_logit [T] above.
+        unsafe { e.launch(&plan, &params)? };
+    }
     let scale = cfg.loss_scale(valid) as f32;
     let combine = XentCombineParams {
         part_max: e.addr(&part_max),
@@ -1034,7 +1132,7 @@ pub fn head_xent_forward<E: Executor>(
         lse,
         row_loss: e.addr(&row_loss),
         loss,
-        tokens: params.tokens,
+        tokens: i32_of("tokens", tokens)?,
         splits: splits as i32,
         scale,
         _pad: 0,
@@ -1062,6 +1160,35 @@ pub fn xent_chunk_cols(cfg: &LoraConfig, t: DType, tokens: usize, chunk_bytes: u
     let bytes = if chunk_bytes == 0 { XENT_CHUNK_BYTES } else { chunk_bytes };
     let fit = bytes / (tokens.max(1) * t.size()) / tile * tile;
     fit.clamp(tile, cfg.vocab().div_ceil(tile) * tile)
+}
+
+/// Vocabulary columns of one f32 logits chunk [T, C] of the GEMM-engine
+/// forward paths (`KernelOptions::cublas`: head_forward, head_xent_forward):
+/// T·C·4 ≤ the chunk bytes, so the chunk stays in L2 between the GEMMs that
+/// write it and the kernel that reads it.
+fn engine_chunk_cols<E: Executor>(e: &E, cfg: &LoraConfig, tokens: usize) -> usize {
+    xent_chunk_cols(cfg, DType::F32, tokens, e.options().xent_chunk_bytes)
+}
+
+/// (token rows, vocabulary columns) of one block of the GEMM-engine
+/// cross-entropy backward: an f32 logits block and its G (storage dtype) in
+/// at most the chunk bytes. Each block's GEMM re-reads W_c and adds into f32
+/// `dh` rows: traffic ~ T·V·d·(10/C + 2/rows) bytes at C·rows = B elements,
+/// least at C ≈ √(5B) (C = 5248, rows = 1024 at the Gemma-2-2B shape and 32
+/// MiB); multiples of 128, and all tokens in one block when they fit.
+fn engine_xent_block(cfg: &LoraConfig, t: DType, tokens: usize, chunk_bytes: usize) -> (usize, usize) {
+    let tile = GEMM_TILE as usize;
+    let bytes = if chunk_bytes == 0 { XENT_CHUNK_BYTES } else { chunk_bytes };
+    let elems = bytes / (4 + t.size());
+    let v_max = cfg.vocab().div_ceil(tile) * tile;
+    let t_max = tokens.div_ceil(tile) * tile;
+    let cols = (((5 * elems) as f64).sqrt() as usize / tile * tile).clamp(tile, v_max);
+    let rows = (elems / cols / tile * tile).clamp(tile, t_max);
+    if rows == t_max {
+        // Every token fits: give the block all the columns the budget allows.
+        return (tokens, (elems / t_max / tile * tile).clamp(cols, v_max));
+    }
+    (rows, cols)
 }
 
 /// Tokens per split of the chunked dU GEMM (`grad_param` k_split): enough
@@ -1103,9 +1230,11 @@ fn xent_du_partial_bytes(cfg: &LoraConfig, tokens: usize, sms: u32, chunk: usize
 /// the op with the default kernels (a test checks the two agree). With
 /// `KernelOptions::wgmma` each chunk's `dh` GEMM also packs the chunk's U rows
 /// to the storage dtype (C·RX·elem bytes, RX = 16, 32 or 64; 64 KiB at the
-/// Gemma-2-2B shape), freed before the next chunk; with `KernelOptions::cublas`
-/// the same for `G·U` (C·r·elem bytes, f16 / bf16 only), and the dU
-/// partials this formula counts go unused.
+/// Gemma-2-2B shape), freed before the next chunk. With `KernelOptions::cublas`
+/// (no gradient filter) the G chunk, its flags and the dU partials are
+/// replaced by one block of f32 logits and its G (at most the chunk bytes
+/// together) and U packed to the storage dtype (V·r·elem, f16 / bf16).
+/// Either way: no term in T·V or V·d.
 pub fn head_xent_backward_scratch_bytes(
     cfg: &LoraConfig,
     t: DType,
@@ -1130,6 +1259,80 @@ pub fn head_xent_backward_scratch_bytes(
     .iter()
     .map(|&b| b.max(16))
     .sum()
+}
+
+/// The GEMM-engine cross-entropy backward (`KernelOptions::cublas`, no
+/// gradient filter): per block of tokens × vocabulary columns
+/// ([`engine_xent_block`]) the f32 logits on the engine, G' from them
+/// (`tl_xent_chunk_grad_*`, as the fused logit kernels store it), then the
+/// engine's `dh_acc += G W`, `gu += G U`, `dU += Gᵀ p`, `dW += Gᵀ h` on it.
+#[allow(clippy::too_many_arguments)]
+fn engine_xent_grads<E: Executor>(
+    e: &E,
+    cfg: &LoraConfig,
+    t: DType,
+    wt: WeightAddrs,
+    (h, p): (u64, u64),
+    (targets, lse): (u64, u64),
+    (g_unit, g_scale): (f32, f32),
+    (dh_acc, gu): (u64, u64),
+    grads: GradAddrs,
+    tokens: usize,
+) -> Result<()> {
+    let (v, d, r, es) = (cfg.vocab(), cfg.hidden(), cfg.rank(), t.size());
+    let (rows_b, cols_b) = engine_xent_block(cfg, t, tokens, e.options().xent_chunk_bytes);
+    let z = e.scratch_uninit(rows_b * cols_b * 4)?;
+    let g = e.scratch_uninit(rows_b * cols_b * es)?;
+    let (_packed, u) = engine_u(e, t, wt.u, v, r)?;
+    let at = |base: u64, index: usize, bytes: usize| base + (index * bytes) as u64;
+    // Token blocks outside: a block's h rows and f32 dh rows stay in L2
+    // while the vocabulary chunks stream past.
+    for t0 in (0..tokens).step_by(rows_b) {
+        let tb = rows_b.min(tokens - t0);
+        let (h_b, p_b) = (at(h, t0 * d, es), at(p, t0 * r, es));
+        for col0 in (0..v).step_by(cols_b) {
+            let cols = cols_b.min(v - col0);
+            let (w_c, u_c) = (at(wt.w, col0 * d, es), at(u, col0 * r, es));
+            engine_logits(e, cfg, t, (h_b, p_b), (w_c, u_c), e.addr(&z), tb, cols)?;
+            let grad = XentChunkGradParams {
+                z: e.addr(&z),
+                targets: at(targets, t0, 4),
+                lse: at(lse, t0, 4),
+                g: e.addr(&g),
+                tokens: tb as i32,
+                cols: cols as i32,
+                col0: col0 as i32,
+                softcap: cfg.logit_softcap().unwrap_or(0.0) as f32,
+                g_unit,
+                _pad: 0,
+            };
+            let plan = LaunchPlan {
+                kernel: by_dtype!(t, "tl_xent_chunk_grad_", ""),
+                grid: (tb as u32, blocks(cols, THREADS), 1),
+                block: (THREADS, 1, 1),
+                shared_bytes: 0,
+            };
+            // SAFETY: z [tb, cols] written above; the block's targets and lse
+            // rows [tb] (validated / caller's [T]); g [tb, cols] allocated above.
+            unsafe { e.launch(&plan, &grad)? };
+            let op = EngineGrads {
+                g: e.addr(&g),
+                w: w_c,
+                u: u_c,
+                h: h_b,
+                p: p_b,
+                dh_acc: at(dh_acc, t0 * d, 4),
+                gu: at(gu, t0 * r, 4),
+                du: at(grads.u, col0 * r, 4),
+                dw: grads.w.map(|dw| at(dw, col0 * d, 4)),
+                rows: cols,
+                beta: 1.0,
+                scale: g_scale,
+            };
+            engine_grads(e, cfg, t, op, tb)?;
+        }
+    }
+    Ok(())
 }
 
 /// Fused head + cross-entropy backward, no [T, V] buffer, bitwise
@@ -1166,130 +1369,147 @@ pub fn head_xent_backward<E: Executor>(
     lora_down(e, cfg, t, t, h, wt.vh, e.addr(&p), tokens, cfg.scale())?;
     let dh_acc = e.scratch(tokens * d * 4)?;
     let gu = e.scratch(tokens * r * 4)?;
-    let chunk = xent_chunk_cols(cfg, t, tokens, e.options().xent_chunk_bytes);
-    let g = e.scratch(tokens * chunk * t.size())?;
-    let g_addr = e.addr(&g);
-    let (tiles_m, tiles_c) = (tokens.div_ceil(GEMM_TILE as usize), chunk / GEMM_TILE as usize);
-    let live = e.scratch(tiles_m * tiles_c * 4)?;
-    let du_part = e.scratch(xent_du_partial_bytes(cfg, tokens, e.multiprocessors(), chunk))?;
     let filter = cfg.xent_grad_filter().unwrap_or(0.0) as f32;
-    let logits_wgmma = e.options().wgmma && t != DType::F32;
-    let logits_mma = e.options().mma && t != DType::F32;
-    let shared_bytes = if logits_wgmma {
-        wg_shared_bytes(128, 3)
+    if e.options().cublas && filter == 0.0 {
+        if valid > 0 {
+            let acc = (e.addr(&dh_acc), e.addr(&gu));
+            let scales = (g_unit as f32, g_scale);
+            engine_xent_grads(e, cfg, t, wt, (h, e.addr(&p)), (e.addr(&t32), lse), scales, acc, grads, tokens)?;
+        }
     } else {
-        gemm_shared_bytes(t.size(), 128, 128, 32, false, true, 0, if logits_mma { 3 } else { 1 })
-    };
-    if valid > 0 {
-        for col0 in (0..v).step_by(chunk) {
-            let cols = chunk.min(v - col0);
-            let params = XentGradLogitsParams {
-                h,
-                p: e.addr(&p),
-                w: wt.w,
-                u: wt.u,
-                targets: e.addr(&t32),
-                lse,
-                g: g_addr,
-                live: e.addr(&live),
-                tokens: i32_of("tokens", tokens)?,
-                vocab: i32_of("vocab", v)?,
-                hidden: i32_of("hidden", d)?,
-                rank: i32_of("rank", r)?,
-                col0: col0 as i32,
-                cols: cols as i32,
-                softcap: cfg.logit_softcap().unwrap_or(0.0) as f32,
-                g_unit: g_unit as f32,
-                filter,
-                _pad: 0,
-            };
-            let plan = LaunchPlan {
-                kernel: if logits_wgmma {
-                    by_dtype!(t, "tl_xent_grad_logits_", "_wgmma")
-                } else if logits_mma {
-                    by_dtype!(t, "tl_xent_grad_logits_", "_mma")
-                } else {
-                    by_dtype!(t, "tl_xent_grad_logits_", "")
-                },
-                grid: (blocks(tokens, GEMM_TILE), blocks(cols, GEMM_TILE), 1),
-                block: (THREADS, 1, 1),
-                shared_bytes,
-            };
-            // SAFETY: h [T, d], W [V, d], U [V, r], lse [T] (caller); p [T, r],
-            // targets [T], g [T, chunk] >= [T, cols] and live [tiles_m,
-            // tiles_c] >= the grid, allocated above.
-            unsafe { e.launch(&plan, &params)? };
-            // The tile flags (row length = this chunk's column tiles) let the
-            // consumers skip filtered tiles; without a filter every tile is live.
-            let flags = (filter > 0.0).then(|| (e.addr(&live), cols.div_ceil(GEMM_TILE as usize)));
-            let (w_rows, u_rows) = (wt.w + (col0 * d * t.size()) as u64, wt.u + (col0 * r * 4) as u64);
-            let du = grads.u + (col0 * r * 4) as u64;
-            if e.options().cublas {
-                // Filtered tiles of G hold zeros, so the engine's sums equal the skipping kernels'.
-                let op = EngineGrads {
+        let chunk = xent_chunk_cols(cfg, t, tokens, e.options().xent_chunk_bytes);
+        let g = e.scratch(tokens * chunk * t.size())?;
+        let g_addr = e.addr(&g);
+        let (tiles_m, tiles_c) = (tokens.div_ceil(GEMM_TILE as usize), chunk / GEMM_TILE as usize);
+        let live = e.scratch(tiles_m * tiles_c * 4)?;
+        let du_part = e.scratch(xent_du_partial_bytes(cfg, tokens, e.multiprocessors(), chunk))?;
+        let logits_wgmma = e.options().wgmma && t != DType::F32;
+        let logits_mma = e.options().mma && t != DType::F32;
+        let shared_bytes = if logits_wgmma {
+            wg_shared_bytes(128, 3)
+        } else {
+            gemm_shared_bytes(t.size(), 128, 128, 32, false, true, 0, if logits_mma { 3 } else { 1 })
+        };
+        if valid > 0 {
+            for col0 in (0..v).step_by(chunk) {
+                let cols = chunk.min(v - col0);
+                let params = XentGradLogitsParams {
+                    h,
+                    p: e.addr(&p),
+                    w: wt.w,
+                    u: wt.u,
+                    targets: e.addr(&t32),
+                    lse,
+                    g: g_addr,
+                    live: e.addr(&live),
+                    tokens: i32_of("tokens", tokens)?,
+                    vocab: i32_of("vocab", v)?,
+                    hidden: i32_of("hidden", d)?,
+                    rank: i32_of("rank", r)?,
+                    col0: col0 as i32,
+                    cols: cols as i32,
+                    softcap: cfg.logit_softcap().unwrap_or(0.0) as f32,
+                    g_unit: g_unit as f32,
+                    filter,
+                    _pad: 0,
+                };
+                let plan = LaunchPlan {
+                    kernel: if logits_wgmma {
+                        by_dtype!(t, "tl_xent_grad_logits_", "_wgmma")
+                    } else if logits_mma {
+                        by_dtype!(t, "tl_xent_grad_logits_", "_mma")
+                    } else {
+                        by_dtype!(t, "tl_xent_grad_logits_", "")
+                    },
+                    grid: (blocks(tokens, GEMM_TILE), blocks(cols, GEMM_TILE), 1),
+                    block: (THREADS, 1, 1),
+                    shared_bytes,
+                };
+                // SAFETY: h [T, d], W [V, d], U [V, r], lse [T] (caller); p [T, r],
+                // targets [T], g [T, chunk] >= [T, cols] and live [tiles_m,
+                // tiles_c] >= the grid, allocated above.
+                unsafe { e.launch(&plan, &params)? };
+                // The tile flags (row length = this chunk's column tiles) let the
+                // consumers skip filtered tiles; without a filter every tile is live.
+                let flags = (filter > 0.0).then(|| (e.addr(&live), cols.div_ceil(GEMM_TILE as usize)));
+                let (w_rows, u_rows) = (wt.w + (col0 * d * t.size()) as u64, wt.u + (col0 * r * 4) as u64);
+                let du = grads.u + (col0 * r * 4) as u64;
+                if e.options().cublas {
+                    // Filtered tiles of G hold zeros, so the engine's sums equal the skipping kernels'.
+                    let (_packed, u) = engine_u(e, t, u_rows, cols, r)?;
+                    let op = EngineGrads {
+                        g: g_addr,
+                        w: w_rows,
+                        u,
+                        h,
+                        p: e.addr(&p),
+                        dh_acc: e.addr(&dh_acc),
+                        gu: e.addr(&gu),
+                        du,
+                        dw: grads.w.map(|dw| dw + (col0 * d * 4) as u64),
+                        rows: cols,
+                        beta: 1.0,
+                        scale: g_scale,
+                    };
+                    engine_grads(e, cfg, t, op, tokens)?;
+                    continue;
+                }
+                let op = GradH {
                     g: g_addr,
                     w: w_rows,
                     u: u_rows,
-                    h,
-                    p: e.addr(&p),
-                    dh_acc: e.addr(&dh_acc),
+                    vh: wt.vh,
+                    dh: e.addr(&dh_acc),
                     gu: e.addr(&gu),
-                    du,
-                    dw: grads.w.map(|dw| dw + (col0 * d * 4) as u64),
                     rows: cols,
-                    beta: 1.0,
+                    accumulate: true,
+                    live: flags,
+                };
+                grad_h(e, cfg, t, t, op, tokens)?;
+                // dU += Gᵀ p: few vocabulary tiles per chunk, so split the token
+                // range for parallelism; the partials are summed in order.
+                let k_split = xent_du_split(tokens, cols, e.multiprocessors());
+                let du_op = |grad, k_split| GradParam {
+                    g: g_addr,
+                    b: e.addr(&p),
+                    grad,
+                    rows: cols,
+                    ncols: r,
+                    live: flags,
+                    k_split,
                     scale: g_scale,
                 };
-                engine_grads(e, cfg, t, op, tokens)?;
-                continue;
-            }
-            let op = GradH {
-                g: g_addr,
-                w: w_rows,
-                u: u_rows,
-                vh: wt.vh,
-                dh: e.addr(&dh_acc),
-                gu: e.addr(&gu),
-                rows: cols,
-                accumulate: true,
-                live: flags,
-            };
-            grad_h(e, cfg, t, t, op, tokens)?;
-            // dU += Gᵀ p: few vocabulary tiles per chunk, so split the token
-            // range for parallelism; the partials are summed in order.
-            let k_split = xent_du_split(tokens, cols, e.multiprocessors());
-            let du_op = |grad, k_split| GradParam {
-                g: g_addr,
-                b: e.addr(&p),
-                grad,
-                rows: cols,
-                ncols: r,
-                live: flags,
-                k_split,
-                scale: g_scale,
-            };
-            if k_split < tokens {
-                grad_param(e, t, t, du_op(e.addr(&du_part), k_split), tokens)?;
-                let reduce = LoraUpReduceParams {
-                    partial: e.addr(&du_part),
-                    out: du,
-                    chunks: tokens.div_ceil(k_split) as i32,
-                    count: i32_of("vocabulary columns * rank", cols * r)?,
-                    scale: 1.0,
-                    _pad: 0,
-                };
-                let plan = LaunchPlan::linear("tl_lora_up_reduce", blocks(cols * r, THREADS), THREADS);
-                // SAFETY: du_part holds the [splits, cols, r] partials written
-                // above; du is the caller's dU rows [col0, col0 + cols).
-                unsafe { e.launch(&plan, &reduce)? };
-            } else {
-                grad_param(e, t, t, du_op(du, 0), tokens)?;
-            }
-            if let Some(dw) = grads.w {
-                let grad = dw + (col0 * d * 4) as u64;
-                let dw_op =
-                    GradParam { g: g_addr, b: h, grad, rows: cols, ncols: d, live: flags, k_split: 0, scale: g_scale };
-                grad_param(e, t, t, dw_op, tokens)?;
+                if k_split < tokens {
+                    grad_param(e, t, t, du_op(e.addr(&du_part), k_split), tokens)?;
+                    let reduce = LoraUpReduceParams {
+                        partial: e.addr(&du_part),
+                        out: du,
+                        chunks: tokens.div_ceil(k_split) as i32,
+                        count: i32_of("vocabulary columns * rank", cols * r)?,
+                        scale: 1.0,
+                        _pad: 0,
+                    };
+                    let plan = LaunchPlan::linear("tl_lora_up_reduce", blocks(cols * r, THREADS), THREADS);
+                    // SAFETY: du_part holds the [splits, cols, r] partials written
+                    // above; du is the caller's dU rows [col0, col0 + cols).
+                    unsafe { e.launch(&plan, &reduce)? };
+                } else {
+                    grad_param(e, t, t, du_op(du, 0), tokens)?;
+                }
+                if let Some(dw) = grads.w {
+                    let grad = dw + (col0 * d * 4) as u64;
+                    let dw_op = GradParam {
+                        g: g_addr,
+                        b: h,
+                        grad,
+                        rows: cols,
+                        ncols: d,
+                        live: flags,
+                        k_split: 0,
+                        scale: g_scale,
+                    };
+                    grad_param(e, t, t, dw_op, tokens)?;
+                }
             }
         }
     }
@@ -1298,4 +1518,32 @@ pub fn head_xent_backward<E: Executor>(
         lora_up(e, cfg, t, e.addr(&gu), 0, h, grads.vh, tokens, cfg.scale() * g_scale_f64)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The GEMM-engine backward's blocks: multiples of 128 (or all tokens),
+    /// within the byte budget whenever the 128 × 128 minimum allows, and the
+    /// √(5B) split at the Gemma-2-2B shape.
+    #[test]
+    fn engine_xent_blocks_fit_the_budget() {
+        let gemma = LoraConfig::builder(256_000, 2304, 16).build().unwrap();
+        assert_eq!(engine_xent_block(&gemma, DType::BF16, 8192, 0), (1024, 5248));
+        for (v, tokens, bytes) in [(256_000, 8192, 0), (300, 150, 1), (1000, 40, 0), (50_000, 3000, 8 << 20)] {
+            let cfg = LoraConfig::builder(v, 64, 8).build().unwrap();
+            for t in [DType::F32, DType::BF16] {
+                let (rows, cols) = engine_xent_block(&cfg, t, tokens, bytes);
+                assert!(rows == tokens || (rows % 128 == 0 && rows < tokens), "rows {rows} of {tokens}");
+                assert!(cols % 128 == 0 && cols <= v.div_ceil(128) * 128, "cols {cols} of {v}");
+                let budget = if bytes == 0 { XENT_CHUNK_BYTES } else { bytes };
+                let used = rows.min(tokens) * cols * (4 + t.size());
+                assert!(used <= budget.max(128 * 128 * (4 + t.size())), "{rows} x {cols} over {budget} B");
+            }
+        }
+        // Few tokens: one block of all of them, as many columns as fit.
+        let cfg = LoraConfig::builder(1000, 64, 8).build().unwrap();
+        assert_eq!(engine_xent_block(&cfg, DType::BF16, 40, 0), (40, 1024));
+    }
 }

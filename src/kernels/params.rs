@@ -100,6 +100,21 @@ params! {
         dh_acc: u64, gu: u64, vh: u64, dh: u64,
         tokens: i32, hidden: i32, rank: i32, scale: f32, g_scale: f32, _pad: u32,
     }
+    /// `head.cu`: an f32 logits chunk from the GEMM engine, stored in the storage dtype.
+    LogitsStoreParams (32) {
+        z: u64, out: u64,
+        tokens: i32, cols: i32, col0: i32, ld_out: i32,
+    }
+    /// `xent.cu`: online logsumexp partials of one f32 logits chunk.
+    XentChunkPartialParams (64) {
+        z: u64, targets: u64, part_max: u64, part_sum: u64, target_logit: u64,
+        tokens: i32, cols: i32, col0: i32, chunk: i32, softcap: f32, _pad: u32,
+    }
+    /// `xent_grad.cu`: G' of one f32 logits chunk (one block of tokens).
+    XentChunkGradParams (56) {
+        z: u64, targets: u64, lse: u64, g: u64,
+        tokens: i32, cols: i32, col0: i32, softcap: f32, g_unit: f32, _pad: u32,
+    }
     /// `embed.cu`: deterministic grouped row sum over the sorted ids.
     GroupRowsParams (56) {
         keys: u64, perm: u64, x: u64, out: u64, partial: u64,
