@@ -1753,33 +1753,20 @@ fn bench_xent(gpu: &Gpu, m: &Model, st: &Settings, rep: &mut Report) -> Res<()> 
     let ours_fwd = Some((gpu.time(st.warmup, st.iters, |i| tl(fused_fwd(&gpu.cuda, i, &mut ours)))?, mem));
     let mem = gpu.mem.measure(&gpu.stream, || tl(fused_fwd(&gpu.cuda_mma, 0, &mut ours_mma)))?;
     let mma_fwd = Some((gpu.time(st.warmup, st.iters, |i| tl(fused_fwd(&gpu.cuda_mma, i, &mut ours_mma)))?, mem));
-    // The wgmma partials (forward only): loss checked against the default's, then timed.
-    let wgmma_fwd = match &gpu.cuda_wgmma {
-        Some(c) => {
-            tl(fused_fwd(c, 0, &mut ours_mma))?;
-            tl(fused_fwd(&gpu.cuda, 0, &mut ours))?;
-            let lw = gpu.stream.clone_dtoh(&ours_mma.loss).ctx("download loss")?[0] as f64;
-            let ld = gpu.stream.clone_dtoh(&ours.loss).ctx("download loss")?[0] as f64;
-            gpu.sync()?;
-            rep.check(sh, "xent: loss fused (wgmma) vs fused", rel_host(&[lw], &[ld]));
-            let mem = gpu.mem.measure(&gpu.stream, || tl(fused_fwd(c, 0, &mut ours_mma)))?;
-            Some((gpu.time(st.warmup, st.iters, |i| tl(fused_fwd(c, i, &mut ours_mma)))?, mem))
-        }
-        None => None,
+    // The other forward paths: loss checked against the default's, then timed.
+    let mut checked_fwd = |c: Option<&Cuda>, label: &str| -> Res<Option<(Timing, Option<u64>)>> {
+        let Some(c) = c else { return Ok(None) };
+        tl(fused_fwd(c, 0, &mut ours_mma))?;
+        tl(fused_fwd(&gpu.cuda, 0, &mut ours))?;
+        let lv = gpu.stream.clone_dtoh(&ours_mma.loss).ctx("download loss")?[0] as f64;
+        let ld = gpu.stream.clone_dtoh(&ours.loss).ctx("download loss")?[0] as f64;
+        gpu.sync()?;
+        rep.check(sh, format!("xent: loss ({label}) vs fused"), rel_host(&[lv], &[ld]));
+        let mem = gpu.mem.measure(&gpu.stream, || tl(fused_fwd(c, 0, &mut ours_mma)))?;
+        Ok(Some((gpu.time(st.warmup, st.iters, |i| tl(fused_fwd(c, i, &mut ours_mma)))?, mem)))
     };
-    let cublas_fwd = match &gpu.cuda_cublas {
-        Some(c) => {
-            tl(fused_fwd(c, 0, &mut ours_mma))?;
-            tl(fused_fwd(&gpu.cuda, 0, &mut ours))?;
-            let le = gpu.stream.clone_dtoh(&ours_mma.loss).ctx("download loss")?[0] as f64;
-            let ld = gpu.stream.clone_dtoh(&ours.loss).ctx("download loss")?[0] as f64;
-            gpu.sync()?;
-            rep.check(sh, "xent: loss (cuBLAS engine) vs fused", rel_host(&[le], &[ld]));
-            let mem = gpu.mem.measure(&gpu.stream, || tl(fused_fwd(c, 0, &mut ours_mma)))?;
-            Some((gpu.time(st.warmup, st.iters, |i| tl(fused_fwd(c, i, &mut ours_mma)))?, mem))
-        }
-        None => None,
-    };
+    let wgmma_fwd = checked_fwd(gpu.cuda_wgmma.as_ref(), "wgmma")?;
+    let cublas_fwd = checked_fwd(gpu.cuda_cublas.as_ref(), "cuBLAS engine")?;
     let mut z = gpu.alloc::<bf16>(t * v)?;
     let mem = gpu.mem.measure(&gpu.stream, || {
         let mut z2 = gpu.alloc::<bf16>(t * v)?;

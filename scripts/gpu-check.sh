@@ -236,11 +236,13 @@ step bench_py 180 env PYTHONPATH="$BUNDLE/py${PYTHONPATH:+:$PYTHONPATH}" PYTHONU
 # to steer the kernel work: OUTDIR/ncu.txt. The first launch of EACH kernel
 # whose name ends in _mma or _wgmma (`--kernel-id ::regex:NAME:1`; the
 # default kernels' profile is in BENCHMARKS.md, second run), so mma.sync and
-# wgmma variants of every op sit side by side. Skipped when ncu is absent or
+# wgmma variants of every op sit side by side; and of the cuBLAS engine's
+# chunk kernels (their DRAM vs L2 throughput says whether the f32 logits
+# chunk stayed in L2). Skipped when ncu is absent or
 # GPU_CHECK_NCU=0.
 NCU="$(command -v ncu || ls /usr/local/cuda/bin/ncu 2>/dev/null || true)"
 if [ -n "$NCU" ] && [ "${GPU_CHECK_NCU:-1}" != 0 ]; then
-  step ncu 100 bash -c "\"$NCU\" --kernel-id '::regex:^tl_(head_forward|head_grad_h|head_grad_param|xent_partial|xent_grad_logits)_.*(_mma|_wgmma)\$:1' \
+  step ncu 100 bash -c "\"$NCU\" --kernel-id '::regex:^(tl_(head_forward|head_grad_h|head_grad_param|xent_partial|xent_grad_logits)_.*(_mma|_wgmma)|tl_(logits_store|xent_chunk_partial|xent_chunk_grad).*)\$:1' \
       --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
       \"$BIN/gpu_bench\" --shapes llama --warmup 0 --iters 1 --copy-mib 64 \
       --out \"$WORK/ncu-bench\" >\"$OUTDIR/ncu.txt\" 2>&1"

@@ -153,42 +153,15 @@ fn head_wgmma() {
 /// The GEMM-engine paths (`Cuda::with_cublas`; on the CPU a host f32 GEMM
 /// stands in for cuBLAS, so this checks the op sequences around it: operand
 /// layouts and leading dimensions, U packed to the storage dtype, beta, the
-/// dU / dW scale, the chunk epilogue kernels). head_forward and head_backward
-/// in all three dtypes with and without dW, r = 1, 16, 64, shapes off the
-/// tiles, one and several vocabulary chunks; every golden case (gradients
-/// added into non-zero buffers, the PEFT end-to-end case); the fused
-/// cross-entropy forward (several chunks merged as splits, softcap, extreme
-/// logits) and backward (2 × 3 token × vocabulary blocks with partial last
-/// ones; softcap, sum, dW, the f16 tiny-gradient case; the gradient filter,
-/// which keeps the fused logit kernels and runs the engine on their G). (G
-/// in f32 under bf16 storage, which the engine leaves to the fused kernels:
+/// dU / dW scale, the chunk epilogue kernels, the running logsumexp pairs),
+/// with the cases of `common::parity::assert_gemm_engine_paths`. (G in f32
+/// under bf16 storage, which the engine leaves to the fused kernels:
 /// `head_f32_gradients_for_half_weights`.)
 #[test]
 fn gemm_engine_paths() {
-    use common::parity::{xent_backward_case, xent_forward_case, XentCase};
     let k = CpuKernels { cublas: true, ..CpuKernels::default() };
     let chunked = CpuKernels { cublas: true, xent_chunk_bytes: 1, ..CpuKernels::default() };
-    assert_all(head_case::<bf16, _>(&chunked, 300, 40, 16, 130, true));
-    assert_all(head_case::<f16, _>(&k, 257, 24, 1, 3, false));
-    assert_all(head_case::<f32, _>(&chunked, 131, 37, 64, 5, true));
-    let mut failures = Vec::new();
-    for (label, case) in &all_cases().expect("golden discovery") {
-        match run_case(&k, case, label) {
-            Ok(checks) => failures.extend(checks.iter().filter(|c| !c.passed()).map(|c| c.to_string())),
-            Err(e) => failures.push(format!("{label}/{}: {e}", case.name())),
-        }
-    }
-    assert!(failures.is_empty(), "GEMM-engine golden failures: {failures:?}");
-    assert_all(xent_forward_case::<bf16, _>(&chunked, 517, 40, 16, 9, Some(30.0), 1.0));
-    assert_all(xent_forward_case::<f16, _>(&chunked, 264, 136, 1, 150, None, 1.0));
-    assert_all(xent_forward_case::<f32, _>(&k, 260, 16, 4, 3, Some(30.0), 2000.0));
-    let base = XentCase::SOFTCAP_SUM;
-    assert_all(xent_backward_case::<bf16, _>(&chunked, base));
-    assert_all(xent_backward_case::<f32, _>(&k, XentCase { v: 200, d: 33, r: 64, t: 9, ..base }));
-    let flat =
-        XentCase { v: 700, d: 32, r: 4, t: 300, softcap: None, sum: false, with_w: true, logit_scale: 0.05, tol: None };
-    assert_all(xent_backward_case::<f16, _>(&chunked, flat));
-    assert_all(common::parity::xent_filter_case(&chunked, 1000, 40, 4, 130, 1e-3));
+    common::parity::assert_gemm_engine_paths(&k, &chunked);
 }
 
 /// The cp.async ring's steady-state path in every operand layout of the head

@@ -135,30 +135,9 @@ fn gpu_small_head_wgmma_whole_atoms() {
 #[test]
 #[ignore = "needs a CUDA device"]
 fn gpu_small_gemm_engine_paths() {
-    use common::parity::{xent_backward_case, xent_forward_case, XentCase};
     let g = gpu().with_cublas(true).expect("cuBLAS must load on the GPU machine");
     let chunked = gpu().with_cublas(true).expect("cuBLAS").with_xent_chunk_bytes(1);
-    assert_all(head_case::<bf16, _>(&chunked, 300, 40, 16, 130, true));
-    assert_all(head_case::<f16, _>(&g, 257, 24, 1, 3, false));
-    assert_all(head_case::<f32, _>(&chunked, 131, 37, 64, 5, true));
-    let mut failures = Vec::new();
-    for (label, case) in &all_cases().expect("golden discovery") {
-        match run_case(&g, case, label) {
-            Ok(checks) => failures.extend(checks.iter().filter(|c| !c.passed()).map(|c| c.to_string())),
-            Err(e) => failures.push(format!("{label}/{}: {e}", case.name())),
-        }
-    }
-    assert!(failures.is_empty(), "cuBLAS-engine golden failures: {failures:?}");
-    assert_all(xent_forward_case::<bf16, _>(&chunked, 517, 40, 16, 9, Some(30.0), 1.0));
-    assert_all(xent_forward_case::<f16, _>(&chunked, 264, 136, 1, 150, None, 1.0));
-    assert_all(xent_forward_case::<f32, _>(&g, 260, 16, 4, 3, Some(30.0), 2000.0));
-    let base = XentCase::SOFTCAP_SUM;
-    assert_all(xent_backward_case::<bf16, _>(&chunked, base));
-    assert_all(xent_backward_case::<f32, _>(&g, XentCase { v: 200, d: 33, r: 64, t: 9, ..base }));
-    let flat =
-        XentCase { v: 700, d: 32, r: 4, t: 300, softcap: None, sum: false, with_w: true, logit_scale: 0.05, tol: None };
-    assert_all(xent_backward_case::<f16, _>(&chunked, flat));
-    assert_all(common::parity::xent_filter_case(&chunked, 1000, 40, 4, 130, 1e-3));
+    common::parity::assert_gemm_engine_paths(&g, &chunked);
 }
 
 /// The wide-tile and mma.sync variants at a larger shape (kept out of the

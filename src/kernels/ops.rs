@@ -77,6 +77,12 @@ fn blocks(n: usize, per: u32) -> u32 {
     LaunchPlan::blocks_for(n, per)
 }
 
+/// An element-wise launch over a [rows, cols] matrix: one grid row per
+/// matrix row, 256 columns per block.
+fn row_plan(kernel: &'static str, rows: usize, cols: usize) -> LaunchPlan {
+    LaunchPlan { kernel, grid: (rows as u32, blocks(cols, THREADS), 1), block: (THREADS, 1, 1), shared_bytes: 0 }
+}
+
 /// Dynamic shared memory of `tl::GemmShape` in `kernels/tile_gemm.cuh` (same formula).
 #[allow(clippy::too_many_arguments)]
 pub fn gemm_shared_bytes(
@@ -398,12 +404,7 @@ pub fn head_forward<E: Executor>(
                 col0: col0 as i32,
                 ld_out: i32_of("vocab", v)?,
             };
-            let plan = LaunchPlan {
-                kernel: by_dtype!(t, "tl_logits_store_", ""),
-                grid: (tokens as u32, blocks(cols, THREADS), 1),
-                block: (THREADS, 1, 1),
-                shared_bytes: 0,
-            };
+            let plan = row_plan(by_dtype!(t, "tl_logits_store_", ""), tokens, cols);
             // SAFETY: z [T, cols] f32 written above, logits [T, V] (caller).
             unsafe { e.launch(&plan, &store)? };
         }
@@ -730,12 +731,7 @@ fn grad_finish<E: Executor>(
         g_scale,
         _pad: 0,
     };
-    let plan = LaunchPlan {
-        kernel: by_dtype!(t, "tl_xent_grad_finish_", ""),
-        grid: (tokens as u32, blocks(d, THREADS), 1),
-        block: (THREADS, 1, 1),
-        shared_bytes: 0,
-    };
+    let plan = row_plan(by_dtype!(t, "tl_xent_grad_finish_", ""), tokens, d);
     // SAFETY: dh_acc [T, d] and gu [T, r] f32, Vh [r, d] and dh [T, d] (callers).
     unsafe { e.launch(&plan, &finish) }
 }
@@ -1306,12 +1302,7 @@ fn engine_xent_grads<E: Executor>(
                 g_unit,
                 _pad: 0,
             };
-            let plan = LaunchPlan {
-                kernel: by_dtype!(t, "tl_xent_chunk_grad_", ""),
-                grid: (tb as u32, blocks(cols, THREADS), 1),
-                block: (THREADS, 1, 1),
-                shared_bytes: 0,
-            };
+            let plan = row_plan(by_dtype!(t, "tl_xent_chunk_grad_", ""), tb, cols);
             // SAFETY: z [tb, cols] written above; the block's targets and lse
             // rows [tb] (validated / caller's [T]); g [tb, cols] allocated above.
             unsafe { e.launch(&plan, &grad)? };

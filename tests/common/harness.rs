@@ -479,6 +479,24 @@ pub fn run_case<H: Harness>(h: &H, case: &CasePath, label: &str) -> Result<Vec<C
     }
 }
 
+/// Every golden case (and `TIEDLORA_GOLDENS`) through `h`: the failed checks
+/// and errors, one line each (empty when all pass).
+#[allow(dead_code)] // not every test binary that includes `common` uses it
+pub fn golden_failures<H: Harness>(h: &H) -> Vec<String> {
+    let cases = match super::golden::all_cases() {
+        Ok(c) => c,
+        Err(e) => return vec![format!("golden discovery: {e}")],
+    };
+    let mut failures = Vec::new();
+    for (label, case) in &cases {
+        match run_case(h, case, label) {
+            Ok(checks) => failures.extend(checks.iter().filter(|c| !c.passed()).map(|c| c.to_string())),
+            Err(e) => failures.push(format!("{label}/{}: {e}", case.name())),
+        }
+    }
+    failures
+}
+
 /// Ops the kernel backends implement: all of them.
 pub fn kernel_ops(_op: &str) -> bool {
     true

@@ -568,3 +568,29 @@ pub fn xent_filter_case<H: Harness>(k: &H, v: usize, d: usize, r: usize, t: usiz
     within("dVh", &g_f.lora_hidden, &g_e.lora_hidden, &bound_dvh);
     checks
 }
+
+/// The GEMM-engine checks (`cublas` on; `chunked` also with 1-byte chunks:
+/// 128-column logit chunks, 128 × 128 backward blocks): head ops in all three
+/// dtypes, one and several chunks, r = 1, 16, 64, dW on and off; every golden
+/// case; the fused cross-entropy forward (several chunks, softcap, extreme
+/// logits) and backward (2 × 3 blocks with partial last ones; softcap, sum,
+/// dW, the f16 tiny-gradient case, the gradient filter). Panics on a failure.
+#[allow(dead_code)] // not every test binary that includes `common` uses it
+pub fn assert_gemm_engine_paths<H: Harness>(k: &H, chunked: &H) {
+    use tiedlora::{bf16, f16};
+    assert_all(head_case::<bf16, _>(chunked, 300, 40, 16, 130, true));
+    assert_all(head_case::<f16, _>(k, 257, 24, 1, 3, false));
+    assert_all(head_case::<f32, _>(chunked, 131, 37, 64, 5, true));
+    let failures = super::harness::golden_failures(k);
+    assert!(failures.is_empty(), "GEMM-engine golden failures: {failures:?}");
+    assert_all(xent_forward_case::<bf16, _>(chunked, 517, 40, 16, 9, Some(30.0), 1.0));
+    assert_all(xent_forward_case::<f16, _>(chunked, 264, 136, 1, 150, None, 1.0));
+    assert_all(xent_forward_case::<f32, _>(k, 260, 16, 4, 3, Some(30.0), 2000.0));
+    let base = XentCase::SOFTCAP_SUM;
+    assert_all(xent_backward_case::<bf16, _>(chunked, base));
+    assert_all(xent_backward_case::<f32, _>(k, XentCase { v: 200, d: 33, r: 64, t: 9, ..base }));
+    let flat =
+        XentCase { v: 700, d: 32, r: 4, t: 300, softcap: None, sum: false, with_w: true, logit_scale: 0.05, tol: None };
+    assert_all(xent_backward_case::<f16, _>(chunked, flat));
+    assert_all(xent_filter_case(chunked, 1000, 40, 4, 130, 1e-3));
+}
