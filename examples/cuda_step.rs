@@ -4,8 +4,10 @@
 //! pair of device gradient buffers.
 //!
 //! ```text
-//! cargo run --release --features cuda --example cuda_step
+//! cargo run --release --features cuda --example cuda_step [-- --cublas]
 //! ```
+//!
+//! `--cublas` runs the head's GEMMs on cuBLAS (`Cuda::with_cublas`).
 //!
 //! The trainer's side is plain cudarc: its own stream (`Cuda::with_stream`
 //! would take it), its own buffers, viewed in place. Exits 0 when every
@@ -55,6 +57,7 @@ fn run() -> Result<bool, Box<dyn std::error::Error>> {
     targets.push((-100i32) as u32); // no next token: ignored (u32 pattern of ignore_index)
 
     let gpu = Cuda::new(0)?;
+    let gpu = if std::env::args().any(|a| a == "--cublas") { gpu.with_cublas(true)? } else { gpu };
     let s = gpu.stream().clone();
     let (w_d, u_d, vh_d) = (s.clone_htod(&w)?, s.clone_htod(&u)?, s.clone_htod(&vh)?);
     let (ids_d, tg_d) = (s.clone_htod(&ids)?, s.clone_htod(&targets)?);
@@ -122,7 +125,7 @@ fn run() -> Result<bool, Box<dyn std::error::Error>> {
         ("dU (both paths)", rel(&du, &du_c)),
         ("dVh (both paths)", rel(&dvh, &dvh_c)),
     ];
-    println!("tied-LoRA step on {gpu:?}: V={V} d={D} r={R} T={T}, softcap 30, bf16");
+    println!("tied-LoRA step on {gpu:?} ({}): V={V} d={D} r={R} T={T}, softcap 30, bf16", gpu.name());
     println!(
         "loss {loss:.6} (reference {:.6}); fused cross-entropy scratch {:.1} MiB, logits would be {:.1} MiB",
         loss_c[0],

@@ -13,6 +13,7 @@
 #   goldens     device-bundle/bin/goldens --include-ignored ... (CPU golden harness;
 #               it has no ignored tests, so plain --ignored would run nothing)
 #   cuda_step   examples/cuda_step: one fused tied-LoRA step on the GPU vs the CPU reference
+#   cuda_step_cublas  the same with --cublas (Cuda::with_cublas)
 #   verify      gpu_bench --verify: every GPU path (ours and the cuBLAS baselines)
 #               once at T=512 V=8192 d=512, vs tiedlora::Cpu  -> OUTDIR/verify.{json,md}
 #   bench       gpu_bench: Gemma-2-2B and Llama-3.2-1B shapes  -> OUTDIR/results.{json,md}
@@ -215,6 +216,7 @@ SMALL_FILTER="gpu_small_"
 step kernels_gpu 150 "$BIN/kernels_gpu" --ignored --nocapture --test-threads=1
 step goldens 45 "$BIN/goldens" --include-ignored --nocapture --test-threads=1
 step cuda_step 60 "$BIN/cuda_step"
+step cuda_step_cublas 60 "$BIN/cuda_step" --cublas
 step verify 60 "$BIN/gpu_bench" --verify --out "$OUTDIR"
 step bench 150 "$BIN/gpu_bench" --out "$OUTDIR"
 if [ -n "$SANITIZER" ]; then
