@@ -531,3 +531,10 @@ impl Backend for Cuda {
         ops::merge(&self.exec(), cfg, T::DTYPE, w_addr, u_addr, vh_addr, true)
     }
 }
+
+// A trainer may share one backend across threads (each op enqueues on the
+// backend's stream): keep `Cuda` Send + Sync.
+const _: fn() = || {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<Cuda>();
+};
