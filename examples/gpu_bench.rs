@@ -1384,12 +1384,12 @@ fn bench_head_forward(gpu: &Gpu, m: &Model, st: &Settings, rep: &mut Report) -> 
         rep,
         sh,
         "head_forward",
-        "ours (cuBLAS engine, f32 chunks in L2)",
+        "ours (cuBLAS engine)",
         cublas_t,
         flop,
         unf_t,
         base_tf,
-        "Cuda::with_cublas(true)?: per 32 MiB f32 chunk [T, C]: cuBLAS h·W_cᵀ, += p·U_cᵀ, then one rounding into the logits",
+        "Cuda::with_cublas(true)?: [h | p] once, per chunk [W_c | U_c] (32 MiB) and one K = d + r cuBLAS GEMM into the logits",
     );
     push_timed(
         rep,

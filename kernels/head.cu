@@ -15,9 +15,6 @@
 //           read transposed; every output element belongs to exactly one block
 //           (no split-K, no atomics), so the result is bitwise deterministic.
 //
-// store     (the GEMM-engine forward, KernelOptions::cublas) grid (T, ceil(cols / 256)),
-//           256 threads: logits[t, col0 + c] = z[t, c], an f32 chunk the engine
-//           computed as h W_c^T + p U_c^T (one rounding, as the fused kernel).
 // Launch: 256 threads, dynamic shared memory GemmShape::SMEM_BYTES (mirrored in
 // src/kernels/plan.rs). forward grid (ceil(T/128), ceil(V/128));
 // grad_h grid (ceil(T/128), ceil(d/128)); grad_param grid (ceil(V/128), ceil(ncols/BN)).
@@ -412,16 +409,3 @@ TL_HEAD_GRAD_PARAM_MMA(bf16_bf16, __nv_bfloat16)
   }
 TL_HEAD_GRAD_PARAM_WGMMA(f16_f16, __half)
 TL_HEAD_GRAD_PARAM_WGMMA(bf16_bf16, __nv_bfloat16)
-
-namespace {
-template <class T>
-TL_DEVICE void logits_store(const LogitsStoreParams& p) {
-  const long long t = blockIdx.x;
-  const int c = static_cast<int>(blockIdx.y * blockDim.x + threadIdx.x);
-  if (c >= p.cols) return;
-  static_cast<T*>(p.out)[t * p.ld_out + p.col0 + c] = tl_from_float<T>(p.z[t * p.cols + c]);
-}
-}  // namespace
-TL_KERNEL_BOUNDED(tl_logits_store_f32, LogitsStoreParams, 256) { logits_store<float>(p); }
-TL_KERNEL_BOUNDED(tl_logits_store_f16, LogitsStoreParams, 256) { logits_store<__half>(p); }
-TL_KERNEL_BOUNDED(tl_logits_store_bf16, LogitsStoreParams, 256) { logits_store<__nv_bfloat16>(p); }

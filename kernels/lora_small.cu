@@ -14,6 +14,9 @@
 // pack        out[v, j] = U[v, j] rounded to the storage dtype, zero for
 //             r <= j < ld_out: U as the wgmma grad_h stages it (16-byte rows,
 //             cp.async). Grid-stride, block 256.
+// concat_rows out[i] = [x_i | y_i] in the storage dtype (y f32 or storage):
+//             the K = d + r operands [h | p] and [W | U] of the GEMM engine's
+//             head forward (KernelOptions::cublas). Grid-stride, block 256.
 #include "params.h"
 
 namespace {
@@ -184,5 +187,27 @@ TL_DEVICE void lora_pack(const LoraPackParams& p) {
     static_cast<T*>(p.out)[e] = tl_from_float<T>(j < p.cols ? p.u[v * p.cols + j] : 0.0f);
   }
 }
+template <class T>
+TL_DEVICE void concat_rows(const ConcatRowsParams& p) {
+  const int k = p.d + p.r;
+  const long long n = static_cast<long long>(p.rows) * k;
+  for (long long e = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; e < n;
+       e += static_cast<long long>(gridDim.x) * blockDim.x) {
+    const long long row = e / k;
+    const int j = static_cast<int>(e % k);
+    T v;
+    if (j < p.d) {
+      v = static_cast<const T*>(p.x)[row * p.d + j];
+    } else if (p.y_f32) {
+      v = tl_from_float<T>(static_cast<const float*>(p.y)[row * p.r + (j - p.d)]);
+    } else {
+      v = static_cast<const T*>(p.y)[row * p.r + (j - p.d)];
+    }
+    static_cast<T*>(p.out)[e] = v;
+  }
+}
+TL_KERNEL_BOUNDED(tl_concat_rows_f32, ConcatRowsParams, 256) { concat_rows<float>(p); }
+TL_KERNEL_BOUNDED(tl_concat_rows_f16, ConcatRowsParams, 256) { concat_rows<__half>(p); }
+TL_KERNEL_BOUNDED(tl_concat_rows_bf16, ConcatRowsParams, 256) { concat_rows<__nv_bfloat16>(p); }
 TL_KERNEL_BOUNDED(tl_lora_pack_f16, LoraPackParams, 256) { lora_pack<__half>(p); }
 TL_KERNEL_BOUNDED(tl_lora_pack_bf16, LoraPackParams, 256) { lora_pack<__nv_bfloat16>(p); }

@@ -83,6 +83,19 @@ struct LoraPackParams {
 };
 TL_CHECK_PARAMS(LoraPackParams, 32);
 
+// lora_small.cu: out[i] = [x_i | y_i], rows of d + r elements in the storage
+// dtype (the GEMM engine's K = d + r operands [h | p] and [W | U]).
+struct ConcatRowsParams {
+  const void* x;   // [rows, d] storage dtype
+  const void* y;   // [rows, r] f32 (y_f32) or storage dtype
+  void* out;       // [rows, d + r] storage dtype
+  int rows;
+  int d;
+  int r;
+  int y_f32;
+};
+TL_CHECK_PARAMS(ConcatRowsParams, 40);
+
 // head.cu: logits[t, v] = [h_t | p_t] . [W_v | U_v]   (p = s * h Vh^T, from lora_down)
 struct HeadForwardParams {
   const void* h;   // [T, d]
@@ -221,16 +234,6 @@ TL_CHECK_PARAMS(XentGradFinishParams, 56);
 // logits, row length cols, computed by the engine as h W_c^T + p U_c^T for the
 // vocabulary columns [col0, col0 + cols); these kernels consume it.
 
-// head.cu: logits[t, col0 + c] = z[t, c] in the storage dtype.
-struct LogitsStoreParams {
-  const float* z;  // [T, cols]
-  void* out;       // [T, ld_out] storage dtype (written)
-  int tokens;
-  int cols;
-  int col0;
-  int ld_out;      // V
-};
-TL_CHECK_PARAMS(LogitsStoreParams, 32);
 
 // xent.cu: per row t, the online (max, sum exp) of z' (softcapped) over the
 // chunk in a fixed order, folded into the running pair part_max / part_sum[t]

@@ -244,7 +244,7 @@ step bench_py 180 env PYTHONPATH="$BUNDLE/py${PYTHONPATH:+:$PYTHONPATH}" PYTHONU
 # GPU_CHECK_NCU=0.
 NCU="$(command -v ncu || ls /usr/local/cuda/bin/ncu 2>/dev/null || true)"
 if [ -n "$NCU" ] && [ "${GPU_CHECK_NCU:-1}" != 0 ]; then
-  step ncu 100 bash -c "\"$NCU\" --kernel-id '::regex:^(tl_(head_forward|head_grad_h|head_grad_param|xent_partial|xent_grad_logits)_.*(_mma|_wgmma)|tl_(logits_store|xent_chunk_partial|xent_chunk_grad).*)\$:1' \
+  step ncu 100 bash -c "\"$NCU\" --kernel-id '::regex:^(tl_(head_forward|head_grad_h|head_grad_param|xent_partial|xent_grad_logits)_.*(_mma|_wgmma)|tl_(concat_rows|xent_chunk_partial|xent_chunk_grad).*)\$:1' \
       --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
       \"$BIN/gpu_bench\" --shapes llama --warmup 0 --iters 1 --copy-mib 64 \
       --out \"$WORK/ncu-bench\" >\"$OUTDIR/ncu.txt\" 2>&1"

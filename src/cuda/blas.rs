@@ -59,7 +59,7 @@ impl GemmEngine {
         Ok(GemmEngine { blas, _workspace: workspace })
     }
 
-    /// Enqueues `g` (row-major, f32 C, f32 compute) on the handle's stream.
+    /// Enqueues `g` (row-major, f32 compute) on the handle's stream.
     ///
     /// cuBLAS is column-major: a row-major [r, c] matrix with leading
     /// dimension ld is the column-major [c, r] transpose with the same ld, so
@@ -97,7 +97,7 @@ impl GemmEngine {
                 lda,
                 &g.beta as *const f32 as *const c_void,
                 g.c as *mut c_void,
-                sys::cudaDataType::CUDA_R_32F,
+                data_type(g.c_type),
                 ldc,
                 sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
                 sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,

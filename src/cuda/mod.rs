@@ -172,11 +172,14 @@ impl Cuda {
     /// output) instead of the hand-written tile kernels, keeping the fusion
     /// where it matters (no `[T, V]` buffer, one shared gradient):
     ///
-    /// - `head_forward`, `head_xent_forward`: per vocabulary chunk of f32
-    ///   logits `[T, C]` (at most 32 MiB, [`Cuda::with_xent_chunk_bytes`],
-    ///   so it stays in L2), cuBLAS writes `h·W_cᵀ` and adds `p·U_cᵀ`
-    ///   (p = s·h·Vhᵀ); one kernel then rounds the chunk into the logits, or
-    ///   folds it into per-row logsumexp partials merged in a fixed order.
+    /// - `head_forward`: one K = d + r GEMM per vocabulary chunk,
+    ///   `[h | p]·[W_c | U_c]ᵀ` (p = s·h·Vhᵀ) over operands concatenated in
+    ///   scratch (`[T, d + r]` once, `[C, d + r]` ≤ 32 MiB per chunk), rounded
+    ///   once straight into the logits, as the fused kernel does.
+    /// - `head_xent_forward`: per vocabulary chunk of f32 logits `[T, C]` (at
+    ///   most 32 MiB, [`Cuda::with_xent_chunk_bytes`], so it stays in L2),
+    ///   cuBLAS writes `h·W_cᵀ` and adds `p·U_cᵀ`; one kernel folds the chunk
+    ///   into per-row running logsumexp pairs, in a fixed order.
     /// - `head_xent_backward`: per block of tokens × vocabulary columns (f32
     ///   logits + G in the chunk bytes), the logits as above, G from them,
     ///   then cuBLAS `dh_acc += G·W`, `gu += G·U`, `dU += Gᵀ·p`, `dW += Gᵀ·h`

@@ -21,9 +21,10 @@ pub struct Operand {
 }
 
 /// Row-major `C[m, n] = alpha · op(A)[m, k] · op(B)[k, n] + beta · C` with A
-/// and B in `ab` (f32, f16 or bf16), C in f32, f32 accumulation. `op(A)` is A
-/// stored [m, k] (or [k, m] when `a.trans`), `op(B)` is B stored [k, n] (or
-/// [n, k]). With `beta == 0`, C is only written (it may hold NaN before).
+/// and B in `ab` (f32, f16 or bf16), C in `c_type` (f32, or `ab`: rounded
+/// once from the f32 result), f32 accumulation. `op(A)` is A stored [m, k]
+/// (or [k, m] when `a.trans`), `op(B)` is B stored [k, n] (or [n, k]). With
+/// `beta == 0`, C is only written (it may hold NaN before).
 #[derive(Debug, Clone, Copy)]
 pub struct DenseGemm {
     /// Rows of C.
@@ -38,8 +39,10 @@ pub struct DenseGemm {
     pub b: Operand,
     /// Element type of A and B.
     pub ab: DType,
-    /// Address of C (f32).
+    /// Address of C.
     pub c: u64,
+    /// Element type of C: f32 or `ab`.
+    pub c_type: DType,
     /// Elements between consecutive rows of C.
     pub ldc: usize,
     /// Scale of the product.
@@ -92,17 +95,21 @@ unsafe fn widen(t: DType, x: &Operand, rows: usize, cols: usize) -> Vec<f32> {
 pub unsafe fn host_gemm(g: &DenseGemm) {
     // SAFETY: the caller guarantees A and B hold op(A) [m, k] and op(B) [k, n].
     let (a, b) = unsafe { (widen(g.ab, &g.a, g.m, g.k), widen(g.ab, &g.b, g.k, g.n)) };
-    let c = g.c as *mut f32;
     for i in 0..g.m {
         for j in 0..g.n {
             let mut acc = 0.0f32;
             for p in 0..g.k {
                 acc = a[i * g.k + p].mul_add(b[p * g.n + j], acc);
             }
+            let at = i * g.ldc + j;
             // SAFETY: (i, j) lies inside C (caller); C is not read when beta == 0.
             unsafe {
-                let at = c.add(i * g.ldc + j);
-                *at = if g.beta == 0.0 { g.alpha * acc } else { g.alpha * acc + g.beta * *at };
+                let v = if g.beta == 0.0 { g.alpha * acc } else { g.alpha * acc + g.beta * load(g.c_type, g.c, at) };
+                match g.c_type {
+                    DType::F32 => *(g.c as *mut f32).add(at) = v,
+                    DType::F16 => *(g.c as *mut half::f16).add(at) = half::f16::from_f32(v),
+                    DType::BF16 => *(g.c as *mut half::bf16).add(at) = half::bf16::from_f32(v),
+                }
             }
         }
     }
@@ -143,6 +150,7 @@ mod tests {
                     b: Operand { addr: b.as_ptr() as u64, ld: bc + pad, trans: tb },
                     ab: DType::BF16,
                     c: c.as_mut_ptr() as u64,
+                    c_type: DType::F32,
                     ldc,
                     alpha: 0.5,
                     beta,
@@ -159,6 +167,29 @@ mod tests {
                     // The padding column of C is never written.
                     let pad_at = i * ldc + n;
                     assert!(c[pad_at].is_nan() == (beta == 0.0) && (beta == 0.0 || c[pad_at] == old[pad_at]));
+                }
+                // C in the operands' dtype: the same result rounded once.
+                let mut c16 = vec![bf16::NAN; m * ldc];
+                if beta != 0.0 {
+                    c16.iter_mut().zip(&old).for_each(|(x, &o)| *x = bf16::from_f32(o));
+                }
+                let g16 = DenseGemm { c: c16.as_mut_ptr() as u64, c_type: DType::BF16, ..g };
+                // SAFETY: as above, C [m, ldc] bf16.
+                unsafe { host_gemm(&g16) };
+                for i in 0..m {
+                    for j in 0..n {
+                        let want = if beta == 0.0 {
+                            c[i * ldc + j]
+                        } else {
+                            c[i * ldc + j] - old[i * ldc + j] + bf16::from_f32(old[i * ldc + j]).to_f32()
+                        };
+                        let got = c16[i * ldc + j].to_f32();
+                        assert!(
+                            (got - want).abs() <= 2f32.powi(-8) * want.abs() + 1e-6,
+                            "bf16 C[{i},{j}] = {got}, want {want}"
+                        );
+                    }
+                    assert!(c16[i * ldc + n].is_nan() == (beta == 0.0));
                 }
             }
         }

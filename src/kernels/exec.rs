@@ -48,11 +48,12 @@ pub struct KernelOptions {
     /// backward may hold ([`super::xent_chunk_cols`]); 0 = the default.
     pub xent_chunk_bytes: usize,
     /// Run the head's GEMMs on the executor's GEMM engine
-    /// ([`Executor::gemm`]: cuBLAS on a GPU). `head_forward` and the fused
-    /// cross-entropy go per chunk of f32 logits [T, C] (at most
-    /// `xent_chunk_bytes`, so the chunk stays in L2): the engine writes
-    /// `h·W_cᵀ` and adds `p·U_cᵀ`, then one small kernel rounds the chunk into
-    /// the logits, folds it into logsumexp partials, or turns it into G (the
+    /// ([`Executor::gemm`]: cuBLAS on a GPU). `head_forward`: one K = d + r
+    /// GEMM per vocabulary chunk over concatenated `[h | p]`, `[W_c | U_c]`,
+    /// straight into the logits. The fused cross-entropy goes per chunk of
+    /// f32 logits [T, C] (at most `xent_chunk_bytes`, so the chunk stays in
+    /// L2): the engine writes `h·W_cᵀ` and adds `p·U_cᵀ`, then one small
+    /// kernel folds the chunk into logsumexp pairs or turns it into G (the
     /// backward per block of tokens × columns, with the engine's `dh += G·W`,
     /// `gu += G·U`, `dU += Gᵀ·p`, `dW += Gᵀ·h` on it); `head_backward` (G in
     /// the storage dtype) runs `G·W`, `G·U` into f32, `dU += Gᵀ·p`,

@@ -387,26 +387,36 @@ pub fn head_forward<E: Executor>(
     let p = e.scratch_uninit(tokens * r * t.size())?;
     lora_down(e, cfg, t, t, h, wt.vh, e.addr(&p), tokens, cfg.scale())?;
     if e.options().cublas {
-        // Per vocabulary chunk: f32 logits on the GEMM engine (in L2), then
-        // one rounding to the storage dtype into their columns.
-        let cols_c = engine_chunk_cols(e, cfg, tokens);
-        let z = e.scratch_uninit(tokens * cols_c * 4)?;
-        let (_packed, u) = engine_u(e, t, wt.u, v, r)?;
+        // One K = d + r GEMM per vocabulary chunk, [h | p] · [W_c | U_c]ᵀ,
+        // rounded once straight into the logits: the operands are
+        // concatenated in scratch ([T, d + r] once, [C, d + r] per chunk).
+        let (k, es) = (d + r, t.size());
+        let hp = e.scratch_uninit(tokens * k * es)?;
+        concat_rows(e, t, (h, e.addr(&p), false), e.addr(&hp), tokens, d, r)?;
+        let bytes = if e.options().xent_chunk_bytes == 0 { XENT_CHUNK_BYTES } else { e.options().xent_chunk_bytes };
+        let tile = GEMM_TILE as usize;
+        let cols_c = (bytes / (k * es) / tile * tile).clamp(tile, v.div_ceil(tile) * tile);
+        let wu = e.scratch_uninit(cols_c * k * es)?;
         for col0 in (0..v).step_by(cols_c) {
             let cols = cols_c.min(v - col0);
-            let rows = (wt.w + (col0 * d * t.size()) as u64, u + (col0 * r * t.size()) as u64);
-            engine_logits(e, cfg, t, (h, e.addr(&p)), rows, e.addr(&z), tokens, cols)?;
-            let store = LogitsStoreParams {
-                z: e.addr(&z),
-                out: logits,
-                tokens: i32_of("tokens", tokens)?,
-                cols: cols as i32,
-                col0: col0 as i32,
-                ld_out: i32_of("vocab", v)?,
+            let rows = (wt.w + (col0 * d * es) as u64, wt.u + (col0 * r * 4) as u64, true);
+            concat_rows(e, t, rows, e.addr(&wu), cols, d, r)?;
+            let g = DenseGemm {
+                m: tokens,
+                n: cols,
+                k,
+                a: Operand { addr: e.addr(&hp), ld: k, trans: false },
+                b: Operand { addr: e.addr(&wu), ld: k, trans: true },
+                ab: t,
+                c: logits + (col0 * es) as u64,
+                c_type: t,
+                ldc: v,
+                alpha: 1.0,
+                beta: 0.0,
             };
-            let plan = row_plan(by_dtype!(t, "tl_logits_store_", ""), tokens, cols);
-            // SAFETY: z [T, cols] f32 written above, logits [T, V] (caller).
-            unsafe { e.launch(&plan, &store)? };
+            // SAFETY: hp [T, k] and wu [cols, k] written above; the logits'
+            // columns [col0, col0 + cols) of [T, V] (caller) overlap neither.
+            unsafe { e.gemm(&g)? };
         }
         return Ok(());
     }
@@ -619,6 +629,32 @@ fn pack_u<E: Executor>(e: &E, t: DType, u: u64, rows: usize, r: usize, ld: usize
     Ok(packed)
 }
 
+/// `out[i] = [x_i | y_i]` for `rows` rows, d + r elements each in the storage
+/// dtype `t`; y is f32 when `y_f32` (U), else in `t` (p).
+fn concat_rows<E: Executor>(
+    e: &E,
+    t: DType,
+    (x, y, y_f32): (u64, u64, bool),
+    out: u64,
+    rows: usize,
+    d: usize,
+    r: usize,
+) -> Result<()> {
+    let params = ConcatRowsParams {
+        x,
+        y,
+        out,
+        rows: i32_of("rows", rows)?,
+        d: i32_of("hidden", d)?,
+        r: i32_of("rank", r)?,
+        y_f32: i32::from(y_f32),
+    };
+    let grid = blocks(rows * (d + r), THREADS).min(e.multiprocessors() * 8);
+    let plan = LaunchPlan::linear(by_dtype!(t, "tl_concat_rows_", ""), grid.max(1), THREADS);
+    // SAFETY: x [rows, d] and y [rows, r] (callers), out [rows, d + r] (the op's scratch).
+    unsafe { e.launch(&plan, &params) }
+}
+
 /// U [rows, r] as the GEMM engine's operand, in the storage dtype `t`, row
 /// length r (the tensor cores round U to it in the fused kernels too): U
 /// itself for f32, else a packed copy, kept alive by the returned scratch.
@@ -646,7 +682,19 @@ fn engine_logits<E: Executor>(
     cols: usize,
 ) -> Result<()> {
     let (d, r) = (cfg.hidden(), cfg.rank());
-    let gemm = |k, a, b, beta| DenseGemm { m: rows, n: cols, k, a, b, ab: t, c: z, ldc: cols, alpha: 1.0, beta };
+    let gemm = |k, a, b, beta| DenseGemm {
+        m: rows,
+        n: cols,
+        k,
+        a,
+        b,
+        ab: t,
+        c: z,
+        c_type: DType::F32,
+        ldc: cols,
+        alpha: 1.0,
+        beta,
+    };
     let rows_of = |addr, ld, trans| Operand { addr, ld, trans };
     // SAFETY: h [rows, d], p [rows, r], W_c [cols, d], U_c [cols, r] in t are
     // checked by the caller or allocated by the op; z [rows, cols] f32 is the
@@ -688,7 +736,19 @@ fn engine_grads<E: Executor>(e: &E, cfg: &LoraConfig, t: DType, op: EngineGrads,
     let plain = |addr, ld| Operand { addr, ld, trans: false };
     let g = plain(op.g, op.rows);
     let gt = Operand { trans: true, ..g };
-    let gemm = |m, n, k, a, b, c, ldc, alpha, beta| DenseGemm { m, n, k, a, b, ab: t, c, ldc, alpha, beta };
+    let gemm = |m, n, k, a, b, c, ldc, alpha, beta| DenseGemm {
+        m,
+        n,
+        k,
+        a,
+        b,
+        ab: t,
+        c,
+        c_type: DType::F32,
+        ldc,
+        alpha,
+        beta,
+    };
     // SAFETY (every gemm below): G [T, rows], W / U rows [rows, d] / [rows, r],
     // h [T, d], p [T, r] are checked by the caller or allocated by the op;
     // dh_acc, gu (the op's scratch) and dU / dW (the caller's f32 gradients)
@@ -1159,7 +1219,7 @@ pub fn xent_chunk_cols(cfg: &LoraConfig, t: DType, tokens: usize, chunk_bytes: u
 }
 
 /// Vocabulary columns of one f32 logits chunk [T, C] of the GEMM-engine
-/// forward paths (`KernelOptions::cublas`: head_forward, head_xent_forward):
+/// cross-entropy forward (`KernelOptions::cublas`):
 /// T·C·4 ≤ the chunk bytes, so the chunk stays in L2 between the GEMMs that
 /// write it and the kernel that reads it.
 fn engine_chunk_cols<E: Executor>(e: &E, cfg: &LoraConfig, tokens: usize) -> usize {

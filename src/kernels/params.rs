@@ -50,6 +50,11 @@ params! {
         u: u64, out: u64,
         rows: i32, cols: i32, ld_out: i32, _pad: u32,
     }
+    /// `lora_small.cu`: rows `[x | y]` in the storage dtype (y f32 or storage).
+    ConcatRowsParams (40) {
+        x: u64, y: u64, out: u64,
+        rows: i32, d: i32, r: i32, y_f32: i32,
+    }
     /// `head.cu`: `logits = [h | p] · [W | U]ᵀ`.
     HeadForwardParams (56) {
         h: u64, p: u64, w: u64, u: u64, out: u64,
@@ -99,11 +104,6 @@ params! {
     XentGradFinishParams (56) {
         dh_acc: u64, gu: u64, vh: u64, dh: u64,
         tokens: i32, hidden: i32, rank: i32, scale: f32, g_scale: f32, _pad: u32,
-    }
-    /// `head.cu`: an f32 logits chunk from the GEMM engine, stored in the storage dtype.
-    LogitsStoreParams (32) {
-        z: u64, out: u64,
-        tokens: i32, cols: i32, col0: i32, ld_out: i32,
     }
     /// `xent.cu`: online logsumexp partials of one f32 logits chunk.
     XentChunkPartialParams (64) {
