@@ -168,9 +168,9 @@ impl Cuda {
         self
     }
 
-    /// Runs the head's GEMMs on cuBLAS (`cublasGemmEx`, f32 compute and
-    /// output) instead of the hand-written tile kernels, keeping the fusion
-    /// where it matters (no `[T, V]` buffer, one shared gradient):
+    /// Runs the head's GEMMs on cuBLAS (`cublasGemmEx`, f32 compute)
+    /// instead of the hand-written tile kernels, keeping the fusion where it
+    /// matters (no `[T, V]` temporary, one shared gradient):
     ///
     /// - `head_forward`: one K = d + r GEMM per vocabulary chunk,
     ///   `[h | p]·[W_c | U_c]ᵀ` (p = s·h·Vhᵀ) over operands concatenated in
