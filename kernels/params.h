@@ -234,7 +234,6 @@ TL_CHECK_PARAMS(XentGradFinishParams, 56);
 // logits, row length cols, computed by the engine as h W_c^T + p U_c^T for the
 // vocabulary columns [col0, col0 + cols); these kernels consume it.
 
-
 // xent.cu: per row t, the online (max, sum exp) of z' (softcapped) over the
 // chunk in a fixed order, folded into the running pair part_max / part_sum[t]
 // of the chunks before (chunk 0 writes it), and target_logit[t] =

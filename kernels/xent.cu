@@ -34,6 +34,9 @@ namespace {
 constexpr int kTile = 128;
 constexpr int kZld = kTile + 1;  // skew: row-wise reads by thread pairs
 
+// z' = kappa tanh(z / kappa), or z without a softcap (kappa = 0).
+TL_DEVICE float softcapped(float z, float kappa) { return kappa > 0.0f ? kappa * tanhf(z / kappa) : z; }
+
 template <class T, int STAGES = 1, bool MMA = false>
 TL_DEVICE void xent_partial(const XentPartialParams& p) {
   using S = tl::GemmShape<T, 128, 128, 32, false, true, 0, STAGES, MMA>;
@@ -195,8 +198,7 @@ TL_DEVICE void xent_chunk_partial(const XentChunkPartialParams& p) {
   const float kappa = p.softcap;
   float m = -INFINITY, s = 0.0f;
   for (int c = static_cast<int>(lane); c < p.cols; c += 32) {
-    const float v = kappa > 0.0f ? kappa * tanhf(zr[c] / kappa) : zr[c];
-    lse_merge(m, s, v, 1.0f);
+    lse_merge(m, s, softcapped(zr[c], kappa), 1.0f);
   }
   for (int off = 16; off > 0; off >>= 1) {
     const float m2 = __shfl_xor_sync(TL_FULL_MASK, m, off);
@@ -215,7 +217,7 @@ TL_DEVICE void xent_chunk_partial(const XentChunkPartialParams& p) {
     p.part_max[t] = m;
     p.part_sum[t] = s;
     const int y = p.targets[t] - p.col0;
-    if (y >= 0 && y < p.cols) p.target_logit[t] = kappa > 0.0f ? kappa * tanhf(zr[y] / kappa) : zr[y];
+    if (y >= 0 && y < p.cols) p.target_logit[t] = softcapped(zr[y], kappa);
   }
 }
 

@@ -393,9 +393,7 @@ pub fn head_forward<E: Executor>(
         let (k, es) = (d + r, t.size());
         let hp = e.scratch_uninit(tokens * k * es)?;
         concat_rows(e, t, (h, e.addr(&p), false), e.addr(&hp), tokens, d, r)?;
-        let bytes = if e.options().xent_chunk_bytes == 0 { XENT_CHUNK_BYTES } else { e.options().xent_chunk_bytes };
-        let tile = GEMM_TILE as usize;
-        let cols_c = (bytes / (k * es) / tile * tile).clamp(tile, v.div_ceil(tile) * tile);
+        let cols_c = chunk_cols(cfg, k * es, e.options().xent_chunk_bytes);
         let wu = e.scratch_uninit(cols_c * k * es)?;
         for col0 in (0..v).step_by(cols_c) {
             let cols = cols_c.min(v - col0);
@@ -1094,7 +1092,6 @@ pub fn head_xent_forward<E: Executor>(
     let (t32, valid) = prepare_ids(e, "targets", targets, kind, tokens, v, Some(cfg.ignore_index()))?;
     let p = e.scratch_uninit(tokens * r * t.size())?;
     lora_down(e, cfg, t, t, h, wt.vh, e.addr(&p), tokens, cfg.scale())?;
-    let tiles_m = tokens.div_ceil(GEMM_TILE as usize);
     let (split_cols, splits) = if e.options().cublas {
         // One running (max, sum) pair per row across the engine's chunks.
         (engine_chunk_cols(e, cfg, tokens), 1)
@@ -1134,6 +1131,7 @@ pub fn head_xent_forward<E: Executor>(
             unsafe { e.launch(&plan, &partial)? };
         }
     } else {
+        let tiles_m = tokens.div_ceil(GEMM_TILE as usize);
         let params = XentPartialParams {
             h,
             p: e.addr(&p),
@@ -1212,10 +1210,23 @@ const XENT_F16_G_UNIT: f64 = 32768.0;
 /// at least 128, at most V rounded up, and at most `chunk_bytes` of G
 /// (0 = [`XENT_CHUNK_BYTES`]).
 pub fn xent_chunk_cols(cfg: &LoraConfig, t: DType, tokens: usize, chunk_bytes: usize) -> usize {
+    chunk_cols(cfg, tokens.max(1) * t.size(), chunk_bytes)
+}
+
+/// The chunk budget in bytes: `chunk_bytes`, or [`XENT_CHUNK_BYTES`] for 0.
+fn chunk_budget(chunk_bytes: usize) -> usize {
+    if chunk_bytes == 0 {
+        XENT_CHUNK_BYTES
+    } else {
+        chunk_bytes
+    }
+}
+
+/// Vocabulary columns of `col_bytes` each that fit the chunk budget: a
+/// multiple of 128, at least 128, at most V rounded up.
+fn chunk_cols(cfg: &LoraConfig, col_bytes: usize, chunk_bytes: usize) -> usize {
     let tile = GEMM_TILE as usize;
-    let bytes = if chunk_bytes == 0 { XENT_CHUNK_BYTES } else { chunk_bytes };
-    let fit = bytes / (tokens.max(1) * t.size()) / tile * tile;
-    fit.clamp(tile, cfg.vocab().div_ceil(tile) * tile)
+    (chunk_budget(chunk_bytes) / col_bytes / tile * tile).clamp(tile, cfg.vocab().div_ceil(tile) * tile)
 }
 
 /// Vocabulary columns of one f32 logits chunk [T, C] of the GEMM-engine
@@ -1234,8 +1245,7 @@ fn engine_chunk_cols<E: Executor>(e: &E, cfg: &LoraConfig, tokens: usize) -> usi
 /// MiB); multiples of 128, and all tokens in one block when they fit.
 fn engine_xent_block(cfg: &LoraConfig, t: DType, tokens: usize, chunk_bytes: usize) -> (usize, usize) {
     let tile = GEMM_TILE as usize;
-    let bytes = if chunk_bytes == 0 { XENT_CHUNK_BYTES } else { chunk_bytes };
-    let elems = bytes / (4 + t.size());
+    let elems = chunk_budget(chunk_bytes) / (4 + t.size());
     let v_max = cfg.vocab().div_ceil(tile) * tile;
     let t_max = tokens.div_ceil(tile) * tile;
     let cols = (((5 * elems) as f64).sqrt() as usize / tile * tile).clamp(tile, v_max);
@@ -1588,7 +1598,7 @@ mod tests {
                 let (rows, cols) = engine_xent_block(&cfg, t, tokens, bytes);
                 assert!(rows == tokens || (rows % 128 == 0 && rows < tokens), "rows {rows} of {tokens}");
                 assert!(cols % 128 == 0 && cols <= v.div_ceil(128) * 128, "cols {cols} of {v}");
-                let budget = if bytes == 0 { XENT_CHUNK_BYTES } else { bytes };
+                let budget = chunk_budget(bytes);
                 let used = rows.min(tokens) * cols * (4 + t.size());
                 assert!(used <= budget.max(128 * 128 * (4 + t.size())), "{rows} x {cols} over {budget} B");
             }
