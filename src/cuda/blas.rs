@@ -59,23 +59,18 @@ impl GemmEngine {
         Ok(GemmEngine { blas, _workspace: workspace })
     }
 
-    /// Enqueues `g` (row-major, f32 compute) on the handle's stream.
-    ///
-    /// cuBLAS is column-major: a row-major [r, c] matrix with leading
-    /// dimension ld is the column-major [c, r] transpose with the same ld, so
-    /// this computes `Cᵀ = op(B)ᵀ · op(A)ᵀ`: cuBLAS m' = n, n' = m, B first.
+    /// Enqueues `g` (row-major, f32 compute) on the handle's stream, as the
+    /// column-major call [`DenseGemm::col_major`] (the same value the CPU
+    /// shim's `host_gemm` executes), after cuBLAS's argument rules.
     ///
     /// # Safety
     /// As [`crate::kernels::exec::Executor::gemm`].
     pub(crate) unsafe fn run(&self, g: &DenseGemm) -> Result<()> {
-        let dim = |what: &str, v: usize| {
-            i32::try_from(v)
-                .map_err(|_| Error::ShapeMismatch(format!("GEMM {what} = {v} does not fit cuBLAS's 32-bit sizes")))
-        };
-        let (m, n, k) = (dim("m", g.m)?, dim("n", g.n)?, dim("k", g.k)?);
-        let (lda, ldb, ldc) = (dim("lda", g.a.ld)?, dim("ldb", g.b.ld)?, dim("ldc", g.ldc)?);
+        let cm = g.col_major();
+        cm.check()?;
+        // `check` bounded every size by i32::MAX.
+        let int = |v: usize| v as i32;
         let op = |t: bool| if t { sys::cublasOperation_t::CUBLAS_OP_T } else { sys::cublasOperation_t::CUBLAS_OP_N };
-        let ab = data_type(g.ab);
         // SAFETY: the caller guarantees A, B and C hold the matrices `g`
         // describes for the GEMM's lifetime on this stream; alpha and beta
         // are host f32 values (host pointer mode, f32 compute), read before
@@ -83,22 +78,22 @@ impl GemmEngine {
         unsafe {
             blas::gemm_ex(
                 *self.blas.handle(),
-                op(g.b.trans),
-                op(g.a.trans),
-                n,
-                m,
-                k,
-                &g.alpha as *const f32 as *const c_void,
-                g.b.addr as *const c_void,
-                ab,
-                ldb,
-                g.a.addr as *const c_void,
-                ab,
-                lda,
-                &g.beta as *const f32 as *const c_void,
-                g.c as *mut c_void,
-                data_type(g.c_type),
-                ldc,
+                op(cm.trans_a),
+                op(cm.trans_b),
+                int(cm.m),
+                int(cm.n),
+                int(cm.k),
+                &cm.alpha as *const f32 as *const c_void,
+                cm.a.0 as *const c_void,
+                data_type(cm.ab),
+                int(cm.a.1),
+                cm.b.0 as *const c_void,
+                data_type(cm.ab),
+                int(cm.b.1),
+                &cm.beta as *const f32 as *const c_void,
+                cm.c.0 as *mut c_void,
+                data_type(cm.c_type),
+                int(cm.c.1),
                 sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
                 sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
             )
