@@ -9,7 +9,13 @@
 #
 # Steps (each with its own timeout; one failing never stops the others):
 #   env         nvidia-smi, tool versions, libcublas location
-#   kernels_gpu device-bundle/bin/kernels_gpu --ignored --nocapture --test-threads=1
+#   kernels_gpu device-bundle/bin/kernels_gpu --ignored --nocapture --test-threads=1, the
+#               default kernels (every test but the optional families below)
+#   kg_tiles, kg_defer, kg_engine, kg_mma, kg_wgmma   one process per optional family
+#               (wide tiles, deferred id errors, cuBLAS engine, mma.sync, wgmma): a family
+#               that fails is left out of verify / bench / ncu (gpu_bench --variants) and
+#               of the sanitizer runs, so a crash cannot poison the other paths' rows
+#   kg_variants gpu_variants_larger_shapes (every family at larger shapes), last
 #   goldens     device-bundle/bin/goldens --include-ignored ... (CPU golden harness;
 #               it has no ignored tests, so plain --ignored would run nothing)
 #   cuda_step   examples/cuda_step: one fused tied-LoRA step on the GPU vs the CPU reference
@@ -31,7 +37,7 @@
 # Wall-time budget (H100/H200), total capped at GPU_CHECK_BUDGET_S (default 540 s;
 # a step that would start past it is recorded as SKIP, and every step's timeout
 # is cut to the time left):
-#   env ~3 s | kernels_gpu ~20-70 s (limit 150) | goldens ~5 s (limit 45) | cuda_step ~5-15 s (limit 60)
+#   env ~3 s | kernels_gpu + kg_* ~20-80 s (limits 120 + 5 x 60 + 60) | goldens ~5 s (limit 45) | cuda_step ~5-15 s (limit 60)
 #   verify ~10-20 s (limit 60; mostly the CPU reference, ~6 s on a 2-core box)
 #   bench ~40-110 s (limit 150; results written after each shape, so a cut
 #     run keeps the shapes it finished; the estimate below predates the xent,
@@ -80,11 +86,13 @@ record() { # NAME STATUS DETAIL
 
 elapsed() { echo $(($(date +%s) - START)); }
 
-# step NAME LIMIT_S CMD... : runs CMD with a timeout, logs it, records PASS/FAIL/SKIP.
+# step NAME LIMIT_S CMD... : runs CMD with a timeout, logs it, records PASS/FAIL/SKIP;
+# STEP_RC is its exit status afterwards (99 when skipped).
 step() {
   local name=$1 limit=$2
   shift 2
   local left=$((BUDGET - $(elapsed)))
+  STEP_RC=99
   if ((left < 15)); then
     record "$name" SKIP "time budget (${BUDGET}s) spent"
     return
@@ -97,6 +105,7 @@ step() {
   t0=$(date +%s)
   timeout --kill-after=10 "$limit" "$@" >>"$slog" 2>&1
   rc=$?
+  STEP_RC=$rc
   dt=$(($(date +%s) - t0))
   head -c 2000000 "$slog" >>"$LOG"
   echo >>"$LOG"
@@ -213,20 +222,45 @@ export -f env_info
 step env 30 bash -c env_info
 
 SMALL_FILTER="gpu_small_"
-step kernels_gpu 150 "$BIN/kernels_gpu" --ignored --nocapture --test-threads=1
+# The GPU tests by family, each family in its own process: a crash (a sticky
+# CUDA error) poisons only its own process. A family whose tests fail is left
+# out of verify / bench / ncu (gpu_bench --variants) and of the sanitizer
+# runs, so it cannot take the other paths' rows and checks with it.
+KG=("$BIN/kernels_gpu" --ignored --nocapture --test-threads=1)
+step kernels_gpu 120 "${KG[@]}" --skip _mma --skip wgmma --skip gemm_engine --skip wide_tiles --skip deferred_id --skip gpu_variants
+VARIANTS="none"
+FAILED_SKIPS=()
+family() { # NAME VARIANT TEST_FILTER...: one family's tests; on PASS its variant joins VARIANTS
+  local name=$1 variant=$2
+  shift 2
+  step "$name" 60 "${KG[@]}" "$@"
+  if ((STEP_RC == 0)); then
+    VARIANTS+=",$variant"
+  else
+    for f in "$@"; do FAILED_SKIPS+=(--skip "$f"); done
+  fi
+}
+family kg_tiles tiles wide_tiles
+family kg_defer defer deferred_id
+family kg_engine cublas gemm_engine
+family kg_mma mma _mma
+family kg_wgmma wgmma wgmma
+# Every variant at larger shapes, last (it mixes the families).
+step kg_variants 60 "${KG[@]}" gpu_variants
+echo "gpu_bench --variants $VARIANTS" | tee -a "$LOG"
 step goldens 45 "$BIN/goldens" --include-ignored --nocapture --test-threads=1
 step cuda_step 60 "$BIN/cuda_step"
 step cuda_step_cublas 60 "$BIN/cuda_step" --cublas
-step verify 60 "$BIN/gpu_bench" --verify --out "$OUTDIR"
-step bench 150 "$BIN/gpu_bench" --out "$OUTDIR"
+step verify 60 "$BIN/gpu_bench" --verify --variants "$VARIANTS" --out "$OUTDIR"
+step bench 150 "$BIN/gpu_bench" --variants "$VARIANTS" --out "$OUTDIR"
 if [ -n "$SANITIZER" ]; then
   step memcheck 90 "$SANITIZER" --tool memcheck --error-exitcode 1 --print-limit 20 \
-    "$BIN/kernels_gpu" --ignored --nocapture --test-threads=1 "$SMALL_FILTER"
+    "${KG[@]}" "$SMALL_FILTER" ${FAILED_SKIPS[@]+"${FAILED_SKIPS[@]}"}
   # Not the cuBLAS engine test under racecheck: its own kernels use no shared
   # memory (nothing to race on), and racecheck-instrumented cuBLAS GEMMs
   # could eat the step's time limit (memcheck above does check it).
   step racecheck 90 "$SANITIZER" --tool racecheck --error-exitcode 1 --print-limit 20 \
-    "$BIN/kernels_gpu" --ignored --nocapture --test-threads=1 "$SMALL_FILTER" --skip gpu_small_gemm_engine_paths
+    "${KG[@]}" "$SMALL_FILTER" --skip gpu_small_gemm_engine_paths ${FAILED_SKIPS[@]+"${FAILED_SKIPS[@]}"}
 else
   record memcheck FAIL "compute-sanitizer not found"
   record racecheck FAIL "compute-sanitizer not found"
@@ -249,7 +283,7 @@ NCU="$(command -v ncu || ls /usr/local/cuda/bin/ncu 2>/dev/null || true)"
 if [ -n "$NCU" ] && [ "${GPU_CHECK_NCU:-1}" != 0 ]; then
   step ncu 100 bash -c "\"$NCU\" --kernel-id '::regex:^(tl_(head_forward|head_grad_h|head_grad_param|xent_partial|xent_grad_logits)_.*(_mma|_wgmma)|tl_(concat_rows|xent_chunk_partial|xent_chunk_grad).*)\$:1' \
       --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
-      \"$BIN/gpu_bench\" --shapes llama --warmup 0 --iters 1 --copy-mib 64 \
+      \"$BIN/gpu_bench\" --shapes llama --warmup 0 --iters 1 --copy-mib 64 --variants \"$VARIANTS\" \
       --out \"$WORK/ncu-bench\" >\"$OUTDIR/ncu.txt\" 2>&1"
   # Durations only, of the small kernels around the GEMMs (the embedding
   # ops are launch- and latency-bound; their per-kernel split says where the
@@ -257,7 +291,7 @@ if [ -n "$NCU" ] && [ "${GPU_CHECK_NCU:-1}" != 0 ]; then
   # device tool returns at most 8 files).
   step ncu_small 60 bash -c "\"$NCU\" --kernel-name regex:'tl_(prepare_ids|ids_defer|lora_down|lora_up|lora_pack|sort_ids|group_rows|embed_forward|xent_combine|xent_grad_finish)' \
       --launch-count 120 --metrics gpu__time_duration.sum --csv \"$BIN/gpu_bench\" --shapes llama --warmup 0 --iters 1 \
-      --copy-mib 64 --out \"$WORK/ncu-small\" >>\"$OUTDIR/ncu.txt\" 2>&1"
+      --copy-mib 64 --variants \"$VARIANTS\" --out \"$WORK/ncu-small\" >>\"$OUTDIR/ncu.txt\" 2>&1"
 else
   record ncu SKIP "ncu not found or GPU_CHECK_NCU=0"
   record ncu_small SKIP "ncu not found or GPU_CHECK_NCU=0"
