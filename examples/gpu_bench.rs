@@ -148,6 +148,9 @@ const QUICK: Shape = Shape {
     softcap: Some(30.0),
 };
 
+/// The gradient filter's ε in the filtered cross-entropy rows: Cut
+/// Cross-Entropy's default (`filter_eps = "high"`, bf16 eps / 32).
+const FILTER_EPS: f64 = 1.0 / 4096.0;
 /// Relative-norm tolerance for bf16 outputs (DESIGN.md §3).
 const TOL_BF16: f64 = 8e-3;
 /// cuBLAS workspace handed to the handle (allocated before any measurement).
@@ -1767,7 +1770,10 @@ fn bench_xent(gpu: &Gpu, m: &Model, st: &Settings, rep: &mut Report) -> Res<()> 
     if let Some(k) = sh.softcap {
         b = b.logit_softcap(k);
     }
-    let cfg = b.build().ctx("LoraConfig")?;
+    let cfg = b.clone().build().ctx("LoraConfig")?;
+    // The gradient filter at Cut Cross-Entropy's default threshold
+    // (filter_eps = "high": bf16 eps / 32 = 2^-12), for the filtered rows.
+    let cfg_filter = b.xent_grad_filter(FILTER_EPS).build().ctx("LoraConfig (filter)")?;
     let kappa = sh.softcap.unwrap_or(0.0) as f32;
     let mean = 1.0 / t as f32;
     let mut h = [gpu.alloc::<bf16>(t * d)?, gpu.alloc::<bf16>(t * d)?];
@@ -1792,11 +1798,12 @@ fn bench_xent(gpu: &Gpu, m: &Model, st: &Settings, rep: &mut Report) -> Res<()> 
             o.rows.as_view_mut(),
         )
     };
-    let fused_all = |cuda: &Cuda, i: usize, o: &mut XentBufs| -> tiedlora::Result<()> {
+    // Forward + backward under `c` (the config or its filtered twin).
+    let all_with = |cuda: &Cuda, c: &LoraConfig, i: usize, o: &mut XentBufs| -> tiedlora::Result<()> {
         fused_fwd(cuda, i, o)?;
         let mut grads = Grads { lora_vocab: o.du.as_view_mut(), lora_hidden: o.dvh.as_view_mut(), w: None };
         cuda.head_xent_backward::<bf16, u32>(
-            &cfg,
+            c,
             &m.weights(),
             h[i % 2].as_view(),
             ids[i % 2].buf.as_view(),
@@ -1806,6 +1813,7 @@ fn bench_xent(gpu: &Gpu, m: &Model, st: &Settings, rep: &mut Report) -> Res<()> 
             &mut grads,
         )
     };
+    let fused_all = |cuda: &Cuda, i: usize, o: &mut XentBufs| all_with(cuda, &cfg, i, o);
     // Materialized with our kernels: logits [T, V], the rows kernel, our head backward.
     let mat_fwd = |i: usize, o: &mut XentBufs, z: &mut CudaSlice<bf16>| -> Res<()> {
         tl(gpu.cuda.head_forward(&cfg, &m.weights(), h[i % 2].as_view(), z.as_view_mut()))?;
@@ -2009,6 +2017,23 @@ fn bench_xent(gpu: &Gpu, m: &Model, st: &Settings, rep: &mut Report) -> Res<()> 
     let wgmma_all = checked_all(rep, gpu.cuda_wgmma_mma.as_ref(), "wgmma");
     let cublas_all = checked_all(rep, gpu.cuda_cublas.as_ref(), "cuBLAS engine");
     let cublas_big_all = checked_all(rep, gpu.cuda_cublas_big.as_ref(), "cuBLAS engine, 128 MiB blocks");
+    // The gradient filter (approximate by design, error bounds on
+    // `LoraConfigBuilder::xent_grad_filter`): its distance from the exact
+    // materialized gradients goes into the row's note, not into a check.
+    let filtered_all = |rep: &mut Report, c: Option<&Cuda>, label: &str| {
+        let c = c?;
+        let res = (|| -> Res<(Timing, Option<u64>, String)> {
+            let mut o = XentBufs::new(gpu, t, v, d, r)?;
+            tl(all_with(c, &cfg_filter, 0, &mut o))?;
+            let (rdh, rdu) = (gpu.rel_norm(&o.dh, &mat.dh)?, gpu.rel_norm(&o.du, &mat.du)?);
+            let mem = gpu.mem.measure(&gpu.stream, || tl(all_with(c, &cfg_filter, 0, &mut o)))?;
+            let tm = gpu.time(st.warmup, st.iters, |i| tl(all_with(c, &cfg_filter, i, &mut o)))?;
+            Ok((tm, mem, format!("vs exact: dh {rdh:.1e}, dU {rdu:.1e}")))
+        })();
+        res.map_err(|e| rep.error(sh, "xent_fwd_bwd", &format!("ours ({label}, grad filter)"), e)).ok()
+    };
+    let filter_all = filtered_all(rep, Some(&gpu.cuda), "fused");
+    let filter_cublas_all = filtered_all(rep, gpu.cuda_cublas.as_ref(), "cuBLAS engine");
     push_timed(
         rep,
         sh,
@@ -2064,6 +2089,16 @@ fn bench_xent(gpu: &Gpu, m: &Model, st: &Settings, rep: &mut Report) -> Res<()> 
         None,
         "with_cublas(true)?.with_xent_chunk_bytes(128 MiB): the engine with 4x larger logit chunks / backward blocks",
     );
+    for (label, row) in [
+        ("ours (fused, no logits, grad filter 2^-12)", filter_all),
+        ("ours (cuBLAS engine, grad filter 2^-12)", filter_cublas_all),
+    ] {
+        let Some((tm, mem, err)) = row else { continue };
+        let note = format!(
+            "xent_grad_filter(2^-12), CCE's filter_eps=\"high\": approximate ({err}); compare with CCE (filtered) in results_py.md"
+        );
+        push_timed(rep, sh, "xent_fwd_bwd", label, Some((tm, mem)), flop_all, peft_t, None, &note);
+    }
     push_timed(
         rep,
         sh,

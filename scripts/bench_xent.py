@@ -10,7 +10,10 @@ with the pure-Python wheels of Apple's Cut Cross-Entropy (`cut-cross-entropy`
     PYTHONPATH=device-bundle/py python3 scripts/bench_xent.py --out OUTDIR [--shapes gemma,llama] [--iters 20]
 
 Per shape (bf16 W and h, LoRA r = 16, alpha = 32, mean over T valid targets;
-Gemma-2's final-logit softcap 30), each path is timed with CUDA events
+Gemma-2's final-logit softcap 30; inputs drawn as gpu_bench draws them,
+uniform in ±0.05 for W and U, ±0.1 for Vh, ±1 for h, uniform targets, so that
+the softmax, and with it what a gradient filter skips, matches), each path is
+timed with CUDA events
 (median of --iters after --warmup calls) for
   * fwd: the loss only (under torch.no_grad), and
   * fwd+bwd: the loss and its backward (retain nothing between calls),
@@ -27,7 +30,10 @@ Paths:
               float32, softcap, F.cross_entropy.
   cce         cut_cross_entropy.linear_cross_entropy(h, W_merged, ...) with the
               LoRA delta merged into W and W frozen (its best case: it has no
-              LoRA gradient), filter_eps="high" (its default);
+              LoRA gradient), filter_eps="high" (its default: gradient entries
+              below 2^-12 skipped; compare with gpu_bench's "grad filter 2^-12"
+              rows);
+  cce_exact   the same with filter_eps=None (exact; compare with our default);
   cce_train_w the same with W trainable (the memory a full tied fine-tune needs);
   liger       LigerFusedLinearCrossEntropyLoss(softcap)(W_merged, h, targets),
               W frozen; liger_train_w with W trainable.
@@ -99,10 +105,14 @@ def make_paths(torch, F, sh, dev, log):
     T, V, d, kappa = sh["tokens"], sh["vocab"], sh["hidden"], sh["softcap"]
     s = ALPHA / RANK
     g = torch.Generator(device=dev).manual_seed(0)
-    w = (torch.randn(V, d, device=dev, generator=g) * 0.05).to(torch.bfloat16)
-    u = torch.randn(V, RANK, device=dev, generator=g) * 0.05
-    vh = torch.randn(RANK, d, device=dev, generator=g) * 0.1
-    h0 = torch.randn(T, d, device=dev, generator=g).to(torch.bfloat16)
+
+    def uniform(shape, scale):  # gpu_bench's fills: uniform in [-scale, scale)
+        return (torch.rand(shape, device=dev, generator=g) * 2 - 1) * scale
+
+    w = uniform((V, d), 0.05).to(torch.bfloat16)
+    u = uniform((V, RANK), 0.05)
+    vh = uniform((RANK, d), 0.1)
+    h0 = uniform((T, d), 1.0).to(torch.bfloat16)
     y = torch.randint(0, V, (T,), device=dev, generator=g)
     w_merged = (w.float() + s * (u @ vh)).to(torch.bfloat16)
     paths = {}
@@ -165,8 +175,8 @@ def make_paths(torch, F, sh, dev, log):
 
         w_cce = w_merged.clone().requires_grad_(True)
 
-        def cce(h, c):
-            return linear_cross_entropy(h, c, y, softcap=kappa, reduction="mean", filter_eps="high")
+        def cce(h, c, eps="high"):
+            return linear_cross_entropy(h, c, y, softcap=kappa, reduction="mean", filter_eps=eps)
 
         def cce_train(h):
             w_cce.grad = None
@@ -174,8 +184,9 @@ def make_paths(torch, F, sh, dev, log):
 
         paths["cce"] = (lambda: cce(h0, w_merged), with_h(lambda h: cce(h, w_merged).backward()))
         paths["cce_train_w"] = (lambda: cce(h0, w_cce), with_h(cce_train))
+        paths["cce_exact"] = (lambda: cce(h0, w_merged, None), with_h(lambda h: cce(h, w_merged, None).backward()))
     except Exception as e:
-        paths["cce"] = paths["cce_train_w"] = e
+        paths["cce"] = paths["cce_train_w"] = paths["cce_exact"] = e
 
     # ---- liger
     try:
