@@ -12,8 +12,11 @@
 //!   `$OUT_DIR/kernels_embedded.rs` (`src/kernels/mod.rs` includes it). Each
 //!   kernel's registers and shared memory are printed as `cargo:warning`
 //!   lines, and the build FAILS if any function reports spill stores/loads,
-//!   a stack frame or local memory (`TIEDLORA_ALLOW_SPILLS=1` turns that into
-//!   warnings, for experiments only).
+//!   a stack frame or local memory, or if ptxas reports a warpgroup-MMA
+//!   advisory (`(C75xx)`: wgmma serialized, or `warpgroup.arrive` injected),
+//!   which silently turns a Hopper kernel's asynchronous MMAs synchronous
+//!   (`TIEDLORA_ALLOW_SPILLS=1` turns all of that into warnings, for
+//!   experiments only).
 //!   nvcc is found through `$NVCC`, then `$CUDA_HOME/bin/nvcc`,
 //!   `$CUDA_PATH/bin/nvcc`, `PATH`, and last the repo-local install made by
 //!   `bash scripts/install-nvcc.sh` (`.nvcc/site/nvidia/cu13/bin/nvcc`).
@@ -227,6 +230,21 @@ struct Compiled {
     target: Target,
     out: PathBuf,
     fns: Vec<FnInfo>,
+    /// ptxas's warpgroup-MMA advisories ("(C75xx)": wgmma serialized, or
+    /// warpgroup.arrive injected around register use): a Hopper kernel that
+    /// lost its asynchronous MMAs, which the build treats like a spill.
+    gmma: Vec<String>,
+}
+
+/// ptxas's warpgroup-MMA performance advisories in a log, e.g.
+/// "ptxas info : (C7515) Potential Performance Loss: wgmma.mma_async
+/// instructions are serialized ..." or "(C7519) warpgroup.arrive is injected
+/// ... to allow use of registers in GMMA in function 'k'".
+fn gmma_advisories(log: &str) -> Vec<String> {
+    log.lines()
+        .filter(|l| l.contains("(C75") || l.contains("Potential Performance Loss"))
+        .map(|l| l.trim_start_matches("ptxas info").trim_start_matches([' ', ':']).to_string())
+        .collect()
 }
 
 fn build_cuda(root: &Path, kernels: &Path, sources: &[PathBuf]) {
@@ -282,7 +300,7 @@ fn build_cuda(root: &Path, kernels: &Path, sources: &[PathBuf]) {
                                     println!("cargo:warning=nvcc {stem}.cu [{arch}]: {line}");
                                 }
                             }
-                            Ok(Compiled { stem, target, out, fns: parse_ptxas(&log) })
+                            Ok(Compiled { stem, target, out, fns: parse_ptxas(&log), gmma: gmma_advisories(&log) })
                         } else {
                             Err(format!("nvcc failed on {} for {arch} ({}):\n{log}", src.display(), o.status))
                         }
@@ -312,6 +330,9 @@ fn build_cuda(root: &Path, kernels: &Path, sources: &[PathBuf]) {
         let Target::Cubin(sm) = c.target else {
             continue;
         };
+        for a in &c.gmma {
+            violations.push(format!("{}.cu [{sm}] {a}", c.stem));
+        }
         for f in &c.fns {
             if f.entry {
                 println!(
@@ -336,11 +357,12 @@ fn build_cuda(root: &Path, kernels: &Path, sources: &[PathBuf]) {
     if !violations.is_empty() {
         if allow_spills {
             for v in &violations {
-                println!("cargo:warning=local memory (allowed by TIEDLORA_ALLOW_SPILLS=1): {v}");
+                println!("cargo:warning=allowed by TIEDLORA_ALLOW_SPILLS=1: {v}");
             }
         } else {
             fail(&format!(
-                "kernels use local memory (register spills or a stack frame); fix them, or set \
+                "kernels use local memory (register spills or a stack frame) or lost their \
+                 asynchronous warpgroup MMAs (ptxas C75xx); fix them, or set \
                  TIEDLORA_ALLOW_SPILLS=1 to build anyway:\n  {}",
                 violations.join("\n  ")
             ));
