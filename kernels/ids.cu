@@ -3,8 +3,10 @@
 // id must not read or write out of bounds).
 //
 //   out[t] = id  if 0 <= id < vocab;  -1 if ignored (targets);  -2 if invalid.
-//   status[0] += invalid count, status[1] = min invalid index (host inits INT_MAX),
-//   status[2] += valid count. Integer atomics only: the results are exact.
+//   status[0] += invalid count, status[1] = INT_MAX - (min invalid index),
+//   status[2] += valid count; status starts zeroed (a memset, no upload: the
+//   min index is kept as a max of INT_MAX - t, t < n <= INT_MAX, so every bad
+//   entry beats the initial 0). Integer atomics only: the results are exact.
 // Launch: grid ceil(n / 256), block 256.
 //
 // defer: one thread, after prepare_ids on the same stream (the backend's
@@ -33,7 +35,7 @@ TL_DEVICE void prepare_ids(const PrepareIdsParams& p) {
   } else {
     out = -2;
     atomicAdd(&p.status[0], 1);
-    atomicMin(&p.status[1], t);
+    atomicMax(&p.status[1], INT_MAX - t);
   }
   p.out[t] = out;
 }
@@ -51,7 +53,7 @@ TL_KERNEL_BOUNDED(tl_ids_defer, DeferIdsParams, 32) {
     p.record[0] += bad;
     return;
   }
-  const int index = p.status[1];
+  const int index = INT_MAX - p.status[1];
   const long long value = p.id_bytes == 8 ? static_cast<const long long*>(p.ids)[index]
                                           : static_cast<long long>(static_cast<const unsigned*>(p.ids)[index]);
   p.record[0] = bad;

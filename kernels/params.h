@@ -7,7 +7,7 @@
 // ids.cu: validate and narrow token ids / targets to int32.
 //   out[t] = id            if 0 <= id < vocab
 //          = -1            if allow_ignore and id == ignore_index (u32: also its 32-bit pattern)
-//          = -2            otherwise (invalid; status[0] counts them, status[1] = min bad index)
+//          = -2            otherwise (invalid; status[0] counts them, status[1] = INT_MAX - min bad index)
 //   status[2] counts the ids that are neither ignored nor invalid.
 struct PrepareIdsParams {
   const void* ids;  // [n] u32 or i64 (by kernel)

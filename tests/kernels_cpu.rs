@@ -269,8 +269,11 @@ fn u32_and_i64_ids_give_identical_results() {
     )
     .unwrap();
     assert_eq!((du32, dvh32), (du64, dvh64));
+    // Two bad ids: the error quotes the first.
     let mut bad = ids32.clone();
     bad[7] = v as u32;
+    *bad.last_mut().unwrap() = u32::MAX;
+    assert!(bad.len() > 8);
     let err = Backend::embed_forward(&k, &cfg, &wt, &bad, &mut e32).unwrap_err();
     assert_eq!(err, tiedlora::Error::TokenOutOfRange { arg: "ids", index: 7, value: v as i64, vocab: v });
 }

@@ -189,7 +189,8 @@ fn tg_name(t: DType, g: DType, names: [&'static str; 5]) -> Result<&'static str>
 }
 
 /// Launches the id validation: returns the int32 ids (`-1` ignored, `-2`
-/// invalid) and the status buffer `[bad count, first bad index, valid count, 0]`.
+/// invalid) and the status buffer `[bad count, i32::MAX - first bad index,
+/// valid count, 0]` (zeroed scratch: no upload before the kernel).
 fn launch_prepare_ids<E: Executor>(
     e: &E,
     ids: u64,
@@ -199,8 +200,7 @@ fn launch_prepare_ids<E: Executor>(
     ignore: Option<i64>,
 ) -> Result<(E::Scratch, E::Scratch)> {
     let out = e.scratch_uninit(n * 4)?;
-    let mut status = e.scratch(16)?;
-    e.upload(&mut status, bytemuck::cast_slice(&[0i32, i32::MAX, 0, 0]))?;
+    let status = e.scratch(16)?;
     let params = PrepareIdsParams {
         ids,
         out: e.addr(&out),
@@ -238,7 +238,7 @@ pub fn prepare_ids<E: Executor>(
     let mut st = [0i32; 4];
     e.download(&status, bytemuck::cast_slice_mut(&mut st))?;
     if st[0] > 0 {
-        let index = st[1] as usize;
+        let index = (i32::MAX - st[1]) as usize;
         let value = match kind {
             IdKind::U32 => {
                 let mut b = [0u8; 4];
