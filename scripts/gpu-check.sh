@@ -39,14 +39,14 @@
 # is cut to the time left):
 #   env ~3 s | kernels_gpu + kg_* ~20-80 s (limits 120 + 5 x 60 + 60) | goldens ~5 s (limit 45) | cuda_step ~5-15 s (limit 60)
 #   verify ~10-20 s (limit 60; mostly the CPU reference, ~6 s on a 2-core box)
-#   bench ~40-110 s (limit 150; results written after each shape, so a cut
-#     run keeps the shapes it finished; the estimate below predates the xent,
-#     mma.sync and deferred-id rows, which roughly double it): context + module load + cuBLAS init ~2 s; copy test
-#     2x4 GiB x 26 copies ~0.1 s; per shape ~27 calls of each path (probe, memory,
-#     5 warm-up, 20 timed): Gemma fwd ours ~25-50 ms/call, unfused ~20 ms, cuBLAS
-#     ~13 ms; bwd ours ~40-80 ms, unfused ~25 ms -> ~6 s; Llama about half; fills,
-#     checks and embedding rows < 1 s per shape. If the fused kernels are 5x slower
-#     than estimated the bench still ends within ~60 s.
+#   bench ~60-150 s (limit 200; results written after each shape, so a cut
+#     run keeps the shapes it finished): context + module load + cuBLAS init ~2 s;
+#     copy test 2x4 GiB x 26 copies ~0.1 s; per shape ~27 calls of each path
+#     (probe, memory, 5 warm-up, 20 timed). Estimate from the second run's
+#     times (seventh session, every family on): Gemma head_forward 10 rows
+#     ~8 s, head_backward 9 rows ~17 s (the fused ones at ~116 ms a call),
+#     xent_forward 6 rows ~6 s, xent_fwd_bwd 9 rows ~30 s (fused ~225 ms a call),
+#     embedding rows < 1 s: ~60 s; Llama about half: ~95 s in all.
 #   bench_py ~40-120 s (limit 180; first calls include Triton autotuning)
 #   memcheck ~20-60 s (limit 90) | racecheck ~30-90 s (limit 90)
 #   ncu ~40-100 s (limit 100; ~12 kernels x 4 sections) | ncu_small ~15-40 s (limit 60: one Llama bench pass,
@@ -252,7 +252,7 @@ step goldens 45 "$BIN/goldens" --include-ignored --nocapture --test-threads=1
 step cuda_step 60 "$BIN/cuda_step"
 step cuda_step_cublas 60 "$BIN/cuda_step" --cublas
 step verify 60 "$BIN/gpu_bench" --verify --variants "$VARIANTS" --out "$OUTDIR"
-step bench 150 "$BIN/gpu_bench" --variants "$VARIANTS" --out "$OUTDIR"
+step bench 200 "$BIN/gpu_bench" --variants "$VARIANTS" --out "$OUTDIR"
 if [ -n "$SANITIZER" ]; then
   step memcheck 90 "$SANITIZER" --tool memcheck --error-exitcode 1 --print-limit 20 \
     "${KG[@]}" "$SMALL_FILTER" ${FAILED_SKIPS[@]+"${FAILED_SKIPS[@]}"}
