@@ -56,7 +56,13 @@ pub struct Cuda {
 
 impl std::fmt::Debug for Cuda {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Cuda").field("device", &self.stream.context().ordinal()).finish()
+        // What a trainer logs to say which kernels ran.
+        f.debug_struct("Cuda")
+            .field("device", &self.stream.context().ordinal())
+            .field("kernels", &self.name())
+            .field("options", &self.options)
+            .field("deferred_id_errors", &self.deferred_ids.is_some())
+            .finish()
     }
 }
 
