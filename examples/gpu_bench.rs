@@ -1949,7 +1949,7 @@ fn bench_xent(gpu: &Gpu, m: &Model, st: &Settings, rep: &mut Report) -> Res<()> 
         flop_fwd,
         mat_fwd_t,
         base_tf,
-        "Cuda::with_cublas(true)?: per 32 MiB f32 chunk [T, C]: cuBLAS h·W_cᵀ, += p·U_cᵀ, then its logsumexp partials",
+        "Cuda::with_cublas(true)?: per 32 MiB f32 chunk [T, C]: cuBLAS p·U_cᵀ, += h·W_cᵀ, then its logsumexp partials",
     );
     push_timed(
         rep,

@@ -184,7 +184,8 @@ impl Cuda {
     ///   once straight into the logits, as the fused kernel does.
     /// - `head_xent_forward`: per vocabulary chunk of f32 logits `[T, C]` (at
     ///   most 32 MiB, [`Cuda::with_xent_chunk_bytes`], so it stays in L2),
-    ///   cuBLAS writes `h·W_cᵀ` and adds `p·U_cᵀ`; one kernel folds the chunk
+    ///   cuBLAS writes `p·U_cᵀ` and the `h·W_cᵀ` GEMM adds onto it (beta 1,
+    ///   in its epilogue); one kernel folds the chunk
     ///   into per-row running logsumexp pairs, in a fixed order.
     /// - `head_xent_backward`: per block of tokens × vocabulary columns (f32
     ///   logits + G in the chunk bytes), the logits as above, G from them,

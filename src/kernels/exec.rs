@@ -52,7 +52,7 @@ pub struct KernelOptions {
     /// GEMM per vocabulary chunk over concatenated `[h | p]`, `[W_c | U_c]`,
     /// straight into the logits. The fused cross-entropy goes per chunk of
     /// f32 logits [T, C] (at most `xent_chunk_bytes`, so the chunk stays in
-    /// L2): the engine writes `h·W_cᵀ` and adds `p·U_cᵀ`, then one small
+    /// L2): the engine writes `p·U_cᵀ` and adds `h·W_cᵀ` onto it, then one small
     /// kernel folds the chunk into logsumexp pairs or turns it into G (the
     /// backward per block of tokens × columns, with the engine's `dh += G·W`,
     /// `gu += G·U`, `dU += Gᵀ·p`, `dW += Gᵀ·h` on it); `head_backward` (G in

@@ -694,12 +694,16 @@ fn engine_logits<E: Executor>(
         beta,
     };
     let rows_of = |addr, ld, trans| Operand { addr, ld, trans };
+    // The thin K = r product first (it only writes z), then the K = d GEMM
+    // adds onto it in its epilogue (beta = 1): reading z there hides under a
+    // compute-bound GEMM, where the other order made the thin GEMM a
+    // memory-bound read-modify-write of the whole chunk.
     // SAFETY: h [rows, d], p [rows, r], W_c [cols, d], U_c [cols, r] in t are
     // checked by the caller or allocated by the op; z [rows, cols] f32 is the
     // op's scratch.
-    unsafe { e.gemm(&gemm(d, rows_of(h, d, false), rows_of(w_rows, d, true), 0.0))? };
+    unsafe { e.gemm(&gemm(r, rows_of(p, r, false), rows_of(u_rows, r, true), 0.0))? };
     // SAFETY: as above.
-    unsafe { e.gemm(&gemm(r, rows_of(p, r, false), rows_of(u_rows, r, true), 1.0)) }
+    unsafe { e.gemm(&gemm(d, rows_of(h, d, false), rows_of(w_rows, d, true), 1.0)) }
 }
 
 /// Operands of the backward's plain GEMMs over one slice of G [T, rows]
