@@ -706,8 +706,9 @@ impl Gpu {
         let wgmma = || more(variants.wgmma).map(|c| c.and_then(|c| c.with_wgmma(true).ok()));
         let cuda_wgmma = wgmma()?;
         let cuda_wide_wgmma = wgmma()?.map(|c| c.with_wide_tiles(true));
-        let cuda_wgmma_mma = wgmma()?.map(|c| c.with_mma(true));
-        let cuda_wgmma_whole = wgmma()?.map(|c| c.with_mma(true).with_wgmma_whole_atoms(true));
+        // mma.sync for the GEMMs wgmma does not cover, unless that family is out.
+        let cuda_wgmma_mma = wgmma()?.map(|c| c.with_mma(variants.mma));
+        let cuda_wgmma_whole = wgmma()?.map(|c| c.with_mma(variants.mma).with_wgmma_whole_atoms(true));
         let cublas = || more(variants.cublas).map(|c| c.and_then(|c| c.with_cublas(true).ok()));
         let cuda_cublas = cublas()?;
         let cuda_cublas_big = cublas()?.map(|c| c.with_xent_chunk_bytes(128 << 20));
