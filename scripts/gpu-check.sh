@@ -12,10 +12,10 @@
 #   kernels_gpu device-bundle/bin/kernels_gpu --ignored --nocapture --test-threads=1, the
 #               default kernels (every test but the optional families below)
 #   kg_tiles, kg_defer, kg_engine, kg_mma, kg_wgmma   one process per optional family
-#               (wide tiles, deferred id errors, cuBLAS engine, mma.sync, wgmma): a family
+#               (wide tiles, deferred id errors, cuBLAS engine, mma.sync, wgmma; its small
+#               tests and its gpu_larger_shapes_* test): a family
 #               that fails is left out of verify / bench / ncu (gpu_bench --variants) and
 #               of the sanitizer runs, so a crash cannot poison the other paths' rows
-#   kg_variants gpu_variants_larger_shapes (every family at larger shapes), last
 #   goldens     device-bundle/bin/goldens --include-ignored ... (CPU golden harness;
 #               it has no ignored tests, so plain --ignored would run nothing)
 #   cuda_step   examples/cuda_step: one fused tied-LoRA step on the GPU vs the CPU reference
@@ -37,7 +37,7 @@
 # Wall-time budget (H100/H200), total capped at GPU_CHECK_BUDGET_S (default 540 s;
 # a step that would start past it is recorded as SKIP, and every step's timeout
 # is cut to the time left):
-#   env ~3 s | kernels_gpu + kg_* ~20-80 s (limits 120 + 5 x 60 + 60) | goldens ~5 s (limit 45) | cuda_step ~5-15 s (limit 60)
+#   env ~3 s | kernels_gpu + kg_* ~20-80 s (limits 120 + 5 x 60) | goldens ~5 s (limit 45) | cuda_step ~5-15 s (limit 60)
 #   verify ~10-20 s (limit 60; mostly the CPU reference, ~6 s on a 2-core box)
 #   bench ~60-150 s (limit 200; results written after each shape, so a cut
 #     run keeps the shapes it finished): context + module load + cuBLAS init ~2 s;
@@ -227,7 +227,7 @@ SMALL_FILTER="gpu_small_"
 # out of verify / bench / ncu (gpu_bench --variants) and of the sanitizer
 # runs, so it cannot take the other paths' rows and checks with it.
 KG=("$BIN/kernels_gpu" --ignored --nocapture --test-threads=1)
-step kernels_gpu 120 "${KG[@]}" --skip _mma --skip wgmma --skip gemm_engine --skip wide_tiles --skip deferred_id --skip gpu_variants
+step kernels_gpu 120 "${KG[@]}" --skip _mma --skip wgmma --skip gemm_engine --skip wide_tiles --skip deferred_id
 VARIANTS="none"
 FAILED_SKIPS=()
 family() { # NAME VARIANT TEST_FILTER...: one family's tests; on PASS its variant joins VARIANTS
@@ -245,8 +245,6 @@ family kg_defer defer deferred_id
 family kg_engine cublas gemm_engine
 family kg_mma mma _mma
 family kg_wgmma wgmma wgmma
-# Every variant at larger shapes, last (it mixes the families).
-step kg_variants 60 "${KG[@]}" gpu_variants
 echo "gpu_bench --variants $VARIANTS" | tee -a "$LOG"
 step goldens 45 "$BIN/goldens" --include-ignored --nocapture --test-threads=1
 step cuda_step 60 "$BIN/cuda_step"

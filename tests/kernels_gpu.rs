@@ -140,32 +140,50 @@ fn gpu_small_gemm_engine_paths() {
     common::parity::assert_gemm_engine_paths(&g, &chunked);
 }
 
-/// The wide-tile and mma.sync variants at a larger shape (kept out of the
-/// `gpu_small_*` set that scripts/gpu-check.sh runs under compute-sanitizer).
+/// One optional family at larger shapes (kept out of the `gpu_small_*` set
+/// that scripts/gpu-check.sh runs under compute-sanitizer): the head ops in
+/// bf16 and f16 on each backend, then the fused cross-entropy on `xent`.
+/// One test per family, named so gpu-check.sh's family filters (`wide_tiles`,
+/// `_mma`, `wgmma`, `gemm_engine`) run each in its family's own process.
+fn larger_shapes(heads: &[Cuda], xent: Option<&Cuda>) {
+    use common::parity::{xent_backward_case, xent_forward_case, XentCase};
+    for g in heads {
+        assert_all(head_case::<bf16, _>(g, 3001, 264, 16, 300, false));
+        assert_all(head_case::<f16, _>(g, 1000, 200, 33, 257, true));
+    }
+    if let Some(g) = xent {
+        assert_all(xent_forward_case::<bf16, _>(g, 5000, 264, 16, 700, Some(30.0), 1.0));
+        let base = XentCase { v: 5000, d: 264, t: 700, with_w: false, ..XentCase::SOFTCAP_SUM };
+        assert_all(xent_backward_case::<bf16, _>(g, base));
+    }
+}
+
 #[test]
 #[ignore = "needs a CUDA device"]
-fn gpu_variants_larger_shapes() {
-    use common::parity::{xent_backward_case, xent_forward_case, XentCase};
-    let wgmma = |wide: bool| gpu().with_wgmma(true).expect("wgmma needs an sm_90 GPU").with_wide_tiles(wide);
-    for g in [
-        gpu().with_wide_tiles(true),
-        gpu().with_mma(true),
-        gpu().with_mma(true).with_wide_tiles(true),
-        wgmma(false),
-        wgmma(true),
-        gpu().with_cublas(true).expect("cuBLAS must load on the GPU machine"),
-    ] {
-        assert_all(head_case::<bf16, _>(&g, 3001, 264, 16, 300, false));
-        assert_all(head_case::<f16, _>(&g, 1000, 200, 33, 257, true));
-    }
+fn gpu_larger_shapes_wide_tiles() {
+    larger_shapes(&[gpu().with_wide_tiles(true)], None);
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_larger_shapes_mma() {
     let g = gpu().with_mma(true);
-    assert_all(xent_forward_case::<bf16, _>(&g, 5000, 264, 16, 700, Some(30.0), 1.0));
-    assert_all(xent_forward_case::<bf16, _>(&wgmma(false), 5000, 264, 16, 700, Some(30.0), 1.0));
-    let base = XentCase { v: 5000, d: 264, t: 700, with_w: false, ..XentCase::SOFTCAP_SUM };
-    assert_all(xent_backward_case::<bf16, _>(&g, base));
-    let engine = gpu().with_cublas(true).expect("cuBLAS");
-    assert_all(xent_forward_case::<bf16, _>(&engine, 5000, 264, 16, 700, Some(30.0), 1.0));
-    assert_all(xent_backward_case::<bf16, _>(&engine, base));
+    larger_shapes(&[gpu().with_mma(true), gpu().with_mma(true).with_wide_tiles(true)], Some(&g));
+}
+
+/// Needs compute capability 9.0 (`with_wgmma` is an `Err` elsewhere).
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_larger_shapes_wgmma() {
+    let wgmma = |wide: bool| gpu().with_wgmma(true).expect("wgmma needs an sm_90 GPU").with_wide_tiles(wide);
+    larger_shapes(&[wgmma(false), wgmma(true)], Some(&wgmma(false)));
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_larger_shapes_gemm_engine() {
+    let g = gpu().with_cublas(true).expect("cuBLAS must load on the GPU machine");
+    larger_shapes(std::slice::from_ref(&g), Some(&g));
 }
 
 #[test]
