@@ -70,7 +70,7 @@ fn run() -> Result<bool, Box<dyn std::error::Error>> {
     let h: Vec<bf16> = e.iter().map(|x| bf16::from_f32(x.to_f32().tanh())).collect();
     let h_d = s.clone_htod(&h)?;
     let (mut loss_d, mut lse_d) = (s.alloc_zeros::<f32>(1)?, s.alloc_zeros::<f32>(T)?);
-    let scratch0 = gpu.scratch_bytes_allocated();
+    gpu.reset_scratch_peak();
     gpu.head_xent_forward(&cfg, &weights, h_d.as_view(), tg_d.as_view(), loss_d.as_view_mut(), lse_d.as_view_mut())?;
 
     // Backward: the head path, then the embedding path, into the same buffers.
@@ -89,7 +89,7 @@ fn run() -> Result<bool, Box<dyn std::error::Error>> {
             &mut grads,
         )?;
     }
-    let scratch = gpu.scratch_bytes_allocated() - scratch0;
+    let scratch = gpu.scratch_peak_bytes();
     let dh = s.clone_dtoh(&dh_d)?;
     let de: Vec<bf16> =
         dh.iter().zip(&h).map(|(g, y)| bf16::from_f32(g.to_f32() * (1.0 - y.to_f32().powi(2)))).collect();

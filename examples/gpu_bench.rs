@@ -1868,9 +1868,9 @@ fn bench_xent(gpu: &Gpu, m: &Model, st: &Settings, rep: &mut Report) -> Res<()> 
 
     // Forward (loss only): ours, then the baselines before any optional
     // backend (a crash there would poison the process).
-    let s0 = gpu.cuda.scratch_bytes_allocated();
+    gpu.cuda.reset_scratch_peak();
     let mem = gpu.mem.measure(&gpu.stream, || tl(fused_fwd(&gpu.cuda, 0, &mut ours)))?;
-    let fwd_scratch = gpu.cuda.scratch_bytes_allocated() - s0;
+    let fwd_scratch = gpu.cuda.scratch_peak_bytes();
     let ours_fwd = Some((gpu.time(st.warmup, st.iters, |i| tl(fused_fwd(&gpu.cuda, i, &mut ours)))?, mem));
     let mut z = gpu.alloc::<bf16>(t * v)?;
     let mem = gpu.mem.measure(&gpu.stream, || {
@@ -1978,9 +1978,9 @@ fn bench_xent(gpu: &Gpu, m: &Model, st: &Settings, rep: &mut Report) -> Res<()> 
     // Forward + backward (LoRA mode): ours, the baselines (on their own
     // buffers: `mat` keeps the one-call gradients the checks compare with),
     // then the optional backends.
-    let s0 = gpu.cuda.scratch_bytes_allocated();
+    gpu.cuda.reset_scratch_peak();
     let mem = gpu.mem.measure(&gpu.stream, || tl(fused_all(&gpu.cuda, 0, &mut ours)))?;
-    let all_scratch = gpu.cuda.scratch_bytes_allocated() - s0;
+    let all_scratch = gpu.cuda.scratch_peak_bytes();
     let ours_all = Some((gpu.time(st.warmup, st.iters, |i| tl(fused_all(&gpu.cuda, i, &mut ours)))?, mem));
     let mut mat_timed = XentBufs::new(gpu, t, v, d, r)?;
     let mem = gpu.mem.measure(&gpu.stream, || {

@@ -363,9 +363,9 @@ fn xent_forward_random_shapes_edges_and_extreme_logits() {
     assert_all(common::parity::xent_forward_case::<f32, _>(&k, 260, 16, 4, 3, Some(30.0), 2000.0));
 }
 
-/// Fused cross-entropy backward: shapes off the 128 tile; 128-column
-/// vocabulary chunks (the smallest, so several chunks and a partial last one)
-/// and the default single chunk; both GEMM main loops; rank 1, 3, 16 and 64;
+/// Fused cross-entropy backward: shapes off the 128 tile; blocks of 128
+/// tokens × 128 vocabulary columns (the smallest, so several token blocks and
+/// chunks, each with a partial last one) and the default single block; both GEMM main loops; rank 1, 3, 16 and 64;
 /// softcap, sum and mean, dW on and off.
 #[test]
 fn xent_backward_random_shapes_and_edges() {
@@ -406,47 +406,113 @@ fn xent_backward_f16_keeps_tiny_gradients() {
     }
 }
 
-/// The extra memory of the fused cross-entropy is exactly what the published
-/// formulas say (every scratch allocation counted), and those formulas have
-/// no T·V or V·d term: at the Gemma-2-2B shape they stay far below the logits.
-#[test]
-fn xent_extra_memory_matches_its_formula_and_has_no_tv_term() {
-    use tiedlora::kernels::host::thread_scratch_bytes;
-    use tiedlora::kernels::{head_xent_backward_scratch_bytes, head_xent_forward_scratch_bytes};
-    let mut rng = fresh_rng("xent memory");
-    let (v, d, r, t) = (1000, 40, 8, 300);
-    let cfg = LoraConfig::builder(v, d, r).alpha(16.0).build().unwrap();
-    let w: Vec<f32> = normal(&mut rng, v * d, 0.5);
+/// Peak scratch of one fused cross-entropy forward and one backward on the
+/// shim (the most bytes live at once, as `Cuda::scratch_peak_bytes` on a GPU).
+fn xent_peaks<T: tiedlora::Element>(k: &CpuKernels, cfg: &LoraConfig, t: usize, seed: &str) -> (usize, usize) {
+    use tiedlora::kernels::host::{reset_thread_scratch_peak, thread_scratch_peak};
+    let mut rng = fresh_rng(seed);
+    let (v, d, r) = (cfg.vocab(), cfg.hidden(), cfg.rank());
+    let w: Vec<T> = normal(&mut rng, v * d, 0.5);
     let u: Vec<f32> = normal(&mut rng, v * r, 0.1);
     let vh: Vec<f32> = normal(&mut rng, r * d, 0.5);
-    let h: Vec<f32> = normal(&mut rng, t * d, 1.0);
+    let h: Vec<T> = normal(&mut rng, t * d, 1.0);
     let targets = common::rand_inputs::ids(&mut rng, t, v);
     let wt = HostWeights { w: &w, u: &u, vh: &vh };
-    let k = CpuKernels { pipelined: false, xent_chunk_bytes: 1, ..CpuKernels::default() };
-    let s0 = thread_scratch_bytes();
-    let (_, lse) = Harness::xent_forward(&k, &cfg, wt, &h, &targets).unwrap();
-    let s1 = thread_scratch_bytes();
-    let mut g = HostGrads::zeros(&cfg, false);
-    Harness::xent_backward(&k, &cfg, wt, &h, &targets, &lse, 1.0, &mut g).unwrap();
-    let s2 = thread_scratch_bytes();
-    // The shim reports 2 multiprocessors.
-    assert_eq!(s1 - s0, head_xent_forward_scratch_bytes(&cfg, DType::F32, t, 2));
-    assert_eq!(s2 - s1, head_xent_backward_scratch_bytes(&cfg, DType::F32, t, 2, 1));
-    assert!(s2 - s1 < t * v * 4, "128-column chunks: the backward holds less than the logits");
+    reset_thread_scratch_peak();
+    let (_, lse) = Harness::xent_forward(k, cfg, wt, &h, &targets).unwrap();
+    let fwd = reset_thread_scratch_peak();
+    let mut g = HostGrads::zeros(cfg, false);
+    Harness::xent_backward(k, cfg, wt, &h, &targets, &lse, 1.0, &mut g).unwrap();
+    (fwd, thread_scratch_peak())
+}
+
+/// The extra memory of the fused cross-entropy is exactly what the published
+/// formulas say (the measured peak of live scratch) on every path: default
+/// kernels, mma, wgmma (+ whole atoms), the GEMM engine, the gradient filter
+/// with and without the engine, in one block and in several token blocks.
+/// And the formulas have no T·V, V·d or T·d term: at the Gemma-2-2B shape
+/// they stay far below the logits.
+#[test]
+fn xent_extra_memory_matches_its_formula_and_has_no_tv_term() {
+    use tiedlora::kernels::{head_xent_backward_scratch_bytes, head_xent_forward_scratch_bytes, xent_backward_block};
+    let (v, d, r, t) = (300, 24, 8, 140);
+    let exact = LoraConfig::builder(v, d, r).alpha(16.0).build().unwrap();
+    let filtered = LoraConfig::builder(v, d, r).alpha(16.0).xent_grad_filter(1e-3).build().unwrap();
+    // 1 byte per block: the 128-row / 128-column minimum, 3 token blocks.
+    assert_eq!(xent_backward_block(&exact, DType::BF16, t, 1), (128, 128));
+    assert_eq!(xent_backward_block(&exact, DType::BF16, t, 0).0, t);
+    let base = CpuKernels { xent_chunk_bytes: 1, ..CpuKernels::default() };
+    let cases = [
+        ("default", DType::F32, base, &exact),
+        ("default, one block", DType::F32, CpuKernels { xent_chunk_bytes: 0, ..base }, &exact),
+        ("default", DType::BF16, base, &exact),
+        ("mma", DType::BF16, CpuKernels { mma: true, ..base }, &exact),
+        ("wgmma", DType::BF16, CpuKernels { wgmma: true, ..base }, &exact),
+        ("wgmma, whole atoms", DType::BF16, CpuKernels { wgmma: true, wgmma_whole_atoms: true, ..base }, &exact),
+        ("engine", DType::F32, CpuKernels { cublas: true, ..base }, &exact),
+        ("engine", DType::BF16, CpuKernels { cublas: true, ..base }, &exact),
+        ("engine, one block", DType::BF16, CpuKernels { cublas: true, xent_chunk_bytes: 0, ..base }, &exact),
+        ("filter", DType::BF16, base, &filtered),
+        ("filter + engine", DType::F16, CpuKernels { cublas: true, ..base }, &filtered),
+        ("filter + wgmma", DType::BF16, CpuKernels { wgmma: true, ..base }, &filtered),
+    ];
+    for (name, dt, k, cfg) in cases {
+        let clock = std::time::Instant::now();
+        let (fwd, bwd) = match dt {
+            DType::F32 => xent_peaks::<f32>(&k, cfg, t, name),
+            DType::F16 => xent_peaks::<f16>(&k, cfg, t, name),
+            DType::BF16 => xent_peaks::<bf16>(&k, cfg, t, name),
+        };
+        let opts = k.kernel_options();
+        // The shim reports 2 multiprocessors.
+        let (fwd_formula, bwd_formula) = (
+            head_xent_forward_scratch_bytes(cfg, dt, t, 2, &opts),
+            head_xent_backward_scratch_bytes(cfg, dt, t, 2, &opts),
+        );
+        println!(
+            "{name} {dt:?}: forward {fwd} B (formula {fwd_formula}), backward {bwd} B (formula {bwd_formula}); {:.1} s",
+            clock.elapsed().as_secs_f64()
+        );
+        assert_eq!(fwd, fwd_formula, "{name} {dt:?}: forward peak");
+        assert_eq!(bwd, bwd_formula, "{name} {dt:?}: backward peak");
+        if k.xent_chunk_bytes == 1 && !k.cublas {
+            assert!(bwd < t * v * dt.size(), "{name}: 128 x 128 blocks hold less than the logits");
+        }
+    }
 
     let gemma = LoraConfig::builder(256_000, 2304, 16).build().unwrap();
     let (tg, sms) = (8192, 132);
-    let fwd = head_xent_forward_scratch_bytes(&gemma, DType::BF16, tg, sms);
-    let bwd = head_xent_backward_scratch_bytes(&gemma, DType::BF16, tg, sms, 0);
     let logits = tg * 256_000 * 2;
-    println!("Gemma-2-2B shape, bf16: forward {fwd} B, backward {bwd} B, logits {logits} B");
-    assert!(bwd * 10 < logits && fwd * 1000 < logits);
-    // Doubling V leaves the scratch unchanged (no T·V or V·d term) ...
-    let gemma2v = LoraConfig::builder(512_000, 2304, 16).build().unwrap();
-    assert_eq!(head_xent_backward_scratch_bytes(&gemma2v, DType::BF16, tg, sms, 0), bwd);
-    assert_eq!(head_xent_forward_scratch_bytes(&gemma2v, DType::BF16, tg, sms), fwd);
-    // ... and doubling T at most doubles it (O(T)).
-    assert!(head_xent_backward_scratch_bytes(&gemma, DType::BF16, 2 * tg, sms, 0) <= 2 * bwd);
+    for opts in
+        [CpuKernels::default(), CpuKernels { cublas: true, ..CpuKernels::default() }].map(|k| k.kernel_options())
+    {
+        let fwd = head_xent_forward_scratch_bytes(&gemma, DType::BF16, tg, sms, &opts);
+        let bwd = head_xent_backward_scratch_bytes(&gemma, DType::BF16, tg, sms, &opts);
+        println!(
+            "Gemma-2-2B shape, bf16, engine {}: forward {fwd} B, backward {bwd} B, logits {logits} B",
+            opts.cublas
+        );
+        assert!(bwd * 40 < logits && fwd * 50 < logits);
+        // Doubling V adds at most the V·r term of U in the storage dtype (no T·V or V·d) ...
+        let gemma2v = LoraConfig::builder(512_000, 2304, 16).build().unwrap();
+        let v_r = 256_000 * 16 * 2;
+        assert!(head_xent_backward_scratch_bytes(&gemma2v, DType::BF16, tg, sms, &opts) <= bwd + v_r);
+        assert!(head_xent_forward_scratch_bytes(&gemma2v, DType::BF16, tg, sms, &opts) <= fwd + v_r);
+        // ... and for any T the backward is O(T) + O(T·r) (targets, p, gu)
+        // plus blocks of at most the chunk bytes each (the dh accumulator, G,
+        // the engine's f32 logits), U packed (V·r), and bounded partials
+        // (dVh: at most 4 per multiprocessor; the tile flags and dU splits
+        // of one block): no T·d term.
+        for tokens in [tg, 8 * tg, 128 * tg] {
+            let bwd = head_xent_backward_scratch_bytes(&gemma, DType::BF16, tokens, sms, &opts);
+            let bound = tokens * (4 + 16 * 2 + 16 * 4)
+                + 3 * tiedlora::kernels::XENT_CHUNK_BYTES
+                + v_r
+                + 4 * sms as usize * 16 * 2304 * 4
+                + (8 << 20); // one block's tile flags and dU split partials
+            assert!(bwd <= bound, "T = {tokens}: {bwd} B over {bound} B");
+        }
+    }
 }
 
 /// Extreme logits (|z| ~ 1e3..1e4 before the softcap, or without one; V =

@@ -369,25 +369,22 @@ fn gpu_xent_backward_larger_shapes() {
 }
 
 /// The memory bound at the Gemma-2-2B shape (T = 8192, V = 256000,
-/// d = 2304, r = 16, bf16): the scratch of the fused forward and backward is
-/// exactly what the published formulas say, and at least 10x below the
-/// logits alone (T·V·2 bytes = 3.9 GiB).
-#[test]
-#[ignore = "needs a CUDA device"]
-fn gpu_xent_memory_gemma_shape() {
+/// d = 2304, r = 16, bf16) on backend `g`: the peak scratch of the fused
+/// forward and backward is exactly what the published formulas say, and at
+/// least 10x below the logits alone (T·V·2 bytes = 3.9 GiB).
+fn xent_memory_gemma_shape(g: &Cuda) {
     use tiedlora::kernels::{head_xent_backward_scratch_bytes, head_xent_forward_scratch_bytes};
-    let g = gpu();
     let mut rng = common::rand_inputs::fresh_rng("gpu xent memory");
     let (v, d, r, t) = (256_000, 2304, 16, 8192);
     let cfg = tiedlora::LoraConfig::builder(v, d, r).alpha(32.0).logit_softcap(30.0).build().unwrap();
-    let (fwd, bwd, loss, dh) = common::gpu_harness::xent_scratch_at::<bf16>(&g, &cfg, t, &mut rng).unwrap();
-    let sms = g.multiprocessors();
-    assert_eq!(fwd, head_xent_forward_scratch_bytes(&cfg, tiedlora::DType::BF16, t, sms));
-    assert_eq!(bwd, head_xent_backward_scratch_bytes(&cfg, tiedlora::DType::BF16, t, sms, 0));
+    let (fwd, bwd, loss, dh) = common::gpu_harness::xent_scratch_at::<bf16>(g, &cfg, t, &mut rng).unwrap();
+    let (sms, opts) = (g.multiprocessors(), g.kernel_options());
+    assert_eq!(fwd, head_xent_forward_scratch_bytes(&cfg, tiedlora::DType::BF16, t, sms, &opts));
+    assert_eq!(bwd, head_xent_backward_scratch_bytes(&cfg, tiedlora::DType::BF16, t, sms, &opts));
     let logits = t * v * 2;
     let mib = |b: usize| b as f64 / (1 << 20) as f64;
     println!(
-        "extra memory: forward {:.1} MiB, backward {:.1} MiB; logits alone {:.1} MiB; loss {loss}",
+        "{g:?}: extra memory: forward {:.1} MiB, backward {:.1} MiB; logits alone {:.1} MiB; loss {loss}",
         mib(fwd),
         mib(bwd),
         mib(logits)
@@ -395,4 +392,18 @@ fn gpu_xent_memory_gemma_shape() {
     assert!(fwd.max(bwd) * 10 <= logits, "extra memory above a tenth of the logits");
     assert!(loss.is_finite() && loss > 0.0, "loss {loss}");
     assert!(dh.iter().all(|x| x.to_f32().is_finite()), "dh has non-finite values");
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_xent_memory_gemma_shape() {
+    xent_memory_gemma_shape(&gpu());
+}
+
+/// The same bound on the GEMM engine (own test: it runs in gpu-check.sh's
+/// `kg_engine` process).
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_xent_memory_gemma_shape_gemm_engine() {
+    xent_memory_gemma_shape(&gpu().with_cublas(true).expect("cuBLAS"));
 }

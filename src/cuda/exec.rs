@@ -8,6 +8,7 @@ use crate::kernels::dense::DenseGemm;
 use crate::kernels::exec::{Executor, KernelOptions};
 use crate::kernels::params::KernelParams;
 use crate::kernels::plan::LaunchPlan;
+use crate::kernels::scratch_meter::ScratchMeter;
 use crate::kernels::{module_of, EmbeddedModule};
 use cudarc::driver::{result, sys, CudaContext, CudaSlice, CudaStream, DevicePtr};
 use std::collections::HashMap;
@@ -128,41 +129,60 @@ pub(crate) struct CudaExec<'a> {
     pub(crate) cache: &'a KernelCache,
     pub(crate) sms: u32,
     pub(crate) options: KernelOptions,
-    /// Running total of scratch bytes allocated ([`super::Cuda::scratch_bytes_allocated`]).
-    pub(crate) scratch_bytes: &'a std::sync::atomic::AtomicUsize,
+    /// Scratch counters ([`super::Cuda::scratch_peak_bytes`]).
+    pub(crate) meter: &'a ScratchMeter,
     /// Device address of the deferred id-error record, if enabled.
     pub(crate) deferred_id_record: Option<u64>,
     /// cuBLAS on this stream, with `options.cublas`.
     pub(crate) engine: Option<&'a GemmEngine>,
 }
 
-impl Executor for CudaExec<'_> {
-    type Scratch = CudaSlice<u8>;
+/// Device scratch of one op, counted on the backend's meter until dropped
+/// (the free is stream-ordered, like the allocation: the counts follow the
+/// stream's own order of allocations and frees).
+pub(crate) struct CudaScratch<'a> {
+    buf: CudaSlice<u8>,
+    meter: &'a ScratchMeter,
+}
 
-    fn scratch(&self, bytes: usize) -> Result<CudaSlice<u8>> {
-        // Device allocations are 256-byte aligned.
-        let bytes = bytes.max(16);
-        self.scratch_bytes.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
-        self.stream.alloc_zeros::<u8>(bytes).map_err(|e| driver_err("scratch allocation", e))
+impl Drop for CudaScratch<'_> {
+    fn drop(&mut self) {
+        self.meter.free(self.buf.len());
     }
-    fn scratch_uninit(&self, bytes: usize) -> Result<CudaSlice<u8>> {
-        let bytes = bytes.max(16);
-        self.scratch_bytes.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+}
+
+impl<'a> CudaExec<'a> {
+    fn counted(&self, buf: CudaSlice<u8>) -> CudaScratch<'a> {
+        self.meter.alloc(buf.len());
+        CudaScratch { buf, meter: self.meter }
+    }
+}
+
+impl<'a> Executor for CudaExec<'a> {
+    type Scratch = CudaScratch<'a>;
+
+    fn scratch(&self, bytes: usize) -> Result<CudaScratch<'a>> {
+        // Device allocations are 256-byte aligned.
+        let buf = self.stream.alloc_zeros::<u8>(bytes.max(16)).map_err(|e| driver_err("scratch allocation", e))?;
+        Ok(self.counted(buf))
+    }
+    fn scratch_uninit(&self, bytes: usize) -> Result<CudaScratch<'a>> {
         // SAFETY: u8 has no invalid bit patterns, and the ops that ask for an
         // uninitialized scratch write every byte they read first (the host
         // executor poisons these buffers, so the CPU tests check that).
-        unsafe { self.stream.alloc::<u8>(bytes) }.map_err(|e| driver_err("scratch allocation", e))
+        let buf = unsafe { self.stream.alloc::<u8>(bytes.max(16)) }.map_err(|e| driver_err("scratch allocation", e))?;
+        Ok(self.counted(buf))
     }
-    fn addr(&self, s: &CudaSlice<u8>) -> u64 {
-        let (ptr, _sync) = s.device_ptr(self.stream);
+    fn addr(&self, s: &CudaScratch<'a>) -> u64 {
+        let (ptr, _sync) = s.buf.device_ptr(self.stream);
         ptr
     }
-    fn upload(&self, s: &mut CudaSlice<u8>, data: &[u8]) -> Result<()> {
-        let mut dst = s.slice_mut(..data.len());
+    fn upload(&self, s: &mut CudaScratch<'a>, data: &[u8]) -> Result<()> {
+        let mut dst = s.buf.slice_mut(..data.len());
         self.stream.memcpy_htod(data, &mut dst).map_err(|e| driver_err("upload", e))
     }
-    fn download(&self, s: &CudaSlice<u8>, out: &mut [u8]) -> Result<()> {
-        self.stream.memcpy_dtoh(&s.slice(..out.len()), out).map_err(|e| driver_err("download", e))?;
+    fn download(&self, s: &CudaScratch<'a>, out: &mut [u8]) -> Result<()> {
+        self.stream.memcpy_dtoh(&s.buf.slice(..out.len()), out).map_err(|e| driver_err("download", e))?;
         self.stream.synchronize().map_err(|e| driver_err("synchronize", e))
     }
     fn read_at(&self, addr: u64, out: &mut [u8]) -> Result<()> {

@@ -31,11 +31,11 @@ use crate::dtype::{Element, TokenId};
 use crate::error::{Error, Result};
 use crate::kernels::exec::KernelOptions;
 use crate::kernels::ops::{self, id_kind, GradAddrs, WeightAddrs};
+use crate::kernels::scratch_meter::ScratchMeter;
 use crate::validate::{self, GradLens, WeightLens};
 use blas::GemmEngine;
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut};
 use exec::{driver_err, CudaExec, KernelCache};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 /// The CUDA backend on one stream.
@@ -48,7 +48,7 @@ pub struct Cuda {
     stream: Arc<CudaStream>,
     sms: u32,
     options: KernelOptions,
-    scratch_bytes: AtomicUsize,
+    scratch: ScratchMeter,
     /// The deferred id-error record (5 × i64), if enabled; the lock is only
     /// for clearing it through `&self`.
     deferred_ids: Option<std::sync::Mutex<CudaSlice<i64>>>,
@@ -97,7 +97,7 @@ impl Cuda {
             stream,
             sms: sms.max(1) as u32,
             options: KernelOptions::default(),
-            scratch_bytes: AtomicUsize::new(0),
+            scratch: ScratchMeter::new(),
             deferred_ids: None,
         })
     }
@@ -284,11 +284,39 @@ impl Cuda {
     }
 
     /// Total bytes of scratch device memory the ops have allocated on this
-    /// backend so far. Every op frees its scratch when it returns, so the
-    /// difference across one call bounds that op's extra memory (the memory
-    /// tests and the benchmark report it).
+    /// backend so far (an op that loops over blocks may allocate and free one
+    /// block's scratch per iteration: see [`Cuda::scratch_peak_bytes`] for its
+    /// memory).
     pub fn scratch_bytes_allocated(&self) -> usize {
-        self.scratch_bytes.load(Ordering::Relaxed)
+        self.scratch.allocated()
+    }
+
+    /// The most scratch device memory live at once since the last
+    /// [`Cuda::reset_scratch_peak`]: the ops' extra memory. Every op frees its
+    /// scratch (stream-ordered) before it returns, so a reset before a call
+    /// and a read after it give that call's peak extra memory, which the
+    /// formulas [`crate::kernels::head_xent_forward_scratch_bytes`] /
+    /// [`crate::kernels::head_xent_backward_scratch_bytes`] bound.
+    ///
+    /// ```rust,ignore
+    /// cuda.reset_scratch_peak();
+    /// cuda.head_xent_backward(&cfg, &weights, h, targets, lse, 1.0, dh, &mut grads)?;
+    /// let extra = cuda.scratch_peak_bytes();
+    /// ```
+    pub fn scratch_peak_bytes(&self) -> usize {
+        self.scratch.peak()
+    }
+
+    /// Starts a new peak for [`Cuda::scratch_peak_bytes`] (from the scratch
+    /// live now: 0 between ops); returns the old peak.
+    pub fn reset_scratch_peak(&self) -> usize {
+        self.scratch.reset_peak()
+    }
+
+    /// The kernel variants this backend runs (set by the `with_*` builders;
+    /// the memory formulas take them).
+    pub fn kernel_options(&self) -> KernelOptions {
+        self.options
     }
 
     /// Streaming multiprocessors of the device (sizes some launches and the
@@ -313,7 +341,7 @@ impl Cuda {
             cache: &self.cache,
             sms: self.sms,
             options: self.options,
-            scratch_bytes: &self.scratch_bytes,
+            meter: &self.scratch,
             engine: self.engine.as_ref(),
             deferred_id_record: self.deferred_ids.as_ref().map(|r| {
                 let r = r.lock().unwrap_or_else(|p| p.into_inner());

@@ -44,8 +44,10 @@ pub struct KernelOptions {
     /// filled atom, a layout CUTLASS never generates). More MMA work at
     /// r <= 32; a fallback until a GPU run confirms the partial atoms.
     pub wgmma_whole_atoms: bool,
-    /// Most bytes of G one vocabulary chunk of the fused cross-entropy
-    /// backward may hold ([`super::xent_chunk_cols`]); 0 = the default.
+    /// Most bytes of each per-block buffer of the fused cross-entropy: the
+    /// forward's f32 logits chunk on the GEMM engine; the backward's G block
+    /// and f32 `dh` accumulator block ([`super::xent_backward_block`]), or
+    /// the engine's f32 logits + G block; 0 = [`super::XENT_CHUNK_BYTES`].
     pub xent_chunk_bytes: usize,
     /// Run the head's GEMMs on the executor's GEMM engine
     /// ([`Executor::gemm`]: cuBLAS on a GPU). `head_forward`: one K = d + r

@@ -7,6 +7,7 @@ use super::exec::{Executor, KernelOptions};
 use super::ops::{self, id_kind, GradAddrs, WeightAddrs};
 use super::params::KernelParams;
 use super::plan::LaunchPlan;
+use super::scratch_meter::ScratchMeter;
 use super::shim::{self, ShimEntry};
 use crate::backend::{Backend, Grads, Weights};
 use crate::config::LoraConfig;
@@ -162,15 +163,27 @@ shim_table!(
 );
 
 thread_local! {
-    static SCRATCH_BYTES: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    static SCRATCH: ScratchMeter = const { ScratchMeter::new() };
 }
 
 /// Total bytes of scratch the kernel ops called on this thread have allocated
 /// (each request counted as at least 16 bytes, like the CUDA backend's
-/// `Cuda::scratch_bytes_allocated`). Every op frees its scratch
-/// when it returns, so the difference across one call bounds its extra memory.
+/// `Cuda::scratch_bytes_allocated`).
 pub fn thread_scratch_bytes() -> usize {
-    SCRATCH_BYTES.with(|n| n.get())
+    SCRATCH.with(|m| m.allocated())
+}
+
+/// The most scratch bytes live at once on this thread since the last
+/// [`reset_thread_scratch_peak`] (like `Cuda::scratch_peak_bytes`). Every op
+/// frees its scratch when it returns, so resetting before one call and
+/// reading after it gives that call's peak extra memory.
+pub fn thread_scratch_peak() -> usize {
+    SCRATCH.with(|m| m.peak())
+}
+
+/// Starts a new peak for [`thread_scratch_peak`]; returns the old one.
+pub fn reset_thread_scratch_peak() -> usize {
+    SCRATCH.with(|m| m.reset_peak())
 }
 
 /// Runs launches on CPU threads through the shim; scratch lives in host memory.
@@ -183,27 +196,44 @@ pub struct HostExec {
     pub(crate) deferred_id_record: Option<u64>,
 }
 
-/// Host scratch: 16-byte aligned, zero-filled.
+/// Host scratch: 16-byte aligned; counted on this thread's meter until dropped.
 #[derive(Debug)]
-pub struct HostScratch(Vec<u128>);
+pub struct HostScratch {
+    buf: Vec<u128>,
+    counted: usize,
+}
+
+impl HostScratch {
+    /// `bytes` (at least 16) filled with `fill`, counted on this thread's meter.
+    fn new(bytes: usize, fill: u128) -> Self {
+        let counted = bytes.max(16);
+        SCRATCH.with(|m| m.alloc(counted));
+        HostScratch { buf: vec![fill; counted.div_ceil(16)], counted }
+    }
+}
+
+impl Drop for HostScratch {
+    fn drop(&mut self) {
+        // `try_with`: a scratch dropped during thread teardown has no meter left.
+        let _ = SCRATCH.try_with(|m| m.free(self.counted));
+    }
+}
 
 impl Executor for HostExec {
     type Scratch = HostScratch;
 
     fn scratch(&self, bytes: usize) -> Result<HostScratch> {
-        SCRATCH_BYTES.with(|n| n.set(n.get() + bytes.max(16)));
-        Ok(HostScratch(vec![0u128; bytes.div_ceil(16).max(1)]))
+        Ok(HostScratch::new(bytes, 0))
     }
     fn scratch_uninit(&self, bytes: usize) -> Result<HostScratch> {
-        SCRATCH_BYTES.with(|n| n.set(n.get() + bytes.max(16)));
         // Poison, not zeros: a kernel that reads before it writes gets NaN / -1.
-        Ok(HostScratch(vec![u128::MAX; bytes.div_ceil(16).max(1)]))
+        Ok(HostScratch::new(bytes, u128::MAX))
     }
     fn addr(&self, s: &HostScratch) -> u64 {
-        s.0.as_ptr() as u64
+        s.buf.as_ptr() as u64
     }
     fn upload(&self, s: &mut HostScratch, data: &[u8]) -> Result<()> {
-        let dst: &mut [u8] = bytemuck::cast_slice_mut(&mut s.0);
+        let dst: &mut [u8] = bytemuck::cast_slice_mut(&mut s.buf);
         let cap = dst.len();
         dst.get_mut(..data.len())
             .ok_or_else(|| Error::Backend(format!("upload of {} bytes into {cap} bytes of scratch", data.len())))?
@@ -211,7 +241,7 @@ impl Executor for HostExec {
         Ok(())
     }
     fn download(&self, s: &HostScratch, out: &mut [u8]) -> Result<()> {
-        let src: &[u8] = bytemuck::cast_slice(&s.0);
+        let src: &[u8] = bytemuck::cast_slice(&s.buf);
         out.copy_from_slice(
             src.get(..out.len())
                 .ok_or_else(|| Error::Backend(format!("download of {} bytes from {} bytes", out.len(), src.len())))?,
@@ -262,9 +292,9 @@ impl Executor for HostExec {
 pub struct CpuKernels {
     /// Run the head GEMMs with the 3-stage cp.async main loop (`_s3` kernels).
     pub pipelined: bool,
-    /// Bytes of G per vocabulary chunk of the fused cross-entropy backward
-    /// (0 = the default, [`super::XENT_CHUNK_BYTES`]); tests make it
-    /// small to run several chunks on small shapes.
+    /// Bytes of each per-block buffer of the fused cross-entropy (0 = the
+    /// default, [`super::XENT_CHUNK_BYTES`]; see `KernelOptions::xent_chunk_bytes`);
+    /// tests make it small to run several token blocks and chunks on small shapes.
     pub xent_chunk_bytes: usize,
     /// Run `head_forward` (f16 / bf16) on the wide-tile kernels (`_w256`).
     pub wide_tiles: bool,
@@ -286,20 +316,23 @@ pub struct CpuKernels {
 }
 
 impl CpuKernels {
-    fn exec(&self) -> HostExec {
-        HostExec {
-            options: KernelOptions {
-                gemm_stages: if self.pipelined { 3 } else { 1 },
-                xent_chunk_bytes: self.xent_chunk_bytes,
-                wide_tiles: self.wide_tiles,
-                mma: self.mma,
-                wgmma: self.wgmma,
-                wgmma_whole_atoms: self.wgmma_whole_atoms,
-                cublas: self.cublas,
-                ..KernelOptions::default()
-            },
-            deferred_id_record: None,
+    /// The kernel variants these settings select (what the memory formulas
+    /// take, as `Cuda::kernel_options` on the GPU).
+    pub fn kernel_options(&self) -> KernelOptions {
+        KernelOptions {
+            gemm_stages: if self.pipelined { 3 } else { 1 },
+            xent_chunk_bytes: self.xent_chunk_bytes,
+            wide_tiles: self.wide_tiles,
+            mma: self.mma,
+            wgmma: self.wgmma,
+            wgmma_whole_atoms: self.wgmma_whole_atoms,
+            cublas: self.cublas,
+            ..KernelOptions::default()
         }
+    }
+
+    fn exec(&self) -> HostExec {
+        HostExec { options: self.kernel_options(), deferred_id_record: None }
     }
 }
 

@@ -16,9 +16,13 @@ pub mod exec;
 pub(crate) mod ops;
 pub mod params;
 pub mod plan;
+pub mod scratch_meter;
 
-pub use ops::{head_xent_backward_scratch_bytes, head_xent_forward_scratch_bytes, xent_chunk_cols, XENT_CHUNK_BYTES};
+pub use ops::{
+    head_xent_backward_scratch_bytes, head_xent_forward_scratch_bytes, xent_backward_block, XENT_CHUNK_BYTES,
+};
 pub use plan::LaunchPlan;
+pub use scratch_meter::ScratchMeter;
 
 #[cfg(feature = "cpu-kernels")]
 pub mod host;

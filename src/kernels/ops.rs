@@ -6,7 +6,7 @@
 //! impl) has already checked against the config.
 
 use super::dense::{DenseGemm, Operand};
-use super::exec::Executor;
+use super::exec::{Executor, KernelOptions};
 use super::params::*;
 use super::plan::LaunchPlan;
 use crate::config::LoraConfig;
@@ -1062,18 +1062,33 @@ fn xent_splits(cfg: &LoraConfig, tokens: usize, sms: u32) -> (usize, usize) {
     (split_cols, cfg.vocab().div_ceil(split_cols))
 }
 
-/// Extra device memory of `Backend::head_xent_forward` on the kernel backends, in bytes (every scratch it
-/// allocates, each at least 16 bytes): O(T) for the targets, the split
-/// partials and the row losses, O(T·r) for p. Mirrors the op's allocations
-/// with the default kernels; with `KernelOptions::cublas` the partials are
-/// one running pair per row, plus one f32 logits chunk (at most the chunk
-/// bytes) and U packed to the storage dtype (V·r·elem, f16 / bf16).
-pub fn head_xent_forward_scratch_bytes(cfg: &LoraConfig, t: DType, tokens: usize, sms: u32) -> usize {
-    let (_, splits) = xent_splits(cfg, tokens, sms);
-    [tokens * 4, 16, tokens * cfg.rank() * t.size(), splits * tokens * 4, splits * tokens * 4, tokens * 4, tokens * 4]
-        .iter()
-        .map(|&b| b.max(16))
-        .sum()
+/// Peak extra device memory of `Backend::head_xent_forward` on the kernel
+/// backends, in bytes, with the kernel variants `opts` on a device with `sms`
+/// multiprocessors (see [`head_xent_backward_scratch_bytes`]): O(T) for the
+/// targets, the vocabulary-split partials and the row losses, O(T·r) for p;
+/// with `KernelOptions::cublas` one running pair per row instead of the
+/// split partials, one f32 logits chunk [T, C] (at most the chunk bytes, or
+/// 128 columns) and U in the storage dtype (V·r·elem, f16 / bf16). No term in
+/// T·V or V·d.
+pub fn head_xent_forward_scratch_bytes(
+    cfg: &LoraConfig,
+    t: DType,
+    tokens: usize,
+    sms: u32,
+    opts: &KernelOptions,
+) -> usize {
+    let m = |b: usize| b.max(16);
+    let (v, r, es) = (cfg.vocab(), cfg.rank(), t.size());
+    // The id check's 16-byte status is freed before anything below exists.
+    let base = m(tokens * 4) + m(tokens * r * es) + 2 * m(tokens * 4);
+    if opts.cublas {
+        let cols = chunk_cols(cfg, tokens.max(1) * 4, opts.xent_chunk_bytes);
+        let packed_u = if t == DType::F32 { 0 } else { m(v * r * es) };
+        base + 2 * m(tokens * 4) + m(tokens * cols * 4) + packed_u
+    } else {
+        let (_, splits) = xent_splits(cfg, tokens, sms);
+        base + 2 * m(splits * tokens * 4)
+    }
 }
 
 /// Fused head + cross-entropy forward, no [T, V] buffer: `loss` \[1\] and `lse`
@@ -1098,7 +1113,7 @@ pub fn head_xent_forward<E: Executor>(
     lora_down(e, cfg, t, t, h, wt.vh, e.addr(&p), tokens, cfg.scale())?;
     let (split_cols, splits) = if e.options().cublas {
         // One running (max, sum) pair per row across the engine's chunks.
-        (engine_chunk_cols(e, cfg, tokens), 1)
+        (chunk_cols(cfg, tokens.max(1) * 4, e.options().xent_chunk_bytes), 1)
     } else {
         xent_splits(cfg, tokens, e.multiprocessors())
     };
@@ -1200,9 +1215,9 @@ pub fn head_xent_forward<E: Executor>(
     unsafe { e.launch(&plan, &combine) }
 }
 
-/// Default bytes of G one vocabulary chunk of the fused cross-entropy
-/// backward may hold: a chunk [T, C] is produced and consumed while it is
-/// (mostly) in L2 (50 MB on an H100 / H200).
+/// Default bytes of each per-block buffer of the fused cross-entropy (G, the
+/// f32 `dh` accumulator, the engine's f32 logits): a block is produced and
+/// consumed while it is (mostly) in L2 (50 MB on an H100 / H200).
 pub const XENT_CHUNK_BYTES: usize = 32 << 20;
 
 /// The f16 cross-entropy backward stores G' = (softmax − onehot)·slope·2¹⁵
@@ -1210,11 +1225,23 @@ pub const XENT_CHUNK_BYTES: usize = 32 << 20;
 /// 2⁻²⁹ stay normal f16 numbers (G itself is subnormal or 0 in f16 at large V·T).
 const XENT_F16_G_UNIT: f64 = 32768.0;
 
-/// Vocabulary columns per chunk of the kernel backends' `head_xent_backward`: a multiple of 128,
-/// at least 128, at most V rounded up, and at most `chunk_bytes` of G
-/// (0 = [`XENT_CHUNK_BYTES`]).
-pub fn xent_chunk_cols(cfg: &LoraConfig, t: DType, tokens: usize, chunk_bytes: usize) -> usize {
-    chunk_cols(cfg, tokens.max(1) * t.size(), chunk_bytes)
+/// (token rows, vocabulary columns) of one block of the kernel backends'
+/// `head_xent_backward` with the fused kernels (the GEMM engine has its own
+/// blocks): the block's f32 `dh` accumulator (rows·d·4) and its G
+/// (rows·C·elem) each within `chunk_bytes` (0 = [`XENT_CHUNK_BYTES`]), so
+/// neither grows with T and the accumulator stays in L2 while the vocabulary
+/// chunks stream past. Rows: all tokens when they fit, else the tokens split
+/// evenly into multiples of 128 (at least 128); columns: a multiple of 128, at
+/// least 128, at most V rounded up.
+pub fn xent_backward_block(cfg: &LoraConfig, t: DType, tokens: usize, chunk_bytes: usize) -> (usize, usize) {
+    let tile = GEMM_TILE as usize;
+    let rows_max = (chunk_budget(chunk_bytes) / (cfg.hidden() * 4) / tile * tile).max(tile);
+    let rows = if tokens <= rows_max {
+        tokens.max(1)
+    } else {
+        tokens.div_ceil(tokens.div_ceil(rows_max)).div_ceil(tile) * tile
+    };
+    (rows, chunk_cols(cfg, rows * t.size(), chunk_bytes))
 }
 
 /// The chunk budget in bytes: `chunk_bytes`, or [`XENT_CHUNK_BYTES`] for 0.
@@ -1231,14 +1258,6 @@ fn chunk_budget(chunk_bytes: usize) -> usize {
 fn chunk_cols(cfg: &LoraConfig, col_bytes: usize, chunk_bytes: usize) -> usize {
     let tile = GEMM_TILE as usize;
     (chunk_budget(chunk_bytes) / col_bytes / tile * tile).clamp(tile, cfg.vocab().div_ceil(tile) * tile)
-}
-
-/// Vocabulary columns of one f32 logits chunk [T, C] of the GEMM-engine
-/// cross-entropy forward (`KernelOptions::cublas`):
-/// T·C·4 ≤ the chunk bytes, so the chunk stays in L2 between the GEMMs that
-/// write it and the kernel that reads it.
-fn engine_chunk_cols<E: Executor>(e: &E, cfg: &LoraConfig, tokens: usize) -> usize {
-    xent_chunk_cols(cfg, DType::F32, tokens, e.options().xent_chunk_bytes)
 }
 
 /// (token rows, vocabulary columns) of one block of the GEMM-engine
@@ -1275,16 +1294,20 @@ fn xent_du_split(tokens: usize, cols: usize, sms: u32) -> usize {
     }
 }
 
-/// Bytes of the dU split partials: the largest over the full chunks and the last one.
-fn xent_du_partial_bytes(cfg: &LoraConfig, tokens: usize, sms: u32, chunk: usize) -> usize {
+/// Bytes of the dU split partials: the largest over the token blocks of
+/// `rows` (the full ones and the last) and the vocabulary chunks of `chunk`
+/// columns (the full ones and the last).
+fn xent_du_partial_bytes(cfg: &LoraConfig, tokens: usize, rows: usize, sms: u32, chunk: usize) -> usize {
     let v = cfg.vocab();
-    let last = v - (v.div_ceil(chunk) - 1) * chunk;
-    [chunk.min(v), last]
+    let last_cols = v - (v.div_ceil(chunk) - 1) * chunk;
+    let rows = rows.clamp(1, tokens.max(1));
+    let last_rows = tokens.max(1) - (tokens.max(1).div_ceil(rows) - 1) * rows;
+    [(rows, chunk.min(v)), (rows, last_cols), (last_rows, chunk.min(v)), (last_rows, last_cols)]
         .iter()
-        .map(|&cols| {
-            let k = xent_du_split(tokens, cols, sms);
-            if k < tokens {
-                tokens.div_ceil(k) * cols * cfg.rank() * 4
+        .map(|&(tb, cols)| {
+            let k = xent_du_split(tb, cols, sms);
+            if k < tb {
+                tb.div_ceil(k) * cols * cfg.rank() * 4
             } else {
                 0
             }
@@ -1293,119 +1316,299 @@ fn xent_du_partial_bytes(cfg: &LoraConfig, tokens: usize, sms: u32, chunk: usize
         .unwrap_or(0)
 }
 
-/// Extra device memory of `Backend::head_xent_backward` on the kernel backends, in bytes (every scratch it
-/// allocates, each at least 16 bytes): O(T) for the targets, O(T·r) for p and G·U, O(T·d) for the f32
-/// dh accumulator, one G chunk of at most `max(32 MiB, T·128·elem)`, and the
-/// bounded dVh partials; no term in T·V or V·d. Mirrors the allocations of
-/// the op with the default kernels (a test checks the two agree). With
-/// `KernelOptions::wgmma` each chunk's `dh` GEMM also packs the chunk's U rows
-/// to the storage dtype (C·RX·elem bytes, RX = 16, 32 or 64; 64 KiB at the
-/// Gemma-2-2B shape), freed before the next chunk. With `KernelOptions::cublas`
-/// (no gradient filter) the G chunk, its flags and the dU partials are
-/// replaced by one block of f32 logits and its G (at most the chunk bytes
-/// together) and U packed to the storage dtype (V·r·elem, f16 / bf16).
-/// Either way: no term in T·V or V·d.
+/// Peak extra device memory of `Backend::head_xent_backward` on the kernel
+/// backends, in bytes, with the kernel variants `opts` (`Cuda::kernel_options`)
+/// on a device with `sms` multiprocessors (`Cuda::multiprocessors`): the most
+/// scratch live at once (each allocation counted as at least 16 bytes), which
+/// `Cuda::scratch_peak_bytes` measures; when no target is valid the op
+/// stays below it. Terms: O(T) for the validated targets, O(T·r) for p and
+/// G·U, one token block of the f32 `dh` accumulator and of G (each at most
+/// the chunk bytes, [`xent_backward_block`], or a 128-row / 128-column
+/// minimum), the tile flags and dU partials of one block, the bounded dVh
+/// partials; with `KernelOptions::wgmma` one chunk's U rows packed to the
+/// storage dtype (C·RX·elem); with `KernelOptions::cublas` (no gradient
+/// filter) an f32 logits block beside G and U in the storage dtype (V·r·elem,
+/// f16 / bf16). No term in T·V, V·d or T·d: the tests check this formula
+/// against the op's measured peak for every path.
 pub fn head_xent_backward_scratch_bytes(
     cfg: &LoraConfig,
     t: DType,
     tokens: usize,
     sms: u32,
-    chunk_bytes: usize,
+    opts: &KernelOptions,
 ) -> usize {
-    let (d, r) = (cfg.hidden(), cfg.rank());
-    let chunk = xent_chunk_cols(cfg, t, tokens, chunk_bytes);
+    let m = |b: usize| b.max(16);
+    let (v, d, r, es) = (cfg.vocab(), cfg.hidden(), cfg.rank(), t.size());
+    let half = t != DType::F32;
+    let filtered = cfg.xent_grad_filter().is_some_and(|f| f > 0.0);
+    let engine = opts.cublas && !filtered;
+    let (rows_b, cols_b) = if engine {
+        engine_xent_block(cfg, t, tokens, opts.xent_chunk_bytes)
+    } else {
+        xent_backward_block(cfg, t, tokens, opts.xent_chunk_bytes)
+    };
+    let first_cols = cols_b.min(v);
+    // Held from start to end: targets, p, gu, and one block's buffers.
+    let held = m(tokens * 4)
+        + m(tokens * r * es)
+        + m(tokens * r * 4)
+        + if engine {
+            m(rows_b * cols_b * 4) + m(rows_b * cols_b * es) + if half { m(v * r * es) } else { 0 }
+        } else {
+            m(rows_b * cols_b * es)
+                + m(rows_b.div_ceil(GEMM_TILE as usize) * (cols_b / GEMM_TILE as usize) * 4)
+                + m(xent_du_partial_bytes(cfg, tokens, rows_b, sms, cols_b))
+        };
+    // Per chunk, freed before the next: U rows packed for a wgmma grad_h, or
+    // for the engine's GEMMs on a filtered G.
+    let per_chunk = if !half || engine {
+        0
+    } else if opts.cublas {
+        m(first_cols * r * es)
+    } else if opts.wgmma && !filtered {
+        let rx = if opts.wgmma_whole_atoms { MAX_HEAD_RANK } else { grad_h_rx(r).unwrap_or(MAX_HEAD_RANK) };
+        m(first_cols * rx * es)
+    } else {
+        0
+    };
     let up_chunk = UP_CHUNK.max(tokens.div_ceil(4 * sms as usize));
-    [
-        tokens * 4,                                     // validated targets
-        16,                                             // their status word
-        tokens * r * t.size(),                          // p = s·h·Vhᵀ
-        tokens * d * 4,                                 // dh accumulator
-        tokens * r * 4,                                 // gu = G U
-        tokens * chunk * t.size(),                      // one G chunk
-        tokens.div_ceil(128) * (chunk / 128) * 4,       // its tile flags
-        xent_du_partial_bytes(cfg, tokens, sms, chunk), // dU split partials
-        tokens.div_ceil(up_chunk) * r * d * 4,          // dVh partials (lora_up)
-    ]
-    .iter()
-    .map(|&b| b.max(16))
-    .sum()
+    let dvh_partials = m(tokens.div_ceil(up_chunk) * r * d * 4);
+    held + (m(rows_b.min(tokens) * d * 4) + per_chunk).max(dvh_partials)
 }
 
-/// The GEMM-engine cross-entropy backward (`KernelOptions::cublas`, no
-/// gradient filter): per block of tokens × vocabulary columns
-/// ([`engine_xent_block`]) the f32 logits on the engine, G' from them
-/// (`tl_xent_chunk_grad_*`, as the fused logit kernels store it), then the
-/// engine's `dh_acc += G W`, `gu += G U`, `dU += Gᵀ p`, `dW += Gᵀ h` on it.
+/// One token block of the fused cross-entropy backward: the block's rows of
+/// every per-token operand (h, p in the storage dtype; the validated targets,
+/// lse; gu f32) and its own f32 `dh` accumulator [tokens, d] (zeroed).
+#[derive(Clone, Copy)]
+struct XentRows {
+    h: u64,
+    p: u64,
+    targets: u64,
+    lse: u64,
+    dh_acc: u64,
+    gu: u64,
+    tokens: usize,
+}
+
+/// How G is stored and scaled (`kernels/xent_grad.cu`): G' = G / factor ·
+/// g_unit; the f32 sums over it get `g_scale` = factor / g_unit; `filter` > 0
+/// zeroes the 128 × 128 tiles whose |G| entries are all below it.
+#[derive(Clone, Copy)]
+struct XentGradScale {
+    g_unit: f32,
+    g_scale: f32,
+    filter: f32,
+}
+
+/// The fused kernels' part of one token block: per vocabulary chunk of
+/// `chunk` columns, one kernel recomputes the logits and writes G [tb, C]
+/// (and its tile flags with a filter); the head backward's GEMMs consume it
+/// while it is in L2 (`dh_acc += G W`, `gu += G U`, `dU += Gᵀ p`, `dW += Gᵀ h`;
+/// on the GEMM engine with `KernelOptions::cublas`, which a filter keeps on
+/// this path). `bufs`: G [rows, chunk], the flags, the dU split partials.
 #[allow(clippy::too_many_arguments)]
-fn engine_xent_grads<E: Executor>(
+fn fused_xent_block<E: Executor>(
     e: &E,
     cfg: &LoraConfig,
     t: DType,
     wt: WeightAddrs,
-    (h, p): (u64, u64),
-    (targets, lse): (u64, u64),
-    (g_unit, g_scale): (f32, f32),
-    (dh_acc, gu): (u64, u64),
+    b: XentRows,
+    s: XentGradScale,
     grads: GradAddrs,
-    tokens: usize,
+    chunk: usize,
+    (g, live, du_part): (u64, u64, u64),
 ) -> Result<()> {
-    let (v, d, r, es) = (cfg.vocab(), cfg.hidden(), cfg.rank(), t.size());
-    let (rows_b, cols_b) = engine_xent_block(cfg, t, tokens, e.options().xent_chunk_bytes);
-    let z = e.scratch_uninit(rows_b * cols_b * 4)?;
-    let g = e.scratch_uninit(rows_b * cols_b * es)?;
-    let (_packed, u) = engine_u(e, t, wt.u, v, r)?;
-    let at = |base: u64, index: usize, bytes: usize| base + (index * bytes) as u64;
-    // Token blocks outside: a block's h rows and f32 dh rows stay in L2
-    // while the vocabulary chunks stream past.
-    for t0 in (0..tokens).step_by(rows_b) {
-        let tb = rows_b.min(tokens - t0);
-        let (h_b, p_b) = (at(h, t0 * d, es), at(p, t0 * r, es));
-        for col0 in (0..v).step_by(cols_b) {
-            let cols = cols_b.min(v - col0);
-            let (w_c, u_c) = (at(wt.w, col0 * d, es), at(u, col0 * r, es));
-            engine_logits(e, cfg, t, (h_b, p_b), (w_c, u_c), e.addr(&z), tb, cols)?;
-            let grad = XentChunkGradParams {
-                z: e.addr(&z),
-                targets: at(targets, t0, 4),
-                lse: at(lse, t0, 4),
-                g: e.addr(&g),
-                tokens: tb as i32,
-                cols: cols as i32,
-                col0: col0 as i32,
-                softcap: cfg.logit_softcap().unwrap_or(0.0) as f32,
-                g_unit,
-                _pad: 0,
-            };
-            let plan = row_plan(by_dtype!(t, "tl_xent_chunk_grad_", ""), tb, cols);
-            // SAFETY: z [tb, cols] written above; the block's targets and lse
-            // rows [tb] (validated / caller's [T]); g [tb, cols] allocated above.
-            unsafe { e.launch(&plan, &grad)? };
+    let (v, d, r) = (cfg.vocab(), cfg.hidden(), cfg.rank());
+    let logits_wgmma = e.options().wgmma && t != DType::F32;
+    let logits_mma = e.options().mma && t != DType::F32;
+    let shared_bytes = if logits_wgmma {
+        wg_shared_bytes(128, 3)
+    } else {
+        gemm_shared_bytes(t.size(), 128, 128, 32, false, true, 0, if logits_mma { 3 } else { 1 })
+    };
+    let tokens = b.tokens;
+    for col0 in (0..v).step_by(chunk) {
+        let cols = chunk.min(v - col0);
+        let params = XentGradLogitsParams {
+            h: b.h,
+            p: b.p,
+            w: wt.w,
+            u: wt.u,
+            targets: b.targets,
+            lse: b.lse,
+            g,
+            live,
+            tokens: i32_of("tokens", tokens)?,
+            vocab: i32_of("vocab", v)?,
+            hidden: i32_of("hidden", d)?,
+            rank: i32_of("rank", r)?,
+            col0: col0 as i32,
+            cols: cols as i32,
+            softcap: cfg.logit_softcap().unwrap_or(0.0) as f32,
+            g_unit: s.g_unit,
+            filter: s.filter,
+            _pad: 0,
+        };
+        let plan = LaunchPlan {
+            kernel: if logits_wgmma {
+                by_dtype!(t, "tl_xent_grad_logits_", "_wgmma")
+            } else if logits_mma {
+                by_dtype!(t, "tl_xent_grad_logits_", "_mma")
+            } else {
+                by_dtype!(t, "tl_xent_grad_logits_", "")
+            },
+            grid: (blocks(tokens, GEMM_TILE), blocks(cols, GEMM_TILE), 1),
+            block: (THREADS, 1, 1),
+            shared_bytes,
+        };
+        // SAFETY: the block's h [tb, d], p [tb, r], targets and lse [tb] rows;
+        // W [V, d], U [V, r] (caller); g [rows, chunk] >= [tb, cols] and live
+        // [row tiles, chunk / 128] >= the grid (the caller's allocations).
+        unsafe { e.launch(&plan, &params)? };
+        // The tile flags (row length = this chunk's column tiles) let the
+        // consumers skip filtered tiles; without a filter every tile is live.
+        let flags = (s.filter > 0.0).then(|| (live, cols.div_ceil(GEMM_TILE as usize)));
+        let (w_rows, u_rows) = (wt.w + (col0 * d * t.size()) as u64, wt.u + (col0 * r * 4) as u64);
+        let du = grads.u + (col0 * r * 4) as u64;
+        if e.options().cublas {
+            // Filtered tiles of G hold zeros, so the engine's sums equal the skipping kernels'.
+            let (_packed, u) = engine_u(e, t, u_rows, cols, r)?;
             let op = EngineGrads {
-                g: e.addr(&g),
-                w: w_c,
-                u: u_c,
-                h: h_b,
-                p: p_b,
-                dh_acc: at(dh_acc, t0 * d, 4),
-                gu: at(gu, t0 * r, 4),
-                du: at(grads.u, col0 * r, 4),
-                dw: grads.w.map(|dw| at(dw, col0 * d, 4)),
+                g,
+                w: w_rows,
+                u,
+                h: b.h,
+                p: b.p,
+                dh_acc: b.dh_acc,
+                gu: b.gu,
+                du,
+                dw: grads.w.map(|dw| dw + (col0 * d * 4) as u64),
                 rows: cols,
                 beta: 1.0,
-                scale: g_scale,
+                scale: s.g_scale,
             };
-            engine_grads(e, cfg, t, op, tb)?;
+            engine_grads(e, cfg, t, op, tokens)?;
+            continue;
+        }
+        let op = GradH {
+            g,
+            w: w_rows,
+            u: u_rows,
+            vh: wt.vh,
+            dh: b.dh_acc,
+            gu: b.gu,
+            rows: cols,
+            accumulate: true,
+            live: flags,
+        };
+        grad_h(e, cfg, t, t, op, tokens)?;
+        // dU += Gᵀ p: few vocabulary tiles per chunk, so split the token
+        // range for parallelism; the partials are summed in order.
+        let k_split = xent_du_split(tokens, cols, e.multiprocessors());
+        let du_op =
+            |grad, k_split| GradParam { g, b: b.p, grad, rows: cols, ncols: r, live: flags, k_split, scale: s.g_scale };
+        if k_split < tokens {
+            grad_param(e, t, t, du_op(du_part, k_split), tokens)?;
+            let reduce = LoraUpReduceParams {
+                partial: du_part,
+                out: du,
+                chunks: tokens.div_ceil(k_split) as i32,
+                count: i32_of("vocabulary columns * rank", cols * r)?,
+                scale: 1.0,
+                _pad: 0,
+            };
+            let plan = LaunchPlan::linear("tl_lora_up_reduce", blocks(cols * r, THREADS), THREADS);
+            // SAFETY: du_part holds the [splits, cols, r] partials written
+            // above; du is the caller's dU rows [col0, col0 + cols).
+            unsafe { e.launch(&plan, &reduce)? };
+        } else {
+            grad_param(e, t, t, du_op(du, 0), tokens)?;
+        }
+        if let Some(dw) = grads.w {
+            let dw_op = GradParam {
+                g,
+                b: b.h,
+                grad: dw + (col0 * d * 4) as u64,
+                rows: cols,
+                ncols: d,
+                live: flags,
+                k_split: 0,
+                scale: s.g_scale,
+            };
+            grad_param(e, t, t, dw_op, tokens)?;
         }
     }
     Ok(())
 }
 
+/// The GEMM-engine part of one token block (`KernelOptions::cublas`, no
+/// gradient filter): per vocabulary chunk of `cols_b` columns the f32 logits
+/// on the engine, G' from them (`tl_xent_chunk_grad_*`, as the fused logit
+/// kernels store it), then the engine's `dh_acc += G W`, `gu += G U`,
+/// `dU += Gᵀ p`, `dW += Gᵀ h` on it. `bufs`: f32 logits and G, each
+/// [rows, cols_b]; `u`: U in the storage dtype ([`engine_u`]).
+#[allow(clippy::too_many_arguments)]
+fn engine_xent_block_grads<E: Executor>(
+    e: &E,
+    cfg: &LoraConfig,
+    t: DType,
+    wt: WeightAddrs,
+    u: u64,
+    b: XentRows,
+    s: XentGradScale,
+    grads: GradAddrs,
+    cols_b: usize,
+    (z, g): (u64, u64),
+) -> Result<()> {
+    let (v, d, r, es) = (cfg.vocab(), cfg.hidden(), cfg.rank(), t.size());
+    let at = |base: u64, index: usize, bytes: usize| base + (index * bytes) as u64;
+    for col0 in (0..v).step_by(cols_b) {
+        let cols = cols_b.min(v - col0);
+        let (w_c, u_c) = (at(wt.w, col0 * d, es), at(u, col0 * r, es));
+        engine_logits(e, cfg, t, (b.h, b.p), (w_c, u_c), z, b.tokens, cols)?;
+        let grad = XentChunkGradParams {
+            z,
+            targets: b.targets,
+            lse: b.lse,
+            g,
+            tokens: b.tokens as i32,
+            cols: cols as i32,
+            col0: col0 as i32,
+            softcap: cfg.logit_softcap().unwrap_or(0.0) as f32,
+            g_unit: s.g_unit,
+            _pad: 0,
+        };
+        let plan = row_plan(by_dtype!(t, "tl_xent_chunk_grad_", ""), b.tokens, cols);
+        // SAFETY: z [tb, cols] written above; the block's targets and lse
+        // rows [tb]; g [rows, cols_b] >= [tb, cols] (the caller's allocation).
+        unsafe { e.launch(&plan, &grad)? };
+        let op = EngineGrads {
+            g,
+            w: w_c,
+            u: u_c,
+            h: b.h,
+            p: b.p,
+            dh_acc: b.dh_acc,
+            gu: b.gu,
+            du: at(grads.u, col0 * r, 4),
+            dw: grads.w.map(|dw| at(dw, col0 * d, 4)),
+            rows: cols,
+            beta: 1.0,
+            scale: s.g_scale,
+        };
+        engine_grads(e, cfg, t, op, b.tokens)?;
+    }
+    Ok(())
+}
+
 /// Fused head + cross-entropy backward, no [T, V] buffer, bitwise
-/// deterministic. Per vocabulary chunk of C columns (C·T·elem ≤ 32 MiB): one
-/// kernel recomputes the chunk's logits and writes G = ∂loss/∂z [T, C]; the
-/// head backward's GEMMs consume it while it is in L2 (f32 `dh += G W`,
-/// `gu += G U`, `dU += Gᵀ p`, `dW += Gᵀ h`). Then `dh` gets its LoRA term
-/// `s·gu·Vh` and `dVh += s·guᵀ h`. The logits are computed once, as in the forward.
+/// deterministic. Per block of token rows ([`xent_backward_block`], or
+/// the GEMM engine's block), a zeroed f32 `dh` accumulator of just those rows,
+/// then per vocabulary chunk: the chunk's logits recomputed, G = ∂loss/∂z,
+/// and the head backward's GEMMs on it while it is in L2 (`dh += G W`,
+/// `gu += G U`, `dU += Gᵀ p`, `dW += Gᵀ h`); the block's `dh` rows get their
+/// LoRA term `s·gu·Vh` before the next block. Finally `dVh += s·guᵀ h`. The
+/// logits are computed once, as in the forward; no scratch grows with T·d.
 #[allow(clippy::too_many_arguments)]
 pub fn head_xent_backward<E: Executor>(
     e: &E,
@@ -1421,7 +1624,7 @@ pub fn head_xent_backward<E: Executor>(
     grads: GradAddrs,
     tokens: usize,
 ) -> Result<()> {
-    let (v, d, r) = (cfg.vocab(), cfg.hidden(), cfg.rank());
+    let (v, d, r, es) = (cfg.vocab(), cfg.hidden(), cfg.rank(), t.size());
     grad_h_rx(r)?;
     let (t32, valid) = prepare_ids(e, "targets", targets, kind, tokens, v, Some(cfg.ignore_index()))?;
     // G is stored without the loss factor and times g_unit (xent_grad.cu):
@@ -1429,156 +1632,59 @@ pub fn head_xent_backward<E: Executor>(
     // over it get factor / g_unit once, at the end.
     let g_unit = if t == DType::F16 { XENT_F16_G_UNIT } else { 1.0 };
     let g_scale_f64 = grad_loss as f64 * cfg.loss_scale(valid) / g_unit;
-    let g_scale = g_scale_f64 as f32;
-    let p = e.scratch_uninit(tokens * r * t.size())?;
-    lora_down(e, cfg, t, t, h, wt.vh, e.addr(&p), tokens, cfg.scale())?;
-    let dh_acc = e.scratch(tokens * d * 4)?;
-    let gu = e.scratch(tokens * r * 4)?;
     let filter = cfg.xent_grad_filter().unwrap_or(0.0) as f32;
-    if e.options().cublas && filter == 0.0 {
-        if valid > 0 {
-            let acc = (e.addr(&dh_acc), e.addr(&gu));
-            let scales = (g_unit as f32, g_scale);
-            engine_xent_grads(e, cfg, t, wt, (h, e.addr(&p)), (e.addr(&t32), lse), scales, acc, grads, tokens)?;
-        }
+    let s = XentGradScale { g_unit: g_unit as f32, g_scale: g_scale_f64 as f32, filter };
+    let p = e.scratch_uninit(tokens * r * es)?;
+    lora_down(e, cfg, t, t, h, wt.vh, e.addr(&p), tokens, cfg.scale())?;
+    let gu = e.scratch(tokens * r * 4)?;
+    let engine = e.options().cublas && filter == 0.0;
+    let chunk_bytes = e.options().xent_chunk_bytes;
+    let (rows_b, cols_b) = if engine {
+        engine_xent_block(cfg, t, tokens, chunk_bytes)
     } else {
-        let chunk = xent_chunk_cols(cfg, t, tokens, e.options().xent_chunk_bytes);
-        let g = e.scratch(tokens * chunk * t.size())?;
-        let g_addr = e.addr(&g);
-        let (tiles_m, tiles_c) = (tokens.div_ceil(GEMM_TILE as usize), chunk / GEMM_TILE as usize);
-        let live = e.scratch(tiles_m * tiles_c * 4)?;
-        let du_part = e.scratch(xent_du_partial_bytes(cfg, tokens, e.multiprocessors(), chunk))?;
-        let logits_wgmma = e.options().wgmma && t != DType::F32;
-        let logits_mma = e.options().mma && t != DType::F32;
-        let shared_bytes = if logits_wgmma {
-            wg_shared_bytes(128, 3)
-        } else {
-            gemm_shared_bytes(t.size(), 128, 128, 32, false, true, 0, if logits_mma { 3 } else { 1 })
+        xent_backward_block(cfg, t, tokens, chunk_bytes)
+    };
+    // Scratch of one block, reused by every block: the engine's f32 logits,
+    // G and U in the storage dtype; the fused kernels' G, tile flags and dU
+    // split partials.
+    let (buf_a, buf_b, buf_c, engine_u_addr) = if engine {
+        let z = e.scratch_uninit(rows_b * cols_b * 4)?;
+        let g = e.scratch_uninit(rows_b * cols_b * es)?;
+        let (packed, u) = engine_u(e, t, wt.u, v, r)?;
+        (z, g, packed, u)
+    } else {
+        let g = e.scratch(rows_b * cols_b * es)?;
+        let live = e.scratch(rows_b.div_ceil(GEMM_TILE as usize) * (cols_b / GEMM_TILE as usize) * 4)?;
+        let du_part = e.scratch(xent_du_partial_bytes(cfg, tokens, rows_b, e.multiprocessors(), cols_b))?;
+        (g, live, Some(du_part), 0)
+    };
+    let at = |base: u64, index: usize, bytes: usize| base + (index * bytes) as u64;
+    // Token blocks outside: a block's h rows and f32 dh rows stay in L2
+    // while the vocabulary chunks stream past.
+    for t0 in (0..tokens).step_by(rows_b.max(1)) {
+        let tb = rows_b.min(tokens - t0);
+        let dh_acc = e.scratch(tb * d * 4)?;
+        let b = XentRows {
+            h: at(h, t0 * d, es),
+            p: at(e.addr(&p), t0 * r, es),
+            targets: at(e.addr(&t32), t0, 4),
+            lse: at(lse, t0, 4),
+            dh_acc: e.addr(&dh_acc),
+            gu: at(e.addr(&gu), t0 * r, 4),
+            tokens: tb,
         };
         if valid > 0 {
-            for col0 in (0..v).step_by(chunk) {
-                let cols = chunk.min(v - col0);
-                let params = XentGradLogitsParams {
-                    h,
-                    p: e.addr(&p),
-                    w: wt.w,
-                    u: wt.u,
-                    targets: e.addr(&t32),
-                    lse,
-                    g: g_addr,
-                    live: e.addr(&live),
-                    tokens: i32_of("tokens", tokens)?,
-                    vocab: i32_of("vocab", v)?,
-                    hidden: i32_of("hidden", d)?,
-                    rank: i32_of("rank", r)?,
-                    col0: col0 as i32,
-                    cols: cols as i32,
-                    softcap: cfg.logit_softcap().unwrap_or(0.0) as f32,
-                    g_unit: g_unit as f32,
-                    filter,
-                    _pad: 0,
-                };
-                let plan = LaunchPlan {
-                    kernel: if logits_wgmma {
-                        by_dtype!(t, "tl_xent_grad_logits_", "_wgmma")
-                    } else if logits_mma {
-                        by_dtype!(t, "tl_xent_grad_logits_", "_mma")
-                    } else {
-                        by_dtype!(t, "tl_xent_grad_logits_", "")
-                    },
-                    grid: (blocks(tokens, GEMM_TILE), blocks(cols, GEMM_TILE), 1),
-                    block: (THREADS, 1, 1),
-                    shared_bytes,
-                };
-                // SAFETY: h [T, d], W [V, d], U [V, r], lse [T] (caller); p [T, r],
-                // targets [T], g [T, chunk] >= [T, cols] and live [tiles_m,
-                // tiles_c] >= the grid, allocated above.
-                unsafe { e.launch(&plan, &params)? };
-                // The tile flags (row length = this chunk's column tiles) let the
-                // consumers skip filtered tiles; without a filter every tile is live.
-                let flags = (filter > 0.0).then(|| (e.addr(&live), cols.div_ceil(GEMM_TILE as usize)));
-                let (w_rows, u_rows) = (wt.w + (col0 * d * t.size()) as u64, wt.u + (col0 * r * 4) as u64);
-                let du = grads.u + (col0 * r * 4) as u64;
-                if e.options().cublas {
-                    // Filtered tiles of G hold zeros, so the engine's sums equal the skipping kernels'.
-                    let (_packed, u) = engine_u(e, t, u_rows, cols, r)?;
-                    let op = EngineGrads {
-                        g: g_addr,
-                        w: w_rows,
-                        u,
-                        h,
-                        p: e.addr(&p),
-                        dh_acc: e.addr(&dh_acc),
-                        gu: e.addr(&gu),
-                        du,
-                        dw: grads.w.map(|dw| dw + (col0 * d * 4) as u64),
-                        rows: cols,
-                        beta: 1.0,
-                        scale: g_scale,
-                    };
-                    engine_grads(e, cfg, t, op, tokens)?;
-                    continue;
-                }
-                let op = GradH {
-                    g: g_addr,
-                    w: w_rows,
-                    u: u_rows,
-                    vh: wt.vh,
-                    dh: e.addr(&dh_acc),
-                    gu: e.addr(&gu),
-                    rows: cols,
-                    accumulate: true,
-                    live: flags,
-                };
-                grad_h(e, cfg, t, t, op, tokens)?;
-                // dU += Gᵀ p: few vocabulary tiles per chunk, so split the token
-                // range for parallelism; the partials are summed in order.
-                let k_split = xent_du_split(tokens, cols, e.multiprocessors());
-                let du_op = |grad, k_split| GradParam {
-                    g: g_addr,
-                    b: e.addr(&p),
-                    grad,
-                    rows: cols,
-                    ncols: r,
-                    live: flags,
-                    k_split,
-                    scale: g_scale,
-                };
-                if k_split < tokens {
-                    grad_param(e, t, t, du_op(e.addr(&du_part), k_split), tokens)?;
-                    let reduce = LoraUpReduceParams {
-                        partial: e.addr(&du_part),
-                        out: du,
-                        chunks: tokens.div_ceil(k_split) as i32,
-                        count: i32_of("vocabulary columns * rank", cols * r)?,
-                        scale: 1.0,
-                        _pad: 0,
-                    };
-                    let plan = LaunchPlan::linear("tl_lora_up_reduce", blocks(cols * r, THREADS), THREADS);
-                    // SAFETY: du_part holds the [splits, cols, r] partials written
-                    // above; du is the caller's dU rows [col0, col0 + cols).
-                    unsafe { e.launch(&plan, &reduce)? };
-                } else {
-                    grad_param(e, t, t, du_op(du, 0), tokens)?;
-                }
-                if let Some(dw) = grads.w {
-                    let grad = dw + (col0 * d * 4) as u64;
-                    let dw_op = GradParam {
-                        g: g_addr,
-                        b: h,
-                        grad,
-                        rows: cols,
-                        ncols: d,
-                        live: flags,
-                        k_split: 0,
-                        scale: g_scale,
-                    };
-                    grad_param(e, t, t, dw_op, tokens)?;
-                }
+            if engine {
+                let bufs = (e.addr(&buf_a), e.addr(&buf_b));
+                engine_xent_block_grads(e, cfg, t, wt, engine_u_addr, b, s, grads, cols_b, bufs)?;
+            } else {
+                let du_part = buf_c.as_ref().map_or(0, |x| e.addr(x));
+                let bufs = (e.addr(&buf_a), e.addr(&buf_b), du_part);
+                fused_xent_block(e, cfg, t, wt, b, s, grads, cols_b, bufs)?;
             }
         }
+        grad_finish(e, cfg, t, b.dh_acc, b.gu, wt.vh, at(dh, t0 * d, es), tb, s.g_scale)?;
     }
-    grad_finish(e, cfg, t, e.addr(&dh_acc), e.addr(&gu), wt.vh, dh, tokens, g_scale)?;
     if valid > 0 {
         lora_up(e, cfg, t, e.addr(&gu), 0, h, grads.vh, tokens, cfg.scale() * g_scale_f64)?;
     }

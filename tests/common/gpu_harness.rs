@@ -214,7 +214,7 @@ pub fn embed_forward_u32<T: Element>(gpu: &Cuda, cfg: &LoraConfig, wt: HostWeigh
     down(gpu, &out)
 }
 
-/// Scratch bytes of the fused cross-entropy forward and backward at one
+/// Peak scratch bytes of the fused cross-entropy forward and backward at one
 /// (large) shape, with the loss, for the memory test: W is a random block of
 /// 2^20 values repeated (drawing V·d values on the host would dominate the
 /// test), h is fully random.
@@ -239,9 +239,9 @@ pub fn xent_scratch_at<T: Element>(
     let mut lse = up(gpu, &nan::<f32>(tokens))?;
     let mut dh = up(gpu, &nan::<T>(tokens * d))?;
     let mut dg = DevGrads::up(gpu, &HostGrads::zeros(cfg, false))?;
-    let s0 = gpu.scratch_bytes_allocated();
+    gpu.reset_scratch_peak();
     Backend::head_xent_forward(gpu, cfg, &dw.weights(), hd.view(), td.view(), loss.view_mut(), lse.view_mut())?;
-    let s1 = gpu.scratch_bytes_allocated();
+    let fwd = gpu.reset_scratch_peak();
     Backend::head_xent_backward(
         gpu,
         cfg,
@@ -253,6 +253,6 @@ pub fn xent_scratch_at<T: Element>(
         dh.view_mut(),
         &mut dg.grads(),
     )?;
-    let s2 = gpu.scratch_bytes_allocated();
-    Ok((s1 - s0, s2 - s1, down(gpu, &loss)?[0], down(gpu, &dh)?))
+    let bwd = gpu.scratch_peak_bytes();
+    Ok((fwd, bwd, down(gpu, &loss)?[0], down(gpu, &dh)?))
 }
