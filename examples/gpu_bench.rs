@@ -174,7 +174,8 @@ const USAGE: &str = "usage: gpu_bench [--quick | --shapes gemma,llama,quick] [--
 /// baselines (`--variants`), by family.
 #[derive(Debug, Clone, Copy)]
 struct Variants {
-    /// cp.async 3-stage, wide tiles, grad_h at 1 block/SM (the WMMA kernels).
+    /// cp.async 3-stage, wide tiles, grad_h at 1 block/SM, 128 MiB
+    /// cross-entropy blocks (the WMMA kernels).
     tiles: bool,
     /// `Cuda::with_mma` (and with wide tiles).
     mma: bool,
@@ -641,6 +642,10 @@ struct Gpu {
     /// libcublas does not load), and the same with 128 MiB logit chunks.
     cuda_cublas: Option<Cuda>,
     cuda_cublas_big: Option<Cuda>,
+    /// The default kernels with 128 MiB cross-entropy blocks: at the bench
+    /// shapes one token block of all T rows (the backward's layout before
+    /// token blocks), against the default 32 MiB (several blocks).
+    cuda_big: Option<Cuda>,
     /// The same backend with deferred id errors (no host round trip in the embedding ops).
     cuda_defer: Option<Cuda>,
     stream: Arc<CudaStream>,
@@ -699,6 +704,7 @@ impl Gpu {
         let cuda_s3 = more(variants.tiles)?.map(|c| c.with_gemm_pipeline(true));
         let cuda_wide = more(variants.tiles)?.map(|c| c.with_wide_tiles(true));
         let cuda_gh1 = more(variants.tiles)?.map(|c| c.with_grad_h_two_blocks(false));
+        let cuda_big = more(variants.tiles)?.map(|c| c.with_xent_chunk_bytes(128 << 20));
         let cuda_mma = more(variants.mma)?.map(|c| c.with_mma(true));
         let cuda_wide_mma = more(variants.mma)?.map(|c| c.with_mma(true).with_wide_tiles(true));
         let cuda_defer = more(variants.defer)?.map(|c| c.with_deferred_id_errors(true)).transpose()?;
@@ -716,6 +722,7 @@ impl Gpu {
             cuda,
             cuda_cublas,
             cuda_cublas_big,
+            cuda_big,
             cuda_s3,
             cuda_wide,
             cuda_gh1,
@@ -2027,6 +2034,7 @@ fn bench_xent(gpu: &Gpu, m: &Model, st: &Settings, rep: &mut Report) -> Res<()> 
     let wgmma_all = checked_all(gpu.cuda_wgmma_mma.as_ref(), "wgmma");
     let cublas_all = checked_all(gpu.cuda_cublas.as_ref(), "cuBLAS engine");
     let cublas_big_all = checked_all(gpu.cuda_cublas_big.as_ref(), "cuBLAS engine, 128 MiB blocks");
+    let big_all = checked_all(gpu.cuda_big.as_ref(), "fused, 128 MiB blocks");
     let filter_all = timed_all(rep, Some(&gpu.cuda), &cfg_filter, "fused, grad filter");
     let filter_cublas_all = timed_all(rep, gpu.cuda_cublas.as_ref(), &cfg_filter, "cuBLAS engine, grad filter");
     push_timed(
@@ -2083,6 +2091,17 @@ fn bench_xent(gpu: &Gpu, m: &Model, st: &Settings, rep: &mut Report) -> Res<()> 
         peft_t,
         None,
         "with_cublas(true)?.with_xent_chunk_bytes(128 MiB): the engine with 4x larger logit chunks / backward blocks",
+    );
+    push_timed(
+        rep,
+        sh,
+        "xent_fwd_bwd",
+        "ours (fused, no logits, 128 MiB blocks)",
+        big_all,
+        flop_all,
+        peft_t,
+        None,
+        "with_xent_chunk_bytes(128 MiB): the backward in one token block of all T rows (f32 dh [T, d]) vs the default 32 MiB blocks",
     );
     for (label, row) in [
         ("ours (fused, no logits, grad filter 2^-12)", filter_all),
