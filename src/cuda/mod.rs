@@ -275,9 +275,13 @@ impl Cuda {
         Err(Error::TokenOutOfRange { arg: "ids", index: r[2] as usize, value: r[3], vocab: r[4] as usize })
     }
 
-    /// Bytes of G per vocabulary chunk of the fused cross-entropy backward
-    /// (default [`crate::kernels::XENT_CHUNK_BYTES`], sized to stay in
-    /// L2). Same results for any value; a tuning knob for other cards.
+    /// Bytes of each per-block buffer of the fused cross-entropy: the
+    /// backward's G block and f32 `dh` accumulator block
+    /// ([`crate::kernels::xent_backward_block`]), the GEMM engine's f32 logits
+    /// chunk (default [`crate::kernels::XENT_CHUNK_BYTES`], sized to stay in
+    /// L2). The same results up to f32 rounding for any value (the sums are
+    /// grouped by block), bitwise deterministic for each; a tuning knob for
+    /// other cards.
     pub fn with_xent_chunk_bytes(mut self, bytes: usize) -> Self {
         self.options.xent_chunk_bytes = bytes;
         self

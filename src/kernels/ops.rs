@@ -1270,7 +1270,7 @@ fn engine_xent_block(cfg: &LoraConfig, t: DType, tokens: usize, chunk_bytes: usi
     let tile = GEMM_TILE as usize;
     let elems = chunk_budget(chunk_bytes) / (4 + t.size());
     let v_max = cfg.vocab().div_ceil(tile) * tile;
-    let t_max = tokens.div_ceil(tile) * tile;
+    let t_max = tokens.max(1).div_ceil(tile) * tile;
     let cols = (((5 * elems) as f64).sqrt() as usize / tile * tile).clamp(tile, v_max);
     let rows = (elems / cols / tile * tile).clamp(tile, t_max);
     if rows == t_max {
@@ -1338,6 +1338,7 @@ pub fn head_xent_backward_scratch_bytes(
     opts: &KernelOptions,
 ) -> usize {
     let m = |b: usize| b.max(16);
+    let sms = sms.max(1);
     let (v, d, r, es) = (cfg.vocab(), cfg.hidden(), cfg.rank(), t.size());
     let half = t != DType::F32;
     let filtered = cfg.xent_grad_filter().is_some_and(|f| f > 0.0);
@@ -1694,6 +1695,40 @@ pub fn head_xent_backward<E: Executor>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The public memory formulas and block shapes answer (no panic, no
+    /// division by zero) for any token count, multiprocessor count and
+    /// option set, and the token blocks stay within the chunk bytes.
+    #[test]
+    fn memory_formulas_take_any_input() {
+        let cfg = LoraConfig::builder(1000, 64, 8).xent_grad_filter(1e-3).build().unwrap();
+        let exact = LoraConfig::builder(1000, 64, 8).build().unwrap();
+        for tokens in [0, 1, 127, 129, 100_000] {
+            for sms in [0, 1, 132] {
+                for bits in 0..16u32 {
+                    let opts = KernelOptions {
+                        cublas: bits & 1 != 0,
+                        wgmma: bits & 2 != 0,
+                        wgmma_whole_atoms: bits & 4 != 0,
+                        xent_chunk_bytes: if bits & 8 != 0 { 1 } else { 0 },
+                        ..KernelOptions::default()
+                    };
+                    for c in [&cfg, &exact] {
+                        for t in [DType::F32, DType::F16, DType::BF16] {
+                            assert!(head_xent_forward_scratch_bytes(c, t, tokens, sms, &opts) >= 16);
+                            assert!(head_xent_backward_scratch_bytes(c, t, tokens, sms, &opts) >= 16);
+                            let (rows, cols) = xent_backward_block(c, t, tokens, opts.xent_chunk_bytes);
+                            assert!(rows >= 1 && cols % 128 == 0 && cols >= 128, "{rows} x {cols}");
+                            let budget = chunk_budget(opts.xent_chunk_bytes);
+                            if tokens > rows {
+                                assert!(rows % 128 == 0 && (rows == 128 || rows * 64 * 4 <= budget));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
 
     /// The GEMM-engine backward's blocks: multiples of 128 (or all tokens),
     /// within the byte budget whenever the 128 × 128 minimum allows, and the
