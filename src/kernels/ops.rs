@@ -1654,9 +1654,11 @@ pub fn head_xent_backward<E: Executor>(
         let (packed, u) = engine_u(e, t, wt.u, v, r)?;
         (z, g, packed, u)
     } else {
-        let g = e.scratch(rows_b * cols_b * es)?;
-        let live = e.scratch(rows_b.div_ceil(GEMM_TILE as usize) * (cols_b / GEMM_TILE as usize) * 4)?;
-        let du_part = e.scratch(xent_du_partial_bytes(cfg, tokens, rows_b, e.multiprocessors(), cols_b))?;
+        // Written before they are read: every G entry and tile flag by the
+        // logits kernel (filtered tiles as 0), every partial by its split.
+        let g = e.scratch_uninit(rows_b * cols_b * es)?;
+        let live = e.scratch_uninit(rows_b.div_ceil(GEMM_TILE as usize) * (cols_b / GEMM_TILE as usize) * 4)?;
+        let du_part = e.scratch_uninit(xent_du_partial_bytes(cfg, tokens, rows_b, e.multiprocessors(), cols_b))?;
         (g, live, Some(du_part), 0)
     };
     let at = |base: u64, index: usize, bytes: usize| base + (index * bytes) as u64;
