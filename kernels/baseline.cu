@@ -36,7 +36,6 @@ TL_DEVICE unsigned bl_axpby_word(unsigned x, unsigned y, float a, float b) {
   return bl_bits(lo) | (bl_bits(hi) << 16);
 }
 
-TL_DEVICE bool bl_aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
 TL_DEVICE unsigned long long bl_first() {
   return static_cast<unsigned long long>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -93,7 +92,7 @@ TL_KERNEL_BOUNDED(tl_bench_cast_f32_bf16, CastParams, TL_BENCH_THREADS) {
 
 TL_KERNEL_BOUNDED(tl_bench_axpby_bf16, AxpbyParams, TL_BENCH_THREADS) {
   const bool has_x = p.x != nullptr;
-  const bool vec = (!has_x || bl_aligned16(p.x)) && bl_aligned16(p.y) && bl_aligned16(p.out);
+  const bool vec = (!has_x || tl_aligned(p.x, 16)) && tl_aligned(p.y, 16) && tl_aligned(p.out, 16);
   const unsigned long long packs = vec ? p.n / 8 : 0;
   const float a = p.alpha;
   const float b = p.beta;
@@ -117,7 +116,7 @@ TL_KERNEL_BOUNDED(tl_bench_axpby_bf16, AxpbyParams, TL_BENCH_THREADS) {
 }
 
 TL_KERNEL_BOUNDED(tl_bench_gather_rows_b16, GatherParams, TL_BENCH_THREADS) {
-  const bool vec = (p.ncols % 8 == 0) && bl_aligned16(p.src) && bl_aligned16(p.out);
+  const bool vec = (p.ncols % 8 == 0) && tl_aligned(p.src, 16) && tl_aligned(p.out, 16);
   const long long units = vec ? p.ncols / 8 : p.ncols;  // 16-byte packs or 2-byte elements per row
   const unsigned long long total = static_cast<unsigned long long>(p.tokens) * static_cast<unsigned long long>(units);
   for (unsigned long long idx = bl_first(); idx < total; idx += bl_stride()) {

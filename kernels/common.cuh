@@ -105,6 +105,12 @@ TL_DEVICE unsigned tl_lane_id() {
 }
 TL_DEVICE unsigned tl_warp_id() { return tl_thread_linear() >> 5; }
 
+// Whether `p` is aligned to `bytes` (a power of two): the vector-load paths'
+// test (uniform across a launch when `p` is a kernel argument).
+TL_DEVICE bool tl_aligned(const void* p, unsigned bytes) {
+  return (reinterpret_cast<uintptr_t>(p) & static_cast<uintptr_t>(bytes - 1)) == 0;
+}
+
 // dtype helpers: f32 math on every storage type, round to nearest even.
 TL_DEVICE float tl_to_float(float x) { return x; }
 TL_DEVICE float tl_to_float(__half x) { return __half2float(x); }

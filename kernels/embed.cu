@@ -242,10 +242,6 @@ TL_DEVICE void tl_embed_epilogue(const unsigned (&wd)[NW], const float (&acc)[NC
   }
 }
 
-TL_DEVICE bool tl_aligned(const void* p, unsigned bytes) {
-  return (reinterpret_cast<uintptr_t>(p) & static_cast<uintptr_t>(bytes - 1)) == 0;
-}
-
 // ------------------------------------------------------- embed_forward ----
 
 // General path (fallback): any d and alignment, any r. Vh is held for rank

@@ -16,7 +16,9 @@
 //             cp.async). Grid-stride, block 256.
 // concat_rows out[i] = [x_i | y_i] in the storage dtype (y f32 or storage):
 //             the K = d + r operands [h | p] and [W | U] of the GEMM engine's
-//             head forward (KernelOptions::cublas). Grid-stride, block 256.
+//             head forward (KernelOptions::cublas). One warp per row
+//             (grid-stride over rows, block 256): x in 16-byte vectors when
+//             both row lengths and both bases allow, else element-wise.
 #include "params.h"
 
 namespace {
@@ -189,21 +191,33 @@ TL_DEVICE void lora_pack(const LoraPackParams& p) {
 }
 template <class T>
 TL_DEVICE void concat_rows(const ConcatRowsParams& p) {
+  constexpr int kVec = 16 / sizeof(T);
   const int k = p.d + p.r;
-  const long long n = static_cast<long long>(p.rows) * k;
-  for (long long e = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; e < n;
-       e += static_cast<long long>(gridDim.x) * blockDim.x) {
-    const long long row = e / k;
-    const int j = static_cast<int>(e % k);
-    T v;
-    if (j < p.d) {
-      v = static_cast<const T*>(p.x)[row * p.d + j];
-    } else if (p.y_f32) {
-      v = tl_from_float<T>(static_cast<const float*>(p.y)[row * p.r + (j - p.d)]);
+  const int lane = static_cast<int>(tl_lane_id());
+  const int warps = static_cast<int>(blockDim.x) / 32;
+  // Row copies as 16-byte vectors: W is [V, d] with d a multiple of 8 in
+  // every model this serves; the per-element path is the general fallback.
+  const bool vec = p.d % kVec == 0 && k % kVec == 0 && tl_aligned(p.x, 16) && tl_aligned(p.out, 16);
+  for (int row = static_cast<int>(blockIdx.x) * warps + static_cast<int>(tl_warp_id()); row < p.rows;
+       row += static_cast<int>(gridDim.x) * warps) {
+    const T* x = static_cast<const T*>(p.x) + static_cast<long long>(row) * p.d;
+    T* out = static_cast<T*>(p.out) + static_cast<long long>(row) * k;
+    if (vec) {
+      const uint4* xv = reinterpret_cast<const uint4*>(x);
+      uint4* ov = reinterpret_cast<uint4*>(out);
+      for (int j = lane; j < p.d / kVec; j += 32) ov[j] = xv[j];
     } else {
-      v = static_cast<const T*>(p.y)[row * p.r + (j - p.d)];
+      // Not unrolled: unrolling this fallback made ptxas spill the f32 variant.
+#pragma unroll 1
+      for (int j = lane; j < p.d; j += 32) out[j] = x[j];
     }
-    static_cast<T*>(p.out)[e] = v;
+    if (p.y_f32) {
+      const float* y = static_cast<const float*>(p.y) + static_cast<long long>(row) * p.r;
+      for (int j = lane; j < p.r; j += 32) out[p.d + j] = tl_from_float<T>(y[j]);
+    } else {
+      const T* y = static_cast<const T*>(p.y) + static_cast<long long>(row) * p.r;
+      for (int j = lane; j < p.r; j += 32) out[p.d + j] = y[j];
+    }
   }
 }
 TL_KERNEL_BOUNDED(tl_concat_rows_f32, ConcatRowsParams, 256) { concat_rows<float>(p); }

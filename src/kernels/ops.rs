@@ -647,7 +647,8 @@ fn concat_rows<E: Executor>(
         r: i32_of("rank", r)?,
         y_f32: i32::from(y_f32),
     };
-    let grid = blocks(rows * (d + r), THREADS).min(e.multiprocessors() * 8);
+    // One warp per row, rows grid-strided (lora_small.cu).
+    let grid = blocks(rows, THREADS / 32).min(e.multiprocessors() * 16);
     let plan = LaunchPlan::linear(by_dtype!(t, "tl_concat_rows_", ""), grid.max(1), THREADS);
     // SAFETY: x [rows, d] and y [rows, r] (callers), out [rows, d + r] (the op's scratch).
     unsafe { e.launch(&plan, &params) }
