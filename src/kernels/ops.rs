@@ -1327,9 +1327,9 @@ fn xent_du_partial_bytes(cfg: &LoraConfig, tokens: usize, rows: usize, sms: u32,
 /// the chunk bytes, [`xent_backward_block`], or a 128-row / 128-column
 /// minimum), the tile flags and dU partials of one block, the bounded dVh
 /// partials; with `KernelOptions::wgmma` one chunk's U rows packed to the
-/// storage dtype (C·RX·elem); with `KernelOptions::cublas` (no gradient
-/// filter) an f32 logits block beside G and U in the storage dtype (V·r·elem,
-/// f16 / bf16). No term in T·V, V·d or T·d: the tests check this formula
+/// storage dtype (C·RX·elem); with `KernelOptions::cublas` U in the storage
+/// dtype (V·r·elem, f16 / bf16) and, without a gradient filter, an f32
+/// logits block beside G. No term in T·V, V·d or T·d: the tests check this formula
 /// against the op's measured peak for every path.
 pub fn head_xent_backward_scratch_bytes(
     cfg: &LoraConfig,
@@ -1350,23 +1350,22 @@ pub fn head_xent_backward_scratch_bytes(
         xent_backward_block(cfg, t, tokens, opts.xent_chunk_bytes)
     };
     let first_cols = cols_b.min(v);
-    // Held from start to end: targets, p, gu, and one block's buffers.
+    // Held from start to end: targets, p, gu, U packed for the GEMM engine,
+    // and one block's buffers.
     let held = m(tokens * 4)
         + m(tokens * r * es)
         + m(tokens * r * 4)
+        + if opts.cublas && half { m(v * r * es) } else { 0 }
         + if engine {
-            m(rows_b * cols_b * 4) + m(rows_b * cols_b * es) + if half { m(v * r * es) } else { 0 }
+            m(rows_b * cols_b * 4) + m(rows_b * cols_b * es)
         } else {
             m(rows_b * cols_b * es)
                 + m(rows_b.div_ceil(GEMM_TILE as usize) * (cols_b / GEMM_TILE as usize) * 4)
                 + m(xent_du_partial_bytes(cfg, tokens, rows_b, sms, cols_b))
         };
-    // Per chunk, freed before the next: U rows packed for a wgmma grad_h, or
-    // for the engine's GEMMs on a filtered G.
-    let per_chunk = if !half || engine {
+    // Per chunk, freed before the next: U rows packed for a wgmma grad_h.
+    let per_chunk = if !half || opts.cublas {
         0
-    } else if opts.cublas {
-        m(first_cols * r * es)
     } else if opts.wgmma && !filtered {
         let rx = if opts.wgmma_whole_atoms { MAX_HEAD_RANK } else { grad_h_rx(r).unwrap_or(MAX_HEAD_RANK) };
         m(first_cols * rx * es)
@@ -1376,6 +1375,11 @@ pub fn head_xent_backward_scratch_bytes(
     let up_chunk = UP_CHUNK.max(tokens.div_ceil(4 * sms as usize));
     let dvh_partials = m(tokens.div_ceil(up_chunk) * r * d * 4);
     held + (m(rows_b.min(tokens) * d * 4) + per_chunk).max(dvh_partials)
+}
+
+/// `base + index · bytes`: the address of element `index` of `bytes` each.
+fn at(base: u64, index: usize, bytes: usize) -> u64 {
+    base + (index * bytes) as u64
 }
 
 /// One token block of the fused cross-entropy backward: the block's rows of
@@ -1407,7 +1411,8 @@ struct XentGradScale {
 /// (and its tile flags with a filter); the head backward's GEMMs consume it
 /// while it is in L2 (`dh_acc += G W`, `gu += G U`, `dU += Gᵀ p`, `dW += Gᵀ h`;
 /// on the GEMM engine with `KernelOptions::cublas`, which a filter keeps on
-/// this path). `bufs`: G [rows, chunk], the flags, the dU split partials.
+/// this path; `u_eng` is then U in the storage dtype, [`engine_u`]).
+/// `bufs`: G [rows, chunk], the flags, the dU split partials.
 #[allow(clippy::too_many_arguments)]
 fn fused_xent_block<E: Executor>(
     e: &E,
@@ -1417,6 +1422,7 @@ fn fused_xent_block<E: Executor>(
     b: XentRows,
     s: XentGradScale,
     grads: GradAddrs,
+    u_eng: u64,
     chunk: usize,
     (g, live, du_part): (u64, u64, u64),
 ) -> Result<()> {
@@ -1474,11 +1480,10 @@ fn fused_xent_block<E: Executor>(
         let du = grads.u + (col0 * r * 4) as u64;
         if e.options().cublas {
             // Filtered tiles of G hold zeros, so the engine's sums equal the skipping kernels'.
-            let (_packed, u) = engine_u(e, t, u_rows, cols, r)?;
             let op = EngineGrads {
                 g,
                 w: w_rows,
-                u,
+                u: at(u_eng, col0 * r, t.size()),
                 h: b.h,
                 p: b.p,
                 dh_acc: b.dh_acc,
@@ -1563,7 +1568,6 @@ fn engine_xent_block_grads<E: Executor>(
     (z, g): (u64, u64),
 ) -> Result<()> {
     let (v, d, r, es) = (cfg.vocab(), cfg.hidden(), cfg.rank(), t.size());
-    let at = |base: u64, index: usize, bytes: usize| base + (index * bytes) as u64;
     for col0 in (0..v).step_by(cols_b) {
         let cols = cols_b.min(v - col0);
         let (w_c, u_c) = (at(wt.w, col0 * d, es), at(u, col0 * r, es));
@@ -1649,20 +1653,20 @@ pub fn head_xent_backward<E: Executor>(
     // Scratch of one block, reused by every block: the engine's f32 logits,
     // G and U in the storage dtype; the fused kernels' G, tile flags and dU
     // split partials.
-    let (buf_a, buf_b, buf_c, engine_u_addr) = if engine {
+    // U as the GEMM engine's operand (storage dtype), packed once per call.
+    let (_packed_u, u_eng) = if e.options().cublas { engine_u(e, t, wt.u, v, r)? } else { (None, wt.u) };
+    let (buf_a, buf_b, buf_c) = if engine {
         let z = e.scratch_uninit(rows_b * cols_b * 4)?;
         let g = e.scratch_uninit(rows_b * cols_b * es)?;
-        let (packed, u) = engine_u(e, t, wt.u, v, r)?;
-        (z, g, packed, u)
+        (z, g, None)
     } else {
         // Written before they are read: every G entry and tile flag by the
         // logits kernel (filtered tiles as 0), every partial by its split.
         let g = e.scratch_uninit(rows_b * cols_b * es)?;
         let live = e.scratch_uninit(rows_b.div_ceil(GEMM_TILE as usize) * (cols_b / GEMM_TILE as usize) * 4)?;
         let du_part = e.scratch_uninit(xent_du_partial_bytes(cfg, tokens, rows_b, e.multiprocessors(), cols_b))?;
-        (g, live, Some(du_part), 0)
+        (g, live, Some(du_part))
     };
-    let at = |base: u64, index: usize, bytes: usize| base + (index * bytes) as u64;
     // Token blocks outside: a block's h rows and f32 dh rows stay in L2
     // while the vocabulary chunks stream past.
     for t0 in (0..tokens).step_by(rows_b.max(1)) {
@@ -1680,11 +1684,11 @@ pub fn head_xent_backward<E: Executor>(
         if valid > 0 {
             if engine {
                 let bufs = (e.addr(&buf_a), e.addr(&buf_b));
-                engine_xent_block_grads(e, cfg, t, wt, engine_u_addr, b, s, grads, cols_b, bufs)?;
+                engine_xent_block_grads(e, cfg, t, wt, u_eng, b, s, grads, cols_b, bufs)?;
             } else {
                 let du_part = buf_c.as_ref().map_or(0, |x| e.addr(x));
                 let bufs = (e.addr(&buf_a), e.addr(&buf_b), du_part);
-                fused_xent_block(e, cfg, t, wt, b, s, grads, cols_b, bufs)?;
+                fused_xent_block(e, cfg, t, wt, b, s, grads, u_eng, cols_b, bufs)?;
             }
         }
         grad_finish(e, cfg, t, b.dh_acc, b.gu, wt.vh, at(dh, t0 * d, es), tb, s.g_scale)?;
