@@ -1,5 +1,5 @@
 // xent_grad.cu: backward of the fused head + cross-entropy, one vocabulary
-// chunk at a time (src/kernels/ops.rs::head_xent_backward drives it).
+// chunk at a time (src/kernels/ops/xent_backward.rs drives it).
 //
 // logits    grid (ceil(T / 128), ceil(cols / 128)), 256 threads, dynamic shared
 //           memory GemmShape::SMEM_BYTES (the _mma variants: ldmatrix +

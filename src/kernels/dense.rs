@@ -4,7 +4,7 @@
 //! The head backward's `dh = G·W` is a textbook GEMM with nothing to fuse in
 //! its main loop (the LoRA term `s·(G·U)·Vh` is added afterwards from a
 //! [T, r] product), so a vendor GEMM may run it; the op sequences in
-//! `ops.rs` stay the same on both executors, and the CPU tests check them
+//! `ops/` stay the same on both executors, and the CPU tests check them
 //! with [`host_gemm`] standing in for cuBLAS.
 
 use crate::dtype::DType;

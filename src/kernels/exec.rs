@@ -1,6 +1,6 @@
 //! [`Executor`]: what an op needs from the machine that runs its kernels.
 //!
-//! The op sequences (`src/kernels/ops.rs`) are written once against this trait;
+//! The op sequences (`src/kernels/ops/`) are written once against this trait;
 //! the CPU shim ([`super::host::HostExec`]) and the GPU ([`crate::cuda`])
 //! implement it. Both therefore run the same launches (plans and params) in
 //! the same order, so the CPU run also tests the host side of every op.

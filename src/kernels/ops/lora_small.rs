@@ -1,0 +1,140 @@
+//! The small LoRA products and operand packings (`kernels/lora_small.cu`):
+//! p = s·x·Vhᵀ, the deterministic dVh sums, U packed to the storage dtype,
+//! rows concatenated for the GEMM engine.
+
+use super::*;
+
+/// `kRowsPerWarp` of `lora_down` in `kernels/lora_small.cu`.
+const LORA_DOWN_ROWS_PER_WARP: u32 = 4;
+
+/// `out[rows, r] = scale · x[rows, d] · Vhᵀ`, `x` in `xt`, `out` in `ot` (xt or f32).
+#[allow(clippy::too_many_arguments)]
+pub fn lora_down<E: Executor>(
+    e: &E,
+    cfg: &LoraConfig,
+    xt: DType,
+    ot: DType,
+    x: u64,
+    vh: u64,
+    out: u64,
+    rows: usize,
+    scale: f64,
+) -> Result<()> {
+    let kernel = match (xt, ot) {
+        (DType::F32, DType::F32) => "tl_lora_down_f32_f32",
+        (DType::F16, DType::F16) => "tl_lora_down_f16_f16",
+        (DType::F16, DType::F32) => "tl_lora_down_f16_f32",
+        (DType::BF16, DType::BF16) => "tl_lora_down_bf16_bf16",
+        (DType::BF16, DType::F32) => "tl_lora_down_bf16_f32",
+        _ => return Err(Error::UnsupportedCombination(format!("lora_down from {xt} to {ot}"))),
+    };
+    let params = LoraDownParams {
+        x,
+        vh,
+        out,
+        rows: i32_of("tokens", rows)?,
+        hidden: i32_of("hidden", cfg.hidden())?,
+        rank: i32_of("rank", cfg.rank())?,
+        scale: scale as f32,
+    };
+    // One warp per LORA_DOWN_ROWS_PER_WARP rows (kernels/lora_small.cu).
+    let plan = LaunchPlan::linear(kernel, blocks(rows, THREADS / 32 * LORA_DOWN_ROWS_PER_WARP), THREADS);
+    // SAFETY: x [rows, d] in xt, vh [r, d] f32 and out [rows, r] in ot are
+    // checked (caller) or allocated (here) with those sizes.
+    unsafe { e.launch(&plan, &params) }
+}
+
+/// `grad[r, d] += scale · Σ_t X[row(t)]ᵀ · Y[t]` with a fixed reduction order.
+#[allow(clippy::too_many_arguments)]
+pub fn lora_up<E: Executor>(
+    e: &E,
+    cfg: &LoraConfig,
+    yt: DType,
+    x: u64,
+    ids: u64,
+    y: u64,
+    grad: u64,
+    tokens: usize,
+    scale: f64,
+) -> Result<()> {
+    let (d, r) = (cfg.hidden(), cfg.rank());
+    // At least UP_CHUNK tokens per partial, and at most 4 partials per SM, so
+    // the scratch ([chunks, r, d] f32) stays bounded for any T.
+    let chunk = UP_CHUNK.max(tokens.div_ceil(4 * e.multiprocessors() as usize));
+    let chunks = tokens.div_ceil(chunk);
+    let partial = e.scratch_uninit(chunks * r * d * 4)?;
+    let params = LoraUpPartialParams {
+        x,
+        ids,
+        y,
+        partial: e.addr(&partial),
+        tokens: i32_of("tokens", tokens)?,
+        hidden: i32_of("hidden", d)?,
+        rank: i32_of("rank", r)?,
+        chunk: i32_of("token chunk", chunk)?,
+    };
+    let kernel = by_dtype!(yt, "tl_lora_up_partial_", "");
+    let mut plan = LaunchPlan::linear(kernel, blocks(d, THREADS), THREADS);
+    plan.grid.1 = chunks as u32;
+    // SAFETY: x rows addressed by ids (validated) or by t < tokens, y [T, d],
+    // partial [chunks, r, d] allocated above.
+    unsafe { e.launch(&plan, &params)? };
+    let reduce = LoraUpReduceParams {
+        partial: e.addr(&partial),
+        out: grad,
+        chunks: chunks as i32,
+        count: i32_of("rank * hidden", r * d)?,
+        scale: scale as f32,
+        _pad: 0,
+    };
+    let plan = LaunchPlan::linear("tl_lora_up_reduce", blocks(r * d, THREADS), THREADS);
+    // SAFETY: partial as above; grad is the caller's [r, d] f32 buffer.
+    unsafe { e.launch(&plan, &reduce) }
+}
+
+/// U's rows [rows, r] (f32) in the half-precision storage dtype `t`, each
+/// row padded with zeros to `ld` columns: the operand the tensor-core GEMMs
+/// that take U as a B matrix read.
+pub(super) fn pack_u<E: Executor>(e: &E, t: DType, u: u64, rows: usize, r: usize, ld: usize) -> Result<E::Scratch> {
+    let packed = e.scratch_uninit(rows * ld * t.size())?;
+    let pack = LoraPackParams {
+        u,
+        out: e.addr(&packed),
+        rows: i32_of("vocab", rows)?,
+        cols: i32_of("rank", r)?,
+        ld_out: i32_of("packed rank", ld)?,
+        _pad: 0,
+    };
+    let grid = blocks(rows * ld, THREADS).min(e.multiprocessors() * 8);
+    let plan = LaunchPlan::linear(by_dtype!(t, "tl_lora_pack_", ""), grid.max(1), THREADS);
+    // SAFETY: U rows [rows, r] f32 (caller), packed [rows, ld] allocated above.
+    unsafe { e.launch(&plan, &pack)? };
+    Ok(packed)
+}
+
+/// `out[i] = [x_i | y_i]` for `rows` rows, d + r elements each in the storage
+/// dtype `t`; y is f32 when `y_f32` (U), else in `t` (p).
+pub(super) fn concat_rows<E: Executor>(
+    e: &E,
+    t: DType,
+    (x, y, y_f32): (u64, u64, bool),
+    out: u64,
+    rows: usize,
+    d: usize,
+    r: usize,
+) -> Result<()> {
+    let params = ConcatRowsParams {
+        x,
+        y,
+        out,
+        rows: i32_of("rows", rows)?,
+        d: i32_of("hidden", d)?,
+        r: i32_of("rank", r)?,
+        y_f32: i32::from(y_f32),
+    };
+    // One warp per row, rows grid-strided (lora_small.cu).
+    let grid = blocks(rows, THREADS / 32).min(e.multiprocessors() * 16);
+    let plan = LaunchPlan::linear(by_dtype!(t, "tl_concat_rows_", ""), grid.max(1), THREADS);
+    // SAFETY: x [rows, d] and y [rows, r] (callers), out [rows, d + r] (the op's scratch).
+    unsafe { e.launch(&plan, &params) }
+}

@@ -1,0 +1,27 @@
+//! `merge` / `unmerge` of the LoRA delta into W (`kernels/merge.cu`).
+
+use super::*;
+
+/// `W ± s·U·Vh` in place, rounded once to W's dtype.
+pub fn merge<E: Executor>(e: &E, cfg: &LoraConfig, t: DType, w: u64, u: u64, vh: u64, subtract: bool) -> Result<()> {
+    let (v, d, r) = (cfg.vocab(), cfg.hidden(), cfg.rank());
+    let params = MergeParams {
+        w,
+        u,
+        vh,
+        rows: i32_of("vocab", v)?,
+        hidden: i32_of("hidden", d)?,
+        rank: i32_of("rank", r)?,
+        scale: cfg.scale() as f32,
+        subtract: i32::from(subtract),
+        _pad: 0,
+    };
+    let plan = LaunchPlan {
+        kernel: by_dtype!(t, "tl_merge_", ""),
+        grid: (blocks(d, THREADS), blocks(v, 8).min(65535), 1),
+        block: (THREADS, 1, 1),
+        shared_bytes: 0,
+    };
+    // SAFETY: W [V, d], U [V, r], Vh [r, d] checked by the caller.
+    unsafe { e.launch(&plan, &params) }
+}
