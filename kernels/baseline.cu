@@ -1,5 +1,5 @@
 // baseline.cu: the elementwise, gather and scatter pieces of the UNFUSED
-// baselines in examples/gpu_bench.rs (the path a PEFT user runs: cuBLAS GEMMs
+// baselines in examples/gpu_bench/baselines.rs (the path a PEFT user runs: cuBLAS GEMMs
 // with separate passes over [T, V] / [T, d] between them), plus the bench's
 // input fill and its on-device relative-norm check. The library never
 // launches these; they exist so the fused kernels are timed against an

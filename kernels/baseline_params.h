@@ -1,10 +1,10 @@
 // baseline_params.h: parameter structs of kernels/baseline.cu, the elementwise,
-// gather and scatter pieces of the UNFUSED baselines that examples/gpu_bench.rs
+// gather and scatter pieces of the UNFUSED baselines that examples/gpu_bench/
 // times against the fused kernels (plus the bench's input fill and its
 // on-device relative-norm check). Not used by the library itself.
 //
 // Same ABI as kernels/params.h: one struct by value, pointers are u64 in the
-// Rust mirror (examples/gpu_bench.rs, module `params`), 8-byte fields first,
+// Rust mirror (examples/gpu_bench/params.rs), 8-byte fields first,
 // explicit padding, sizes checked on both sides.
 #pragma once
 #include "common.cuh"

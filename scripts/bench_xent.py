@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """The Python stack's head + cross-entropy paths on the GPU, for comparison
-with tiedlora's fused kernels (examples/gpu_bench.rs, rows xent_*).
+with tiedlora's fused kernels (examples/gpu_bench/bench_xent.rs, rows xent_*).
 
 Runs on the device machine (torch, triton, transformers, peft; no network),
 with the pure-Python wheels of Apple's Cut Cross-Entropy (`cut-cross-entropy`

@@ -15,7 +15,7 @@
 #   - the integration-test executables `kernels_gpu` (GPU parity tests, ignored
 #     without a device) and `goldens` (golden harness), picked from
 #     `cargo test --release --features cuda --no-run --message-format=json`;
-#   - `examples/gpu_bench` (the benchmark; see examples/gpu_bench.rs) and
+#   - `examples/gpu_bench` (the benchmark; see examples/gpu_bench/main.rs) and
 #     `examples/cuda_step` (one fused training step on the GPU vs the CPU reference);
 #   - device-bundle/peft-export/: the golden PEFT adapter re-written by
 #     tiedlora's `PeftAdapter::write` (tests/peft_adapter.rs round_trip_golden_bitwise
