@@ -407,3 +407,39 @@ fn gpu_xent_memory_gemma_shape() {
 fn gpu_xent_memory_gemma_shape_gemm_engine() {
     xent_memory_gemma_shape(&gpu().with_cublas(true).expect("cuBLAS"));
 }
+
+/// A trainer's second stream sees the op's writes: cudarc makes another
+/// stream of the same context wait for a buffer's last recorded use, so the
+/// backend must record its uses after its launches are enqueued, not when it
+/// takes the addresses. Stream B copies dU right after `head_backward` was
+/// enqueued on stream A (a ~1 ms op at this shape); recorded too early, B
+/// would copy dU before the kernels wrote it.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_other_stream_waits_for_the_ops_writes() {
+    use common::rand_inputs::{fresh_rng, normal};
+    use tiedlora::{Grads, LoraConfig, Weights};
+    let ctx = cudarc::driver::CudaContext::new(0).expect("this test needs a CUDA device");
+    let (sa, sb) = (ctx.new_stream().unwrap(), ctx.new_stream().unwrap());
+    let g = Cuda::with_stream(sa.clone()).unwrap();
+    let mut rng = fresh_rng("gpu other stream");
+    let (v, d, r, t) = (32_768, 1024, 16, 2048);
+    let cfg = LoraConfig::builder(v, d, r).alpha(32.0).build().unwrap();
+    let w = sa.clone_htod(&normal::<bf16>(&mut rng, v * d, 0.05)).unwrap();
+    let u = sa.clone_htod(&normal::<f32>(&mut rng, v * r, 0.05)).unwrap();
+    let vh = sa.clone_htod(&normal::<f32>(&mut rng, r * d, 0.1)).unwrap();
+    let h = sa.clone_htod(&normal::<bf16>(&mut rng, t * d, 1.0)).unwrap();
+    let dlogits = sa.clone_htod(&normal::<bf16>(&mut rng, t * v, 1e-3)).unwrap();
+    let mut dh = sa.alloc_zeros::<bf16>(t * d).unwrap();
+    let (mut du, mut dvh) = (sa.alloc_zeros::<f32>(v * r).unwrap(), sa.alloc_zeros::<f32>(r * d).unwrap());
+    sa.synchronize().unwrap();
+    let weights = Weights { w: w.as_view(), lora_vocab: u.as_view(), lora_hidden: vh.as_view() };
+    let mut grads = Grads { lora_vocab: du.as_view_mut(), lora_hidden: dvh.as_view_mut(), w: None };
+    g.head_backward(&cfg, &weights, h.as_view(), dlogits.as_view(), dh.as_view_mut(), &mut grads).unwrap();
+    let seen_by_b = sb.clone_dtoh(&du).unwrap();
+    sa.synchronize().unwrap();
+    let after = sa.clone_dtoh(&du).unwrap();
+    assert!(after.iter().any(|&x| x != 0.0), "the backward wrote dU");
+    let same = seen_by_b.iter().zip(&after).all(|(a, b)| a.to_bits() == b.to_bits());
+    assert!(same, "stream B read dU before stream A's kernels had written it");
+}

@@ -5,6 +5,14 @@
 //! own allocations (a raw cudarc `CudaSlice`, candle's storage) without copies:
 //! `slice.as_view()` / `slice.as_view_mut()` (or `.slice(..)`).
 //!
+//! The buffers may also be used on the trainer's other streams of the same
+//! context: each op takes their addresses through cudarc, whose event
+//! tracking (on by default) makes the backend's stream wait for their earlier
+//! writes, and records the op's own use once its launches are enqueued, so
+//! another stream that later reads a gradient or rewrites an input waits for
+//! the op's kernels. With event tracking off, ordering across streams is the
+//! caller's (e.g. [`Cuda::synchronize`]).
+//!
 //! ```no_run
 //! # fn main() -> tiedlora::Result<()> {
 //! use tiedlora::{cuda::Cuda, Backend, LoraConfig, Weights};
@@ -23,6 +31,7 @@
 //! ```
 
 mod blas;
+mod buffer_uses;
 mod exec;
 
 use crate::backend::{Backend, Grads, Weights};
@@ -34,7 +43,8 @@ use crate::kernels::ops::{self, id_kind, GradAddrs, WeightAddrs};
 use crate::kernels::scratch_meter::ScratchMeter;
 use crate::validate::{self, GradLens, WeightLens};
 use blas::GemmEngine;
-use cudarc::driver::{CudaContext, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut};
+use buffer_uses::BufferUses;
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr};
 use exec::{driver_err, CudaExec, KernelCache};
 use std::sync::Arc;
 
@@ -364,28 +374,15 @@ fn gl(g: &Grads<'_, Cuda>) -> GradLens {
     GradLens { lora_vocab: g.lora_vocab.len(), lora_hidden: g.lora_hidden.len(), w: g.w.as_ref().map(|w| w.len()) }
 }
 
-fn src<T>(v: &CudaView<'_, T>, s: &CudaStream) -> u64 {
-    v.device_ptr(s).0
+fn weight_addrs<'a, T: Element>(w: &'a Weights<'_, Cuda, T>, uses: &mut BufferUses<'a>) -> WeightAddrs {
+    WeightAddrs { w: uses.read(&w.w), u: uses.read(&w.lora_vocab), vh: uses.read(&w.lora_hidden) }
 }
 
-fn dst<T>(v: &mut CudaViewMut<'_, T>, s: &CudaStream) -> u64 {
-    v.device_ptr_mut(s).0
-}
-
-impl Cuda {
-    fn weight_addrs<T: Element>(&self, w: &Weights<'_, Cuda, T>) -> WeightAddrs {
-        WeightAddrs {
-            w: src(&w.w, &self.stream),
-            u: src(&w.lora_vocab, &self.stream),
-            vh: src(&w.lora_hidden, &self.stream),
-        }
-    }
-    fn grad_addrs(&self, g: &mut Grads<'_, Cuda>) -> GradAddrs {
-        GradAddrs {
-            u: dst(&mut g.lora_vocab, &self.stream),
-            vh: dst(&mut g.lora_hidden, &self.stream),
-            w: g.w.as_mut().map(|w| dst(w, &self.stream)),
-        }
+fn grad_addrs<'a>(g: &'a mut Grads<'_, Cuda>, uses: &mut BufferUses<'a>) -> GradAddrs {
+    GradAddrs {
+        u: uses.write(&mut g.lora_vocab),
+        vh: uses.write(&mut g.lora_hidden),
+        w: g.w.as_mut().map(|w| uses.write(w)),
     }
 }
 
@@ -426,17 +423,10 @@ impl Backend for Cuda {
         mut out: CudaViewMut<'_, T>,
     ) -> Result<()> {
         let t = validate::embed_forward_lens(cfg, wl(weights), ids.len(), out.len())?;
-        let (ids_addr, out_addr) = (src(&ids, &self.stream), dst(&mut out, &self.stream));
-        ops::embed_forward(
-            &self.exec(),
-            cfg,
-            T::DTYPE,
-            self.weight_addrs(weights),
-            ids_addr,
-            id_kind::<I>(),
-            out_addr,
-            t,
-        )
+        let mut uses = BufferUses::new(&self.stream);
+        let wt = weight_addrs(weights, &mut uses);
+        let (ids_addr, out_addr) = (uses.read(&ids), uses.write(&mut out));
+        ops::embed_forward(&self.exec(), cfg, T::DTYPE, wt, ids_addr, id_kind::<I>(), out_addr, t)
     }
 
     fn embed_backward<T: Element, G: Element, I: TokenId>(
@@ -448,9 +438,10 @@ impl Backend for Cuda {
         grads: &mut Grads<'_, Self>,
     ) -> Result<()> {
         let t = validate::embed_backward_lens(cfg, wl(weights), ids.len(), d_embed.len(), gl(grads))?;
-        let g = self.grad_addrs(grads);
-        let (ids_addr, de) = (src(&ids, &self.stream), src(&d_embed, &self.stream));
-        ops::embed_backward(&self.exec(), cfg, G::DTYPE, self.weight_addrs(weights), ids_addr, id_kind::<I>(), de, g, t)
+        let mut uses = BufferUses::new(&self.stream);
+        let (wt, g) = (weight_addrs(weights, &mut uses), grad_addrs(grads, &mut uses));
+        let (ids_addr, de) = (uses.read(&ids), uses.read(&d_embed));
+        ops::embed_backward(&self.exec(), cfg, G::DTYPE, wt, ids_addr, id_kind::<I>(), de, g, t)
     }
 
     fn head_forward<T: Element>(
@@ -461,8 +452,10 @@ impl Backend for Cuda {
         mut logits: CudaViewMut<'_, T>,
     ) -> Result<()> {
         let t = validate::head_forward_lens(cfg, wl(weights), h.len(), logits.len())?;
-        let (h_addr, out) = (src(&h, &self.stream), dst(&mut logits, &self.stream));
-        ops::head_forward(&self.exec(), cfg, T::DTYPE, self.weight_addrs(weights), h_addr, out, t)
+        let mut uses = BufferUses::new(&self.stream);
+        let wt = weight_addrs(weights, &mut uses);
+        let (h_addr, out) = (uses.read(&h), uses.write(&mut logits));
+        ops::head_forward(&self.exec(), cfg, T::DTYPE, wt, h_addr, out, t)
     }
 
     fn head_backward<T: Element, G: Element>(
@@ -475,21 +468,10 @@ impl Backend for Cuda {
         grads: &mut Grads<'_, Self>,
     ) -> Result<()> {
         let t = validate::head_backward_lens(cfg, wl(weights), h.len(), d_logits.len(), dh.len(), gl(grads))?;
-        let g = self.grad_addrs(grads);
-        let (h_addr, g_addr, dh_addr) =
-            (src(&h, &self.stream), src(&d_logits, &self.stream), dst(&mut dh, &self.stream));
-        ops::head_backward(
-            &self.exec(),
-            cfg,
-            T::DTYPE,
-            G::DTYPE,
-            self.weight_addrs(weights),
-            h_addr,
-            g_addr,
-            dh_addr,
-            g,
-            t,
-        )
+        let mut uses = BufferUses::new(&self.stream);
+        let (wt, g) = (weight_addrs(weights, &mut uses), grad_addrs(grads, &mut uses));
+        let (h_addr, g_addr, dh_addr) = (uses.read(&h), uses.read(&d_logits), uses.write(&mut dh));
+        ops::head_backward(&self.exec(), cfg, T::DTYPE, G::DTYPE, wt, h_addr, g_addr, dh_addr, g, t)
     }
 
     fn head_xent_forward<T: Element, I: TokenId>(
@@ -502,20 +484,11 @@ impl Backend for Cuda {
         mut lse: CudaViewMut<'_, f32>,
     ) -> Result<()> {
         let t = validate::xent_forward_lens(cfg, wl(weights), h.len(), targets.len(), loss.len(), lse.len())?;
-        let (h_addr, t_addr) = (src(&h, &self.stream), src(&targets, &self.stream));
-        let (loss_addr, lse_addr) = (dst(&mut loss, &self.stream), dst(&mut lse, &self.stream));
-        ops::head_xent_forward(
-            &self.exec(),
-            cfg,
-            T::DTYPE,
-            self.weight_addrs(weights),
-            h_addr,
-            t_addr,
-            id_kind::<I>(),
-            loss_addr,
-            lse_addr,
-            t,
-        )
+        let mut uses = BufferUses::new(&self.stream);
+        let wt = weight_addrs(weights, &mut uses);
+        let (h_addr, t_addr) = (uses.read(&h), uses.read(&targets));
+        let (loss_addr, lse_addr) = (uses.write(&mut loss), uses.write(&mut lse));
+        ops::head_xent_forward(&self.exec(), cfg, T::DTYPE, wt, h_addr, t_addr, id_kind::<I>(), loss_addr, lse_addr, t)
     }
 
     fn head_xent_backward<T: Element, I: TokenId>(
@@ -530,14 +503,15 @@ impl Backend for Cuda {
         grads: &mut Grads<'_, Self>,
     ) -> Result<()> {
         let t = validate::xent_backward_lens(cfg, wl(weights), h.len(), targets.len(), lse.len(), dh.len(), gl(grads))?;
-        let g = self.grad_addrs(grads);
-        let (h_addr, t_addr, lse_addr) = (src(&h, &self.stream), src(&targets, &self.stream), src(&lse, &self.stream));
-        let dh_addr = dst(&mut dh, &self.stream);
+        let mut uses = BufferUses::new(&self.stream);
+        let (wt, g) = (weight_addrs(weights, &mut uses), grad_addrs(grads, &mut uses));
+        let (h_addr, t_addr, lse_addr) = (uses.read(&h), uses.read(&targets), uses.read(&lse));
+        let dh_addr = uses.write(&mut dh);
         ops::head_xent_backward(
             &self.exec(),
             cfg,
             T::DTYPE,
-            self.weight_addrs(weights),
+            wt,
             h_addr,
             t_addr,
             id_kind::<I>(),
@@ -557,7 +531,8 @@ impl Backend for Cuda {
         vh: CudaView<'_, f32>,
     ) -> Result<()> {
         validate::check_weights(cfg, w.len(), u.len(), vh.len())?;
-        let (w_addr, u_addr, vh_addr) = (dst(&mut w, &self.stream), src(&u, &self.stream), src(&vh, &self.stream));
+        let mut uses = BufferUses::new(&self.stream);
+        let (w_addr, u_addr, vh_addr) = (uses.write(&mut w), uses.read(&u), uses.read(&vh));
         ops::merge(&self.exec(), cfg, T::DTYPE, w_addr, u_addr, vh_addr, false)
     }
 
@@ -569,7 +544,8 @@ impl Backend for Cuda {
         vh: CudaView<'_, f32>,
     ) -> Result<()> {
         validate::check_weights(cfg, w.len(), u.len(), vh.len())?;
-        let (w_addr, u_addr, vh_addr) = (dst(&mut w, &self.stream), src(&u, &self.stream), src(&vh, &self.stream));
+        let mut uses = BufferUses::new(&self.stream);
+        let (w_addr, u_addr, vh_addr) = (uses.write(&mut w), uses.read(&u), uses.read(&vh));
         ops::merge(&self.exec(), cfg, T::DTYPE, w_addr, u_addr, vh_addr, true)
     }
 }
