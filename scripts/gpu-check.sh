@@ -37,7 +37,8 @@
 # Wall-time budget (H100/H200), total capped at GPU_CHECK_BUDGET_S (default 540 s;
 # a step that would start past it is recorded as SKIP, and every step's timeout
 # is cut to the time left):
-#   env ~3 s | kernels_gpu + kg_* ~20-80 s (limits 120 + 5 x 60) | goldens ~5 s (limit 45) | cuda_step ~5-15 s (limit 60)
+#   env ~3 s | kernels_gpu + kg_* ~50-120 s (limits 150 + 5 x 90; each family's
+#     64-bit indexing test moves a 4.3 GB [T, V] to the host, ~5-8 s) | goldens ~5 s (limit 45) | cuda_step ~5-15 s (limit 60)
 #   verify ~10-20 s (limit 60; mostly the CPU reference, ~6 s on a 2-core box)
 #   bench ~60-150 s (limit 200; results written after each shape, so a cut
 #     run keeps the shapes it finished): context + module load + cuBLAS init ~2 s;
@@ -227,13 +228,13 @@ SMALL_FILTER="gpu_small_"
 # out of verify / bench / ncu (gpu_bench --variants) and of the sanitizer
 # runs, so it cannot take the other paths' rows and checks with it.
 KG=("$BIN/kernels_gpu" --ignored --nocapture --test-threads=1)
-step kernels_gpu 120 "${KG[@]}" --skip _mma --skip wgmma --skip gemm_engine --skip wide_tiles --skip deferred_id
+step kernels_gpu 150 "${KG[@]}" --skip _mma --skip wgmma --skip gemm_engine --skip wide_tiles --skip deferred_id
 VARIANTS="none"
 FAILED_SKIPS=()
 family() { # NAME VARIANT TEST_FILTER...: one family's tests; on PASS its variant joins VARIANTS
   local name=$1 variant=$2
   shift 2
-  step "$name" 60 "${KG[@]}" "$@"
+  step "$name" 90 "${KG[@]}" "$@"
   if ((STEP_RC == 0)); then
     VARIANTS+=",$variant"
   else

@@ -443,3 +443,88 @@ fn gpu_other_stream_waits_for_the_ops_writes() {
     let same = seen_by_b.iter().zip(&after).all(|(a, b)| a.to_bits() == b.to_bits());
     assert!(same, "stream B read dU before stream A's kernels had written it");
 }
+
+/// NaN (0xFFFF in bf16) in every element of `buf`, so an element a kernel
+/// never writes shows.
+fn poison_bf16(s: &std::sync::Arc<cudarc::driver::CudaStream>, buf: &mut cudarc::driver::CudaSlice<bf16>) {
+    use cudarc::driver::DevicePtrMut;
+    let bytes = buf.len() * 2;
+    let (ptr, _guard) = buf.device_ptr_mut(s);
+    // SAFETY: `ptr` is the start of `buf`, `bytes` long, alive for the call;
+    // the memset is ordered on `s` like the kernels that later write it.
+    unsafe { cudarc::driver::result::memset_d8_async(ptr, 0xFF, bytes, s.cu_stream()) }.unwrap();
+}
+
+/// head_forward and head_backward where the [T, V] logits and G pass 2^31
+/// elements (T = 8448, V = 256000: 16k-token batches at Gemma's vocabulary
+/// go further), so a 32-bit index anywhere in their kernels would wrap. The
+/// host recomputes, in f64, the token rows on both sides of element 2^31 and
+/// the last, and dU rows (each a sum over every token row of G); every
+/// logit must be written (poisoned with NaN first). G is the forward's own
+/// logits.
+fn indexing_past_2_31_elements(g: &Cuda) {
+    use common::harness::HostWeights;
+    use common::rand_inputs::{fresh_rng, normal};
+    use common::sampled::{dh_rows_err, du_rows_err, logits_rows_err};
+    use tiedlora::{DType, Grads, LoraConfig, Weights};
+    let mut rng = fresh_rng("gpu indexing past 2^31");
+    let (v, d, r, t) = (256_000, 64, 8, 8448);
+    let cross = (1usize << 31) / v; // the token row holding element 2^31
+    assert!(t * v > 1 << 31 && cross + 1 < t);
+    let cfg = LoraConfig::builder(v, d, r).alpha(16.0).build().unwrap();
+    let w: Vec<bf16> = normal(&mut rng, v * d, 0.1);
+    let u: Vec<f32> = normal(&mut rng, v * r, 0.1);
+    let vh: Vec<f32> = normal(&mut rng, r * d, 0.1);
+    let h: Vec<bf16> = normal(&mut rng, t * d, 1.0);
+    let s = g.stream().clone();
+    let (w_d, u_d, vh_d, h_d) =
+        (s.clone_htod(&w).unwrap(), s.clone_htod(&u).unwrap(), s.clone_htod(&vh).unwrap(), s.clone_htod(&h).unwrap());
+    let weights = Weights { w: w_d.as_view(), lora_vocab: u_d.as_view(), lora_hidden: vh_d.as_view() };
+    // SAFETY: bf16 accepts any bits; every byte is poisoned before use.
+    let mut logits = unsafe { s.alloc::<bf16>(t * v) }.unwrap();
+    poison_bf16(&s, &mut logits);
+    g.head_forward(&cfg, &weights, h_d.as_view(), logits.as_view_mut()).unwrap();
+    let z = s.clone_dtoh(&logits).unwrap();
+    let unwritten = z.iter().position(|x| !x.is_finite());
+    assert!(unwritten.is_none(), "{g:?}: logit {unwritten:?} not written (or not finite)");
+    let wt = HostWeights { w: &w, u: &u, vh: &vh };
+    let rows = [0, cross - 1, cross, cross + 1, t - 1];
+    let tol = DType::BF16.tolerance();
+    let e_z = logits_rows_err(&cfg, wt, &h, &z, &rows);
+    // SAFETY: as above.
+    let mut dh = unsafe { s.alloc::<bf16>(t * d) }.unwrap();
+    poison_bf16(&s, &mut dh);
+    let (mut du, mut dvh) = (s.alloc_zeros::<f32>(v * r).unwrap(), s.alloc_zeros::<f32>(r * d).unwrap());
+    let mut grads = Grads { lora_vocab: du.as_view_mut(), lora_hidden: dvh.as_view_mut(), w: None };
+    g.head_backward(&cfg, &weights, h_d.as_view(), logits.as_view(), dh.as_view_mut(), &mut grads).unwrap();
+    let (dh_h, du_h) = (s.clone_dtoh(&dh).unwrap(), s.clone_dtoh(&du).unwrap());
+    let vocab_rows = [0, 1, v / 2, v - 2, v - 1];
+    let e_dh = dh_rows_err(&cfg, wt, &z, &dh_h, &rows);
+    let e_du = du_rows_err(&cfg, wt, &h, &z, &du_h, &vocab_rows);
+    println!("{g:?}: T·V = {} elements; rel err logits {e_z:.2e}, dh {e_dh:.2e}, dU {e_du:.2e} (tol {tol:.0e})", t * v);
+    assert!(e_z < tol && e_dh < tol && e_du < tol, "past 2^31: logits {e_z:.2e}, dh {e_dh:.2e}, dU {e_du:.2e}");
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_indexing_past_2_31_elements() {
+    indexing_past_2_31_elements(&gpu());
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_indexing_past_2_31_elements_mma() {
+    indexing_past_2_31_elements(&gpu().with_mma(true));
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_indexing_past_2_31_elements_wgmma() {
+    indexing_past_2_31_elements(&gpu().with_wgmma(true).expect("wgmma needs compute capability 9.0"));
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_indexing_past_2_31_elements_gemm_engine() {
+    indexing_past_2_31_elements(&gpu().with_cublas(true).expect("cuBLAS"));
+}

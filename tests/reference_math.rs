@@ -264,3 +264,35 @@ fn results_are_deterministic_and_independent_of_threads() {
     assert!(rel_err(&widen(&one.3), &widen(&a.3)) < 1e-7);
     assert!(rel_err(&widen(&one.5), &widen(&a.5)) < 1e-7);
 }
+
+/// The sampled-row references the GPU's 64-bit indexing test relies on
+/// (`tests/common/sampled.rs`) agree with the CPU reference's whole outputs,
+/// and a wrong value in a sampled row fails them.
+#[test]
+fn sampled_row_checks_agree_with_the_reference_and_catch_a_wrong_row() {
+    use common::sampled::{dh_rows_err, du_rows_err, logits_rows_err};
+    let mut rng = fresh_rng("sampled row checks");
+    let (v, d, r, t) = (53, 12, 3, 7);
+    let cfg = LoraConfig::builder(v, d, r).alpha(6.0).build().unwrap();
+    let w: Vec<f32> = normal(&mut rng, v * d, 0.5);
+    let u: Vec<f32> = normal(&mut rng, v * r, 0.5);
+    let vh: Vec<f32> = normal(&mut rng, r * d, 0.5);
+    let h: Vec<f32> = normal(&mut rng, t * d, 1.0);
+    let g: Vec<f32> = normal(&mut rng, t * v, 1.0);
+    let wt = HostWeights { w: &w, u: &u, vh: &vh };
+    let cpu = Cpu::new();
+    let mut logits = Harness::head_forward(&cpu, &cfg, wt, &h).unwrap();
+    let mut grads = HostGrads::zeros(&cfg, false);
+    let mut dh = Harness::head_backward(&cpu, &cfg, wt, &h, &g, &mut grads).unwrap();
+    let (rows, vocab_rows) = ([0, 3, t - 1], [0, 17, v - 1]);
+    assert!(logits_rows_err(&cfg, wt, &h, &logits, &rows) < 1e-6);
+    assert!(dh_rows_err(&cfg, wt, &g, &dh, &rows) < 1e-6);
+    assert!(du_rows_err(&cfg, wt, &h, &g, &grads.lora_vocab, &vocab_rows) < 1e-6);
+    // One wrong element in a sampled row of each output.
+    logits[3 * v + 5] += 1.0;
+    dh[(t - 1) * d + 2] += 1.0;
+    grads.lora_vocab[17 * r + 1] += 1.0;
+    assert!(logits_rows_err(&cfg, wt, &h, &logits, &rows) > 1e-3);
+    assert!(dh_rows_err(&cfg, wt, &g, &dh, &rows) > 1e-3);
+    assert!(du_rows_err(&cfg, wt, &h, &g, &grads.lora_vocab, &vocab_rows) > 1e-3);
+}

@@ -6,3 +6,4 @@ pub mod gpu_harness;
 pub mod harness;
 pub mod parity;
 pub mod rand_inputs;
+pub mod sampled;
