@@ -528,3 +528,35 @@ fn gpu_indexing_past_2_31_elements_wgmma() {
 fn gpu_indexing_past_2_31_elements_gemm_engine() {
     indexing_past_2_31_elements(&gpu().with_cublas(true).expect("cuBLAS"));
 }
+
+/// Dropping the backend right after an op, its launches still queued: the
+/// backend unloads its kernel modules when dropped, which must not break
+/// those launches (it waits for its stream first). The stream, the caller's,
+/// lives on; the op's output is complete and equals a second run's, bit for
+/// bit.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_backend_dropped_after_an_op_lets_it_finish() {
+    use common::rand_inputs::{fresh_rng, normal};
+    use tiedlora::{LoraConfig, Weights};
+    let ctx = cudarc::driver::CudaContext::new(0).expect("this test needs a CUDA device");
+    let s = ctx.new_stream().unwrap();
+    let mut rng = fresh_rng("gpu backend dropped");
+    let (v, d, r, t) = (32_768, 1024, 16, 2048);
+    let cfg = LoraConfig::builder(v, d, r).alpha(32.0).build().unwrap();
+    let w = s.clone_htod(&normal::<bf16>(&mut rng, v * d, 0.05)).unwrap();
+    let u = s.clone_htod(&normal::<f32>(&mut rng, v * r, 0.05)).unwrap();
+    let vh = s.clone_htod(&normal::<f32>(&mut rng, r * d, 0.1)).unwrap();
+    let h = s.clone_htod(&normal::<bf16>(&mut rng, t * d, 1.0)).unwrap();
+    let weights = Weights { w: w.as_view(), lora_vocab: u.as_view(), lora_hidden: vh.as_view() };
+    let run = || {
+        let mut logits = s.alloc_zeros::<bf16>(t * v).unwrap();
+        let g = Cuda::with_stream(s.clone()).unwrap();
+        g.head_forward(&cfg, &weights, h.as_view(), logits.as_view_mut()).unwrap();
+        drop(g);
+        s.clone_dtoh(&logits).unwrap()
+    };
+    let (first, second) = (run(), run());
+    assert!(first.iter().all(|x| x.is_finite()) && first.iter().any(|x| x.to_f32() != 0.0));
+    assert!(first.iter().zip(&second).all(|(a, b)| a.to_bits() == b.to_bits()), "two runs differ");
+}

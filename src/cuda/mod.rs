@@ -64,6 +64,16 @@ pub struct Cuda {
     deferred_ids: Option<std::sync::Mutex<CudaSlice<i64>>>,
 }
 
+impl Drop for Cuda {
+    fn drop(&mut self) {
+        // Ops return as soon as their launches are enqueued: wait for them
+        // before the fields go (the kernel cache unloads the modules those
+        // launches run from). Errors are the stream's, reported by the next
+        // call on it, not here.
+        let _ = self.stream.synchronize();
+    }
+}
+
 impl std::fmt::Debug for Cuda {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // What a trainer logs to say which kernels ran.
