@@ -439,6 +439,11 @@ fn build_cpu(kernels: &Path, sources: &[PathBuf]) {
         // CUDA code type-puns through reinterpret_cast (uint4/float4 vector
         // loads); without this, that is undefined behaviour for host C++.
         .flag("-fno-strict-aliasing")
+        // A misaligned vector access faults on a GPU; in the shim it traps
+        // too (SIGILL), so a kernel that skips an alignment check before a
+        // 16-byte load fails the CPU tests instead of passing on x86.
+        .flag("-fsanitize=alignment")
+        .flag("-fsanitize-undefined-trap-on-error")
         .flag("-Wno-unknown-pragmas")
         .flag("-Wno-unused-parameter")
         .debug(true)

@@ -596,3 +596,101 @@ fn head_backward_ops_reject_rank_above_64() {
     assert!(matches!(err, Err(tiedlora::Error::UnsupportedCombination(ref m)) if m.contains("rank 65")), "{err:?}");
     assert!(dh.iter().all(|x| x.is_nan()) && du.iter().all(|&x| x == 0.0) && dvh.iter().all(|&x| x == 0.0));
 }
+
+/// `len` elements of `data` in a fresh buffer whose first element sits one
+/// element past a 16-byte boundary (`misaligned`), or on one: a trainer's
+/// sub-view can start anywhere.
+struct Placed<T> {
+    buf: Vec<T>,
+    start: usize,
+    len: usize,
+}
+
+impl<T: Copy + Default> Placed<T> {
+    fn new(data: &[T], misaligned: bool) -> Self {
+        let es = std::mem::size_of::<T>();
+        let mut buf = vec![T::default(); data.len() + 32 / es + 1];
+        let want = if misaligned { es % 16 } else { 0 };
+        let start = (0..16 / es + 1).find(|&k| (buf.as_ptr() as usize + k * es) % 16 == want).unwrap();
+        buf[start..start + data.len()].copy_from_slice(data);
+        Placed { buf, start, len: data.len() }
+    }
+    fn get(&self) -> &[T] {
+        &self.buf[self.start..self.start + self.len]
+    }
+    fn get_mut(&mut self) -> &mut [T] {
+        &mut self.buf[self.start..self.start + self.len]
+    }
+}
+
+/// Every op's outputs (bits) with its floating-point buffers placed as asked.
+fn ops_on_placed_buffers(k: &CpuKernels, seed: u64, misaligned: bool) -> Vec<Vec<u32>> {
+    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(seed);
+    // d and V multiples of 8: aligned bf16 rows take the 16-byte paths.
+    let (v, d, r, t) = (264, 64, 8, 70);
+    let cfg = LoraConfig::builder(v, d, r).alpha(16.0).embed_scale(1.5).logit_softcap(30.0).build().unwrap();
+    let at = |x: &[bf16]| Placed::new(x, misaligned);
+    let at32 = |x: &[f32]| Placed::new(x, misaligned);
+    let w = at(&normal::<bf16>(&mut rng, v * d, 0.5));
+    let (u, vh) = (at32(&normal::<f32>(&mut rng, v * r, 0.5)), at32(&normal::<f32>(&mut rng, r * d, 0.5)));
+    let h = at(&normal::<bf16>(&mut rng, t * d, 1.0));
+    let g = at(&normal::<bf16>(&mut rng, t * v, 1.0));
+    let ids: Vec<u32> = (0..t).map(|i| ((i * 37 + 5) % v) as u32).collect();
+    let targets: Vec<i64> = (0..t).map(|i| ((i * 53 + 1) % v) as i64).collect();
+    let weights = tiedlora::Weights { w: w.get(), lora_vocab: u.get(), lora_hidden: vh.get() };
+    let bits = |x: &[bf16]| x.iter().map(|y| u32::from(y.to_bits())).collect::<Vec<u32>>();
+    let bits32 = |x: &[f32]| x.iter().map(|y| y.to_bits()).collect::<Vec<u32>>();
+    let mut out = Vec::new();
+    let mut logits = at(&vec![bf16::NAN; t * v]);
+    Backend::head_forward(k, &cfg, &weights, h.get(), logits.get_mut()).unwrap();
+    out.push(bits(logits.get()));
+    let (mut dh, mut du, mut dvh) = (at(&vec![bf16::NAN; t * d]), at32(&vec![0.0; v * r]), at32(&vec![0.0; r * d]));
+    let mut grads = tiedlora::Grads { lora_vocab: du.get_mut(), lora_hidden: dvh.get_mut(), w: None };
+    Backend::head_backward(k, &cfg, &weights, h.get(), g.get(), dh.get_mut(), &mut grads).unwrap();
+    let mut e = at(&vec![bf16::NAN; t * d]);
+    Backend::embed_forward(k, &cfg, &weights, &ids[..], e.get_mut()).unwrap();
+    let mut grads = tiedlora::Grads { lora_vocab: du.get_mut(), lora_hidden: dvh.get_mut(), w: None };
+    Backend::embed_backward(k, &cfg, &weights, &ids[..], h.get(), &mut grads).unwrap();
+    out.extend([bits(dh.get()), bits(e.get()), bits32(du.get()), bits32(dvh.get())]);
+    let (mut loss, mut lse) = (at32(&[f32::NAN]), at32(&vec![f32::NAN; t]));
+    Backend::head_xent_forward(k, &cfg, &weights, h.get(), &targets[..], loss.get_mut(), lse.get_mut()).unwrap();
+    let mut grads = tiedlora::Grads { lora_vocab: du.get_mut(), lora_hidden: dvh.get_mut(), w: None };
+    Backend::head_xent_backward(k, &cfg, &weights, h.get(), &targets[..], lse.get(), 1.0, dh.get_mut(), &mut grads)
+        .unwrap();
+    out.extend([bits32(loss.get()), bits32(lse.get()), bits(dh.get()), bits32(du.get()), bits32(dvh.get())]);
+    let mut merged = at(w.get());
+    Backend::merge(k, &cfg, merged.get_mut(), u.get(), vh.get()).unwrap();
+    out.push(bits(merged.get()));
+    out
+}
+
+/// Every op on buffers one element past 16-byte alignment, as a trainer's
+/// sub-views can be, on every kernel family: the kernels take their general
+/// paths there (the shim traps a misaligned vector access, as a GPU faults:
+/// build.rs compiles it with `-fsanitize=alignment`), and every output
+/// equals, bit for bit, the same ops' on aligned buffers (which take the
+/// 16-byte paths).
+#[test]
+fn ops_take_buffers_one_element_past_alignment() {
+    let base = CpuKernels::default();
+    for k in [
+        base,
+        CpuKernels { pipelined: true, ..base },
+        CpuKernels { mma: true, wide_tiles: true, ..base },
+        CpuKernels { wgmma: true, ..base },
+        CpuKernels { cublas: true, ..base },
+    ] {
+        let seed = rand::Rng::random::<u64>(&mut fresh_rng(&format!("placed buffers, {}", Backend::name(&k))));
+        let (aligned, misaligned) = (ops_on_placed_buffers(&k, seed, false), ops_on_placed_buffers(&k, seed, true));
+        for (i, (a, m)) in aligned.iter().zip(&misaligned).enumerate() {
+            let diff = a.iter().zip(m).filter(|(x, y)| x != y).count();
+            assert_eq!(
+                diff,
+                0,
+                "{}: output {i}: {diff} of {} values differ when misaligned",
+                Backend::name(&k),
+                a.len()
+            );
+        }
+    }
+}
