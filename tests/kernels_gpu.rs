@@ -560,3 +560,123 @@ fn gpu_backend_dropped_after_an_op_lets_it_finish() {
     assert!(first.iter().all(|x| x.is_finite()) && first.iter().any(|x| x.to_f32() != 0.0));
     assert!(first.iter().zip(&second).all(|(a, b)| a.to_bits() == b.to_bits()), "two runs differ");
 }
+
+/// `data` at element `off` of a fresh device allocation (256-byte aligned:
+/// `off` = 1 puts it one element past 16-byte alignment).
+fn placed<T: cudarc::driver::DeviceRepr + Copy + Default>(
+    s: &std::sync::Arc<cudarc::driver::CudaStream>,
+    data: &[T],
+    off: usize,
+) -> cudarc::driver::CudaSlice<T> {
+    let mut host = vec![T::default(); off + data.len()];
+    host[off..].copy_from_slice(data);
+    s.clone_htod(&host).unwrap()
+}
+
+/// Every op's outputs with its floating-point buffers at element `off`
+/// of their allocations (as `ops_on_placed_buffers` in tests/kernels_cpu.rs).
+fn gpu_ops_on_placed_buffers(g: &Cuda, seed: u64, off: usize) -> Vec<Vec<f64>> {
+    use common::rand_inputs::normal;
+    use tiedlora::{Grads, LoraConfig, Weights};
+    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(seed);
+    let (v, d, r, t) = (264, 64, 8, 70);
+    let cfg = LoraConfig::builder(v, d, r).alpha(16.0).embed_scale(1.5).logit_softcap(30.0).build().unwrap();
+    let s = g.stream().clone();
+    let w = placed(&s, &normal::<bf16>(&mut rng, v * d, 0.5), off);
+    let (u, vh) =
+        (placed(&s, &normal::<f32>(&mut rng, v * r, 0.5), off), placed(&s, &normal::<f32>(&mut rng, r * d, 0.5), off));
+    let h = placed(&s, &normal::<bf16>(&mut rng, t * d, 1.0), off);
+    let gl = placed(&s, &normal::<bf16>(&mut rng, t * v, 1.0), off);
+    let ids = s.clone_htod(&(0..t).map(|i| ((i * 37 + 5) % v) as u32).collect::<Vec<u32>>()).unwrap();
+    let targets = s.clone_htod(&(0..t).map(|i| ((i * 53 + 1) % v) as i64).collect::<Vec<i64>>()).unwrap();
+    let weights = Weights { w: w.slice(off..), lora_vocab: u.slice(off..), lora_hidden: vh.slice(off..) };
+    let down_bf16 = |x: &cudarc::driver::CudaSlice<bf16>| {
+        s.clone_dtoh(&x.slice(off..)).unwrap().iter().map(|y| y.to_f64()).collect::<Vec<f64>>()
+    };
+    let down_f32 = |x: &cudarc::driver::CudaSlice<f32>| {
+        s.clone_dtoh(&x.slice(off..)).unwrap().iter().map(|&y| f64::from(y)).collect::<Vec<f64>>()
+    };
+    let mut out = Vec::new();
+    let mut logits = placed(&s, &vec![bf16::NAN; t * v], off);
+    g.head_forward(&cfg, &weights, h.slice(off..), logits.slice_mut(off..)).unwrap();
+    out.push(down_bf16(&logits));
+    let mut dh = placed(&s, &vec![bf16::NAN; t * d], off);
+    let (mut du, mut dvh) = (placed(&s, &vec![0f32; v * r], off), placed(&s, &vec![0f32; r * d], off));
+    let mut grads = Grads { lora_vocab: du.slice_mut(off..), lora_hidden: dvh.slice_mut(off..), w: None };
+    g.head_backward(&cfg, &weights, h.slice(off..), gl.slice(off..), dh.slice_mut(off..), &mut grads).unwrap();
+    let mut e = placed(&s, &vec![bf16::NAN; t * d], off);
+    g.embed_forward(&cfg, &weights, ids.as_view(), e.slice_mut(off..)).unwrap();
+    let mut grads = Grads { lora_vocab: du.slice_mut(off..), lora_hidden: dvh.slice_mut(off..), w: None };
+    g.embed_backward(&cfg, &weights, ids.as_view(), h.slice(off..), &mut grads).unwrap();
+    out.extend([down_bf16(&dh), down_bf16(&e), down_f32(&du), down_f32(&dvh)]);
+    let (mut loss, mut lse) = (placed(&s, &[f32::NAN], off), placed(&s, &vec![f32::NAN; t], off));
+    g.head_xent_forward(&cfg, &weights, h.slice(off..), targets.as_view(), loss.slice_mut(off..), lse.slice_mut(off..))
+        .unwrap();
+    let mut grads = Grads { lora_vocab: du.slice_mut(off..), lora_hidden: dvh.slice_mut(off..), w: None };
+    g.head_xent_backward(
+        &cfg,
+        &weights,
+        h.slice(off..),
+        targets.as_view(),
+        lse.slice(off..),
+        1.0,
+        dh.slice_mut(off..),
+        &mut grads,
+    )
+    .unwrap();
+    out.extend([down_f32(&loss), down_f32(&lse), down_bf16(&dh), down_f32(&du), down_f32(&dvh)]);
+    let mut merged = placed(&s, &s.clone_dtoh(&w.slice(off..)).unwrap(), off);
+    g.merge(&cfg, merged.slice_mut(off..), u.slice(off..), vh.slice(off..)).unwrap();
+    out.push(down_bf16(&merged));
+    out
+}
+
+/// Every op with its buffers one element past 16-byte alignment (a trainer's
+/// sub-view) on the GPU: no misaligned access (memcheck runs the
+/// `gpu_small_*` tests) and the same bits as on aligned buffers; on the GEMM
+/// engine, within the bf16 tolerance (cuBLAS may pick another kernel, and
+/// with it another summation order, for unaligned operands).
+fn misaligned_buffers(g: &Cuda) {
+    let seed = rand::Rng::random::<u64>(&mut common::rand_inputs::fresh_rng(&format!("gpu placed, {g:?}")));
+    let (aligned, misaligned) = (gpu_ops_on_placed_buffers(g, seed, 0), gpu_ops_on_placed_buffers(g, seed, 1));
+    for (i, (a, m)) in aligned.iter().zip(&misaligned).enumerate() {
+        if g.kernel_options().cublas {
+            let err = common::golden::rel_err(m, a);
+            assert!(err < tiedlora::DType::BF16.tolerance(), "{g:?}: output {i}: rel err {err:.2e} when misaligned");
+        } else {
+            let diff = a.iter().zip(m).filter(|(x, y)| x.to_bits() != y.to_bits()).count();
+            assert_eq!(diff, 0, "{g:?}: output {i}: {diff} of {} values differ when misaligned", a.len());
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_small_misaligned_buffers() {
+    misaligned_buffers(&gpu());
+    misaligned_buffers(&gpu().with_gemm_pipeline(true));
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_small_misaligned_buffers_mma() {
+    misaligned_buffers(&gpu().with_mma(true));
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_small_misaligned_buffers_wide_tiles() {
+    misaligned_buffers(&gpu().with_wide_tiles(true));
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_small_misaligned_buffers_wgmma() {
+    misaligned_buffers(&gpu().with_wgmma(true).expect("wgmma needs compute capability 9.0"));
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_small_misaligned_buffers_gemm_engine() {
+    misaligned_buffers(&gpu().with_cublas(true).expect("cuBLAS"));
+}
