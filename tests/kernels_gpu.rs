@@ -408,6 +408,37 @@ fn gpu_xent_memory_gemma_shape_gemm_engine() {
     xent_memory_gemma_shape(&gpu().with_cublas(true).expect("cuBLAS"));
 }
 
+/// A bf16 head case whose ops take about a millisecond (V = 32768, d = 1024,
+/// r = 16, T = 2048): its config and device inputs on stream `s`.
+struct MsCase {
+    cfg: tiedlora::LoraConfig,
+    w: cudarc::driver::CudaSlice<bf16>,
+    u: cudarc::driver::CudaSlice<f32>,
+    vh: cudarc::driver::CudaSlice<f32>,
+    h: cudarc::driver::CudaSlice<bf16>,
+    rng: rand::rngs::StdRng,
+}
+
+impl MsCase {
+    const SHAPE: (usize, usize, usize, usize) = (32_768, 1024, 16, 2048);
+
+    fn new(s: &std::sync::Arc<cudarc::driver::CudaStream>, test: &str) -> Self {
+        use common::rand_inputs::{fresh_rng, normal};
+        let mut rng = fresh_rng(test);
+        let (v, d, r, t) = Self::SHAPE;
+        let cfg = tiedlora::LoraConfig::builder(v, d, r).alpha(32.0).build().unwrap();
+        let w = s.clone_htod(&normal::<bf16>(&mut rng, v * d, 0.05)).unwrap();
+        let u = s.clone_htod(&normal::<f32>(&mut rng, v * r, 0.05)).unwrap();
+        let vh = s.clone_htod(&normal::<f32>(&mut rng, r * d, 0.1)).unwrap();
+        let h = s.clone_htod(&normal::<bf16>(&mut rng, t * d, 1.0)).unwrap();
+        MsCase { cfg, w, u, vh, h, rng }
+    }
+
+    fn weights(&self) -> tiedlora::Weights<'_, Cuda, bf16> {
+        tiedlora::Weights { w: self.w.as_view(), lora_vocab: self.u.as_view(), lora_hidden: self.vh.as_view() }
+    }
+}
+
 /// A trainer's second stream sees the op's writes: cudarc makes another
 /// stream of the same context wait for a buffer's last recorded use, so the
 /// backend must record its uses after its launches are enqueued, not when it
@@ -417,25 +448,17 @@ fn gpu_xent_memory_gemma_shape_gemm_engine() {
 #[test]
 #[ignore = "needs a CUDA device"]
 fn gpu_other_stream_waits_for_the_ops_writes() {
-    use common::rand_inputs::{fresh_rng, normal};
-    use tiedlora::{Grads, LoraConfig, Weights};
     let ctx = cudarc::driver::CudaContext::new(0).expect("this test needs a CUDA device");
     let (sa, sb) = (ctx.new_stream().unwrap(), ctx.new_stream().unwrap());
     let g = Cuda::with_stream(sa.clone()).unwrap();
-    let mut rng = fresh_rng("gpu other stream");
-    let (v, d, r, t) = (32_768, 1024, 16, 2048);
-    let cfg = LoraConfig::builder(v, d, r).alpha(32.0).build().unwrap();
-    let w = sa.clone_htod(&normal::<bf16>(&mut rng, v * d, 0.05)).unwrap();
-    let u = sa.clone_htod(&normal::<f32>(&mut rng, v * r, 0.05)).unwrap();
-    let vh = sa.clone_htod(&normal::<f32>(&mut rng, r * d, 0.1)).unwrap();
-    let h = sa.clone_htod(&normal::<bf16>(&mut rng, t * d, 1.0)).unwrap();
-    let dlogits = sa.clone_htod(&normal::<bf16>(&mut rng, t * v, 1e-3)).unwrap();
+    let mut c = MsCase::new(&sa, "gpu other stream");
+    let (v, d, r, t) = MsCase::SHAPE;
+    let dlogits = sa.clone_htod(&common::rand_inputs::normal::<bf16>(&mut c.rng, t * v, 1e-3)).unwrap();
     let mut dh = sa.alloc_zeros::<bf16>(t * d).unwrap();
     let (mut du, mut dvh) = (sa.alloc_zeros::<f32>(v * r).unwrap(), sa.alloc_zeros::<f32>(r * d).unwrap());
     sa.synchronize().unwrap();
-    let weights = Weights { w: w.as_view(), lora_vocab: u.as_view(), lora_hidden: vh.as_view() };
-    let mut grads = Grads { lora_vocab: du.as_view_mut(), lora_hidden: dvh.as_view_mut(), w: None };
-    g.head_backward(&cfg, &weights, h.as_view(), dlogits.as_view(), dh.as_view_mut(), &mut grads).unwrap();
+    let mut grads = tiedlora::Grads { lora_vocab: du.as_view_mut(), lora_hidden: dvh.as_view_mut(), w: None };
+    g.head_backward(&c.cfg, &c.weights(), c.h.as_view(), dlogits.as_view(), dh.as_view_mut(), &mut grads).unwrap();
     let seen_by_b = sb.clone_dtoh(&du).unwrap();
     sa.synchronize().unwrap();
     let after = sa.clone_dtoh(&du).unwrap();
@@ -537,22 +560,14 @@ fn gpu_indexing_past_2_31_elements_gemm_engine() {
 #[test]
 #[ignore = "needs a CUDA device"]
 fn gpu_backend_dropped_after_an_op_lets_it_finish() {
-    use common::rand_inputs::{fresh_rng, normal};
-    use tiedlora::{LoraConfig, Weights};
     let ctx = cudarc::driver::CudaContext::new(0).expect("this test needs a CUDA device");
     let s = ctx.new_stream().unwrap();
-    let mut rng = fresh_rng("gpu backend dropped");
-    let (v, d, r, t) = (32_768, 1024, 16, 2048);
-    let cfg = LoraConfig::builder(v, d, r).alpha(32.0).build().unwrap();
-    let w = s.clone_htod(&normal::<bf16>(&mut rng, v * d, 0.05)).unwrap();
-    let u = s.clone_htod(&normal::<f32>(&mut rng, v * r, 0.05)).unwrap();
-    let vh = s.clone_htod(&normal::<f32>(&mut rng, r * d, 0.1)).unwrap();
-    let h = s.clone_htod(&normal::<bf16>(&mut rng, t * d, 1.0)).unwrap();
-    let weights = Weights { w: w.as_view(), lora_vocab: u.as_view(), lora_hidden: vh.as_view() };
+    let c = MsCase::new(&s, "gpu backend dropped");
+    let (v, _, _, t) = MsCase::SHAPE;
     let run = || {
         let mut logits = s.alloc_zeros::<bf16>(t * v).unwrap();
         let g = Cuda::with_stream(s.clone()).unwrap();
-        g.head_forward(&cfg, &weights, h.as_view(), logits.as_view_mut()).unwrap();
+        g.head_forward(&c.cfg, &c.weights(), c.h.as_view(), logits.as_view_mut()).unwrap();
         drop(g);
         s.clone_dtoh(&logits).unwrap()
     };
