@@ -48,7 +48,8 @@ use cudarc::driver::{CudaContext, CudaSlice, CudaStream, CudaView, CudaViewMut, 
 use exec::{driver_err, CudaExec, KernelCache};
 use std::sync::Arc;
 
-/// The CUDA backend on one stream.
+/// The CUDA backend on one stream. Its ops return once their launches are
+/// enqueued; dropping it waits for the stream.
 pub struct Cuda {
     // Dropped first: the kernel cache unloads its modules while the context
     // (which it also holds) is alive.
