@@ -38,7 +38,7 @@
 # a step that would start past it is recorded as SKIP, and every step's timeout
 # is cut to the time left):
 #   env ~3 s | kernels_gpu + kg_* ~50-120 s (limits 150 + 5 x 90; each family's
-#     64-bit indexing test moves a 4.3 GB [T, V] to the host, ~5-8 s) | goldens ~5 s (limit 45) | cuda_step ~5-15 s (limit 60)
+#     64-bit indexing test moves a 4.3 GB [T, V] to the host: ~5-8 s, estimated) | goldens ~5 s (limit 45) | cuda_step ~5-15 s (limit 60)
 #   verify ~10-20 s (limit 60; mostly the CPU reference, ~6 s on a 2-core box)
 #   bench ~60-150 s (limit 200; results written after each shape, so a cut
 #     run keeps the shapes it finished): context + module load + cuBLAS init ~2 s;

@@ -408,8 +408,9 @@ fn gpu_xent_memory_gemma_shape_gemm_engine() {
     xent_memory_gemma_shape(&gpu().with_cublas(true).expect("cuBLAS"));
 }
 
-/// A bf16 head case whose ops take about a millisecond (V = 32768, d = 1024,
-/// r = 16, T = 2048): its config and device inputs on stream `s`.
+/// A bf16 head case large enough that its ops are still running when the
+/// host gets back (V = 32768, d = 1024, r = 16, T = 2048: 2·T·V·(d + r) =
+/// 140 GFLOP per head GEMM): its config and device inputs on stream `s`.
 struct MsCase {
     cfg: tiedlora::LoraConfig,
     w: cudarc::driver::CudaSlice<bf16>,
@@ -443,7 +444,7 @@ impl MsCase {
 /// stream of the same context wait for a buffer's last recorded use, so the
 /// backend must record its uses after its launches are enqueued, not when it
 /// takes the addresses. Stream B copies dU right after `head_backward` was
-/// enqueued on stream A (a ~1 ms op at this shape); recorded too early, B
+/// enqueued on stream A (140 GFLOP of GEMMs); recorded too early, B
 /// would copy dU before the kernels wrote it.
 #[test]
 #[ignore = "needs a CUDA device"]
