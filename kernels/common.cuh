@@ -124,3 +124,63 @@ template <>
 TL_DEVICE __half tl_from_float<__half>(float x) { return __float2half_rn(x); }
 template <>
 TL_DEVICE __nv_bfloat16 tl_from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+// ------------------------------------------------ deferred id errors ----
+// The backend's record (`Cuda::with_deferred_id_errors`), TL_ID_RECORD_LEN
+// i64 owned by the backend, zeroed at creation and when read:
+//   [0] bad ids since the record was last read, [1] argument code,
+//   [2] first bad index, [3] its value, [4] vocab   (filled by the first
+//       launch that meets a bad id; later ones only add to [0]);
+//   [5] this launch's bad count, [6] LLONG_MAX - its smallest bad index,
+//   [7] its finished blocks   (zero between launches).
+// A kernel that validates ids calls tl_id_record_bad once per bad id it
+// meets and, with every thread of every block, tl_id_record_finish at its
+// end: the last block to finish folds [5..7] into [0..4] and clears them,
+// so the op needs no second launch and no host round trip. Launches on one
+// stream run in order, so "first" is the first bad id enqueued.
+#define TL_ID_RECORD_LEN 8
+
+TL_DEVICE void tl_id_record_bad(long long* rec, long long index) {
+  atomicAdd(reinterpret_cast<unsigned long long*>(rec + 5), 1ull);
+  atomicMax(rec + 6, LLONG_MAX - index);
+}
+
+// `ids` holds u32 (id_bytes 4) or i64 (id_bytes 8) ids, to read the value.
+// Every thread of the block must call it (it has a __syncthreads).
+TL_DEVICE void tl_id_record_finish(long long* rec, const void* ids, int id_bytes, long long vocab, int arg) {
+  __threadfence();  // this thread's tl_id_record_bad before the block's ticket
+  __syncthreads();
+  if (threadIdx.x != 0 || threadIdx.y != 0 || threadIdx.z != 0) return;
+  auto* urec = reinterpret_cast<unsigned long long*>(rec);
+  const unsigned long long blocks =
+      static_cast<unsigned long long>(gridDim.x) * gridDim.y * gridDim.z;
+  if (atomicAdd(urec + 7, 1ull) != blocks - 1) return;
+  __threadfence();  // every block's counts are visible to the last one
+  const long long bad = static_cast<long long>(atomicAdd(urec + 5, 0ull));
+  if (bad > 0) {
+    if (rec[0] == 0) {
+      const long long index = LLONG_MAX - static_cast<long long>(atomicAdd(urec + 6, 0ull));
+      rec[1] = arg;
+      rec[2] = index;
+      rec[3] = id_bytes == 8 ? static_cast<const long long*>(ids)[index]
+                             : static_cast<long long>(static_cast<const unsigned*>(ids)[index]);
+      rec[4] = vocab;
+    }
+    rec[0] += bad;
+  }
+  atomicExch(urec + 5, 0ull);
+  atomicExch(urec + 6, 0ull);
+  atomicExch(urec + 7, 0ull);
+}
+
+// A raw u32 (id_bytes 4) or i64 (id_bytes 8) token id as an int row index:
+// the id when 0 <= id < vocab, else -2 (the caller skips the row). Any bit
+// pattern is safe: the value never indexes memory before this test.
+TL_DEVICE int tl_checked_id(const void* ids, int id_bytes, long long t, int vocab) {
+  if (id_bytes == 8) {
+    const long long raw = __ldg(static_cast<const long long*>(ids) + t);
+    return raw >= 0 && raw < vocab ? static_cast<int>(raw) : -2;
+  }
+  const unsigned raw = __ldg(static_cast<const unsigned*>(ids) + t);
+  return raw < static_cast<unsigned>(vocab) ? static_cast<int>(raw) : -2;
+}

@@ -3,7 +3,12 @@
 //
 // ---------------------------------------------------------------------------
 // embed_forward   out[t, :] = c * (W[i_t, :] + s * U[i_t, :] . Vh)      (f32 math, one rounding)
-//   Rows with i_t < 0 are written as NaN (no memory is read for them).
+//   Ids are the caller's u32 or i64, range-checked as they are loaded
+//   (tl_checked_id): rows of ids outside [0, V) are written as NaN and no
+//   memory is read for them; with a deferred id-error record the first one is
+//   recorded by this launch (tl_id_record_bad by the one thread that loads
+//   the id in column block 0, tl_id_record_finish by every thread at the end),
+//   so the op is ONE launch with no host round trip.
 //
 //   Memory-bound: per token it reads one W row (d * sizeof(T)) and one U row
 //   (r * 4), and writes one output row. Each thread owns NC contiguous columns
@@ -265,7 +270,6 @@ TL_DEVICE void embed_forward_generic(const EmbedForwardParams& p) {
   T* __restrict__ out = static_cast<T*>(p.out);
   const float* __restrict__ u = p.u;
   const float* __restrict__ vh = p.vh;
-  const int* __restrict__ ids = p.ids;
   const float s = p.scale;
   const float c = p.embed_scale;
   const int ncols = min(NC, d - col0);
@@ -303,7 +307,14 @@ TL_DEVICE void embed_forward_generic(const EmbedForwardParams& p) {
   const long long tokens = p.tokens;
   const long long step = static_cast<long long>(gridDim.y) * blockDim.y;
   const long long t_first = static_cast<long long>(blockIdx.y) * blockDim.y + threadIdx.y;
-  auto id_of = [&](long long t) -> int { return t < tokens ? __ldg(ids + t) : -1; };
+  // Column block 0's lane 0 of each token stream reports the stream's bad ids.
+  const bool reports = p.record != nullptr && blockIdx.x == 0 && threadIdx.x == 0;
+  auto id_of = [&](long long t) -> int {
+    if (t >= tokens) return -1;
+    const int id = tl_checked_id(p.ids, p.id_bytes, t, p.vocab);
+    if (id < 0 && reports) tl_id_record_bad(p.record, t);
+    return id;
+  };
 
   int id0 = id_of(t_first);
   int id1 = id_of(t_first + step);
@@ -402,7 +413,6 @@ TL_DEVICE void embed_forward_fast(const EmbedForwardParams& p) {
   const bool active = col0 < d;  // lanes past d stay for the warp-wide steps
   const T* __restrict__ w_lane = static_cast<const T*>(p.w) + col0;
   const float* __restrict__ u = p.u;
-  const int* __restrict__ ids = p.ids;
   const float s = p.scale;
   const float c = p.embed_scale;
 
@@ -424,7 +434,15 @@ TL_DEVICE void embed_forward_fast(const EmbedForwardParams& p) {
   const int n_mine = t_first < p.tokens ? (p.tokens - 1 - t_first) / step + 1 : 0;
   // Ids come in batches of 32 (one per lane), loaded a whole batch ahead and
   // handed out with shuffles; -1 past the end (no copies are issued).
-  auto id_at = [&](int k) -> int { return k < n_mine ? __ldg(ids + t_first + k * step) : -1; };
+  // Each id is loaded by one lane; column block 0 reports the bad ones.
+  const bool reports = p.record != nullptr && blockIdx.x == 0;
+  auto id_at = [&](int k) -> int {
+    if (k >= n_mine) return -1;
+    const int t = t_first + k * step;
+    const int id = tl_checked_id(p.ids, p.id_bytes, t, p.vocab);
+    if (id < 0 && reports) tl_id_record_bad(p.record, t);
+    return id;
+  };
   int ids_cur = id_at(lane);
   int ids_nxt = id_at(32 + lane);
   int k_issue = 0;
@@ -512,6 +530,7 @@ TL_DEVICE void embed_forward(const EmbedForwardParams& p) {
                     blockDim.x == 32 && blockDim.y <= TL_EMBED_MAX_WARPS;
   if (fast) embed_forward_fast<T, RC, NC, S>(p);
   else embed_forward_generic<T, (32 / NC < 4 ? 4 : 32 / NC), NC>(p);
+  if (p.record) tl_id_record_finish(p.record, p.ids, p.id_bytes, p.vocab, p.arg);
 }
 
 // ---------------------------------------------------------- group_rows ----

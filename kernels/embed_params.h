@@ -15,26 +15,33 @@
 #define TL_GROUP_CHUNK 64         // group_rows: sorted positions per chunk
 
 // embed.cu: out[t, :] = embed_scale * (W[ids[t], :] + scale * U[ids[t], :] . Vh)
-//   (T = storage dtype by kernel; rows with ids[t] < 0 are written as NaN)
+//   (T = storage dtype by kernel). The kernel reads the caller's u32 or i64
+//   ids and tests each against vocab before it indexes anything: rows of
+//   out-of-range ids are written as NaN, and with a record (deferred id
+//   errors) the first one is recorded in the same launch (common.cuh).
 // Rust mirror:
 //   #[repr(C)] struct EmbedForwardParams {
-//       ids: u64, w: u64, u: u64, vh: u64, out: u64,
+//       ids: u64, w: u64, u: u64, vh: u64, out: u64, record: u64,
 //       tokens: i32, vocab: i32, hidden: i32, rank: i32, scale: f32, embed_scale: f32,
-//   }  // 64 bytes
+//       id_bytes: i32, arg: i32,
+//   }  // 80 bytes
 struct EmbedForwardParams {
-  const int* ids;    // [T] validated int32 (tl_prepare_ids_*): in [0, V) or < 0 (skip)
+  const void* ids;   // [T] u32 (id_bytes 4) or i64 (id_bytes 8)
   const void* w;     // [V, d] storage dtype
   const float* u;    // [V, r] lora_vocab
   const float* vh;   // [r, d] lora_hidden
   void* out;         // [T, d] storage dtype
+  long long* record; // [TL_ID_RECORD_LEN] deferred id-error record, or null
   int tokens;        // T
-  int vocab;         // V (not read: the ids are validated)
+  int vocab;         // V
   int hidden;        // d
   int rank;          // r >= 1
   float scale;       // s
   float embed_scale; // c (1 when the model has none)
+  int id_bytes;      // 4 or 8
+  int arg;           // argument code for the record (0 = "ids")
 };
-TL_CHECK_PARAMS(EmbedForwardParams, 64);
+TL_CHECK_PARAMS(EmbedForwardParams, 80);
 
 // merge.cu: W[v, k] = W[v, k] (+|-) scale * sum_j U[v, j] Vh[j, k], in place, f32 math, one rounding.
 // Rust mirror:

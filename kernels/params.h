@@ -7,33 +7,22 @@
 // ids.cu: validate and narrow token ids / targets to int32.
 //   out[t] = id            if 0 <= id < vocab
 //          = -1            if allow_ignore and id == ignore_index (u32: also its 32-bit pattern)
-//          = -2            otherwise (invalid; status[0] counts them, status[1] = INT_MAX - min bad index)
-//   status[2] counts the ids that are neither ignored nor invalid.
+//          = -2            otherwise (invalid)
+//   status (when not null): [0] invalid count, [1] INT_MAX - min invalid index,
+//   [2] count of ids neither ignored nor invalid. record (when not null): the
+//   backend's deferred id-error record (common.cuh), filled in the same launch.
 struct PrepareIdsParams {
   const void* ids;  // [n] u32 or i64 (by kernel)
-  int* out;         // [n]
-  int* status;      // [4]: bad count, first bad index (init INT_MAX), valid count, unused
+  int* out;         // [n], or null (only checked)
+  int* status;      // [4] zeroed, or null
+  long long* record;  // [TL_ID_RECORD_LEN], or null
   long long ignore_index;
   int n;
   int vocab;
   int allow_ignore;
-  unsigned _pad;
+  int arg;          // argument code written into the record (0 = "ids")
 };
-TL_CHECK_PARAMS(PrepareIdsParams, 48);
-
-// ids.cu: fold one prepare_ids status into the backend's deferred-error
-// record (one thread): record = [error count, arg code, first bad index,
-// its value, vocab]; the first call with a bad id fills it, later ones only
-// add to the count.
-struct DeferIdsParams {
-  const int* status;     // [4] of the prepare_ids launch just before
-  const void* ids;       // the same ids, to read the offending value
-  long long* record;     // [5], owned by the backend, zeroed when read
-  long long vocab;
-  int id_bytes;          // 4 (u32) or 8 (i64)
-  int arg;               // 0 = "ids" (the only deferred argument so far)
-};
-TL_CHECK_PARAMS(DeferIdsParams, 40);
+TL_CHECK_PARAMS(PrepareIdsParams, 56);
 
 // lora_small.cu: out[t, j] = scale * sum_k x[t, k] * vh[j, k]   (x: [rows, d], vh: [r, d] f32)
 struct LoraDownParams {

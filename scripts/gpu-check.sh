@@ -288,7 +288,7 @@ if [ -n "$NCU" ] && [ "${GPU_CHECK_NCU:-1}" != 0 ]; then
   # ops are launch- and latency-bound; their per-kernel split says where the
   # time goes): one CSV row per launch, appended to OUTDIR/ncu.txt (the
   # device tool returns at most 8 files).
-  step ncu_small 60 bash -c "\"$NCU\" --kernel-name regex:'tl_(prepare_ids|ids_defer|lora_down|lora_up|lora_pack|sort_ids|group_rows|embed_forward|xent_combine|xent_grad_finish)' \
+  step ncu_small 60 bash -c "\"$NCU\" --kernel-name regex:'tl_(prepare_ids|lora_down|lora_up|lora_pack|sort_ids|group_rows|embed_forward|xent_combine|xent_grad_finish)' \
       --launch-count 120 --metrics gpu__time_duration.sum --csv \"$BIN/gpu_bench\" --shapes llama --warmup 0 --iters 1 \
       --copy-mib 64 --variants \"$VARIANTS\" --out \"$WORK/ncu-small\" >>\"$OUTDIR/ncu.txt\" 2>&1"
 else

@@ -261,6 +261,42 @@ fn gpu_small_deferred_id_errors() {
     let checked = gpu();
     let err = checked.embed_forward(&cfg, &wt, ids_d.as_view(), out.as_view_mut()).unwrap_err();
     assert_eq!(err, tiedlora::Error::TokenOutOfRange { arg: "ids", index: 7, value: v as i64 + 3, vocab: v });
+
+    // The forward records its bad ids in its one launch: the last block to
+    // finish folds them in. Many blocks run at once here (bf16, d = 2048: 8
+    // column blocks; 50000 tokens), the smallest bad index of the FIRST call
+    // is reported (the second call's bad index is smaller), and the record is
+    // clean for the call after.
+    let (v, d, t) = (1000usize, 2048usize, 50_000usize);
+    let cfg = tiedlora::LoraConfig::builder(v, d, 16).build().unwrap();
+    let w = s.clone_htod(&vec![bf16::from_f32(0.25); v * d]).unwrap();
+    let u = s.clone_htod(&vec![0.5f32; v * 16]).unwrap();
+    let vh = s.clone_htod(&vec![0.125f32; 16 * d]).unwrap();
+    let wt = Weights::<Cuda, bf16> { w: w.as_view(), lora_vocab: u.as_view(), lora_hidden: vh.as_view() };
+    let good: Vec<i64> = (0..t as i64).map(|i| i * 7919 % v as i64).collect();
+    let mut first = good.clone();
+    (first[40_000], first[31_337], first[45_000]) = (v as i64, -5, i64::MAX);
+    let mut second = good.clone();
+    second[5] = v as i64 + 1;
+    let mut out = s.alloc_zeros::<bf16>(t * d).unwrap();
+    for ids in [&first, &second] {
+        let ids_d = s.clone_htod(ids).unwrap();
+        g.embed_forward(&cfg, &wt, ids_d.as_view(), out.as_view_mut()).expect("deferred: Ok at the call");
+    }
+    let err = g.take_id_error().unwrap_err();
+    assert_eq!(err, tiedlora::Error::TokenOutOfRange { arg: "ids", index: 31_337, value: -5, vocab: v });
+    let ids_d = s.clone_htod(&good).unwrap();
+    g.embed_forward(&cfg, &wt, ids_d.as_view(), out.as_view_mut()).unwrap();
+    g.take_id_error().expect("no bad id since the last take");
+    let ids_d = s.clone_htod(&first).unwrap();
+    g.embed_forward(&cfg, &wt, ids_d.as_view(), out.as_view_mut()).unwrap();
+    let host = s.clone_dtoh(&out).unwrap();
+    for (tt, row) in host.chunks(d).enumerate() {
+        let bad = [31_337, 40_000, 45_000].contains(&tt);
+        assert!(row.iter().all(|x| x.to_f32().is_nan() == bad), "row {tt}");
+    }
+    let err = g.take_id_error().unwrap_err();
+    assert_eq!(err, tiedlora::Error::TokenOutOfRange { arg: "ids", index: 31_337, value: -5, vocab: v });
 }
 
 /// The fused cross-entropy on the `_mma` kernels (logit partials, per-chunk

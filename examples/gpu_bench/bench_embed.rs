@@ -72,7 +72,7 @@ pub(crate) fn bench_embed(gpu: &Gpu, m: &Model, st: &Settings, copy_gbs: Option<
             speedup: unf_t.map(|(u, _)| u.median_ms / tm.median_ms),
             pct_ref: copy_gbs.map(|c| gbs(&tm) / c),
             peak_extra: mem,
-            note: "Cuda::with_deferred_id_errors(true): no host round trip; errors via take_id_error".into(),
+            note: "Cuda::with_deferred_id_errors(true): one launch (the gather checks each id), no host round trip; errors via take_id_error".into(),
             ..Row::default()
         });
     }

@@ -117,7 +117,7 @@ static void run_embed(const std::vector<int>& ids, const T* w, const float* u, c
   const int vi = r <= 8 ? 0 : r <= 16 ? 1 : r <= 32 ? 2 : 3;
   const int nc = Dt<T>::nc[vi];
   const int T_ = static_cast<int>(ids.size());
-  EmbedForwardParams p{ids.data(), w, u, vh, out, T_, V, d, r, s, c};
+  EmbedForwardParams p{ids.data(), w, u, vh, out, nullptr, T_, V, d, r, s, c, 4, 0};  // negative ids read as u32 are >= V: NaN rows
   const unsigned gx = static_cast<unsigned>(((d + nc - 1) / nc + 31) / 32);
   const unsigned gy = std::max(1u, std::min<unsigned>((T_ + by - 1) / by, gy_cap));
   launch(Dt<T>::embed[vi], "tl_embed_forward", gx, gy, 32, by, &p);
@@ -185,7 +185,7 @@ static void run_sort(const std::vector<int>& ids, int V, std::vector<int>& keys,
   const int bits = 32 - std::countl_zero(static_cast<unsigned>(V));
   const int passes = (bits + TL_SORT_RADIX_BITS - 1) / TL_SORT_RADIX_BITS;
   const int nblocks = (n + TL_SORT_TILE - 1) / TL_SORT_TILE;
-  std::vector<int> tk(n, -9), tv(n, -9), hist(static_cast<size_t>(nblocks) * 256, -9);
+  std::vector<int> tk(n, -9), tv(n, -9), hist(static_cast<size_t>(nblocks) << TL_SORT_RADIX_BITS, -9);
   const int* kin = ids.data();
   const int* vin = nullptr;
   for (int pass = 0; pass < passes; ++pass) {

@@ -198,7 +198,7 @@ static void parity_embed(int V, int d, int r, int T, bool misalign, uint64_t see
   const float s = 0.37f, c = 1.5f;
   auto pk = pick<E>(r);
   auto plan = embed_plan(pk.fn, pk.nc, T, d, 4, 4.0);
-  EmbedForwardParams p{dids.p, dw.p, du.p, dvh.p, dout.p + (misalign ? 1 : 0), T, V, d, r, s, c};
+  EmbedForwardParams p{dids.p, dw.p, du.p, dvh.p, dout.p + (misalign ? 1 : 0), nullptr, T, V, d, r, s, c, 4, 0};
   pk.fn<<<plan.grid, plan.block>>>(p);
   CK(cudaGetLastError());
   auto outall = dout.down();
@@ -401,7 +401,7 @@ static void bench_embed(int V, int d, int r, int T, double copy_gbs) {
     for (int by : {4}) {
       for (double waves : {2.0, 4.0, 8.0}) {
         auto plan = embed_plan(v.fn, v.nc, T, d, by, waves);
-        EmbedForwardParams p{dids.p, w.p, du.p, dvh.p, out.p, T, V, d, r, 0.5f, 1.0f};
+        EmbedForwardParams p{dids.p, w.p, du.p, dvh.p, out.p, nullptr, T, V, d, r, 0.5f, 1.0f, 4, 0};
         const float ms = time_ms([&] { v.fn<<<plan.grid, plan.block>>>(p); }, 20);
         const double gbs = bytes / ms / 1e6;
         std::printf("    %-13s BY=%d waves=%-3g grid (%u,%u) %d blk/SM: %8.1f us %6.0f GB/s = %3.0f%% of gather, %3.0f%% of D2D copy\n",

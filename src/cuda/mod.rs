@@ -254,7 +254,9 @@ impl Cuda {
     /// them, the forward writes their rows as NaN and the backward drops
     /// their tokens. The first one (index, value) is recorded on the device
     /// and reported by the next [`Cuda::take_id_error`], as
-    /// [`Error::TokenOutOfRange`]. The cross-entropy ops keep checking their
+    /// [`Error::TokenOutOfRange`]. The kernel that meets a bad id records it
+    /// itself, so `embed_forward` is then a single kernel launch (the gather
+    /// checks each id as it loads it) and `embed_backward` has no extra one. The cross-entropy ops keep checking their
     /// targets at once (they need the count of valid targets on the host).
     ///
     /// ```no_run
@@ -268,7 +270,8 @@ impl Cuda {
     /// ```
     pub fn with_deferred_id_errors(mut self, on: bool) -> Result<Self> {
         self.deferred_ids = if on {
-            let rec = self.stream.alloc_zeros::<i64>(5).map_err(|e| driver_err("deferred id record", e))?;
+            let rec =
+                self.stream.alloc_zeros::<i64>(ops::ID_RECORD_LEN).map_err(|e| driver_err("deferred id record", e))?;
             Some(std::sync::Mutex::new(rec))
         } else {
             None
@@ -284,13 +287,15 @@ impl Cuda {
     pub fn take_id_error(&self) -> Result<()> {
         let Some(rec) = &self.deferred_ids else { return Ok(()) };
         let mut rec = rec.lock().unwrap_or_else(|p| p.into_inner());
-        let mut r = [0i64; 5];
+        let mut r = [0i64; ops::ID_RECORD_LEN];
         self.stream.memcpy_dtoh(&*rec, &mut r).map_err(|e| driver_err("reading the id record", e))?;
         self.synchronize()?;
         if r[0] == 0 {
             return Ok(());
         }
-        self.stream.memcpy_htod(&[0i64; 5], &mut *rec).map_err(|e| driver_err("clearing the id record", e))?;
+        self.stream
+            .memcpy_htod(&[0i64; ops::ID_RECORD_LEN], &mut *rec)
+            .map_err(|e| driver_err("clearing the id record", e))?;
         // r[1] is the argument code: only the embedding ops' "ids" defer so far.
         debug_assert_eq!(r[1], i64::from(crate::kernels::ops::DEFERRED_ARG_IDS));
         Err(Error::TokenOutOfRange { arg: "ids", index: r[2] as usize, value: r[3], vocab: r[4] as usize })

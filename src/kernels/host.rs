@@ -27,7 +27,6 @@ macro_rules! shim_table {
 shim_table!(
     tl_prepare_ids_u32,
     tl_prepare_ids_i64,
-    tl_ids_defer,
     tl_lora_down_f32_f32,
     tl_lora_down_f16_f16,
     tl_lora_down_f16_f32,
@@ -191,7 +190,7 @@ pub fn reset_thread_scratch_peak() -> usize {
 pub struct HostExec {
     /// As [`Executor::options`].
     pub options: KernelOptions,
-    /// As [`Executor::deferred_id_record`] (host address of 5 × i64); the
+    /// As [`Executor::deferred_id_record`] (host address of [`ops::ID_RECORD_LEN`] × i64); the
     /// crate's own tests set it, nothing public runs ops on a `HostExec`.
     pub(crate) deferred_id_record: Option<u64>,
 }
@@ -640,13 +639,13 @@ mod tests {
         ids[7] = v as u32 + 3;
         ids[20] = u32::MAX;
         let good: Vec<usize> = (0..ids.len()).filter(|&t| t != 7 && t != 20).collect();
-        let record = vec![0i64; 5];
-        let exec = HostExec { deferred_id_record: Some(addr(&record)), ..HostExec::default() };
+        let mut record = vec![0i64; ops::ID_RECORD_LEN];
+        let exec = HostExec { deferred_id_record: Some(record.as_mut_ptr() as u64), ..HostExec::default() };
 
         let mut out = vec![0f32; ids.len() * d];
         ops::embed_forward(&exec, &cfg, DType::F32, wt, addr(&ids), IdKind::U32, out.as_mut_ptr() as u64, ids.len())
             .expect("deferred: no error at the call");
-        assert_eq!(record, [2, i64::from(ops::DEFERRED_ARG_IDS), 7, v as i64 + 3, v as i64]);
+        assert_eq!(record, [2, i64::from(ops::DEFERRED_ARG_IDS), 7, v as i64 + 3, v as i64, 0, 0, 0]);
         let ids_good: Vec<u32> = good.iter().map(|&t| ids[t]).collect();
         let mut want = vec![0f32; ids_good.len() * d];
         let checked = HostExec::default();
@@ -676,7 +675,7 @@ mod tests {
         let grads = GradAddrs { u: du.as_mut_ptr() as u64, vh: dvh.as_mut_ptr() as u64, w: None };
         ops::embed_backward(&exec, &cfg, DType::F32, wt, addr(&ids_b), IdKind::U32, addr(&de), grads, ids_b.len())
             .unwrap();
-        assert_eq!(record, [4, i64::from(ops::DEFERRED_ARG_IDS), 7, v as i64 + 3, v as i64]);
+        assert_eq!(record, [4, i64::from(ops::DEFERRED_ARG_IDS), 7, v as i64 + 3, v as i64, 0, 0, 0]);
         let ids_good: Vec<u32> = good_b.iter().map(|&t| ids_b[t]).collect();
         let de_good: Vec<f32> = good_b.iter().flat_map(|&t| de[t * d..(t + 1) * d].iter().copied()).collect();
         let (mut du_w, mut dvh_w) = (vec![0f32; v * r], vec![0f32; r * d]);
@@ -710,5 +709,95 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(err, Error::TokenOutOfRange { arg: "ids", index: 7, value: v as i64 + 3, vocab: v });
+    }
+
+    /// The deferred embedding forward is one launch that checks and records
+    /// its own bad ids: on grids of several blocks in both directions (d =
+    /// 300 is 3 column blocks of f32, and each id is loaded by the column
+    /// blocks, which must count it once), on the generic path (d = 301), for
+    /// u32 and i64 ids, with bad ids in several blocks of tokens, the record
+    /// holds the exact count, the smallest bad index and its value, and its
+    /// per-launch words are cleared for the next launch.
+    #[test]
+    fn deferred_embed_forward_records_bad_ids_in_one_launch() {
+        use rand::{Rng, SeedableRng};
+        let seed: u64 = rand::random();
+        println!("deferred embed seed {seed}");
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let (v, r) = (70usize, 5usize);
+        for (d, tokens) in [(24usize, 9usize), (300, 700), (301, 333)] {
+            let cfg = LoraConfig::builder(v, d, r).alpha(4.0).build().unwrap();
+            let w: Vec<f32> = (0..v * d).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let u: Vec<f32> = (0..v * r).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let vh: Vec<f32> = (0..r * d).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let wt = WeightAddrs { w: addr(&w), u: addr(&u), vh: addr(&vh) };
+            let ids: Vec<i64> = (0..tokens).map(|_| rng.random_range(0..v as i64)).collect();
+            // Bad ids: past the vocabulary, negative (i64) or huge, in several token blocks.
+            let mut bad: Vec<usize> = (0..1 + tokens / 100).map(|_| rng.random_range(0..tokens)).collect();
+            bad.sort_unstable();
+            bad.dedup();
+            let bad_value = |k: usize| match k % 3 {
+                0 => v as i64,
+                1 => -1 - k as i64,
+                _ => i64::from(u32::MAX),
+            };
+            let mut ids_bad = ids.clone();
+            for (k, &t) in bad.iter().enumerate() {
+                ids_bad[t] = bad_value(k);
+            }
+            for kind in [IdKind::U32, IdKind::I64] {
+                let raw: Vec<u8> = match kind {
+                    IdKind::U32 => ids_bad.iter().flat_map(|&x| (x as u32).to_le_bytes()).collect(),
+                    IdKind::I64 => ids_bad.iter().flat_map(|&x| x.to_le_bytes()).collect(),
+                };
+                let first_value = match kind {
+                    IdKind::U32 => i64::from(bad_value(0) as u32),
+                    IdKind::I64 => bad_value(0),
+                };
+                let raw_ok: Vec<u32> = ids.iter().map(|&x| x as u32).collect();
+                let mut want = vec![f32::NAN; tokens * d];
+                ops::embed_forward(
+                    &HostExec::default(),
+                    &cfg,
+                    DType::F32,
+                    wt,
+                    addr(&raw_ok),
+                    IdKind::U32,
+                    want.as_mut_ptr() as u64,
+                    tokens,
+                )
+                .unwrap();
+                let mut record = vec![0i64; ops::ID_RECORD_LEN];
+                let exec = HostExec { deferred_id_record: Some(record.as_mut_ptr() as u64), ..HostExec::default() };
+                for call in 1..=2i64 {
+                    let mut out = vec![0f32; tokens * d];
+                    ops::embed_forward(&exec, &cfg, DType::F32, wt, addr(&raw), kind, out.as_mut_ptr() as u64, tokens)
+                        .unwrap();
+                    let n = bad.len() as i64;
+                    let arg = i64::from(ops::DEFERRED_ARG_IDS);
+                    let expect = [call * n, arg, bad[0] as i64, first_value, v as i64, 0, 0, 0];
+                    assert_eq!(record, expect, "d {d} T {tokens} {kind:?} call {call} (seed {seed})");
+                    for tt in 0..tokens {
+                        let row = &out[tt * d..(tt + 1) * d];
+                        if bad.binary_search(&tt).is_ok() {
+                            assert!(row.iter().all(|x| x.is_nan()), "bad row {tt} is NaN (seed {seed})");
+                        } else {
+                            assert_eq!(row, &want[tt * d..(tt + 1) * d], "row {tt} (seed {seed})");
+                        }
+                    }
+                }
+                // The backward's validation launch (blocks of 256 ids) records the same way.
+                let mut record = vec![0i64; ops::ID_RECORD_LEN];
+                let exec = HostExec { deferred_id_record: Some(record.as_mut_ptr() as u64), ..HostExec::default() };
+                let de: Vec<f32> = (0..tokens * d).map(|_| rng.random_range(-1.0..1.0)).collect();
+                let (mut du, mut dvh) = (vec![0f32; v * r], vec![0f32; r * d]);
+                let grads = GradAddrs { u: du.as_mut_ptr() as u64, vh: dvh.as_mut_ptr() as u64, w: None };
+                ops::embed_backward(&exec, &cfg, DType::F32, wt, addr(&raw), kind, addr(&de), grads, tokens).unwrap();
+                let arg = i64::from(ops::DEFERRED_ARG_IDS);
+                let expect = [bad.len() as i64, arg, bad[0] as i64, first_value, v as i64, 0, 0, 0];
+                assert_eq!(record, expect, "backward: d {d} T {tokens} {kind:?} (seed {seed})");
+                assert!(du.iter().all(|x| x.is_finite()) && dvh.iter().any(|&x| x != 0.0));
+            }
+        }
     }
 }

@@ -20,15 +20,10 @@ macro_rules! params {
 }
 
 params! {
-    /// `ids.cu`: validate and narrow ids/targets to int32.
-    PrepareIdsParams (48) {
-        ids: u64, out: u64, status: u64, ignore_index: i64,
-        n: i32, vocab: i32, allow_ignore: i32, _pad: u32,
-    }
-    /// `ids.cu`: fold a prepare_ids status into the deferred-error record.
-    DeferIdsParams (40) {
-        status: u64, ids: u64, record: u64, vocab: i64,
-        id_bytes: i32, arg: i32,
+    /// `ids.cu`: validate and narrow ids/targets to int32 (status, record: 0 for none).
+    PrepareIdsParams (56) {
+        ids: u64, out: u64, status: u64, record: u64, ignore_index: i64,
+        n: i32, vocab: i32, allow_ignore: i32, arg: i32,
     }
     /// `lora_small.cu`: `out[t, j] = scale · Σ_k x[t, k] · Vh[j, k]`.
     LoraDownParams (40) {
@@ -70,9 +65,10 @@ params! {
         g: u64, b: u64, grad: u64, live: u64, tokens: i32, vocab: i32, ncols: i32, scale: f32, live_ld: i32, k_split: i32,
     }
     /// `embed.cu`: `out[t] = c·(W[ids[t]] + s·U[ids[t]]·Vh)`.
-    EmbedForwardParams (64) {
-        ids: u64, w: u64, u: u64, vh: u64, out: u64,
+    EmbedForwardParams (80) {
+        ids: u64, w: u64, u: u64, vh: u64, out: u64, record: u64,
         tokens: i32, vocab: i32, hidden: i32, rank: i32, scale: f32, embed_scale: f32,
+        id_bytes: i32, arg: i32,
     }
     /// `merge.cu`: `W ± s·U·Vh` in place.
     MergeParams (48) {

@@ -28,7 +28,11 @@ fn embed_forward_kernel(t: DType, r: usize) -> (&'static str, usize, u32, u32) {
     }
 }
 
-/// `e[t] = c·(W[ids[t]] + s·U[ids[t]]·Vh)` after validating the ids on the device.
+/// `e[t] = c·(W[ids[t]] + s·U[ids[t]]·Vh)`. The kernel reads the caller's
+/// ids and range-checks each before it indexes anything; by default a
+/// validation launch first makes a bad id an `Err` before `out` is touched.
+/// When the executor defers id errors the op is this one launch: bad rows
+/// come out NaN and the kernel records the first bad id itself.
 #[allow(clippy::too_many_arguments)]
 pub fn embed_forward<E: Executor>(
     e: &E,
@@ -41,28 +45,38 @@ pub fn embed_forward<E: Executor>(
     tokens: usize,
 ) -> Result<()> {
     let (v, d, r) = (cfg.vocab(), cfg.hidden(), cfg.rank());
-    let ids32 = prepare_embed_ids(e, ids, kind, tokens, v)?;
+    let record = match e.deferred_id_record() {
+        Some(record) => record,
+        None => {
+            check_ids(e, "ids", ids, kind, tokens, v)?;
+            0
+        }
+    };
     let (kernel, nc, minb, waves) = embed_forward_kernel(t, r);
     let (bx, by) = EMBED_BLOCK;
     let gx = blocks(d.div_ceil(nc), bx);
     let want = (waves * e.multiprocessors() * minb).div_ceil(gx).max(1);
     let gy = blocks(tokens, by).min(65535).min(want).max(1);
     let params = EmbedForwardParams {
-        ids: e.addr(&ids32),
+        ids,
         w: wt.w,
         u: wt.u,
         vh: wt.vh,
         out,
+        record,
         tokens: i32_of("tokens", tokens)?,
         vocab: i32_of("vocab", v)?,
         hidden: i32_of("hidden", d)?,
         rank: i32_of("rank", r)?,
         scale: cfg.scale() as f32,
         embed_scale: cfg.embed_scale() as f32,
+        id_bytes: kind.size() as i32,
+        arg: DEFERRED_ARG_IDS,
     };
     let plan = LaunchPlan { kernel, grid: (gx, gy, 1), block: (bx, by, 1), shared_bytes: 0 };
-    // SAFETY: ids32 [T] validated here; W [V, d], U [V, r], Vh [r, d] and out
-    // [T, d] checked by the caller.
+    // SAFETY: ids [T] of `kind` (the kernel range-checks each before use), W
+    // [V, d], U [V, r], Vh [r, d] and out [T, d] checked by the caller; the
+    // record is 0 or the executor's ID_RECORD_LEN × i64.
     unsafe { e.launch(&plan, &params) }
 }
 

@@ -117,7 +117,7 @@ pub use embed::{embed_backward, embed_forward};
 pub use head::{head_backward, head_forward};
 pub use ids::prepare_ids;
 #[cfg(any(feature = "cuda", test))]
-pub use ids::DEFERRED_ARG_IDS;
+pub use ids::{DEFERRED_ARG_IDS, ID_RECORD_LEN};
 pub use lora_small::{lora_down, lora_up};
 pub use merge::merge;
 pub use xent_backward::head_xent_backward;
@@ -129,7 +129,7 @@ pub use xent_memory::{
 // The pieces the op files share.
 use engine::{engine_grads, engine_logits, engine_u, EngineGrads};
 use head_grads::{grad_finish, grad_h, grad_h_rx, grad_param, GradH, GradParam};
-use ids::prepare_embed_ids;
+use ids::{check_ids, prepare_embed_ids};
 use lora_small::{concat_rows, pack_u};
 use names::{backward_gemm_variant, intern, stage_suffix, tg_name};
 use shared_mem::{gemm_shared_bytes, wg_mn_shared_bytes, wg_nmajor_shared_bytes, wg_shared_bytes};
