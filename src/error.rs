@@ -69,6 +69,17 @@ pub enum Error {
     /// The PEFT adapter's head factors differ from the transposed embedding factors.
     #[error("adapter is not tied: {0}")]
     NotTied(String),
+    /// A device buffer belongs to another CUDA context (another GPU) than the
+    /// backend's stream: its address means nothing to the backend's kernels.
+    #[error("`{arg}` lives in {buffer}, the backend's stream in {backend}")]
+    WrongDevice {
+        /// The argument's name.
+        arg: &'static str,
+        /// Where the buffer was allocated, e.g. `"device 1"`.
+        buffer: String,
+        /// Where the backend runs, e.g. `"device 0"`.
+        backend: String,
+    },
     /// A backend could not be used (no driver, no kernels compiled in, ...).
     #[error("backend unavailable: {0}")]
     BackendUnavailable(String),

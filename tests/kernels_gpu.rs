@@ -476,6 +476,40 @@ impl MsCase {
     }
 }
 
+/// A buffer of another CUDA context (here a second, non-primary context on
+/// the same GPU; another GPU is the same case) is refused with a typed error
+/// naming the argument, before any launch: cudarc would give out its address,
+/// and our kernels would fault on it. The output stays as it was.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_buffers_of_another_context_are_refused() {
+    use tiedlora::Weights;
+    let (v, d, r, t) = (64usize, 32usize, 4usize, 8usize);
+    let cfg = tiedlora::LoraConfig::builder(v, d, r).build().unwrap();
+    let g = gpu();
+    let s = g.stream().clone();
+    let other = cudarc::driver::CudaContext::new_non_primary(0, 0).expect("a second context on device 0");
+    let so = other.default_stream();
+    let w = s.clone_htod(&vec![0.5f32; v * d]).unwrap();
+    let u = s.clone_htod(&vec![0.25f32; v * r]).unwrap();
+    let vh = s.clone_htod(&vec![0.125f32; r * d]).unwrap();
+    let wt = Weights::<Cuda, f32> { w: w.as_view(), lora_vocab: u.as_view(), lora_hidden: vh.as_view() };
+    let h_other = so.clone_htod(&vec![1.0f32; t * d]).unwrap();
+    let mut logits = s.clone_htod(&vec![7.0f32; t * v]).unwrap();
+    let err = g.head_forward(&cfg, &wt, h_other.as_view(), logits.as_view_mut()).unwrap_err();
+    assert!(matches!(err, tiedlora::Error::WrongDevice { arg: "h", .. }), "{err}");
+    assert!(err.to_string().contains("context"), "{err}");
+    let ids_other = so.clone_htod(&vec![1u32; t]).unwrap();
+    let mut out = s.clone_htod(&vec![7.0f32; t * d]).unwrap();
+    let err = g.embed_forward(&cfg, &wt, ids_other.as_view(), out.as_view_mut()).unwrap_err();
+    assert!(matches!(err, tiedlora::Error::WrongDevice { arg: "ids", .. }), "{err}");
+    g.synchronize().expect("the backend's context is still usable");
+    assert!(s.clone_dtoh(&logits).unwrap().iter().chain(&s.clone_dtoh(&out).unwrap()).all(|&x| x == 7.0));
+    // The same op with buffers of the backend's own context runs.
+    let h = s.clone_htod(&vec![1.0f32; t * d]).unwrap();
+    g.head_forward(&cfg, &wt, h.as_view(), logits.as_view_mut()).unwrap();
+}
+
 /// A trainer's second stream sees the op's writes: cudarc makes another
 /// stream of the same context wait for a buffer's last recorded use, so the
 /// backend must record its uses after its launches are enqueued, not when it

@@ -9,8 +9,16 @@
 //! use would precede the op's kernels, and another stream of the trainer (an
 //! optimizer step, a copy) could read a gradient or overwrite an input while
 //! the kernels still run.
+//!
+//! It also refuses a buffer of another CUDA context (another GPU, or a
+//! context other than the device's primary one): cudarc would hand out its
+//! address all the same, and a kernel of ours dereferencing it would fault
+//! and leave the context unusable.
 
-use cudarc::driver::{CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, SyncOnDrop};
+use crate::error::{Error, Result};
+use cudarc::driver::{
+    CudaContext, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceSlice, SyncOnDrop,
+};
 
 /// The addresses of one op's buffers on the backend's stream, with their
 /// cudarc guards held until this value drops (after the op has enqueued its
@@ -26,16 +34,34 @@ impl<'a> BufferUses<'a> {
     }
 
     /// The device address of a buffer the op reads.
-    pub(crate) fn read<T>(&mut self, v: &'a CudaView<'_, T>) -> u64 {
+    pub(crate) fn read<T>(&mut self, arg: &'static str, v: &'a CudaView<'_, T>) -> Result<u64> {
+        self.check(arg, v.stream().context())?;
         let (ptr, guard) = v.device_ptr(self.stream);
         self.guards.push(guard);
-        ptr
+        Ok(ptr)
     }
 
     /// The device address of a buffer the op writes (or adds into).
-    pub(crate) fn write<T>(&mut self, v: &'a mut CudaViewMut<'_, T>) -> u64 {
+    pub(crate) fn write<T>(&mut self, arg: &'static str, v: &'a mut CudaViewMut<'_, T>) -> Result<u64> {
+        self.check(arg, v.stream().context())?;
         let (ptr, guard) = v.device_ptr_mut(self.stream);
         self.guards.push(guard);
-        ptr
+        Ok(ptr)
+    }
+
+    /// `Err(WrongDevice)` unless the buffer's context is the stream's.
+    fn check(&self, arg: &'static str, ctx: &CudaContext) -> Result<()> {
+        let ours = self.stream.context();
+        if ctx.cu_ctx() == ours.cu_ctx() {
+            return Ok(());
+        }
+        let place = |c: &CudaContext| {
+            if c.ordinal() == ours.ordinal() && c.ordinal() == ctx.ordinal() {
+                format!("device {} (context {:p})", c.ordinal(), c.cu_ctx())
+            } else {
+                format!("device {}", c.ordinal())
+            }
+        };
+        Err(Error::WrongDevice { arg, buffer: place(ctx), backend: place(ours) })
     }
 }

@@ -11,7 +11,9 @@
 //! writes, and records the op's own use once its launches are enqueued, so
 //! another stream that later reads a gradient or rewrites an input waits for
 //! the op's kernels. With event tracking off, ordering across streams is the
-//! caller's (e.g. [`Cuda::synchronize`]).
+//! caller's (e.g. [`Cuda::synchronize`]). A buffer of another context (another
+//! GPU, or a non-primary context) is refused with [`Error::WrongDevice`]
+//! before anything is launched.
 //!
 //! ```no_run
 //! # fn main() -> tiedlora::Result<()> {
@@ -390,16 +392,20 @@ fn gl(g: &Grads<'_, Cuda>) -> GradLens {
     GradLens { lora_vocab: g.lora_vocab.len(), lora_hidden: g.lora_hidden.len(), w: g.w.as_ref().map(|w| w.len()) }
 }
 
-fn weight_addrs<'a, T: Element>(w: &'a Weights<'_, Cuda, T>, uses: &mut BufferUses<'a>) -> WeightAddrs {
-    WeightAddrs { w: uses.read(&w.w), u: uses.read(&w.lora_vocab), vh: uses.read(&w.lora_hidden) }
+fn weight_addrs<'a, T: Element>(w: &'a Weights<'_, Cuda, T>, uses: &mut BufferUses<'a>) -> Result<WeightAddrs> {
+    Ok(WeightAddrs {
+        w: uses.read("w", &w.w)?,
+        u: uses.read("lora_vocab", &w.lora_vocab)?,
+        vh: uses.read("lora_hidden", &w.lora_hidden)?,
+    })
 }
 
-fn grad_addrs<'a>(g: &'a mut Grads<'_, Cuda>, uses: &mut BufferUses<'a>) -> GradAddrs {
-    GradAddrs {
-        u: uses.write(&mut g.lora_vocab),
-        vh: uses.write(&mut g.lora_hidden),
-        w: g.w.as_mut().map(|w| uses.write(w)),
-    }
+fn grad_addrs<'a>(g: &'a mut Grads<'_, Cuda>, uses: &mut BufferUses<'a>) -> Result<GradAddrs> {
+    Ok(GradAddrs {
+        u: uses.write("grad_lora_vocab", &mut g.lora_vocab)?,
+        vh: uses.write("grad_lora_hidden", &mut g.lora_hidden)?,
+        w: g.w.as_mut().map(|w| uses.write("grad_w", w)).transpose()?,
+    })
 }
 
 impl Backend for Cuda {
@@ -440,8 +446,8 @@ impl Backend for Cuda {
     ) -> Result<()> {
         let t = validate::embed_forward_lens(cfg, wl(weights), ids.len(), out.len())?;
         let mut uses = BufferUses::new(&self.stream);
-        let wt = weight_addrs(weights, &mut uses);
-        let (ids_addr, out_addr) = (uses.read(&ids), uses.write(&mut out));
+        let wt = weight_addrs(weights, &mut uses)?;
+        let (ids_addr, out_addr) = (uses.read("ids", &ids)?, uses.write("out", &mut out)?);
         ops::embed_forward(&self.exec(), cfg, T::DTYPE, wt, ids_addr, id_kind::<I>(), out_addr, t)
     }
 
@@ -455,8 +461,8 @@ impl Backend for Cuda {
     ) -> Result<()> {
         let t = validate::embed_backward_lens(cfg, wl(weights), ids.len(), d_embed.len(), gl(grads))?;
         let mut uses = BufferUses::new(&self.stream);
-        let (wt, g) = (weight_addrs(weights, &mut uses), grad_addrs(grads, &mut uses));
-        let (ids_addr, de) = (uses.read(&ids), uses.read(&d_embed));
+        let (wt, g) = (weight_addrs(weights, &mut uses)?, grad_addrs(grads, &mut uses)?);
+        let (ids_addr, de) = (uses.read("ids", &ids)?, uses.read("d_embed", &d_embed)?);
         ops::embed_backward(&self.exec(), cfg, G::DTYPE, wt, ids_addr, id_kind::<I>(), de, g, t)
     }
 
@@ -469,8 +475,8 @@ impl Backend for Cuda {
     ) -> Result<()> {
         let t = validate::head_forward_lens(cfg, wl(weights), h.len(), logits.len())?;
         let mut uses = BufferUses::new(&self.stream);
-        let wt = weight_addrs(weights, &mut uses);
-        let (h_addr, out) = (uses.read(&h), uses.write(&mut logits));
+        let wt = weight_addrs(weights, &mut uses)?;
+        let (h_addr, out) = (uses.read("h", &h)?, uses.write("logits", &mut logits)?);
         ops::head_forward(&self.exec(), cfg, T::DTYPE, wt, h_addr, out, t)
     }
 
@@ -485,8 +491,9 @@ impl Backend for Cuda {
     ) -> Result<()> {
         let t = validate::head_backward_lens(cfg, wl(weights), h.len(), d_logits.len(), dh.len(), gl(grads))?;
         let mut uses = BufferUses::new(&self.stream);
-        let (wt, g) = (weight_addrs(weights, &mut uses), grad_addrs(grads, &mut uses));
-        let (h_addr, g_addr, dh_addr) = (uses.read(&h), uses.read(&d_logits), uses.write(&mut dh));
+        let (wt, g) = (weight_addrs(weights, &mut uses)?, grad_addrs(grads, &mut uses)?);
+        let (h_addr, g_addr) = (uses.read("h", &h)?, uses.read("d_logits", &d_logits)?);
+        let dh_addr = uses.write("dh", &mut dh)?;
         ops::head_backward(&self.exec(), cfg, T::DTYPE, G::DTYPE, wt, h_addr, g_addr, dh_addr, g, t)
     }
 
@@ -501,9 +508,9 @@ impl Backend for Cuda {
     ) -> Result<()> {
         let t = validate::xent_forward_lens(cfg, wl(weights), h.len(), targets.len(), loss.len(), lse.len())?;
         let mut uses = BufferUses::new(&self.stream);
-        let wt = weight_addrs(weights, &mut uses);
-        let (h_addr, t_addr) = (uses.read(&h), uses.read(&targets));
-        let (loss_addr, lse_addr) = (uses.write(&mut loss), uses.write(&mut lse));
+        let wt = weight_addrs(weights, &mut uses)?;
+        let (h_addr, t_addr) = (uses.read("h", &h)?, uses.read("targets", &targets)?);
+        let (loss_addr, lse_addr) = (uses.write("loss", &mut loss)?, uses.write("lse", &mut lse)?);
         ops::head_xent_forward(&self.exec(), cfg, T::DTYPE, wt, h_addr, t_addr, id_kind::<I>(), loss_addr, lse_addr, t)
     }
 
@@ -520,9 +527,9 @@ impl Backend for Cuda {
     ) -> Result<()> {
         let t = validate::xent_backward_lens(cfg, wl(weights), h.len(), targets.len(), lse.len(), dh.len(), gl(grads))?;
         let mut uses = BufferUses::new(&self.stream);
-        let (wt, g) = (weight_addrs(weights, &mut uses), grad_addrs(grads, &mut uses));
-        let (h_addr, t_addr, lse_addr) = (uses.read(&h), uses.read(&targets), uses.read(&lse));
-        let dh_addr = uses.write(&mut dh);
+        let (wt, g) = (weight_addrs(weights, &mut uses)?, grad_addrs(grads, &mut uses)?);
+        let (h_addr, t_addr) = (uses.read("h", &h)?, uses.read("targets", &targets)?);
+        let (lse_addr, dh_addr) = (uses.read("lse", &lse)?, uses.write("dh", &mut dh)?);
         ops::head_xent_backward(
             &self.exec(),
             cfg,
@@ -548,7 +555,8 @@ impl Backend for Cuda {
     ) -> Result<()> {
         validate::check_weights(cfg, w.len(), u.len(), vh.len())?;
         let mut uses = BufferUses::new(&self.stream);
-        let (w_addr, u_addr, vh_addr) = (uses.write(&mut w), uses.read(&u), uses.read(&vh));
+        let w_addr = uses.write("w", &mut w)?;
+        let (u_addr, vh_addr) = (uses.read("lora_vocab", &u)?, uses.read("lora_hidden", &vh)?);
         ops::merge(&self.exec(), cfg, T::DTYPE, w_addr, u_addr, vh_addr, false)
     }
 
@@ -561,7 +569,8 @@ impl Backend for Cuda {
     ) -> Result<()> {
         validate::check_weights(cfg, w.len(), u.len(), vh.len())?;
         let mut uses = BufferUses::new(&self.stream);
-        let (w_addr, u_addr, vh_addr) = (uses.write(&mut w), uses.read(&u), uses.read(&vh));
+        let w_addr = uses.write("w", &mut w)?;
+        let (u_addr, vh_addr) = (uses.read("lora_vocab", &u)?, uses.read("lora_hidden", &vh)?);
         ops::merge(&self.exec(), cfg, T::DTYPE, w_addr, u_addr, vh_addr, true)
     }
 }
