@@ -116,7 +116,6 @@ pub use embed::sort_ids;
 pub use embed::{embed_backward, embed_forward};
 pub use head::{head_backward, head_forward};
 pub use ids::prepare_ids;
-#[cfg(any(feature = "cuda", test))]
 pub use ids::{DEFERRED_ARG_IDS, ID_RECORD_LEN};
 pub use lora_small::{lora_down, lora_up};
 pub use merge::merge;
