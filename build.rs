@@ -28,6 +28,15 @@
 //!   linked into the crate.
 //! - Neither: nothing is compiled (no nvcc, no C++ compiler needed).
 //!
+//! Feature `experimental-kernels` defines `TL_EXPERIMENTAL=1` for both
+//! compilers, which adds the kernel variants no GPU run has measured yet (the
+//! `#if TL_EXPERIMENTAL` blocks of `kernels/*.cu`); without it they are not
+//! compiled at all. The kernel names come from the compiled code itself, never
+//! from a hand-kept list: ptxas's report for the CUDA modules
+//! (`kernels_embedded.rs`), and the archive's `extern "C"` symbols for the CPU
+//! build (`shim_kernels.rs`, the table `src/kernels/host.rs` launches from).
+//! Each build prints how many kernels it compiled.
+//!
 //! Sanitizers for the CPU-executed kernels: `TIEDLORA_SANITIZE=thread` or
 //! `=address` adds `-fsanitize=... -fno-omit-frame-pointer` to the C++ build
 //! and links gcc's static sanitizer runtime (whole archive, plus its preinit
@@ -70,16 +79,17 @@ fn main() {
     let root = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR"));
     let kernels = root.join("kernels");
     let sources = kernel_sources(&kernels);
+    let experimental = env::var_os("CARGO_FEATURE_EXPERIMENTAL_KERNELS").is_some();
     // A directory makes cargo rerun when any file below it changes or appears.
     println!("cargo:rerun-if-changed={}", kernels.display());
     for f in sources.iter().chain(headers(&kernels).iter()) {
         println!("cargo:rerun-if-changed={}", f.display());
     }
     if cuda {
-        build_cuda(&root, &kernels, &sources);
+        build_cuda(&root, &kernels, &sources, experimental);
     }
     if cpu {
-        build_cpu(&kernels, &sources);
+        build_cpu(&kernels, &sources, experimental);
     }
 }
 
@@ -247,7 +257,22 @@ fn gmma_advisories(log: &str) -> Vec<String> {
         .collect()
 }
 
-fn build_cuda(root: &Path, kernels: &Path, sources: &[PathBuf]) {
+/// `-DTL_EXPERIMENTAL=0|1` for both compilers.
+fn experimental_define(on: bool) -> &'static str {
+    if on {
+        "-DTL_EXPERIMENTAL=1"
+    } else {
+        "-DTL_EXPERIMENTAL=0"
+    }
+}
+
+/// The kernel-set line each build prints.
+fn report_kernel_count(what: &str, names: &[String], experimental: bool) {
+    let set = if experimental { "default + experimental-kernels" } else { "default set" };
+    println!("cargo:warning={what}: {} kernels compiled ({set})", names.len());
+}
+
+fn build_cuda(root: &Path, kernels: &Path, sources: &[PathBuf], experimental: bool) {
     println!("cargo:rerun-if-env-changed=TIEDLORA_ALLOW_SPILLS");
     let nvcc = find_nvcc(root).unwrap_or_else(|| {
         fail(&format!(
@@ -261,6 +286,9 @@ fn build_cuda(root: &Path, kernels: &Path, sources: &[PathBuf]) {
     let ccbin = env::var_os("NVCC_CCBIN").filter(|s| !s.is_empty());
 
     let targets = [Target::Ptx, Target::Cubin("sm_80"), Target::Cubin("sm_90a")];
+    let cache = NvccCache::new(&out_dir);
+    // Every header a kernel file may include: part of each cache key.
+    let headers_digest = digest_files(&headers(kernels));
     let work: Vec<(&PathBuf, Target)> = sources.iter().flat_map(|s| targets.iter().map(move |t| (s, *t))).collect();
     let next = AtomicUsize::new(0);
     let results: Mutex<Vec<Result<Compiled, String>>> = Mutex::new(Vec::new());
@@ -281,19 +309,28 @@ fn build_cuda(root: &Path, kernels: &Path, sources: &[PathBuf]) {
                 if let Some(cc) = &ccbin {
                     cmd.arg("-ccbin").arg(cc);
                 }
-                cmd.args(["-O3", "-lineinfo", "--std=c++17", "-Xptxas", "-v"])
+                cmd.args(["-O3", "-lineinfo", "--std=c++17", "-Xptxas", "-v", experimental_define(experimental)])
                     .arg(format!("-I{}", kernels.display()))
                     .arg(flag)
                     .arg(format!("-arch={arch}"))
                     .arg("-o")
                     .arg(&out)
                     .arg(src);
+                let cached = cache.as_ref().map(|c| c.entry(&cmd, &headers_digest, src, &out));
+                if let Some(log) = cached.as_ref().and_then(|e| e.as_ref()).and_then(CacheEntry::load) {
+                    let res = Ok(Compiled { stem, target, out, fns: parse_ptxas(&log), gmma: gmma_advisories(&log) });
+                    results.lock().expect("results lock").push(res);
+                    continue;
+                }
                 let res = match cmd.output() {
                     Err(e) => Err(format!("cannot run {}: {e}; {INSTALL_HINT}", nvcc.display())),
                     Ok(o) => {
                         let log =
                             format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
                         if o.status.success() {
+                            if let Some(Some(e)) = &cached {
+                                e.store(&log);
+                            }
                             for line in log.lines() {
                                 let l = line.to_ascii_lowercase();
                                 if l.contains("warning") && !l.starts_with("ptxas info") {
@@ -417,13 +454,94 @@ fn build_cuda(root: &Path, kernels: &Path, sources: &[PathBuf]) {
     }
     src.push_str("];\n");
     src.push_str(&statics);
+    let all: Vec<String> = done
+        .iter()
+        .filter(|c| c.target == Target::Cubin("sm_90a") && c.stem != "shim_selftest")
+        .flat_map(|c| c.fns.iter().filter(|f| f.entry).map(|f| f.name.clone()))
+        .collect();
+    report_kernel_count("CUDA modules", &all, experimental);
     let gen = PathBuf::from(env::var("OUT_DIR").expect("OUT_DIR")).join("kernels_embedded.rs");
     fs::write(&gen, src).unwrap_or_else(|e| fail(&format!("{}: {e}", gen.display())));
 }
 
+/// nvcc's outputs reused across cargo profiles and commands: `cargo clippy`,
+/// `cargo build` and `cargo test` each run this build script with their own
+/// `OUT_DIR`, and the nvcc work (minutes) is the same whenever the command
+/// line, the kernel file and every header are. Kept under the target
+/// directory (`target/nvcc-cache/`), keyed by a digest of all of them;
+/// `TIEDLORA_NVCC_CACHE=0` turns it off.
+struct NvccCache {
+    dir: PathBuf,
+}
+
+struct CacheEntry {
+    object: PathBuf,
+    log: PathBuf,
+    out: PathBuf,
+}
+
+impl NvccCache {
+    fn new(out_dir: &Path) -> Option<Self> {
+        println!("cargo:rerun-if-env-changed=TIEDLORA_NVCC_CACHE");
+        if env::var("TIEDLORA_NVCC_CACHE").is_ok_and(|v| v == "0") {
+            return None;
+        }
+        // OUT_DIR is <target>/<profile>/build/<package>-<hash>/out/kernels.
+        let target = out_dir.ancestors().nth(5)?;
+        let dir = target.join("nvcc-cache");
+        fs::create_dir_all(&dir).ok()?;
+        Some(NvccCache { dir })
+    }
+
+    fn entry(&self, cmd: &Command, headers: &str, src: &Path, out: &Path) -> Option<CacheEntry> {
+        let mut key = format!("{:?}|{headers}|{}", cmd.get_program(), digest_files(&[src.to_path_buf()]));
+        for a in cmd.get_args() {
+            // The output path differs per OUT_DIR; everything else is the key.
+            if Path::new(a) != out {
+                key.push('|');
+                key.push_str(&a.to_string_lossy());
+            }
+        }
+        let name = format!("{:016x}", fnv1a(key.as_bytes()));
+        Some(CacheEntry { object: self.dir.join(&name), log: self.dir.join(format!("{name}.log")), out: out.to_path_buf() })
+    }
+}
+
+impl CacheEntry {
+    /// Copies the cached output into place; `Some(ptxas log)` on a hit.
+    fn load(&self) -> Option<String> {
+        let log = fs::read_to_string(&self.log).ok()?;
+        fs::copy(&self.object, &self.out).ok()?;
+        Some(log)
+    }
+
+    fn store(&self, log: &str) {
+        // Object first, log last: a log only exists beside a complete object.
+        let tmp = self.object.with_extension(format!("tmp{}", std::process::id()));
+        if fs::copy(&self.out, &tmp).is_ok() && fs::rename(&tmp, &self.object).is_ok() {
+            let _ = fs::write(&self.log, log);
+        }
+    }
+}
+
+/// FNV-1a (64-bit): a stable digest for cache keys (not for security).
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3))
+}
+
+/// A digest of the files' names and contents.
+fn digest_files(files: &[PathBuf]) -> String {
+    let mut h = 0u64;
+    for f in files {
+        let bytes = fs::read(f).unwrap_or_default();
+        h = fnv1a(&[h.to_le_bytes().as_slice(), f.to_string_lossy().as_bytes(), &bytes].concat());
+    }
+    format!("{h:016x}")
+}
+
 // ----------------------------------------------------------- cpu-kernels ---
 
-fn build_cpu(kernels: &Path, sources: &[PathBuf]) {
+fn build_cpu(kernels: &Path, sources: &[PathBuf], experimental: bool) {
     println!("cargo:rerun-if-env-changed=TIEDLORA_SANITIZE");
     let shim_header = kernels.join("shim").join("cuda_shim.h");
     let mut b = cc::Build::new();
@@ -446,6 +564,7 @@ fn build_cpu(kernels: &Path, sources: &[PathBuf]) {
         .flag("-fsanitize-undefined-trap-on-error")
         .flag("-Wno-unknown-pragmas")
         .flag("-Wno-unused-parameter")
+        .flag(experimental_define(experimental))
         .debug(true)
         .files(sources);
     // Tests run the kernels with up to 1024 threads per block: at least -O1.
@@ -461,6 +580,54 @@ fn build_cpu(kernels: &Path, sources: &[PathBuf]) {
         Ok(other) => fail(&format!("TIEDLORA_SANITIZE={other}: expected `thread` or `address`")),
     }
     b.compile("tiedlora_cpu_kernels");
+    write_shim_table();
+}
+
+/// `$OUT_DIR/shim_kernels.rs`: every kernel entry point (`extern "C" tl_*`
+/// symbol) the archive defines, declared and listed by name, so the table the
+/// CPU backend launches from is exactly what was compiled. The shim's
+/// self-test kernels (`tl_selftest_*`) are declared in `src/kernels/shim.rs`.
+fn write_shim_table() {
+    let out = PathBuf::from(env::var("OUT_DIR").expect("OUT_DIR"));
+    let lib = out.join("libtiedlora_cpu_kernels.a");
+    println!("cargo:rerun-if-env-changed=NM");
+    let nm = env::var("NM").ok().filter(|s| !s.is_empty()).unwrap_or_else(|| "nm".to_string());
+    let listing = Command::new(&nm)
+        .args(["--defined-only", "--extern-only", "--format=posix"])
+        .arg(&lib)
+        .output()
+        .unwrap_or_else(|e| fail(&format!("cannot run `{nm}` on {} (binutils): {e}", lib.display())));
+    if !listing.status.success() {
+        fail(&format!("`{nm}` failed on {}: {}", lib.display(), String::from_utf8_lossy(&listing.stderr)));
+    }
+    let mut names: Vec<String> = String::from_utf8_lossy(&listing.stdout)
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let (name, kind) = (f.next()?, f.next()?);
+            (kind == "T" && name.starts_with("tl_") && !name.starts_with("tl_selftest_")).then(|| name.to_string())
+        })
+        .collect();
+    names.sort();
+    names.dedup();
+    if names.is_empty() {
+        fail(&format!("no kernel entry points (`tl_*` symbols) found in {}", lib.display()));
+    }
+    let mut src = String::from("// @generated by build.rs from the symbols of the compiled kernels; do not edit.\n");
+    src.push_str("crate::kernels::shim::shim_kernels!(\n");
+    for n in &names {
+        writeln!(src, "    {n},").expect("write to string");
+    }
+    src.push_str(");\n\n/// Every kernel entry point of this build, by symbol (sorted).\n");
+    src.push_str("pub(crate) static SHIM_TABLE: &[(&str, crate::kernels::shim::ShimEntry)] = &[\n");
+    for n in &names {
+        writeln!(src, "    ({n:?}, {n} as crate::kernels::shim::ShimEntry),").expect("write to string");
+    }
+    src.push_str("];\n");
+    let gen = out.join("shim_kernels.rs");
+    fs::write(&gen, src).unwrap_or_else(|e| fail(&format!("{}: {e}", gen.display())));
+    let experimental = env::var_os("CARGO_FEATURE_EXPERIMENTAL_KERNELS").is_some();
+    report_kernel_count("CPU shim", &names, experimental);
 }
 
 /// Links the sanitizer runtime into this package's tests, examples, benches

@@ -7,7 +7,8 @@
 //! cargo run --release --features cuda --example cuda_step [-- --cublas]
 //! ```
 //!
-//! `--cublas` runs the head's GEMMs on cuBLAS (`Cuda::with_cublas`).
+//! `--cublas` runs the head's GEMMs on cuBLAS (`Cuda::with_cublas`, feature
+//! `experimental-kernels`).
 //!
 //! The trainer's side is plain cudarc: its own stream (`Cuda::with_stream`
 //! would take it), its own buffers, viewed in place. Exits 0 when every
@@ -57,7 +58,15 @@ fn run() -> Result<bool, Box<dyn std::error::Error>> {
     targets.push((-100i32) as u32); // no next token: ignored (u32 pattern of ignore_index)
 
     let gpu = Cuda::new(0)?;
+    #[cfg(feature = "experimental-kernels")]
     let gpu = if std::env::args().any(|a| a == "--cublas") { gpu.with_cublas(true)? } else { gpu };
+    #[cfg(not(feature = "experimental-kernels"))]
+    if std::env::args().any(|a| a == "--cublas") {
+        return Err(tiedlora::Error::UnsupportedCombination(
+            "--cublas needs the feature `experimental-kernels`".into(),
+        )
+        .into());
+    }
     let s = gpu.stream().clone();
     let (w_d, u_d, vh_d) = (s.clone_htod(&w)?, s.clone_htod(&u)?, s.clone_htod(&vh)?);
     let (ids_d, tg_d) = (s.clone_htod(&ids)?, s.clone_htod(&targets)?);

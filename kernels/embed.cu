@@ -66,7 +66,7 @@
 //   Launch (both): block (32, BY, 1), BY in {1..8} (4 recommended);
 //                  grid (ceil(ncols / 32), ceil(nchunks / BY), 1). No shared memory.
 //   Kernel 1 must complete before kernel 2 (same stream).
-//   Uses: dU (x = gU [T, r] f32 from lora_down, ncols = r, scale 1) and
+//   Uses: dU (x = gU [T, r] f32 from lora_project, ncols = r, scale 1) and
 //         dW (x = dE [T, d] f32 or storage dtype, ncols = d, scale c).
 #include "embed_params.h"
 

@@ -1,7 +1,7 @@
 // head.cu: the tied LM head, forward and backward, on the shared tile GEMM.
 //
 // forward   logits[t, v] = [h_t | p_t] . [W_v | U_v]        K = d + r, one reduction
-//           (p = s h Vh^T from lora_down), so the base projection and the LoRA
+//           (p = s h Vh^T from lora_project), so the base projection and the LoRA
 //           update land in the same accumulator tile and logits are written once.
 // grad_h    dh = G W + s (G U) Vh: one reduction over V with B = W plus RX extra
 //           columns U, so G U comes out of the same pass; its rows are finished
@@ -265,17 +265,45 @@ TL_DEVICE void head_grad_param_wgmma(const HeadGradParamParams& p) {
 
 }  // namespace
 
-// Two main loops per op: the register-staged one (suffix-less names) and a
-// 3-stage cp.async ring (suffix _s3, 60 KiB of dynamic shared memory), for the
-// tensor-core (f16/bf16) kernels. The host picks one (`KernelOptions::gemm_stages`);
-// both are tested.
-#define TL_HEAD_FORWARD(name, T, STAGES, suffix) \
-  TL_KERNEL_BOUNDED(tl_head_forward_##name##suffix, HeadForwardParams, 256) { head_forward<T, STAGES>(p); }
-TL_HEAD_FORWARD(f32, float, 1, )
-TL_HEAD_FORWARD(f16, __half, 1, )
-TL_HEAD_FORWARD(bf16, __nv_bfloat16, 1, )
-TL_HEAD_FORWARD(f16, __half, 3, _s3)
-TL_HEAD_FORWARD(bf16, __nv_bfloat16, 3, _s3)
+// The default kernels (the WMMA tile GEMM with the register-staged main loop,
+// measured on an H200 on 2026-11-28) are always built. The variants below
+// `#if TL_EXPERIMENTAL` (feature `experimental-kernels`) wait for a GPU run
+// to measure them; the host selects them in src/kernels/select.rs.
+#define TL_HEAD_FORWARD(name, T) \
+  TL_KERNEL_BOUNDED(tl_head_forward_##name, HeadForwardParams, 256) { head_forward<T, 1>(p); }
+TL_HEAD_FORWARD(f32, float)
+TL_HEAD_FORWARD(f16, __half)
+TL_HEAD_FORWARD(bf16, __nv_bfloat16)
+
+#define TL_HEAD_GRAD_H(name, T, G, RX)                                     \
+  TL_KERNEL_BOUNDED(tl_head_grad_h_##name##_u##RX, HeadGradHParams, 256) { \
+    head_grad_h<T, G, RX, 1>(p);                                           \
+  }
+#define TL_HEAD_GRAD_H_ALL(name, T, G) \
+  TL_HEAD_GRAD_H(name, T, G, 16)       \
+  TL_HEAD_GRAD_H(name, T, G, 32)       \
+  TL_HEAD_GRAD_H(name, T, G, 64)
+TL_HEAD_GRAD_H_ALL(f32_f32, float, float)
+TL_HEAD_GRAD_H_ALL(f16_f16, __half, __half)
+TL_HEAD_GRAD_H_ALL(f16_f32, __half, float)
+TL_HEAD_GRAD_H_ALL(bf16_bf16, __nv_bfloat16, __nv_bfloat16)
+TL_HEAD_GRAD_H_ALL(bf16_f32, __nv_bfloat16, float)
+
+// n64: dU (r columns, 8 warps stacked along V); n128: dW (d columns).
+#define TL_HEAD_GRAD_PARAM(name, T, G)                                           \
+  TL_KERNEL_BOUNDED(tl_head_grad_param_##name##_n64, HeadGradParamParams, 256) { \
+    head_grad_param<T, G, 64, 8, 1, 1>(p);                                       \
+  }                                                                              \
+  TL_KERNEL_BOUNDED(tl_head_grad_param_##name##_n128, HeadGradParamParams, 256) {\
+    head_grad_param<T, G, 128, 2, 4, 1>(p);                                      \
+  }
+TL_HEAD_GRAD_PARAM(f32_f32, float, float)
+TL_HEAD_GRAD_PARAM(f16_f16, __half, __half)
+TL_HEAD_GRAD_PARAM(f16_f32, __half, float)
+TL_HEAD_GRAD_PARAM(bf16_bf16, __nv_bfloat16, __nv_bfloat16)
+TL_HEAD_GRAD_PARAM(bf16_f32, __nv_bfloat16, float)
+
+#if TL_EXPERIMENTAL
 // Wide tiles (an experiment to measure, `Cuda::with_wide_tiles`): 128 x 256
 // blocks, 64 x 64 warp tiles (twice the MMAs per shared-memory fragment load
 // of the 64 x 32 default), 3-stage cp.async ring, 90 KiB of shared memory.
@@ -312,24 +340,6 @@ TL_KERNEL_BOUNDED(tl_head_forward_bf16_w256_wgmma, HeadForwardParams, 256) {
   head_forward_wgmma<__nv_bfloat16, 256, 4>(p);
 }
 
-// The cp.async ring only pays when G is stored in the compute dtype (f32 G
-// for half weights is converted on load), so _s3 exists for G == T only.
-#define TL_HEAD_GRAD_H(name, T, G, RX, STAGES, suffix)                                  \
-  TL_KERNEL_BOUNDED(tl_head_grad_h_##name##_rx##RX##suffix, HeadGradHParams, 256) {    \
-    head_grad_h<T, G, RX, STAGES>(p);                                                   \
-  }
-#define TL_HEAD_GRAD_H_ALL(name, T, G, STAGES, suffix) \
-  TL_HEAD_GRAD_H(name, T, G, 16, STAGES, suffix)       \
-  TL_HEAD_GRAD_H(name, T, G, 32, STAGES, suffix)       \
-  TL_HEAD_GRAD_H(name, T, G, 64, STAGES, suffix)
-TL_HEAD_GRAD_H_ALL(f32_f32, float, float, 1, )
-TL_HEAD_GRAD_H_ALL(f16_f16, __half, __half, 1, )
-TL_HEAD_GRAD_H_ALL(f16_f32, __half, float, 1, )
-TL_HEAD_GRAD_H_ALL(bf16_bf16, __nv_bfloat16, __nv_bfloat16, 1, )
-TL_HEAD_GRAD_H_ALL(bf16_f32, __nv_bfloat16, float, 1, )
-TL_HEAD_GRAD_H_ALL(f16_f16, __half, __half, 3, _s3)
-TL_HEAD_GRAD_H_ALL(bf16_bf16, __nv_bfloat16, __nv_bfloat16, 3, _s3)
-
 // Two resident blocks per SM for the rx16 half-precision grad_h on sm_90+:
 // ptxas fits them in 128 registers there without spilling (it does not on
 // sm_80, which keeps one block). Selected by `KernelOptions::grad_h_two_blocks`;
@@ -339,18 +349,18 @@ TL_HEAD_GRAD_H_ALL(bf16_bf16, __nv_bfloat16, __nv_bfloat16, 3, _s3)
 #else
 #define TL_GRAD_H_RX16_MIN_BLOCKS 1
 #endif
-#define TL_HEAD_GRAD_H_O2(name, T, G)                                                                      \
-  TL_KERNEL_BOUNDED_MIN(tl_head_grad_h_##name##_rx16_o2, HeadGradHParams, 256, TL_GRAD_H_RX16_MIN_BLOCKS) { \
+#define TL_HEAD_GRAD_H_2BLOCKS(name, T, G)                                                                      \
+  TL_KERNEL_BOUNDED_MIN(tl_head_grad_h_##name##_u16_2blocks, HeadGradHParams, 256, TL_GRAD_H_RX16_MIN_BLOCKS) { \
     head_grad_h<T, G, 16, 1, false>(p);                                                                    \
   }
-TL_HEAD_GRAD_H_O2(f16_f16, __half, __half)
-TL_HEAD_GRAD_H_O2(f16_f32, __half, float)
-TL_HEAD_GRAD_H_O2(bf16_bf16, __nv_bfloat16, __nv_bfloat16)
-TL_HEAD_GRAD_H_O2(bf16_f32, __nv_bfloat16, float)
+TL_HEAD_GRAD_H_2BLOCKS(f16_f16, __half, __half)
+TL_HEAD_GRAD_H_2BLOCKS(f16_f32, __half, float)
+TL_HEAD_GRAD_H_2BLOCKS(bf16_bf16, __nv_bfloat16, __nv_bfloat16)
+TL_HEAD_GRAD_H_2BLOCKS(bf16_f32, __nv_bfloat16, float)
 
 // ldmatrix + mma.sync on the 3-stage ring (`KernelOptions::mma`), G in the storage dtype.
 #define TL_HEAD_GRAD_H_MMA(name, T, RX)                                                \
-  TL_KERNEL_BOUNDED(tl_head_grad_h_##name##_rx##RX##_mma, HeadGradHParams, 256) {      \
+  TL_KERNEL_BOUNDED(tl_head_grad_h_##name##_u##RX##_mma, HeadGradHParams, 256) {      \
     head_grad_h<T, T, RX, 3, true, true>(p);                                           \
   }
 TL_HEAD_GRAD_H_MMA(f16_f16, __half, 16)
@@ -363,7 +373,7 @@ TL_HEAD_GRAD_H_MMA(bf16_bf16, __nv_bfloat16, 64)
 // Hopper warpgroup MMAs (`KernelOptions::wgmma`, sm_90a cubin only): 128 x
 // (128 + RX) tiles on a 4-slot ring (161 KiB of shared memory).
 #define TL_HEAD_GRAD_H_WGMMA(name, T, RX)                                         \
-  TL_KERNEL_BOUNDED(tl_head_grad_h_##name##_rx##RX##_wgmma, HeadGradHParams, 256) { \
+  TL_KERNEL_BOUNDED(tl_head_grad_h_##name##_u##RX##_wgmma, HeadGradHParams, 256) { \
     head_grad_h_wgmma<T, RX>(p);                                                  \
   }
 TL_HEAD_GRAD_H_WGMMA(f16_f16, __half, 16)
@@ -373,21 +383,6 @@ TL_HEAD_GRAD_H_WGMMA(bf16_bf16, __nv_bfloat16, 16)
 TL_HEAD_GRAD_H_WGMMA(bf16_bf16, __nv_bfloat16, 32)
 TL_HEAD_GRAD_H_WGMMA(bf16_bf16, __nv_bfloat16, 64)
 
-// n64: dU (r columns, 8 warps stacked along V); n128: dW (d columns).
-#define TL_HEAD_GRAD_PARAM(name, T, G, STAGES, suffix)                                   \
-  TL_KERNEL_BOUNDED(tl_head_grad_param_##name##_n64##suffix, HeadGradParamParams, 256) { \
-    head_grad_param<T, G, 64, 8, 1, STAGES>(p);                                          \
-  }                                                                                      \
-  TL_KERNEL_BOUNDED(tl_head_grad_param_##name##_n128##suffix, HeadGradParamParams, 256) {\
-    head_grad_param<T, G, 128, 2, 4, STAGES>(p);                                         \
-  }
-TL_HEAD_GRAD_PARAM(f32_f32, float, float, 1, )
-TL_HEAD_GRAD_PARAM(f16_f16, __half, __half, 1, )
-TL_HEAD_GRAD_PARAM(f16_f32, __half, float, 1, )
-TL_HEAD_GRAD_PARAM(bf16_bf16, __nv_bfloat16, __nv_bfloat16, 1, )
-TL_HEAD_GRAD_PARAM(bf16_f32, __nv_bfloat16, float, 1, )
-TL_HEAD_GRAD_PARAM(f16_f16, __half, __half, 3, _s3)
-TL_HEAD_GRAD_PARAM(bf16_bf16, __nv_bfloat16, __nv_bfloat16, 3, _s3)
 // ldmatrix + mma.sync on the 3-stage ring (`KernelOptions::mma`), G in the storage dtype.
 #define TL_HEAD_GRAD_PARAM_MMA(name, T)                                                  \
   TL_KERNEL_BOUNDED(tl_head_grad_param_##name##_n64_mma, HeadGradParamParams, 256) {     \
@@ -409,3 +404,4 @@ TL_HEAD_GRAD_PARAM_MMA(bf16_bf16, __nv_bfloat16)
   }
 TL_HEAD_GRAD_PARAM_WGMMA(f16_f16, __half)
 TL_HEAD_GRAD_PARAM_WGMMA(bf16_bf16, __nv_bfloat16)
+#endif  // TL_EXPERIMENTAL

@@ -1,11 +1,11 @@
 // lora_small.cu: the thin LoRA products around the big GEMMs (O(T·d·r) work).
 //
-// lora_down   out[t, j] = scale · Σ_k x[t, k] · Vh[j, k]        one warp per 4 rows;
+// lora_project   out[t, j] = scale · Σ_k x[t, k] · Vh[j, k]        one warp per 4 rows;
 //             lanes stride over k, 4 x 16 accumulators per lane, then a fixed
 //             butterfly reduction per row; Vh staged in shared memory 256
 //             columns at a time (16 KiB static). Grid (ceil(rows / 32)), block 256.
 //             Used for p = s·h·Vhᵀ (head) and gU = c·s·dE·Vhᵀ (embedding backward).
-// lora_up     grad[j, k] += scale · Σ_t X[row(t), j] · Y[t, k]   in two deterministic
+// lora_hidden_grad     grad[j, k] += scale · Σ_t X[row(t), j] · Y[t, k]   in two deterministic
 //             steps: partial sums over fixed token chunks (grid (ceil(d / 256),
 //             chunks), block 256, one thread per column k, X rows staged in
 //             shared memory 256 tokens at a time: 17 KiB static), then a
@@ -24,19 +24,19 @@
 namespace {
 
 constexpr int kRankChunk = 16;
-// lora_down: rows per warp. Each Vh value a lane loads serves this many rows
+// lora_project: rows per warp. Each Vh value a lane loads serves this many rows
 // (Vh is read once per warp, so per kRowsPerWarp rows, not per row); every
 // row's sums are formed in the same order as with one row per warp.
 constexpr int kRowsPerWarp = 4;
 
-// lora_down: Vh columns staged in shared memory per step (kDownCols x kRankChunk f32).
+// lora_project: Vh columns staged in shared memory per step (kDownCols x kRankChunk f32).
 constexpr int kDownCols = 256;
 
 // Each block stages Vh[j0 .. j0 + 16, kc .. kc + kDownCols) once for its
 // 8 warps x kRowsPerWarp rows (Vh is read from L2 once per 32 rows); lane l
 // still sums k = l, l + 32, ... in increasing order, then the butterfly.
 template <class X, class O>
-TL_DEVICE void lora_down(const LoraDownParams& p) {
+TL_DEVICE void lora_project(const LoraProjectParams& p) {
   __shared__ float vs[kRankChunk * kDownCols];
   const int warps = static_cast<int>(blockDim.x) / 32;
   const int row0 = (static_cast<int>(blockIdx.x) * warps + static_cast<int>(tl_warp_id())) * kRowsPerWarp;
@@ -95,7 +95,7 @@ TL_DEVICE void lora_down(const LoraDownParams& p) {
   }
 }
 
-// lora_up_partial: tokens staged per step, and y loads in flight per batch.
+// lora_hidden_grad_partial: tokens staged per step, and y loads in flight per batch.
 constexpr int kUpStage = 256;
 constexpr int kUpBatch = 8;
 
@@ -106,7 +106,7 @@ constexpr int kUpBatch = 8;
 // loaded kUpBatch tokens ahead. Every accumulator still sums its terms in
 // token order (the same result as one token at a time).
 template <class Y>
-TL_DEVICE void lora_up_partial(const LoraUpPartialParams& p) {
+TL_DEVICE void lora_hidden_grad_partial(const LoraHiddenGradPartialParams& p) {
   __shared__ float xs[kUpStage * kRankChunk];
   __shared__ int use[kUpStage];
   const int tid = static_cast<int>(threadIdx.x);
@@ -158,7 +158,7 @@ TL_DEVICE void lora_up_partial(const LoraUpPartialParams& p) {
 }  // namespace
 
 #define TL_LORA_DOWN(name, X, O) \
-  TL_KERNEL_BOUNDED(tl_lora_down_##name, LoraDownParams, 256) { lora_down<X, O>(p); }
+  TL_KERNEL_BOUNDED(tl_lora_project_##name, LoraProjectParams, 256) { lora_project<X, O>(p); }
 TL_LORA_DOWN(f32_f32, float, float)
 TL_LORA_DOWN(f16_f16, __half, __half)
 TL_LORA_DOWN(f16_f32, __half, float)
@@ -166,12 +166,12 @@ TL_LORA_DOWN(bf16_bf16, __nv_bfloat16, __nv_bfloat16)
 TL_LORA_DOWN(bf16_f32, __nv_bfloat16, float)
 
 #define TL_LORA_UP_PARTIAL(name, Y) \
-  TL_KERNEL_BOUNDED(tl_lora_up_partial_##name, LoraUpPartialParams, 256) { lora_up_partial<Y>(p); }
+  TL_KERNEL_BOUNDED(tl_lora_hidden_grad_partial_##name, LoraHiddenGradPartialParams, 256) { lora_hidden_grad_partial<Y>(p); }
 TL_LORA_UP_PARTIAL(f32, float)
 TL_LORA_UP_PARTIAL(f16, __half)
 TL_LORA_UP_PARTIAL(bf16, __nv_bfloat16)
 
-TL_KERNEL_BOUNDED(tl_lora_up_reduce, LoraUpReduceParams, 256) {
+TL_KERNEL_BOUNDED(tl_sum_partials, SumPartialsParams, 256) {
   const int e = static_cast<int>(blockIdx.x * blockDim.x + threadIdx.x);
   if (e >= p.count) return;
   float acc = 0.0f;
@@ -220,8 +220,11 @@ TL_DEVICE void concat_rows(const ConcatRowsParams& p) {
     }
   }
 }
+#if TL_EXPERIMENTAL
+// Operand packing for the cuBLAS and wgmma paths (`KernelOptions::cublas`, `wgmma`).
 TL_KERNEL_BOUNDED(tl_concat_rows_f32, ConcatRowsParams, 256) { concat_rows<float>(p); }
 TL_KERNEL_BOUNDED(tl_concat_rows_f16, ConcatRowsParams, 256) { concat_rows<__half>(p); }
 TL_KERNEL_BOUNDED(tl_concat_rows_bf16, ConcatRowsParams, 256) { concat_rows<__nv_bfloat16>(p); }
 TL_KERNEL_BOUNDED(tl_lora_pack_f16, LoraPackParams, 256) { lora_pack<__half>(p); }
 TL_KERNEL_BOUNDED(tl_lora_pack_bf16, LoraPackParams, 256) { lora_pack<__nv_bfloat16>(p); }
+#endif  // TL_EXPERIMENTAL

@@ -25,7 +25,7 @@ struct PrepareIdsParams {
 TL_CHECK_PARAMS(PrepareIdsParams, 56);
 
 // lora_small.cu: out[t, j] = scale * sum_k x[t, k] * vh[j, k]   (x: [rows, d], vh: [r, d] f32)
-struct LoraDownParams {
+struct LoraProjectParams {
   const void* x;
   const float* vh;
   void* out;  // [rows, r], dtype by kernel
@@ -34,11 +34,11 @@ struct LoraDownParams {
   int rank;
   float scale;
 };
-TL_CHECK_PARAMS(LoraDownParams, 40);
+TL_CHECK_PARAMS(LoraProjectParams, 40);
 
 // lora_small.cu: partial[s, j, k] = sum_{t in chunk s} X[row(t), j] * Y[t, k]
 //   row(t) = ids ? ids[t] : t  (tokens with ids[t] < 0 are skipped); X f32 [*, r], Y [T, d].
-struct LoraUpPartialParams {
+struct LoraHiddenGradPartialParams {
   const float* x;
   const int* ids;  // may be null
   const void* y;
@@ -48,10 +48,10 @@ struct LoraUpPartialParams {
   int rank;
   int chunk;  // tokens per chunk
 };
-TL_CHECK_PARAMS(LoraUpPartialParams, 48);
+TL_CHECK_PARAMS(LoraHiddenGradPartialParams, 48);
 
 // lora_small.cu: out[j, k] += scale * sum_s partial[s, j, k], s in order.
-struct LoraUpReduceParams {
+struct SumPartialsParams {
   const float* partial;
   float* out;  // [r, d]
   int chunks;
@@ -59,7 +59,7 @@ struct LoraUpReduceParams {
   float scale;
   unsigned _pad;
 };
-TL_CHECK_PARAMS(LoraUpReduceParams, 32);
+TL_CHECK_PARAMS(SumPartialsParams, 32);
 
 // lora_small.cu: out[v, j] = u[v, j] for j < cols, 0 for cols <= j < ld_out (storage dtype).
 struct LoraPackParams {
@@ -85,7 +85,7 @@ struct ConcatRowsParams {
 };
 TL_CHECK_PARAMS(ConcatRowsParams, 40);
 
-// head.cu: logits[t, v] = [h_t | p_t] . [W_v | U_v]   (p = s * h Vh^T, from lora_down)
+// head.cu: logits[t, v] = [h_t | p_t] . [W_v | U_v]   (p = s * h Vh^T, from lora_project)
 struct HeadForwardParams {
   const void* h;   // [T, d]
   const void* p;   // [T, r], storage dtype

@@ -35,7 +35,7 @@ constexpr int kTile = 128;
 constexpr int kZld = kTile + 1;  // skew: row-wise reads by thread pairs
 
 // z' = kappa tanh(z / kappa), or z without a softcap (kappa = 0).
-TL_DEVICE float softcapped(float z, float kappa) { return kappa > 0.0f ? kappa * tanhf(z / kappa) : z; }
+[[maybe_unused]] TL_DEVICE float softcapped(float z, float kappa) { return kappa > 0.0f ? kappa * tanhf(z / kappa) : z; }
 
 template <class T, int STAGES = 1, bool MMA = false>
 TL_DEVICE void xent_partial(const XentPartialParams& p) {
@@ -177,6 +177,7 @@ TL_DEVICE void xent_partial_wgmma(const XentPartialParams& p) {
 #endif
 }
 
+#if TL_EXPERIMENTAL
 // Merges (m2, s2) into the online (max, sum of exp) pair (m, s); an empty
 // pair has m = -inf, s = 0. A NaN logit makes the sum NaN for good.
 TL_DEVICE void lse_merge(float& m, float& s, float m2, float s2) {
@@ -220,12 +221,14 @@ TL_DEVICE void xent_chunk_partial(const XentChunkPartialParams& p) {
     if (y >= 0 && y < p.cols) p.target_logit[t] = softcapped(zr[y], kappa);
   }
 }
+#endif  // TL_EXPERIMENTAL
 
 }  // namespace
 
 TL_KERNEL_BOUNDED(tl_xent_partial_f32, XentPartialParams, 256) { xent_partial<float>(p); }
 TL_KERNEL_BOUNDED(tl_xent_partial_f16, XentPartialParams, 256) { xent_partial<__half>(p); }
 TL_KERNEL_BOUNDED(tl_xent_partial_bf16, XentPartialParams, 256) { xent_partial<__nv_bfloat16>(p); }
+#if TL_EXPERIMENTAL
 // ldmatrix + mma.sync on the 3-stage ring (`KernelOptions::mma`); two resident
 // blocks per SM on sm_90+ (128 registers without spills there; sm_80 would
 // spill, so it keeps one).
@@ -247,6 +250,7 @@ TL_KERNEL_BOUNDED_MIN(tl_xent_partial_f16_wgmma, XentPartialParams, 256, 2) { xe
 TL_KERNEL_BOUNDED_MIN(tl_xent_partial_bf16_wgmma, XentPartialParams, 256, 2) {
   xent_partial_wgmma<__nv_bfloat16>(p);
 }
+#endif  // TL_EXPERIMENTAL
 
 TL_KERNEL_BOUNDED(tl_xent_combine, XentCombineParams, 256) {
   __shared__ float red[256];
@@ -276,4 +280,7 @@ TL_KERNEL_BOUNDED(tl_xent_combine, XentCombineParams, 256) {
   }
   if (tid == 0) p.loss[0] = p.scale * red[0];
 }
+#if TL_EXPERIMENTAL
+// The cuBLAS path's chunk epilogue (`KernelOptions::cublas`).
 TL_KERNEL_BOUNDED(tl_xent_chunk_partial, XentChunkPartialParams, 256) { xent_chunk_partial(p); }
+#endif  // TL_EXPERIMENTAL

@@ -18,7 +18,7 @@
 //           g_unit, so in f16 probabilities down to 2^-29 stay normal numbers
 //           (G itself, ~1 / (V N) at a flat softmax, is below f16's smallest
 //           subnormal). The consumers' f32 sums get factor / g_unit once, at
-//           the end (finish, lora_up, the dU / dW GEMMs' scale).
+//           the end (finish, lora_hidden_grad, the dU / dW GEMMs' scale).
 // chunk_grad  (the GEMM-engine path, KernelOptions::cublas) grid (tokens,
 //           ceil(cols / 256)), 256 threads: g = G' from an f32 logits chunk z
 //           [tokens, cols] the engine computed, for one block of tokens.
@@ -174,6 +174,7 @@ TL_DEVICE void xent_chunk_grad(const XentChunkGradParams& p) {
 TL_KERNEL_BOUNDED(tl_xent_grad_logits_f32, XentGradLogitsParams, 256) { xent_grad_logits<float>(p); }
 TL_KERNEL_BOUNDED(tl_xent_grad_logits_f16, XentGradLogitsParams, 256) { xent_grad_logits<__half>(p); }
 TL_KERNEL_BOUNDED(tl_xent_grad_logits_bf16, XentGradLogitsParams, 256) { xent_grad_logits<__nv_bfloat16>(p); }
+#if TL_EXPERIMENTAL
 // ldmatrix + mma.sync on the 3-stage ring (`KernelOptions::mma`).
 TL_KERNEL_BOUNDED(tl_xent_grad_logits_f16_mma, XentGradLogitsParams, 256) { xent_grad_logits<__half, 3, true>(p); }
 TL_KERNEL_BOUNDED(tl_xent_grad_logits_bf16_mma, XentGradLogitsParams, 256) {
@@ -186,9 +187,13 @@ TL_KERNEL_BOUNDED_MIN(tl_xent_grad_logits_f16_wgmma, XentGradLogitsParams, 256, 
 TL_KERNEL_BOUNDED_MIN(tl_xent_grad_logits_bf16_wgmma, XentGradLogitsParams, 256, 2) {
   xent_grad_logits_wgmma<__nv_bfloat16>(p);
 }
+#endif  // TL_EXPERIMENTAL
 TL_KERNEL_BOUNDED(tl_xent_grad_finish_f32, XentGradFinishParams, 256) { xent_grad_finish<float>(p); }
 TL_KERNEL_BOUNDED(tl_xent_grad_finish_f16, XentGradFinishParams, 256) { xent_grad_finish<__half>(p); }
 TL_KERNEL_BOUNDED(tl_xent_grad_finish_bf16, XentGradFinishParams, 256) { xent_grad_finish<__nv_bfloat16>(p); }
+#if TL_EXPERIMENTAL
+// The cuBLAS path's chunk epilogue (`KernelOptions::cublas`).
 TL_KERNEL_BOUNDED(tl_xent_chunk_grad_f32, XentChunkGradParams, 256) { xent_chunk_grad<float>(p); }
 TL_KERNEL_BOUNDED(tl_xent_chunk_grad_f16, XentChunkGradParams, 256) { xent_chunk_grad<__half>(p); }
 TL_KERNEL_BOUNDED(tl_xent_chunk_grad_bf16, XentChunkGradParams, 256) { xent_chunk_grad<__nv_bfloat16>(p); }
+#endif  // TL_EXPERIMENTAL

@@ -29,8 +29,8 @@
 #               at the same shapes                              -> OUTDIR/results_py.md
 #   ncu         Nsight Compute on the first launch of each _mma / _wgmma GEMM kernel
 #               at the Llama shape -> OUTDIR/ncu.txt
-#   ncu_small   durations of every launch of the small kernels (embedding ops, lora_down /
-#               lora_up, sort, grouped sums) at the Llama shape, as CSV -> end of OUTDIR/ncu.txt
+#   ncu_small   durations of every launch of the small kernels (embedding ops, lora_project /
+#               lora_hidden_grad, sort, grouped sums) at the Llama shape, as CSV -> end of OUTDIR/ncu.txt
 #   peft_golden, peft_export   scripts/peft_check.py on tests/data/goldens/peft_llama_tied and
 #               device-bundle/peft-export (CPU only; run in the background from the start)
 #
@@ -288,7 +288,7 @@ if [ -n "$NCU" ] && [ "${GPU_CHECK_NCU:-1}" != 0 ]; then
   # ops are launch- and latency-bound; their per-kernel split says where the
   # time goes): one CSV row per launch, appended to OUTDIR/ncu.txt (the
   # device tool returns at most 8 files).
-  step ncu_small 60 bash -c "\"$NCU\" --kernel-name regex:'tl_(prepare_ids|lora_down|lora_up|lora_pack|sort_ids|group_rows|embed_forward|xent_combine|xent_grad_finish)' \
+  step ncu_small 60 bash -c "\"$NCU\" --kernel-name regex:'tl_(prepare_ids|lora_project|lora_hidden_grad|lora_pack|sort_ids|group_rows|embed_forward|xent_combine|xent_grad_finish)' \
       --launch-count 120 --metrics gpu__time_duration.sum --csv \"$BIN/gpu_bench\" --shapes llama --warmup 0 --iters 1 \
       --copy-mib 64 --variants \"$VARIANTS\" --out \"$WORK/ncu-small\" >>\"$OUTDIR/ncu.txt\" 2>&1"
 else

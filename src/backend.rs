@@ -15,6 +15,12 @@ use crate::config::LoraConfig;
 use crate::dtype::{Element, TokenId};
 use crate::error::Result;
 
+/// A read-only host buffer: the `Src` of the backends over host memory
+/// ([`crate::Cpu`], `CpuKernels`).
+pub type HostSrc<'a, T> = &'a [T];
+/// A writable host buffer: the `Dst` of the backends over host memory.
+pub type HostDst<'a, T> = &'a mut [T];
+
 /// The tied parameters every op reads: `w` [V, d] in the storage dtype,
 /// `lora_vocab` U [V, r] and `lora_hidden` Vh [r, d] in f32.
 pub struct Weights<'a, B: Backend + ?Sized, T: Element> {

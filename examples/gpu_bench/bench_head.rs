@@ -81,13 +81,12 @@ pub(crate) fn bench_head_forward(gpu: &Gpu, m: &Model, st: &Settings, rep: &mut 
         })();
         res.map_err(|e| rep.error(sh, "head_forward", &format!("ours ({label})"), e)).ok()
     };
-    let s3_t = variant(rep, gpu.cuda_s3.as_ref(), "cp.async s3", &mut ours_out);
     let wide_t = variant(rep, gpu.cuda_wide.as_ref(), "wide tiles", &mut ours_out);
     let mma_t = variant(rep, gpu.cuda_mma.as_ref(), "mma.sync", &mut ours_out);
     let wide_mma_t = variant(rep, gpu.cuda_wide_mma.as_ref(), "wide mma.sync", &mut ours_out);
     let wgmma_t = variant(rep, gpu.cuda_wgmma.as_ref(), "wgmma", &mut ours_out);
     let wide_wgmma_t = variant(rep, gpu.cuda_wide_wgmma.as_ref(), "wide wgmma", &mut ours_out);
-    let cublas_t = variant(rep, gpu.cuda_cublas.as_ref(), "cuBLAS engine", &mut ours_out);
+    let cublas_t = variant(rep, gpu.cuda_cublas.as_ref(), "cuBLAS", &mut ours_out);
     let base_tf = base_t.map(|(tm, _)| tf(flop_base, &tm));
     push_timed(
         rep,
@@ -98,18 +97,7 @@ pub(crate) fn bench_head_forward(gpu: &Gpu, m: &Model, st: &Settings, rep: &mut 
         flop,
         unf_t,
         base_tf,
-        "K = d + r fused GEMM + lora_down; % of reference = TFLOP/s vs (b)",
-    );
-    push_timed(
-        rep,
-        sh,
-        "head_forward",
-        "ours (fused, cp.async 3-stage)",
-        s3_t,
-        flop,
-        unf_t,
-        base_tf,
-        "Cuda::with_gemm_pipeline(true): _s3 kernels",
+        "K = d + r fused GEMM + lora_project; % of reference = TFLOP/s vs (b)",
     );
     push_timed(
         rep,
@@ -170,7 +158,7 @@ pub(crate) fn bench_head_forward(gpu: &Gpu, m: &Model, st: &Settings, rep: &mut 
         rep,
         sh,
         "head_forward",
-        "ours (cuBLAS engine)",
+        "ours (cuBLAS)",
         cublas_t,
         flop,
         unf_t,
@@ -300,12 +288,11 @@ pub(crate) fn bench_head_backward(gpu: &Gpu, m: &Model, st: &Settings, rep: &mut
         })();
         res.map_err(|e| rep.error(sh, "head_backward", &format!("ours ({label})"), e)).ok()
     };
-    let s3_t = variant(rep, gpu.cuda_s3.as_ref(), "cp.async s3");
-    let gh1_t = variant(rep, gpu.cuda_gh1.as_ref(), "grad_h 1 block/SM");
+    let gh2_t = variant(rep, gpu.cuda_gh2.as_ref(), "grad_h 2 blocks/SM");
     let mma_t = variant(rep, gpu.cuda_mma.as_ref(), "mma.sync");
     let wgmma_t = variant(rep, gpu.cuda_wgmma_mma.as_ref(), "wgmma");
     let whole_t = variant(rep, gpu.cuda_wgmma_whole.as_ref(), "wgmma, whole atoms");
-    let cublas_t = variant(rep, gpu.cuda_cublas.as_ref(), "cuBLAS engine");
+    let cublas_t = variant(rep, gpu.cuda_cublas.as_ref(), "cuBLAS");
     let gw_tf = gw_t.map(|(tm, _)| tf(flop_gw, &tm));
     push_timed(
         rep,
@@ -316,29 +303,18 @@ pub(crate) fn bench_head_backward(gpu: &Gpu, m: &Model, st: &Settings, rep: &mut
         flop,
         unf_t,
         gw_tf,
-        "LoRA mode (Grads.w = None), G bf16; grad_h _o2 (2 blocks/SM on sm_90); % of reference = TFLOP/s vs cuBLAS G·W",
+        "LoRA mode (Grads.w = None), G bf16; % of reference = TFLOP/s vs cuBLAS G·W",
     );
     push_timed(
         rep,
         sh,
         "head_backward",
-        "ours (fused, grad_h 1 block/SM)",
-        gh1_t,
+        "ours (fused, grad_h 2 blocks/SM)",
+        gh2_t,
         flop,
         unf_t,
         gw_tf,
-        "Cuda::with_grad_h_two_blocks(false): the grad_h of the first two runs",
-    );
-    push_timed(
-        rep,
-        sh,
-        "head_backward",
-        "ours (fused, cp.async 3-stage)",
-        s3_t,
-        flop,
-        unf_t,
-        gw_tf,
-        "Cuda::with_gemm_pipeline(true): _s3 kernels",
+        "Cuda::with_grad_h_two_blocks(true): _2blocks grad_h (2 blocks/SM on sm_90)",
     );
     push_timed(
         rep,
@@ -377,12 +353,12 @@ pub(crate) fn bench_head_backward(gpu: &Gpu, m: &Model, st: &Settings, rep: &mut
         rep,
         sh,
         "head_backward",
-        "ours (cuBLAS engine)",
+        "ours (cuBLAS)",
         cublas_t,
         flop,
         unf_t,
         gw_tf,
-        "Cuda::with_cublas(true)?: cuBLAS G·W, G·U (f32 out), Gᵀ·p; our lora_down, finish (dh = acc + s·gu·Vh), lora_up",
+        "Cuda::with_cublas(true)?: cuBLAS G·W, G·U (f32 out), Gᵀ·p; our lora_project, finish (dh = acc + s·gu·Vh), lora_hidden_grad",
     );
     push_timed(
         rep,

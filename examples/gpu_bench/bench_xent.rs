@@ -166,7 +166,7 @@ pub(crate) fn bench_xent(gpu: &Gpu, m: &Model, st: &Settings, rep: &mut Report) 
     };
     let mma_fwd = checked_fwd(rep, gpu.cuda_mma.as_ref(), "mma.sync");
     let wgmma_fwd = checked_fwd(rep, gpu.cuda_wgmma.as_ref(), "wgmma");
-    let cublas_fwd = checked_fwd(rep, gpu.cuda_cublas.as_ref(), "cuBLAS engine");
+    let cublas_fwd = checked_fwd(rep, gpu.cuda_cublas.as_ref(), "cuBLAS");
     let base_tf = base_t.map(|(tm, _)| tf(flop_base, &tm));
     push_timed(
         rep,
@@ -208,7 +208,7 @@ pub(crate) fn bench_xent(gpu: &Gpu, m: &Model, st: &Settings, rep: &mut Report) 
         rep,
         sh,
         "xent_forward",
-        "ours (cuBLAS engine, f32 chunks in L2)",
+        "ours (cuBLAS, f32 chunks in L2)",
         cublas_fwd,
         flop_fwd,
         mat_fwd_t,
@@ -288,11 +288,11 @@ pub(crate) fn bench_xent(gpu: &Gpu, m: &Model, st: &Settings, rep: &mut Report) 
     let mut checked_all = |c: Option<&Cuda>, label: &str| timed_all(rep, c, &cfg, label).map(|(tm, mem, _)| (tm, mem));
     let mma_all = checked_all(gpu.cuda_mma.as_ref(), "mma.sync");
     let wgmma_all = checked_all(gpu.cuda_wgmma_mma.as_ref(), "wgmma");
-    let cublas_all = checked_all(gpu.cuda_cublas.as_ref(), "cuBLAS engine");
-    let cublas_big_all = checked_all(gpu.cuda_cublas_big.as_ref(), "cuBLAS engine, 128 MiB blocks");
+    let cublas_all = checked_all(gpu.cuda_cublas.as_ref(), "cuBLAS");
+    let cublas_big_all = checked_all(gpu.cuda_cublas_big.as_ref(), "cuBLAS, 128 MiB blocks");
     let big_all = checked_all(gpu.cuda_big.as_ref(), "fused, 128 MiB blocks");
     let filter_all = timed_all(rep, Some(&gpu.cuda), &cfg_filter, "fused, grad filter");
-    let filter_cublas_all = timed_all(rep, gpu.cuda_cublas.as_ref(), &cfg_filter, "cuBLAS engine, grad filter");
+    let filter_cublas_all = timed_all(rep, gpu.cuda_cublas.as_ref(), &cfg_filter, "cuBLAS, grad filter");
     push_timed(
         rep,
         sh,
@@ -330,18 +330,18 @@ pub(crate) fn bench_xent(gpu: &Gpu, m: &Model, st: &Settings, rep: &mut Report) 
         rep,
         sh,
         "xent_fwd_bwd",
-        "ours (cuBLAS engine, f32 chunks in L2)",
+        "ours (cuBLAS, f32 chunks in L2)",
         cublas_all,
         flop_all,
         peft_t,
         None,
-        "Cuda::with_cublas(true)?: both passes per f32 logits chunk on cuBLAS; backward per token x vocabulary block (engine_xent_block)",
+        "Cuda::with_cublas(true)?: both passes per f32 logits chunk on cuBLAS; backward per token x vocabulary block (cublas_xent_block)",
     );
     push_timed(
         rep,
         sh,
         "xent_fwd_bwd",
-        "ours (cuBLAS engine, 128 MiB blocks)",
+        "ours (cuBLAS, 128 MiB blocks)",
         cublas_big_all,
         flop_all,
         peft_t,
@@ -361,7 +361,7 @@ pub(crate) fn bench_xent(gpu: &Gpu, m: &Model, st: &Settings, rep: &mut Report) 
     );
     for (label, row) in [
         ("ours (fused, no logits, grad filter 2^-12)", filter_all),
-        ("ours (cuBLAS engine, grad filter 2^-12)", filter_cublas_all),
+        ("ours (cuBLAS, grad filter 2^-12)", filter_cublas_all),
     ] {
         let Some((tm, mem, err)) = row else { continue };
         let note = format!(

@@ -69,7 +69,7 @@ pub(crate) const USAGE: &str = "usage: gpu_bench [--quick | --shapes gemma,llama
   --iters N      timed calls per path, median reported (default 20; fewer is allowed but flagged)
   --copy-mib N   size of the device-to-device copy that gives the bandwidth reference (default 4096)
   --variants LIST  the optional backends to run beside the default kernels and the baselines, comma-separated
-                 from tiles (cp.async s3, wide tiles, grad_h 1 block/SM), mma, wgmma, cublas, defer; or all
+                 from tiles (wide tiles, grad_h 2 blocks/SM, 128 MiB blocks), mma, wgmma, cublas, defer; or all
                  (default), none. gpu-check.sh leaves out a family whose GPU tests failed: a crash (a sticky
                  CUDA error) would poison every later row of the process";
 
@@ -77,7 +77,7 @@ pub(crate) const USAGE: &str = "usage: gpu_bench [--quick | --shapes gemma,llama
 /// baselines (`--variants`), by family.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Variants {
-    /// cp.async 3-stage, wide tiles, grad_h at 1 block/SM, 128 MiB
+    /// wide tiles, grad_h at 2 blocks/SM, 128 MiB
     /// cross-entropy blocks (the WMMA kernels).
     pub(crate) tiles: bool,
     /// `Cuda::with_mma` (and with wide tiles).

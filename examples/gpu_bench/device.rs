@@ -340,12 +340,10 @@ pub(crate) struct Ids {
 /// Everything the bench needs on the device.
 pub(crate) struct Gpu {
     pub(crate) cuda: Cuda,
-    /// The same backend with the 3-stage cp.async GEMM main loop.
-    pub(crate) cuda_s3: Option<Cuda>,
     /// The same backend with the wide-tile head forward (128 x 256, 3 stages).
     pub(crate) cuda_wide: Option<Cuda>,
-    /// The same backend with grad_h at one block per SM (the default asks for two on sm_90+).
-    pub(crate) cuda_gh1: Option<Cuda>,
+    /// The same backend with grad_h at two blocks per SM on sm_90+ (`with_grad_h_two_blocks`).
+    pub(crate) cuda_gh2: Option<Cuda>,
     /// The same backend on the ldmatrix + mma.sync kernels (`Cuda::with_mma`).
     pub(crate) cuda_mma: Option<Cuda>,
     /// ... and with the wide-tile head forward too.
@@ -359,7 +357,7 @@ pub(crate) struct Gpu {
     pub(crate) cuda_wgmma_mma: Option<Cuda>,
     /// ... with the grad_h in whole 64-column atoms (`with_wgmma_whole_atoms`).
     pub(crate) cuda_wgmma_whole: Option<Cuda>,
-    /// The GEMM-engine paths on cuBLAS (`Cuda::with_cublas`; None if
+    /// The cuBLAS paths (`Cuda::with_cublas`; None if
     /// libcublas does not load), and the same with 128 MiB logit chunks.
     pub(crate) cuda_cublas: Option<Cuda>,
     pub(crate) cuda_cublas_big: Option<Cuda>,
@@ -422,9 +420,8 @@ impl Gpu {
                 Ok(None)
             }
         };
-        let cuda_s3 = more(variants.tiles)?.map(|c| c.with_gemm_pipeline(true));
         let cuda_wide = more(variants.tiles)?.map(|c| c.with_wide_tiles(true));
-        let cuda_gh1 = more(variants.tiles)?.map(|c| c.with_grad_h_two_blocks(false));
+        let cuda_gh2 = more(variants.tiles)?.map(|c| c.with_grad_h_two_blocks(true));
         let cuda_big = more(variants.tiles)?.map(|c| c.with_xent_chunk_bytes(128 << 20));
         let cuda_mma = more(variants.mma)?.map(|c| c.with_mma(true));
         let cuda_wide_mma = more(variants.mma)?.map(|c| c.with_mma(true).with_wide_tiles(true));
@@ -444,9 +441,8 @@ impl Gpu {
             cuda_cublas,
             cuda_cublas_big,
             cuda_big,
-            cuda_s3,
             cuda_wide,
-            cuda_gh1,
+            cuda_gh2,
             cuda_mma,
             cuda_wide_mma,
             cuda_wgmma,

@@ -268,7 +268,7 @@ mod tests {
         let rows = vec![
             // head_forward: fused 1.2x (a) (not met), the engine 1.5x (a) at 75 % of (b).
             row("head_forward", "ours (fused)", 25.0, Some(400.0), None, None),
-            row("head_forward", "ours (cuBLAS engine)", 20.0, Some(600.0), None, None),
+            row("head_forward", "ours (cuBLAS)", 20.0, Some(600.0), None, None),
             row("head_forward", "(a) unfused cuBLAS (PEFT)", 30.0, None, None, None),
             row("head_forward", "(b) cuBLAS h·Wᵀ only", 15.0, Some(800.0), None, None),
             // head_backward: faster but with more memory: not met.
@@ -284,7 +284,7 @@ mod tests {
         let line = |op: &str| {
             md.lines().find(|l| l.starts_with(&format!("| gemma | {op} |"))).unwrap_or_else(|| panic!("{op}:\n{md}"))
         };
-        assert!(line("head_forward").contains("ours (cuBLAS engine)"), "{md}");
+        assert!(line("head_forward").contains("ours (cuBLAS)"), "{md}");
         assert!(line("head_forward").contains("1.50x (a); 75 % of (b)") && line("head_forward").ends_with("| yes |"));
         assert!(line("head_backward").contains("1.70x unfused; peak 200 vs 100 MiB"), "{md}");
         assert!(line("head_backward").ends_with("| no |"));

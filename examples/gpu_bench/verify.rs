@@ -53,7 +53,7 @@ pub(crate) fn run_verify(gpu: &Gpu, rep: &mut Report) -> Res<()> {
             (gpu.cuda_wide_mma.as_ref(), "wide, mma.sync"),
             (gpu.cuda_wgmma.as_ref(), "wgmma"),
             (gpu.cuda_wide_wgmma.as_ref(), "wide, wgmma"),
-            (gpu.cuda_cublas.as_ref(), "cuBLAS engine"),
+            (gpu.cuda_cublas.as_ref(), "cuBLAS"),
         ];
         for (cuda, label) in variants {
             let Some(cuda) = cuda else {
@@ -98,7 +98,7 @@ pub(crate) fn run_verify(gpu: &Gpu, rep: &mut Report) -> Res<()> {
         rep.check(&sh, "head_backward ours dh vs CPU", rel_host(&down(gpu, &dh)?, &dh_c));
         rep.check(&sh, "head_backward ours dU vs CPU", rel_host(&down(gpu, &du)?, &du_c));
         rep.check(&sh, "head_backward ours dVh vs CPU", rel_host(&down(gpu, &dvh)?, &dvh_c));
-        for (cuda, label) in [(gpu.cuda_mma.as_ref(), "mma.sync"), (gpu.cuda_cublas.as_ref(), "cuBLAS engine")] {
+        for (cuda, label) in [(gpu.cuda_mma.as_ref(), "mma.sync"), (gpu.cuda_cublas.as_ref(), "cuBLAS")] {
             let Some(cuda) = cuda else {
                 println!("  head_backward ours ({label}): not run (--variants, or libcublas did not load)");
                 continue;
@@ -214,7 +214,7 @@ pub(crate) fn run_verify(gpu: &Gpu, rep: &mut Report) -> Res<()> {
         let variants = [
             (gpu.cuda_mma.as_ref(), "mma.sync"),
             (gpu.cuda_wgmma_mma.as_ref(), "wgmma"),
-            (gpu.cuda_cublas.as_ref(), "cuBLAS engine"),
+            (gpu.cuda_cublas.as_ref(), "cuBLAS"),
         ];
         for (c, label) in variants {
             let Some(c) = c else {

@@ -1,4 +1,4 @@
-//! [`GemmEngine`]: cuBLAS as the GEMM engine of [`super::Cuda::with_cublas`],
+//! [`Cublas`]: the cuBLAS handle of the cuBLAS path ([`super::Cuda::with_cublas`]),
 //! running the ops' [`DenseGemm`]s on the backend's stream.
 
 use super::exec::driver_err;
@@ -14,15 +14,15 @@ use std::sync::Arc;
 const WORKSPACE_BYTES: usize = 32 << 20;
 
 /// A cuBLAS handle bound to one stream, with its workspace.
-pub(crate) struct GemmEngine {
+pub(crate) struct Cublas {
     // Dropped before the workspace it points at.
     blas: CudaBlas,
     _workspace: CudaSlice<u8>,
 }
 
-impl std::fmt::Debug for GemmEngine {
+impl std::fmt::Debug for Cublas {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("GemmEngine(cuBLAS)")
+        f.write_str("Cublas(cuBLAS)")
     }
 }
 
@@ -34,7 +34,7 @@ fn data_type(t: DType) -> sys::cudaDataType {
     }
 }
 
-impl GemmEngine {
+impl Cublas {
     /// A handle on `stream`; an `Err` (never a panic) without libcublas.
     pub(crate) fn new(stream: &Arc<CudaStream>) -> Result<Self> {
         // SAFETY: only probes whether libcublas can be loaded (CudaBlas::new panics otherwise).
@@ -56,7 +56,7 @@ impl GemmEngine {
         unsafe { sys::cublasSetWorkspace_v2(*blas.handle(), ws as *mut c_void, WORKSPACE_BYTES) }
             .result()
             .map_err(|e| driver_err("cublasSetWorkspace", e))?;
-        Ok(GemmEngine { blas, _workspace: workspace })
+        Ok(Cublas { blas, _workspace: workspace })
     }
 
     /// Enqueues `g` (row-major, f32 compute) on the handle's stream, as the

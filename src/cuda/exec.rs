@@ -2,8 +2,10 @@
 //! modules embedded at build time (cubin for the device's architecture when
 //! one was built, else the compute_80 PTX, JIT-compiled by the driver).
 
-use super::blas::GemmEngine;
+#[cfg(feature = "experimental-kernels")]
+use super::blas::Cublas;
 use crate::error::{Error, Result};
+#[cfg(feature = "experimental-kernels")]
 use crate::kernels::dense::DenseGemm;
 use crate::kernels::exec::{Executor, KernelOptions};
 use crate::kernels::params::KernelParams;
@@ -50,6 +52,7 @@ impl KernelCache {
     }
 
     /// The device's compute capability (major, minor).
+    #[cfg_attr(not(feature = "experimental-kernels"), allow(dead_code))]
     pub(crate) fn compute_capability(&self) -> (i32, i32) {
         self.cc
     }
@@ -134,7 +137,8 @@ pub(crate) struct CudaExec<'a> {
     /// Device address of the deferred id-error record, if enabled.
     pub(crate) deferred_id_record: Option<u64>,
     /// cuBLAS on this stream, with `options.cublas`.
-    pub(crate) engine: Option<&'a GemmEngine>,
+    #[cfg(feature = "experimental-kernels")]
+    pub(crate) cublas: Option<&'a Cublas>,
 }
 
 /// Device scratch of one op, counted on the backend's meter until dropped
@@ -177,10 +181,6 @@ impl<'a> Executor for CudaExec<'a> {
         let (ptr, _sync) = s.buf.device_ptr(self.stream);
         ptr
     }
-    fn upload(&self, s: &mut CudaScratch<'a>, data: &[u8]) -> Result<()> {
-        let mut dst = s.buf.slice_mut(..data.len());
-        self.stream.memcpy_htod(data, &mut dst).map_err(|e| driver_err("upload", e))
-    }
     fn download(&self, s: &CudaScratch<'a>, out: &mut [u8]) -> Result<()> {
         self.stream.memcpy_dtoh(&s.buf.slice(..out.len()), out).map_err(|e| driver_err("download", e))?;
         self.stream.synchronize().map_err(|e| driver_err("synchronize", e))
@@ -217,8 +217,9 @@ impl<'a> Executor for CudaExec<'a> {
         }
         .map_err(|e| driver_err(&format!("launch {plan}"), e))
     }
+    #[cfg(feature = "experimental-kernels")]
     unsafe fn gemm(&self, g: &DenseGemm) -> Result<()> {
-        let engine = self.engine.ok_or_else(|| Error::Backend("a GEMM-engine call without cuBLAS loaded".into()))?;
+        let engine = self.cublas.ok_or_else(|| Error::Backend("a cuBLAS call without cuBLAS loaded".into()))?;
         self.stream.context().bind_to_thread().map_err(|e| driver_err("bind context", e))?;
         // SAFETY: the caller's guarantees (Executor::gemm); the handle is
         // bound to this stream, so the GEMM is ordered after every launch.

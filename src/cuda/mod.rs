@@ -32,19 +32,19 @@
 //! # }
 //! ```
 
+#[cfg(feature = "experimental-kernels")]
 mod blas;
 mod buffer_uses;
 mod exec;
 
-use crate::backend::{Backend, Grads, Weights};
-use crate::config::LoraConfig;
-use crate::dtype::{Element, TokenId};
+use crate::backend::{Grads, Weights};
 use crate::error::{Error, Result};
+use crate::kernels::adapter::{kernel_backend, Addrs, KernelDevice};
 use crate::kernels::exec::KernelOptions;
-use crate::kernels::ops::{self, id_kind, GradAddrs, WeightAddrs};
+use crate::kernels::ops;
 use crate::kernels::scratch_meter::ScratchMeter;
-use crate::validate::{self, GradLens, WeightLens};
-use blas::GemmEngine;
+#[cfg(feature = "experimental-kernels")]
+use blas::Cublas;
 use buffer_uses::BufferUses;
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr};
 use exec::{driver_err, CudaExec, KernelCache};
@@ -56,8 +56,9 @@ pub struct Cuda {
     // Dropped first: the kernel cache unloads its modules while the context
     // (which it also holds) is alive.
     cache: KernelCache,
-    /// cuBLAS, loaded by `with_cublas(true)`.
-    engine: Option<GemmEngine>,
+    /// cuBLAS, loaded when the options ask for it.
+    #[cfg(feature = "experimental-kernels")]
+    cublas: Option<Cublas>,
     stream: Arc<CudaStream>,
     sms: u32,
     options: KernelOptions,
@@ -82,7 +83,7 @@ impl std::fmt::Debug for Cuda {
         // What a trainer logs to say which kernels ran.
         f.debug_struct("Cuda")
             .field("device", &self.stream.context().ordinal())
-            .field("kernels", &self.name())
+            .field("kernels", &self.backend_name())
             .field("options", &self.options)
             .field("deferred_id_errors", &self.deferred_ids.is_some())
             .finish()
@@ -116,7 +117,8 @@ impl Cuda {
             .map_err(|e| driver_err("multiprocessor count", e))?;
         Ok(Cuda {
             cache: KernelCache::new(stream.context().clone(), cc),
-            engine: None,
+            #[cfg(feature = "experimental-kernels")]
+            cublas: None,
             stream,
             sms: sms.max(1) as u32,
             options: KernelOptions::default(),
@@ -125,47 +127,46 @@ impl Cuda {
         })
     }
 
-    /// Runs the head GEMMs with the 3-stage cp.async main loop (`_s3` kernels)
-    /// instead of the register-staged one. Same results; speed differs by card
-    /// (BENCHMARKS.md measures both).
-    pub fn with_gemm_pipeline(mut self, on: bool) -> Self {
-        self.options.gemm_stages = if on { 3 } else { 1 };
-        self
+    /// The backend with these kernel options (the same type and meaning as
+    /// `CpuKernels::new`). `Err` if the device cannot run them: the wgmma
+    /// kernels need compute capability 9.0 (their sm_90a cubin), the cuBLAS
+    /// path a loadable libcublas (and takes 32 MiB for its workspace).
+    pub fn with_options(mut self, options: KernelOptions) -> Result<Self> {
+        #[cfg(feature = "experimental-kernels")]
+        {
+            let cc = self.cache.compute_capability();
+            if options.wgmma && cc != (9, 0) {
+                return Err(Error::UnsupportedCombination(format!(
+                    "wgmma kernels need compute capability 9.0 (their sm_90a cubin); this GPU is {}.{}",
+                    cc.0, cc.1
+                )));
+            }
+            self.cublas = match (options.cublas, self.cublas.take()) {
+                (false, _) => None,
+                (true, Some(c)) => Some(c),
+                (true, None) => Some(Cublas::new(&self.stream)?),
+            };
+        }
+        self.options = options;
+        Ok(self)
     }
 
-    /// Runs `head_forward` (f16 / bf16) on the wide-tile kernels: 128 × 256
-    /// blocks with 64 × 64 warp tiles and a 3-stage cp.async ring (an
-    /// experiment; BENCHMARKS.md says whether it pays). Same results.
+    /// As [`Cuda::with_options`] with [`KernelOptions::wide_tiles`] set.
+    #[cfg(feature = "experimental-kernels")]
     pub fn with_wide_tiles(mut self, on: bool) -> Self {
         self.options.wide_tiles = on;
         self
     }
 
-    /// Runs the f16 / bf16 GEMMs that have an `_mma` variant on it:
-    /// `head_forward` (also with [`Cuda::with_wide_tiles`]), the head
-    /// backward's `dh` and `dU` / `dW` GEMMs when G is in the storage dtype
-    /// (also inside the fused cross-entropy backward), and the fused
-    /// cross-entropy's logit kernels (`head_xent_forward`'s partials and the
-    /// backward's per-chunk G). Those use ldmatrix + mma.sync on a 3-stage
-    /// cp.async ring, with the epilogue reading the accumulators from
-    /// registers, instead of WMMA (an experiment: BENCHMARKS.md says whether
-    /// it pays). Same results up to f32 summation order.
+    /// As [`Cuda::with_options`] with [`KernelOptions::mma`] set.
+    #[cfg(feature = "experimental-kernels")]
     pub fn with_mma(mut self, on: bool) -> Self {
         self.options.mma = on;
         self
     }
 
-    /// Runs `head_forward` (f16 / bf16) on Hopper warpgroup MMAs
-    /// (`wgmma.mma_async` reading 128-byte-swizzled shared-memory tiles
-    /// through matrix descriptors): 128 × 128 blocks, or 128 × 256 with
-    /// [`Cuda::with_wide_tiles`]; the head backward's GEMMs (`dh`: W read
-    /// N-major, `G·U` from the same MMAs; `dU` / `dW`: Gᵀ read M-major) when
-    /// G is in the storage dtype and no gradient filter is on (else the
-    /// other kernels run); and the fused cross-entropy's logit kernels
-    /// (`head_xent_forward`'s partials, 128 × 128 tiles kept in registers
-    /// for the online logsumexp, and `head_xent_backward`'s per-chunk G). These kernels exist only in the sm_90a
-    /// cubin, so this is an `Err` on any device but compute capability 9.0
-    /// (H100, H200, GH200). Same results up to f32 summation order.
+    /// As [`Cuda::with_options`] with [`KernelOptions::wgmma`] set: an `Err`
+    /// on any device but compute capability 9.0 (H100, H200, GH200).
     ///
     /// ```no_run
     /// # fn main() -> tiedlora::Result<()> {
@@ -174,57 +175,21 @@ impl Cuda {
     /// # Ok(())
     /// # }
     /// ```
-    pub fn with_wgmma(mut self, on: bool) -> Result<Self> {
-        let cc = self.cache.compute_capability();
-        if on && cc != (9, 0) {
-            return Err(Error::UnsupportedCombination(format!(
-                "wgmma kernels need compute capability 9.0 (their sm_90a cubin); this GPU is {}.{}",
-                cc.0, cc.1
-            )));
-        }
-        self.options.wgmma = on;
-        Ok(self)
+    #[cfg(feature = "experimental-kernels")]
+    pub fn with_wgmma(self, on: bool) -> Result<Self> {
+        let options = KernelOptions { wgmma: on, ..self.options };
+        self.with_options(options)
     }
 
-    /// With [`Cuda::with_wgmma`]: run the head backward's `dh` GEMM (and the
-    /// fused cross-entropy backward's) with 64 extra U columns at every rank,
-    /// so W's N-major tile is three whole 64-column swizzle atoms
-    /// (m64n192k16) rather than ending in a partly filled one (n144 at
-    /// r <= 16, n160 at r <= 32). Same results, more MMA work at r <= 32; a
-    /// fallback kept until a GPU run confirms the partial atoms (BENCHMARKS.md).
+    /// As [`Cuda::with_options`] with [`KernelOptions::wgmma_whole_atoms`] set.
+    #[cfg(feature = "experimental-kernels")]
     pub fn with_wgmma_whole_atoms(mut self, on: bool) -> Self {
         self.options.wgmma_whole_atoms = on;
         self
     }
 
-    /// Runs the head's GEMMs on cuBLAS (`cublasGemmEx`, f32 compute)
-    /// instead of the hand-written tile kernels, keeping the fusion where it
-    /// matters (no `[T, V]` temporary, one shared gradient):
-    ///
-    /// - `head_forward`: one K = d + r GEMM per vocabulary chunk,
-    ///   `[h | p]·[W_c | U_c]ᵀ` (p = s·h·Vhᵀ) over operands concatenated in
-    ///   scratch (`[T, d + r]` once, `[C, d + r]` ≤ 32 MiB per chunk), rounded
-    ///   once straight into the logits, as the fused kernel does.
-    /// - `head_xent_forward`: per vocabulary chunk of f32 logits `[T, C]` (at
-    ///   most 32 MiB, [`Cuda::with_xent_chunk_bytes`], so it stays in L2),
-    ///   cuBLAS writes `p·U_cᵀ` and the `h·W_cᵀ` GEMM adds onto it (beta 1,
-    ///   in its epilogue); one kernel folds the chunk
-    ///   into per-row running logsumexp pairs, in a fixed order.
-    /// - `head_xent_backward`: per block of tokens × vocabulary columns (f32
-    ///   logits + G in the chunk bytes), the logits as above, G from them,
-    ///   then cuBLAS `dh_acc += G·W`, `gu += G·U`, `dU += Gᵀ·p`, `dW += Gᵀ·h`
-    ///   (with the gradient filter on, the fused logit kernel writes G and
-    ///   cuBLAS consumes it).
-    /// - `head_backward` (G in the storage dtype): `G·W` and `G·U` into f32,
-    ///   one kernel adds `s·(G·U)·Vh` and rounds `dh` once, and
-    ///   `dU += Gᵀ·p`, `dW += Gᵀ·h`. It reads G three times (the fused kernels
-    ///   twice) and holds an f32 `[T, d]` (75 MB at the Gemma-2-2B shape).
-    ///
-    /// The operands are rounded as in the fused kernels (U to the storage
-    /// dtype), so the results agree up to f32 summation order; cuBLAS gives
-    /// the same bits run to run on one GPU and toolkit. BENCHMARKS.md
-    /// compares the two paths. `Err` if libcublas cannot be loaded; takes 32
-    /// MiB of device memory for cuBLAS's workspace.
+    /// As [`Cuda::with_options`] with [`KernelOptions::cublas`] set: an
+    /// `Err` if libcublas cannot be loaded.
     ///
     /// ```no_run
     /// # fn main() -> tiedlora::Result<()> {
@@ -233,16 +198,14 @@ impl Cuda {
     /// # Ok(())
     /// # }
     /// ```
-    pub fn with_cublas(mut self, on: bool) -> Result<Self> {
-        self.engine = if on { Some(GemmEngine::new(&self.stream)?) } else { None };
-        self.options.cublas = on;
-        Ok(self)
+    #[cfg(feature = "experimental-kernels")]
+    pub fn with_cublas(self, on: bool) -> Result<Self> {
+        let options = KernelOptions { cublas: on, ..self.options };
+        self.with_options(options)
     }
 
-    /// Whether the rank <= 16 half-precision `dh` GEMM of the head backward
-    /// (and the fused cross-entropy backward) asks for two resident blocks per
-    /// SM (default yes; only sm_90+ cubins differ). Same results; a knob so
-    /// the benchmark can compare both in one run.
+    /// As [`Cuda::with_options`] with [`KernelOptions::grad_h_two_blocks`] set.
+    #[cfg(feature = "experimental-kernels")]
     pub fn with_grad_h_two_blocks(mut self, on: bool) -> Self {
         self.options.grad_h_two_blocks = on;
         self
@@ -303,11 +266,10 @@ impl Cuda {
         Err(Error::TokenOutOfRange { arg: "ids", index: r[2] as usize, value: r[3], vocab: r[4] as usize })
     }
 
-    /// Bytes of each per-block buffer of the fused cross-entropy: the
-    /// backward's G block and f32 `dh` accumulator block
-    /// ([`crate::kernels::xent_backward_block`]), the GEMM engine's f32 logits
-    /// chunk (default [`crate::kernels::XENT_CHUNK_BYTES`], sized to stay in
-    /// L2). The same results up to f32 rounding for any value (the sums are
+    /// As [`Cuda::with_options`] with [`KernelOptions::xent_chunk_bytes`]
+    /// set: the bytes of each per-block buffer of the fused cross-entropy
+    /// (default [`crate::kernels::XENT_CHUNK_BYTES`], sized to stay in L2).
+    /// The same results up to f32 rounding for any value (the sums are
     /// grouped by block), bitwise deterministic for each; a tuning knob for
     /// other cards.
     pub fn with_xent_chunk_bytes(mut self, bytes: usize) -> Self {
@@ -345,8 +307,7 @@ impl Cuda {
         self.scratch.reset_peak()
     }
 
-    /// The kernel variants this backend runs (set by the `with_*` builders;
-    /// the memory formulas take them).
+    /// The kernel options this backend runs with (the memory formulas take them).
     pub fn kernel_options(&self) -> KernelOptions {
         self.options
     }
@@ -374,7 +335,8 @@ impl Cuda {
             sms: self.sms,
             options: self.options,
             meter: &self.scratch,
-            engine: self.engine.as_ref(),
+            #[cfg(feature = "experimental-kernels")]
+            cublas: self.cublas.as_ref(),
             deferred_id_record: self.deferred_ids.as_ref().map(|r| {
                 let r = r.lock().unwrap_or_else(|p| p.into_inner());
                 let (ptr, _sync) = r.device_ptr(&self.stream);
@@ -384,194 +346,69 @@ impl Cuda {
     }
 }
 
-fn wl<T: Element>(w: &Weights<'_, Cuda, T>) -> WeightLens {
-    WeightLens { w: w.w.len(), lora_vocab: w.lora_vocab.len(), lora_hidden: w.lora_hidden.len() }
-}
-
-fn gl(g: &Grads<'_, Cuda>) -> GradLens {
-    GradLens { lora_vocab: g.lora_vocab.len(), lora_hidden: g.lora_hidden.len(), w: g.w.as_ref().map(|w| w.len()) }
-}
-
-fn weight_addrs<'a, T: Element>(w: &'a Weights<'_, Cuda, T>, uses: &mut BufferUses<'a>) -> Result<WeightAddrs> {
-    Ok(WeightAddrs {
-        w: uses.read("w", &w.w)?,
-        u: uses.read("lora_vocab", &w.lora_vocab)?,
-        vh: uses.read("lora_hidden", &w.lora_hidden)?,
-    })
-}
-
-fn grad_addrs<'a>(g: &'a mut Grads<'_, Cuda>, uses: &mut BufferUses<'a>) -> Result<GradAddrs> {
-    Ok(GradAddrs {
-        u: uses.write("grad_lora_vocab", &mut g.lora_vocab)?,
-        vh: uses.write("grad_lora_hidden", &mut g.lora_hidden)?,
-        w: g.w.as_mut().map(|w| uses.write("grad_w", w)).transpose()?,
-    })
-}
-
-impl Backend for Cuda {
-    type Src<'a, T: 'static> = CudaView<'a, T>;
-    type Dst<'a, T: 'static> = CudaViewMut<'a, T>;
-
-    fn name(&self) -> &'static str {
-        if self.options.cublas {
-            // The head GEMMs run on cuBLAS (G in f32 under half storage and
-            // the filtered G still on the kernels the other options pick).
-            return "cuda-cublas";
+impl Cuda {
+    fn backend_name(&self) -> &'static str {
+        #[cfg(feature = "experimental-kernels")]
+        {
+            let o = self.options;
+            if o.cublas {
+                return "cuda-cublas";
+            }
+            if o.wgmma || o.mma || o.wide_tiles || o.grad_h_two_blocks {
+                return "cuda-experimental";
+            }
         }
-        if self.options.wgmma {
-            // The kernels wgmma does not cover (f32, the filtered backward)
-            // run on mma.sync when that is on too.
-            return match (self.options.wide_tiles, self.options.mma) {
-                (true, true) => "cuda-wide-wgmma-mma",
-                (true, false) => "cuda-wide-wgmma",
-                (false, true) => "cuda-wgmma-mma",
-                (false, false) => "cuda-wgmma",
-            };
+        "cuda"
+    }
+}
+
+impl<'u> Addrs<'u, Cuda> for BufferUses<'u> {
+    fn read<T: 'static>(&mut self, arg: &'static str, s: &'u CudaView<'_, T>) -> Result<u64> {
+        BufferUses::read(self, arg, s)
+    }
+    fn write<T: 'static>(&mut self, arg: &'static str, s: &'u mut CudaViewMut<'_, T>) -> Result<u64> {
+        BufferUses::write(self, arg, s)
+    }
+}
+
+impl KernelDevice for Cuda {
+    type Exec<'s> = CudaExec<'s>;
+    type Addrs<'u> = BufferUses<'u>;
+    fn exec(&self) -> CudaExec<'_> {
+        Cuda::exec(self)
+    }
+    fn addrs(&self) -> BufferUses<'_> {
+        BufferUses::new(&self.stream)
+    }
+    fn src_len<T: 'static>(s: &CudaView<'_, T>) -> usize {
+        s.len()
+    }
+    fn dst_len<T: 'static>(s: &CudaViewMut<'_, T>) -> usize {
+        s.len()
+    }
+}
+
+kernel_backend!(Cuda, src = CudaView, dst = CudaViewMut);
+
+impl<'a, T: crate::Element> Weights<'a, Cuda, T> {
+    /// Borrows device buffers as the tied parameters.
+    pub fn device(w: &'a CudaSlice<T>, lora_vocab: &'a CudaSlice<f32>, lora_hidden: &'a CudaSlice<f32>) -> Self {
+        Weights { w: w.as_view(), lora_vocab: lora_vocab.as_view(), lora_hidden: lora_hidden.as_view() }
+    }
+}
+
+impl<'a> Grads<'a, Cuda> {
+    /// Borrows device gradient accumulators; `w` is `Some` only for full tied fine-tuning.
+    pub fn device(
+        lora_vocab: &'a mut CudaSlice<f32>,
+        lora_hidden: &'a mut CudaSlice<f32>,
+        w: Option<&'a mut CudaSlice<f32>>,
+    ) -> Self {
+        Grads {
+            lora_vocab: lora_vocab.as_view_mut(),
+            lora_hidden: lora_hidden.as_view_mut(),
+            w: w.map(|w| w.as_view_mut()),
         }
-        match (self.options.gemm_stages == 3, self.options.wide_tiles, self.options.mma) {
-            (_, true, true) => "cuda-wide-mma",
-            (_, true, false) => "cuda-wide",
-            (_, false, true) => "cuda-mma",
-            (true, false, false) => "cuda-s3",
-            (false, false, false) => "cuda",
-        }
-    }
-
-    fn embed_forward<T: Element, I: TokenId>(
-        &self,
-        cfg: &LoraConfig,
-        weights: &Weights<'_, Self, T>,
-        ids: CudaView<'_, I>,
-        mut out: CudaViewMut<'_, T>,
-    ) -> Result<()> {
-        let t = validate::embed_forward_lens(cfg, wl(weights), ids.len(), out.len())?;
-        let mut uses = BufferUses::new(&self.stream);
-        let wt = weight_addrs(weights, &mut uses)?;
-        let (ids_addr, out_addr) = (uses.read("ids", &ids)?, uses.write("out", &mut out)?);
-        ops::embed_forward(&self.exec(), cfg, T::DTYPE, wt, ids_addr, id_kind::<I>(), out_addr, t)
-    }
-
-    fn embed_backward<T: Element, G: Element, I: TokenId>(
-        &self,
-        cfg: &LoraConfig,
-        weights: &Weights<'_, Self, T>,
-        ids: CudaView<'_, I>,
-        d_embed: CudaView<'_, G>,
-        grads: &mut Grads<'_, Self>,
-    ) -> Result<()> {
-        let t = validate::embed_backward_lens(cfg, wl(weights), ids.len(), d_embed.len(), gl(grads))?;
-        let mut uses = BufferUses::new(&self.stream);
-        let (wt, g) = (weight_addrs(weights, &mut uses)?, grad_addrs(grads, &mut uses)?);
-        let (ids_addr, de) = (uses.read("ids", &ids)?, uses.read("d_embed", &d_embed)?);
-        ops::embed_backward(&self.exec(), cfg, G::DTYPE, wt, ids_addr, id_kind::<I>(), de, g, t)
-    }
-
-    fn head_forward<T: Element>(
-        &self,
-        cfg: &LoraConfig,
-        weights: &Weights<'_, Self, T>,
-        h: CudaView<'_, T>,
-        mut logits: CudaViewMut<'_, T>,
-    ) -> Result<()> {
-        let t = validate::head_forward_lens(cfg, wl(weights), h.len(), logits.len())?;
-        let mut uses = BufferUses::new(&self.stream);
-        let wt = weight_addrs(weights, &mut uses)?;
-        let (h_addr, out) = (uses.read("h", &h)?, uses.write("logits", &mut logits)?);
-        ops::head_forward(&self.exec(), cfg, T::DTYPE, wt, h_addr, out, t)
-    }
-
-    fn head_backward<T: Element, G: Element>(
-        &self,
-        cfg: &LoraConfig,
-        weights: &Weights<'_, Self, T>,
-        h: CudaView<'_, T>,
-        d_logits: CudaView<'_, G>,
-        mut dh: CudaViewMut<'_, T>,
-        grads: &mut Grads<'_, Self>,
-    ) -> Result<()> {
-        let t = validate::head_backward_lens(cfg, wl(weights), h.len(), d_logits.len(), dh.len(), gl(grads))?;
-        let mut uses = BufferUses::new(&self.stream);
-        let (wt, g) = (weight_addrs(weights, &mut uses)?, grad_addrs(grads, &mut uses)?);
-        let (h_addr, g_addr) = (uses.read("h", &h)?, uses.read("d_logits", &d_logits)?);
-        let dh_addr = uses.write("dh", &mut dh)?;
-        ops::head_backward(&self.exec(), cfg, T::DTYPE, G::DTYPE, wt, h_addr, g_addr, dh_addr, g, t)
-    }
-
-    fn head_xent_forward<T: Element, I: TokenId>(
-        &self,
-        cfg: &LoraConfig,
-        weights: &Weights<'_, Self, T>,
-        h: CudaView<'_, T>,
-        targets: CudaView<'_, I>,
-        mut loss: CudaViewMut<'_, f32>,
-        mut lse: CudaViewMut<'_, f32>,
-    ) -> Result<()> {
-        let t = validate::xent_forward_lens(cfg, wl(weights), h.len(), targets.len(), loss.len(), lse.len())?;
-        let mut uses = BufferUses::new(&self.stream);
-        let wt = weight_addrs(weights, &mut uses)?;
-        let (h_addr, t_addr) = (uses.read("h", &h)?, uses.read("targets", &targets)?);
-        let (loss_addr, lse_addr) = (uses.write("loss", &mut loss)?, uses.write("lse", &mut lse)?);
-        ops::head_xent_forward(&self.exec(), cfg, T::DTYPE, wt, h_addr, t_addr, id_kind::<I>(), loss_addr, lse_addr, t)
-    }
-
-    fn head_xent_backward<T: Element, I: TokenId>(
-        &self,
-        cfg: &LoraConfig,
-        weights: &Weights<'_, Self, T>,
-        h: CudaView<'_, T>,
-        targets: CudaView<'_, I>,
-        lse: CudaView<'_, f32>,
-        grad_loss: f32,
-        mut dh: CudaViewMut<'_, T>,
-        grads: &mut Grads<'_, Self>,
-    ) -> Result<()> {
-        let t = validate::xent_backward_lens(cfg, wl(weights), h.len(), targets.len(), lse.len(), dh.len(), gl(grads))?;
-        let mut uses = BufferUses::new(&self.stream);
-        let (wt, g) = (weight_addrs(weights, &mut uses)?, grad_addrs(grads, &mut uses)?);
-        let (h_addr, t_addr) = (uses.read("h", &h)?, uses.read("targets", &targets)?);
-        let (lse_addr, dh_addr) = (uses.read("lse", &lse)?, uses.write("dh", &mut dh)?);
-        ops::head_xent_backward(
-            &self.exec(),
-            cfg,
-            T::DTYPE,
-            wt,
-            h_addr,
-            t_addr,
-            id_kind::<I>(),
-            lse_addr,
-            grad_loss,
-            dh_addr,
-            g,
-            t,
-        )
-    }
-
-    fn merge<T: Element>(
-        &self,
-        cfg: &LoraConfig,
-        mut w: CudaViewMut<'_, T>,
-        u: CudaView<'_, f32>,
-        vh: CudaView<'_, f32>,
-    ) -> Result<()> {
-        validate::check_weights(cfg, w.len(), u.len(), vh.len())?;
-        let mut uses = BufferUses::new(&self.stream);
-        let w_addr = uses.write("w", &mut w)?;
-        let (u_addr, vh_addr) = (uses.read("lora_vocab", &u)?, uses.read("lora_hidden", &vh)?);
-        ops::merge(&self.exec(), cfg, T::DTYPE, w_addr, u_addr, vh_addr, false)
-    }
-
-    fn unmerge<T: Element>(
-        &self,
-        cfg: &LoraConfig,
-        mut w: CudaViewMut<'_, T>,
-        u: CudaView<'_, f32>,
-        vh: CudaView<'_, f32>,
-    ) -> Result<()> {
-        validate::check_weights(cfg, w.len(), u.len(), vh.len())?;
-        let mut uses = BufferUses::new(&self.stream);
-        let w_addr = uses.write("w", &mut w)?;
-        let (u_addr, vh_addr) = (uses.read("lora_vocab", &u)?, uses.read("lora_hidden", &vh)?);
-        ops::merge(&self.exec(), cfg, T::DTYPE, w_addr, u_addr, vh_addr, true)
     }
 }
 

@@ -5,76 +5,73 @@
 //! implement it. Both therefore run the same launches (plans and params) in
 //! the same order, so the CPU run also tests the host side of every op.
 
+#[cfg(feature = "experimental-kernels")]
 use super::dense::DenseGemm;
 use super::params::KernelParams;
 use super::plan::LaunchPlan;
-use crate::error::{Error, Result};
+#[cfg(feature = "experimental-kernels")]
+use crate::error::Error;
+use crate::error::Result;
 
-/// Kernel variants of the head ops: every combination gives the same results
-/// (up to f32 summation order); they differ in speed, which the benchmark
-/// compares. Set through `Cuda::with_*` and the `CpuKernels` fields.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Which implementation runs the head ops, for both kernel backends
+/// (`Cuda::with_options`, `CpuKernels::new`). Every setting gives the same
+/// results up to f32 summation order; [`super::select`] turns them into the
+/// kernel each launch runs.
+///
+/// The default runs the WMMA tile kernels with the register-staged main
+/// loop: the path measured on a GPU (BENCHMARKS.md, H200, 2026-11-28). The
+/// other fields exist with the feature `experimental-kernels`: variants no
+/// GPU run has measured yet, compiled and tested on the CPU shim so that one
+/// can measure and promote them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct KernelOptions {
-    /// GEMM main loop of the head kernels: 1 (register-staged) or 3 (cp.async ring).
-    pub gemm_stages: u32,
-    /// Run the rank <= 16 half-precision `grad_h` on its `_o2` kernels (two
-    /// resident blocks per SM on sm_90+).
-    pub grad_h_two_blocks: bool,
-    /// Run `head_forward` (f16 / bf16) on the wide-tile kernels (128 x 256
-    /// blocks, 3-stage ring).
-    pub wide_tiles: bool,
-    /// Run the f16 / bf16 GEMMs that have an `_mma` variant on it:
-    /// `head_forward`, the head backward's grad_h and grad_param (G in the
-    /// storage dtype) and the fused cross-entropy's logit kernels. ldmatrix +
-    /// mma.sync on the 3-stage cp.async ring, epilogue from registers.
-    pub mma: bool,
-    /// Run `head_forward` (f16 / bf16) on Hopper warpgroup MMAs
-    /// (`wgmma.mma_async` from 128-byte-swizzled shared tiles, `_wgmma`
-    /// kernels, which exist only in the sm_90a cubin): 128 × 128 blocks, or
-    /// 128 × 256 with `wide_tiles`; the head backward's GEMMs when G is in
-    /// the storage dtype and unfiltered (grad_h: W read N-major, U's columns
-    /// in the same MMAs; grad_param: Gᵀ read M-major); and the fused
-    /// cross-entropy's logit kernels (128 × 128: the forward's partials with
-    /// the tile in registers, the backward's per-chunk G). Takes precedence
-    /// over `mma` for those.
-    pub wgmma: bool,
-    /// Give the wgmma grad_h 64 extra U columns at every rank (m64n192k16:
-    /// W's N-major tile in three whole 64-column swizzle atoms) instead of
-    /// the smallest of 16 / 32 / 64 that holds r (n144 / n160 end in a partly
-    /// filled atom, a layout CUTLASS never generates). More MMA work at
-    /// r <= 32; a fallback until a GPU run confirms the partial atoms.
-    pub wgmma_whole_atoms: bool,
     /// Most bytes of each per-block buffer of the fused cross-entropy: the
-    /// forward's f32 logits chunk on the GEMM engine; the backward's G block
-    /// and f32 `dh` accumulator block ([`super::xent_backward_block`]), or
-    /// the engine's f32 logits + G block; 0 = [`super::XENT_CHUNK_BYTES`].
+    /// backward's G block and f32 `dh` accumulator block
+    /// ([`super::xent_backward_block`]), and on the cuBLAS path the f32
+    /// logits chunk; 0 = [`super::XENT_CHUNK_BYTES`].
     pub xent_chunk_bytes: usize,
-    /// Run the head's GEMMs on the executor's GEMM engine
-    /// ([`Executor::gemm`]: cuBLAS on a GPU). `head_forward`: one K = d + r
-    /// GEMM per vocabulary chunk over concatenated `[h | p]`, `[W_c | U_c]`,
-    /// straight into the logits. The fused cross-entropy goes per chunk of
-    /// f32 logits [T, C] (at most `xent_chunk_bytes`, so the chunk stays in
-    /// L2): the engine writes `p·U_cᵀ` and adds `h·W_cᵀ` onto it, then one small
-    /// kernel folds the chunk into logsumexp pairs or turns it into G (the
-    /// backward per block of tokens × columns, with the engine's `dh += G·W`,
-    /// `gu += G·U`, `dU += Gᵀ·p`, `dW += Gᵀ·h` on it); `head_backward` (G in
-    /// the storage dtype) runs `G·W`, `G·U` into f32, `dU += Gᵀ·p`,
-    /// `dW += Gᵀ·h`. Still one shared gradient and no [T, V] buffer.
+    /// The rank <= 16 half-precision `grad_h` on its `_2blocks` kernels (two
+    /// resident blocks per SM on sm_90+; one on sm_80).
+    #[cfg(feature = "experimental-kernels")]
+    pub grad_h_two_blocks: bool,
+    /// `head_forward` (f16 / bf16) on 128 × 256 tiles (`_w256`: 64 × 64 warp
+    /// tiles, 3-stage cp.async ring).
+    #[cfg(feature = "experimental-kernels")]
+    pub wide_tiles: bool,
+    /// The f16 / bf16 GEMMs that have an `_mma` variant on it: `head_forward`,
+    /// the head backward's `grad_h` and `grad_param` (G in the storage dtype)
+    /// and the fused cross-entropy's logit kernels. ldmatrix + mma.sync on a
+    /// 3-stage cp.async ring, epilogue from registers.
+    #[cfg(feature = "experimental-kernels")]
+    pub mma: bool,
+    /// Hopper warpgroup MMAs (`_wgmma`, only in the sm_90a cubin, so compute
+    /// capability 9.0 only): `head_forward` (128 × 128, or 128 × 256 with
+    /// `wide_tiles`), the head backward's GEMMs when G is in the storage
+    /// dtype and unfiltered, and the fused cross-entropy's logit kernels.
+    /// Takes precedence over `mma` where both apply.
+    #[cfg(feature = "experimental-kernels")]
+    pub wgmma: bool,
+    /// With `wgmma`: `grad_h` with 64 extra U columns at every rank, so W's
+    /// N-major tile is three whole 64-column swizzle atoms (m64n192k16)
+    /// instead of ending in a partly filled one.
+    #[cfg(feature = "experimental-kernels")]
+    pub wgmma_whole_atoms: bool,
+    /// The head's GEMMs on cuBLAS ([`Executor::gemm`]; on the CPU shim a host
+    /// f32 GEMM stands in for it): `head_forward` as one K = d + r GEMM per
+    /// vocabulary chunk over concatenated `[h | p]`, `[W_c | U_c]`; the fused
+    /// cross-entropy per chunk of f32 logits (at most `xent_chunk_bytes`)
+    /// with one small kernel folding each chunk into logsumexp pairs or into
+    /// G; `head_backward` (G in the storage dtype) as `G·W`, `G·U`,
+    /// `Gᵀ·p`, `Gᵀ·h`. Still one shared gradient and no [T, V] buffer.
+    #[cfg(feature = "experimental-kernels")]
     pub cublas: bool,
 }
 
-impl Default for KernelOptions {
-    fn default() -> Self {
-        KernelOptions {
-            gemm_stages: 1,
-            grad_h_two_blocks: true,
-            wide_tiles: false,
-            mma: false,
-            wgmma: false,
-            wgmma_whole_atoms: false,
-            xent_chunk_bytes: 0,
-            cublas: false,
-        }
+impl KernelOptions {
+    /// These options with [`KernelOptions::xent_chunk_bytes`] set.
+    pub fn with_xent_chunk_bytes(mut self, bytes: usize) -> Self {
+        self.xent_chunk_bytes = bytes;
+        self
     }
 }
 
@@ -93,8 +90,6 @@ pub trait Executor {
     fn scratch_uninit(&self, bytes: usize) -> Result<Self::Scratch>;
     /// The address kernels use for `s`.
     fn addr(&self, s: &Self::Scratch) -> u64;
-    /// Copies `data` to the start of `s`.
-    fn upload(&self, s: &mut Self::Scratch, data: &[u8]) -> Result<()>;
     /// Copies the first `out.len()` bytes of `s` to the host, after every
     /// launch issued so far has finished.
     fn download(&self, s: &Self::Scratch, out: &mut [u8]) -> Result<()>;
@@ -106,8 +101,8 @@ pub trait Executor {
     fn multiprocessors(&self) -> u32;
     /// Which kernel variants the ops launch (same results, different speed).
     fn options(&self) -> KernelOptions;
-    /// Device address of the deferred id-error record (5 × i64: error count,
-    /// argument code, first bad index, its value, vocab), if this executor
+    /// Device address of the deferred id-error record ([`super::ops::ID_RECORD_LEN`]
+    /// × i64: error count, argument code, first bad index, its value, vocab), if this executor
     /// defers the embedding ops' id check instead of reading it back
     /// (`Cuda::with_deferred_id_errors`); `None` (the default) checks at once.
     fn deferred_id_record(&self) -> Option<u64> {
@@ -120,16 +115,17 @@ pub trait Executor {
     /// in it must be valid for the reads and writes that kernel does under
     /// `plan` until the launch has finished.
     unsafe fn launch<P: KernelParams>(&self, plan: &LaunchPlan, params: &P) -> Result<()>;
-    /// Runs one [`DenseGemm`] on this executor's GEMM engine, ordered after
-    /// every launch so far (an `Err` where there is none; the ops only ask
-    /// when [`KernelOptions::cublas`] is on).
+    /// Runs one [`DenseGemm`] on this executor's cuBLAS (on the CPU shim, a
+    /// host f32 GEMM), ordered after every launch so far (an `Err` where
+    /// there is none; the ops only ask on the cuBLAS path).
     ///
     /// # Safety
     /// Every address in `g` must be valid for the reads and writes the GEMM
     /// does (A, B read; C written, and read unless `beta == 0`) until it has
     /// finished, and C must not overlap A or B.
+    #[cfg(feature = "experimental-kernels")]
     unsafe fn gemm(&self, g: &DenseGemm) -> Result<()> {
         let _ = g;
-        Err(Error::UnsupportedCombination("this executor has no GEMM engine".into()))
+        Err(Error::UnsupportedCombination("this executor has no cuBLAS".into()))
     }
 }

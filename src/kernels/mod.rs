@@ -1,28 +1,36 @@
 //! The hand-written kernels in `kernels/*.cu` and the two ways to run them.
 //!
-//! - [`plan::LaunchPlan`] describes one launch (grid, block, dynamic shared
+//! - `LaunchPlan` describes one launch (grid, block, dynamic shared
 //!   memory); the kernel's arguments are one `#[repr(C)]` params struct (ABI in
 //!   `kernels/common.cuh`). Both executors take exactly these two things.
+//! - Which kernel each op launches is decided in one place, `select`, from
+//!   the [`KernelOptions`]; the default build compiles one implementation per
+//!   op (feature `experimental-kernels` adds the unmeasured variants).
 //! - Feature `cpu-kernels`: [`shim`] runs the kernels on CPU threads (the same
 //!   `.cu` sources compiled by the host C++ compiler against
 //!   `kernels/shim/cuda_shim.h`).
 //! - Feature `cuda`: [`MODULES`] holds every `kernels/*.cu` compiled by nvcc
 //!   (PTX for `compute_80`, cubins for `sm_80` and `sm_90a`), for cudarc to load.
 
-pub mod dense;
-pub mod exec;
-// The op sequences take raw device / host addresses: crate-internal, reached
-// through the safe `Backend` impls. Their memory formulas are public.
+pub(crate) mod adapter;
+#[cfg(feature = "experimental-kernels")]
+pub(crate) mod dense;
+pub(crate) mod exec;
+// The op sequences take raw device / host addresses (`unsafe fn`s):
+// crate-internal, reached through the safe `Backend` impls. Their memory
+// formulas are public.
 pub(crate) mod ops;
-pub mod params;
-pub mod plan;
-pub mod scratch_meter;
+pub(crate) mod params;
+pub(crate) mod plan;
+pub(crate) mod scratch_meter;
+pub(crate) mod select;
 
+pub use exec::KernelOptions;
 pub use ops::{
     head_xent_backward_scratch_bytes, head_xent_forward_scratch_bytes, xent_backward_block, XENT_CHUNK_BYTES,
 };
 pub use plan::LaunchPlan;
-pub use scratch_meter::ScratchMeter;
+pub use select::{compiled_kernels, MAX_HEAD_RANK};
 
 #[cfg(feature = "cpu-kernels")]
 pub mod host;

@@ -26,17 +26,17 @@ params! {
         n: i32, vocab: i32, allow_ignore: i32, arg: i32,
     }
     /// `lora_small.cu`: `out[t, j] = scale · Σ_k x[t, k] · Vh[j, k]`.
-    LoraDownParams (40) {
+    LoraProjectParams (40) {
         x: u64, vh: u64, out: u64,
         rows: i32, hidden: i32, rank: i32, scale: f32,
     }
     /// `lora_small.cu`: per-chunk partial sums of `X[row(t)]ᵀ Y[t]`.
-    LoraUpPartialParams (48) {
+    LoraHiddenGradPartialParams (48) {
         x: u64, ids: u64, y: u64, partial: u64,
         tokens: i32, hidden: i32, rank: i32, chunk: i32,
     }
     /// `lora_small.cu`: `out += scale · Σ_s partial[s]` in chunk order.
-    LoraUpReduceParams (32) {
+    SumPartialsParams (32) {
         partial: u64, out: u64,
         chunks: i32, count: i32, scale: f32, _pad: u32,
     }

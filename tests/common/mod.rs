@@ -4,6 +4,8 @@
 pub mod golden;
 pub mod gpu_harness;
 pub mod harness;
+#[cfg(feature = "cpu-kernels")]
+pub mod kernel_cases;
 pub mod parity;
 pub mod rand_inputs;
 pub mod sampled;

@@ -33,8 +33,13 @@ fn embed_forward_kernel(t: DType, r: usize) -> (&'static str, usize, u32, u32) {
 /// validation launch first makes a bad id an `Err` before `out` is touched.
 /// When the executor defers id errors the op is this one launch: bad rows
 /// come out NaN and the kernel records the first bad id itself.
+///
+/// # Safety
+/// `wt` holds W [V, d] (storage dtype `t`), U [V, r] and Vh [r, d] (f32), `ids`
+/// [T] ids of `kind` and `out` [T, d] in `t`, all valid on the executor's
+/// device until its launches finish, `out` overlapping none of the inputs.
 #[allow(clippy::too_many_arguments)]
-pub fn embed_forward<E: Executor>(
+pub unsafe fn embed_forward<E: Executor>(
     e: &E,
     cfg: &LoraConfig,
     t: DType,
@@ -73,7 +78,7 @@ pub fn embed_forward<E: Executor>(
         id_bytes: kind.size() as i32,
         arg: DEFERRED_ARG_IDS,
     };
-    let plan = LaunchPlan { kernel, grid: (gx, gy, 1), block: (bx, by, 1), shared_bytes: 0 };
+    let plan = LaunchPlan { kernel: select::kernel(kernel)?, grid: (gx, gy, 1), block: (bx, by, 1), shared_bytes: 0 };
     // SAFETY: ids [T] of `kind` (the kernel range-checks each before use), W
     // [V, d], U [V, r], Vh [r, d] and out [T, d] checked by the caller; the
     // record is 0 or the executor's ID_RECORD_LEN × i64.
@@ -81,7 +86,16 @@ pub fn embed_forward<E: Executor>(
 }
 
 /// Stable sort of token positions by id: returns (keys, perm), skipped ids last.
-pub fn sort_ids<E: Executor>(e: &E, ids32: u64, tokens: usize, vocab: usize) -> Result<(E::Scratch, E::Scratch)> {
+///
+/// # Safety
+/// `ids32` holds `tokens` validated i32 ids (< `vocab`, or negative to skip)
+/// until the executor's launches finish.
+pub unsafe fn sort_ids<E: Executor>(
+    e: &E,
+    ids32: u64,
+    tokens: usize,
+    vocab: usize,
+) -> Result<(E::Scratch, E::Scratch)> {
     let bits = 32 - (vocab as u32).leading_zeros();
     let passes = bits.div_ceil(SORT_RADIX_BITS).max(1) as usize;
     let nblocks = tokens.div_ceil(SORT_TILE);
@@ -110,7 +124,7 @@ pub fn sort_ids<E: Executor>(e: &E, ids32: u64, tokens: usize, vocab: usize) -> 
         };
         for (kernel, grid) in [("tl_sort_ids_hist", nblocks), ("tl_sort_ids_scan", 1), ("tl_sort_ids_scatter", nblocks)]
         {
-            let plan = LaunchPlan::linear(kernel, grid as u32, SORT_THREADS);
+            let plan = LaunchPlan::linear(select::kernel(kernel)?, grid as u32, SORT_THREADS);
             // SAFETY: keys/vals buffers of T ints, hist of nblocks * 2^RADIX_BITS ints, all
             // allocated here; ids32 is the validated [T] buffer.
             unsafe { e.launch(&plan, &params)? };
@@ -121,8 +135,12 @@ pub fn sort_ids<E: Executor>(e: &E, ids32: u64, tokens: usize, vocab: usize) -> 
 }
 
 /// `out[id] += scale · Σ_{t: ids[t] = id} x[t]` in a fixed order, `x` [T, ncols] of `xt`.
+///
+/// # Safety
+/// `keys` / `perm` come from [`sort_ids`] over `tokens` ids, `x` is [T, ncols]
+/// in `xt` and `out` [vocab, ncols] f32, valid until the launches finish.
 #[allow(clippy::too_many_arguments)]
-fn group_rows<E: Executor>(
+unsafe fn group_rows<E: Executor>(
     e: &E,
     keys: &E::Scratch,
     perm: &E::Scratch,
@@ -148,7 +166,7 @@ fn group_rows<E: Executor>(
         scale: scale as f32,
     };
     let grid = (blocks(ncols, 32), blocks(nchunks, 4), 1);
-    for kernel in [by_dtype!(xt, "tl_group_rows_partial_", ""), "tl_group_rows_combine"] {
+    for kernel in [select::by_dtype("tl_group_rows_partial_", xt, "")?, select::kernel("tl_group_rows_combine")?] {
         let plan = LaunchPlan { kernel, grid, block: (32, 4, 1), shared_bytes: 0 };
         // SAFETY: keys/perm [T] from sort_ids, x [T, ncols], out [vocab, ncols]
         // f32 (caller), partial allocated above.
@@ -160,8 +178,12 @@ fn group_rows<E: Executor>(
 /// Embedding backward into the shared gradients, bitwise deterministic:
 /// `dU[i] += c·s·Σ dE_t·Vhᵀ` (per-token rows, then a grouped sum over the
 /// stably sorted ids), `dVh += c·s·Σ U[i_t]ᵀ dE_t`, `dW[i] += c·Σ dE_t`.
+///
+/// # Safety
+/// As [`embed_forward`], with `d_embed` [T, d] in `gt` instead of `out`, and
+/// the f32 gradients of `grads` (added into) valid and overlapping none of the inputs.
 #[allow(clippy::too_many_arguments)]
-pub fn embed_backward<E: Executor>(
+pub unsafe fn embed_backward<E: Executor>(
     e: &E,
     cfg: &LoraConfig,
     gt: DType,
@@ -176,10 +198,10 @@ pub fn embed_backward<E: Executor>(
     let cs = cfg.embed_scale() * cfg.scale();
     let ids32 = prepare_embed_ids(e, ids, kind, tokens, v)?;
     let gu = e.scratch_uninit(tokens * r * 4)?;
-    lora_down(e, cfg, gt, DType::F32, d_embed, wt.vh, e.addr(&gu), tokens, cs)?;
+    lora_project(e, cfg, gt, DType::F32, d_embed, wt.vh, e.addr(&gu), tokens, cs)?;
     let (keys, perm) = sort_ids(e, e.addr(&ids32), tokens, v)?;
     group_rows(e, &keys, &perm, DType::F32, e.addr(&gu), grads.u, tokens, v, r, 1.0)?;
-    lora_up(e, cfg, gt, wt.u, e.addr(&ids32), d_embed, grads.vh, tokens, cs)?;
+    lora_hidden_grad(e, cfg, gt, wt.u, e.addr(&ids32), d_embed, grads.vh, tokens, cs)?;
     if let Some(dw) = grads.w {
         group_rows(e, &keys, &perm, gt, d_embed, dw, tokens, v, d, cfg.embed_scale())?;
     }

@@ -4,18 +4,6 @@
 
 use super::*;
 
-/// The rank's extra-column count of the grad_h kernels (16, 32 or 64).
-pub(super) fn grad_h_rx(r: usize) -> Result<usize> {
-    match r {
-        0..=16 => Ok(16),
-        17..=32 => Ok(32),
-        33..=MAX_HEAD_RANK => Ok(64),
-        _ => Err(Error::UnsupportedCombination(format!(
-            "rank {r}: the fused head backward kernels support rank <= {MAX_HEAD_RANK}"
-        ))),
-    }
-}
-
 /// Operands of one grad_h launch over `rows` vocabulary rows: G [T, rows]
 /// (dtype `gt`, row length `rows`), W / U starting at the first of those rows.
 pub(super) struct GradH {
@@ -33,7 +21,12 @@ pub(super) struct GradH {
 }
 
 /// `dh = G W + s (G U) Vh` and `gu = G U` (or, accumulating, f32 `dh += G W`, `gu += G U`).
-pub(super) fn grad_h<E: Executor>(
+///
+/// # Safety
+/// Every address of `op` holds the matrix its field documents (G [T, rows] in
+/// `gt`, W / U rows, Vh [r, d], dh [T, d], gu [T, r]), valid until the
+/// executor's launches finish; the outputs overlap none of the inputs.
+pub(super) unsafe fn grad_h<E: Executor>(
     e: &E,
     cfg: &LoraConfig,
     t: DType,
@@ -42,7 +35,6 @@ pub(super) fn grad_h<E: Executor>(
     tokens: usize,
 ) -> Result<()> {
     let (d, r) = (cfg.hidden(), cfg.rank());
-    let rx = grad_h_rx(r)?;
     let params = HeadGradHParams {
         g: op.g,
         w: op.w,
@@ -60,31 +52,38 @@ pub(super) fn grad_h<E: Executor>(
         live_ld: op.live.map_or(0, |l| l.1 as i32),
         _pad: 0,
     };
-    let tg = tg_name(t, gt, ["f32_f32", "f16_f16", "f16_f32", "bf16_bf16", "bf16_f32"])?;
-    if e.options().wgmma && t == gt && t != DType::F32 && op.live.is_none() {
-        // W read N-major with U's columns in the same MMAs (head.cu), U
-        // packed to [rows, rx] in the storage dtype first.
-        let rx = if e.options().wgmma_whole_atoms { MAX_HEAD_RANK } else { rx };
-        let packed = pack_u(e, t, op.u, op.rows, r, rx)?;
-        let params = HeadGradHParams { u: e.addr(&packed), ..params };
-        let plan = LaunchPlan {
-            kernel: intern(format!("tl_head_grad_h_{tg}_rx{rx}_wgmma")),
-            grid: (blocks(tokens, GEMM_TILE), blocks(d, GEMM_TILE), 1),
-            block: (THREADS, 1, 1),
-            shared_bytes: wg_nmajor_shared_bytes(128, 4),
-        };
-        // SAFETY: as below, with U packed [rows, rx] in t.
-        return unsafe { e.launch(&plan, &params) };
-    }
-    let (mut sfx, stages) = backward_gemm_variant(e, t, gt);
-    if sfx.is_empty() && rx == 16 && t != DType::F32 && op.live.is_none() && e.options().grad_h_two_blocks {
-        sfx = "_o2"; // same math without the tile filter, two blocks per SM (head.cu)
-    }
+    let opts = e.options();
+    let filtered = op.live.is_some();
+    let gemm =
+        select::gemm(Site::GradH { u_cols: select::grad_h_u_cols(r, Gemm::Tile, &opts)?, filtered }, t, gt, &opts);
+    let u_cols = select::grad_h_u_cols(r, gemm, &opts)?;
+    let kernel = select::grad_h_kernel(t, gt, u_cols, gemm)?;
+    let es = t.size();
+    let shared_bytes = match gemm {
+        #[cfg(feature = "experimental-kernels")]
+        Gemm::Wgmma { .. } => {
+            // W read N-major with U's columns in the same MMAs (head.cu), U
+            // packed to [rows, u_cols] in the storage dtype first.
+            let packed = pack_u(e, t, op.u, op.rows, r, u_cols)?;
+            let params = HeadGradHParams { u: e.addr(&packed), ..params };
+            let plan = LaunchPlan {
+                kernel,
+                grid: (blocks(tokens, GEMM_TILE), blocks(d, GEMM_TILE), 1),
+                block: (THREADS, 1, 1),
+                shared_bytes: wg_nmajor_shared_bytes(128, 4),
+            };
+            // SAFETY: as below, with U packed [rows, u_cols] in t.
+            return unsafe { e.launch(&plan, &params) };
+        }
+        #[cfg(feature = "experimental-kernels")]
+        Gemm::Mma { .. } => gemm_shared_bytes(es, 128, 128, 32, false, false, u_cols, 3),
+        _ => gemm_shared_bytes(es, 128, 128, 32, false, false, u_cols, 1),
+    };
     let plan = LaunchPlan {
-        kernel: intern(format!("tl_head_grad_h_{tg}_rx{rx}{sfx}")),
+        kernel,
         grid: (blocks(tokens, GEMM_TILE), blocks(d, GEMM_TILE), 1),
         block: (THREADS, 1, 1),
-        shared_bytes: gemm_shared_bytes(t.size(), 128, 128, 32, false, false, rx, stages),
+        shared_bytes,
     };
     // SAFETY: G [T, rows] in gt, W / U rows [rows] from the given starts, Vh
     // [r, d], dh [T, d] (T or f32 when accumulating) and gu [T, r] f32: the
@@ -111,7 +110,11 @@ pub(super) struct GradParam {
 }
 
 /// One grad_param launch (`dU += Gᵀ p`, `dW += Gᵀ h`), see [`GradParam`].
-pub(super) fn grad_param<E: Executor>(e: &E, t: DType, gt: DType, op: GradParam, tokens: usize) -> Result<()> {
+///
+/// # Safety
+/// Every address of `op` holds the matrix its field documents, valid until the
+/// executor's launches finish; `grad` overlaps none of the inputs.
+pub(super) unsafe fn grad_param<E: Executor>(e: &E, t: DType, gt: DType, op: GradParam, tokens: usize) -> Result<()> {
     let GradParam { g, b, grad, rows, ncols, live, k_split, scale } = op;
     let splits = if k_split > 0 { tokens.div_ceil(k_split) } else { 1 };
     let params = HeadGradParamParams {
@@ -126,34 +129,34 @@ pub(super) fn grad_param<E: Executor>(e: &E, t: DType, gt: DType, op: GradParam,
         live_ld: live.map_or(0, |l| l.1 as i32),
         k_split: i32_of("token split", k_split)?,
     };
-    let tg = tg_name(t, gt, ["f32_f32", "f16_f16", "f16_f32", "bf16_bf16", "bf16_f32"])?;
     // n64 for the rank columns of dU (8 warps along V), n128 for dW's d columns.
     let bn = if ncols <= 64 { 64 } else { 128 };
-    if e.options().wgmma && t == gt && t != DType::F32 && live.is_none() {
+    let gemm = select::gemm(Site::GradParam { filtered: live.is_some() }, t, gt, &e.options());
+    let shared_bytes = match gemm {
         // Gᵀ read M-major, b N-major (head.cu).
-        let plan = LaunchPlan {
-            kernel: intern(format!("tl_head_grad_param_{tg}_n{bn}_wgmma")),
-            grid: (blocks(rows, GEMM_TILE), blocks(ncols, bn as u32), splits as u32),
-            block: (THREADS, 1, 1),
-            shared_bytes: wg_mn_shared_bytes(bn, 4),
-        };
-        // SAFETY: as below.
-        return unsafe { e.launch(&plan, &params) };
-    }
-    let (sfx, stages) = backward_gemm_variant(e, t, gt);
+        #[cfg(feature = "experimental-kernels")]
+        Gemm::Wgmma { .. } => wg_mn_shared_bytes(bn, 4),
+        #[cfg(feature = "experimental-kernels")]
+        Gemm::Mma { .. } => gemm_shared_bytes(t.size(), 128, bn, 32, true, false, 0, 3),
+        _ => gemm_shared_bytes(t.size(), 128, bn, 32, true, false, 0, 1),
+    };
     let plan = LaunchPlan {
-        kernel: intern(format!("tl_head_grad_param_{tg}_n{bn}{sfx}")),
+        kernel: select::grad_param_kernel(t, gt, bn, gemm)?,
         grid: (blocks(rows, GEMM_TILE), blocks(ncols, bn as u32), splits as u32),
         block: (THREADS, 1, 1),
-        shared_bytes: gemm_shared_bytes(t.size(), 128, bn, 32, true, false, 0, stages),
+        shared_bytes,
     };
     // SAFETY: G [T, rows], b [T, ncols], grad [splits, rows, ncols] f32 (callers).
     unsafe { e.launch(&plan, &params) }
 }
 
 /// `dh = g_scale · (dh_acc + s · gu · Vh)` in the storage dtype.
+///
+/// # Safety
+/// `dh_acc` [T, d] and `gu` [T, r] f32, Vh [r, d] f32 and `dh` [T, d] in `t`,
+/// valid until the executor's launches finish.
 #[allow(clippy::too_many_arguments)]
-pub(super) fn grad_finish<E: Executor>(
+pub(super) unsafe fn grad_finish<E: Executor>(
     e: &E,
     cfg: &LoraConfig,
     t: DType,
@@ -177,7 +180,7 @@ pub(super) fn grad_finish<E: Executor>(
         g_scale,
         _pad: 0,
     };
-    let plan = row_plan(by_dtype!(t, "tl_xent_grad_finish_", ""), tokens, d);
+    let plan = row_plan(select::by_dtype("tl_xent_grad_finish_", t, "")?, tokens, d);
     // SAFETY: dh_acc [T, d] and gu [T, r] f32, Vh [r, d] and dh [T, d] (callers).
     unsafe { e.launch(&plan, &finish) }
 }

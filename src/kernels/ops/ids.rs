@@ -8,6 +8,7 @@ pub const DEFERRED_ARG_IDS: i32 = 0;
 /// Length in i64 of the deferred id-error record (`TL_ID_RECORD_LEN` in
 /// `kernels/common.cuh`): `[bad count, argument code, first bad index, its
 /// value, vocab]`, then three words the validating launch uses and clears.
+#[cfg_attr(not(any(feature = "cuda", test)), allow(dead_code))]
 pub const ID_RECORD_LEN: usize = 8;
 
 /// Where the id validation writes: the int32 ids (`-1` ignored, `-2`
@@ -21,7 +22,11 @@ struct IdOutputs {
 }
 
 /// Launches the id validation (`tl_prepare_ids_*`).
-fn launch_prepare_ids<E: Executor>(
+///
+/// # Safety
+/// `ids` holds `n` ids of `kind`; the outputs of `to` are 0 or buffers of the
+/// sizes documented on them, valid until the executor's launches finish.
+unsafe fn launch_prepare_ids<E: Executor>(
     e: &E,
     ids: u64,
     kind: IdKind,
@@ -45,7 +50,7 @@ fn launch_prepare_ids<E: Executor>(
         IdKind::U32 => "tl_prepare_ids_u32",
         IdKind::I64 => "tl_prepare_ids_i64",
     };
-    let plan = LaunchPlan::linear(kernel, blocks(n, THREADS), THREADS);
+    let plan = LaunchPlan::linear(select::kernel(kernel)?, blocks(n, THREADS), THREADS);
     // SAFETY: `ids` holds n ids of `kind` (checked by the caller); each output
     // is 0 or owned by the caller: `narrowed` n*4 bytes, `status` 16 zeroed
     // bytes, `record` the executor's ID_RECORD_LEN × i64.
@@ -54,7 +59,10 @@ fn launch_prepare_ids<E: Executor>(
 
 /// Reads a validation's status back: the count of valid entries, or an
 /// [`Error::TokenOutOfRange`] quoting the first bad index and its value.
-fn read_id_status<E: Executor>(
+///
+/// # Safety
+/// `ids` holds the ids the status was computed from (an offending one is read back).
+unsafe fn read_id_status<E: Executor>(
     e: &E,
     status: &E::Scratch,
     arg: &'static str,
@@ -87,7 +95,10 @@ fn read_id_status<E: Executor>(
 /// Validates ids (or targets, with `ignore`) on the device and narrows them
 /// to int32. Returns the int32 buffer and the count of valid entries; an
 /// out-of-range id is an [`Error::TokenOutOfRange`] quoting its index and value.
-pub fn prepare_ids<E: Executor>(
+///
+/// # Safety
+/// `ids` holds `n` ids of `kind`, valid until the executor's launches finish.
+pub unsafe fn prepare_ids<E: Executor>(
     e: &E,
     arg: &'static str,
     ids: u64,
@@ -105,7 +116,10 @@ pub fn prepare_ids<E: Executor>(
 
 /// As [`prepare_ids`] for ids that are only checked, not narrowed (the
 /// embedding forward reads the caller's ids): no int32 copy is written.
-pub(super) fn check_ids<E: Executor>(
+///
+/// # Safety
+/// `ids` holds `n` ids of `kind`, valid until the executor's launches finish.
+pub(super) unsafe fn check_ids<E: Executor>(
     e: &E,
     arg: &'static str,
     ids: u64,
@@ -124,7 +138,10 @@ pub(super) fn check_ids<E: Executor>(
 /// become `-2` (their tokens contribute nothing to the backward, no memory
 /// is touched for them) and the same launch records the first one for the
 /// backend to report later.
-pub(super) fn prepare_embed_ids<E: Executor>(
+///
+/// # Safety
+/// `ids` holds `n` ids of `kind`, valid until the executor's launches finish.
+pub(super) unsafe fn prepare_embed_ids<E: Executor>(
     e: &E,
     ids: u64,
     kind: IdKind,

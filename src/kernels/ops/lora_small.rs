@@ -4,12 +4,16 @@
 
 use super::*;
 
-/// `kRowsPerWarp` of `lora_down` in `kernels/lora_small.cu`.
-const LORA_DOWN_ROWS_PER_WARP: u32 = 4;
+/// `kRowsPerWarp` of `lora_project` in `kernels/lora_small.cu`.
+const LORA_PROJECT_ROWS_PER_WARP: u32 = 4;
 
 /// `out[rows, r] = scale · x[rows, d] · Vhᵀ`, `x` in `xt`, `out` in `ot` (xt or f32).
+///
+/// # Safety
+/// `x` holds [rows, d] in `xt`, `vh` [r, d] f32 and `out` [rows, r] in `ot`,
+/// valid until the executor's launches finish; `out` overlaps neither input.
 #[allow(clippy::too_many_arguments)]
-pub fn lora_down<E: Executor>(
+pub unsafe fn lora_project<E: Executor>(
     e: &E,
     cfg: &LoraConfig,
     xt: DType,
@@ -21,14 +25,14 @@ pub fn lora_down<E: Executor>(
     scale: f64,
 ) -> Result<()> {
     let kernel = match (xt, ot) {
-        (DType::F32, DType::F32) => "tl_lora_down_f32_f32",
-        (DType::F16, DType::F16) => "tl_lora_down_f16_f16",
-        (DType::F16, DType::F32) => "tl_lora_down_f16_f32",
-        (DType::BF16, DType::BF16) => "tl_lora_down_bf16_bf16",
-        (DType::BF16, DType::F32) => "tl_lora_down_bf16_f32",
-        _ => return Err(Error::UnsupportedCombination(format!("lora_down from {xt} to {ot}"))),
+        (DType::F32, DType::F32) => "tl_lora_project_f32_f32",
+        (DType::F16, DType::F16) => "tl_lora_project_f16_f16",
+        (DType::F16, DType::F32) => "tl_lora_project_f16_f32",
+        (DType::BF16, DType::BF16) => "tl_lora_project_bf16_bf16",
+        (DType::BF16, DType::F32) => "tl_lora_project_bf16_f32",
+        _ => return Err(Error::UnsupportedCombination(format!("lora_project from {xt} to {ot}"))),
     };
-    let params = LoraDownParams {
+    let params = LoraProjectParams {
         x,
         vh,
         out,
@@ -37,16 +41,22 @@ pub fn lora_down<E: Executor>(
         rank: i32_of("rank", cfg.rank())?,
         scale: scale as f32,
     };
-    // One warp per LORA_DOWN_ROWS_PER_WARP rows (kernels/lora_small.cu).
-    let plan = LaunchPlan::linear(kernel, blocks(rows, THREADS / 32 * LORA_DOWN_ROWS_PER_WARP), THREADS);
+    // One warp per LORA_PROJECT_ROWS_PER_WARP rows (kernels/lora_small.cu).
+    let plan =
+        LaunchPlan::linear(select::kernel(kernel)?, blocks(rows, THREADS / 32 * LORA_PROJECT_ROWS_PER_WARP), THREADS);
     // SAFETY: x [rows, d] in xt, vh [r, d] f32 and out [rows, r] in ot are
     // checked (caller) or allocated (here) with those sizes.
     unsafe { e.launch(&plan, &params) }
 }
 
 /// `grad[r, d] += scale · Σ_t X[row(t)]ᵀ · Y[t]` with a fixed reduction order.
+///
+/// # Safety
+/// `x` holds the [.., r] f32 rows `ids` (i32, or 0 for row t) address, `y`
+/// [T, d] in `yt` and `grad` [r, d] f32, valid until the executor's launches
+/// finish; `grad` overlaps neither input.
 #[allow(clippy::too_many_arguments)]
-pub fn lora_up<E: Executor>(
+pub unsafe fn lora_hidden_grad<E: Executor>(
     e: &E,
     cfg: &LoraConfig,
     yt: DType,
@@ -63,7 +73,7 @@ pub fn lora_up<E: Executor>(
     let chunk = UP_CHUNK.max(tokens.div_ceil(4 * e.multiprocessors() as usize));
     let chunks = tokens.div_ceil(chunk);
     let partial = e.scratch_uninit(chunks * r * d * 4)?;
-    let params = LoraUpPartialParams {
+    let params = LoraHiddenGradPartialParams {
         x,
         ids,
         y,
@@ -73,13 +83,13 @@ pub fn lora_up<E: Executor>(
         rank: i32_of("rank", r)?,
         chunk: i32_of("token chunk", chunk)?,
     };
-    let kernel = by_dtype!(yt, "tl_lora_up_partial_", "");
+    let kernel = select::by_dtype("tl_lora_hidden_grad_partial_", yt, "")?;
     let mut plan = LaunchPlan::linear(kernel, blocks(d, THREADS), THREADS);
     plan.grid.1 = chunks as u32;
     // SAFETY: x rows addressed by ids (validated) or by t < tokens, y [T, d],
     // partial [chunks, r, d] allocated above.
     unsafe { e.launch(&plan, &params)? };
-    let reduce = LoraUpReduceParams {
+    let reduce = SumPartialsParams {
         partial: e.addr(&partial),
         out: grad,
         chunks: chunks as i32,
@@ -87,15 +97,26 @@ pub fn lora_up<E: Executor>(
         scale: scale as f32,
         _pad: 0,
     };
-    let plan = LaunchPlan::linear("tl_lora_up_reduce", blocks(r * d, THREADS), THREADS);
+    let plan = LaunchPlan::linear(select::kernel("tl_sum_partials")?, blocks(r * d, THREADS), THREADS);
     // SAFETY: partial as above; grad is the caller's [r, d] f32 buffer.
     unsafe { e.launch(&plan, &reduce) }
 }
 
+#[cfg(feature = "experimental-kernels")]
 /// U's rows [rows, r] (f32) in the half-precision storage dtype `t`, each
 /// row padded with zeros to `ld` columns: the operand the tensor-core GEMMs
 /// that take U as a B matrix read.
-pub(super) fn pack_u<E: Executor>(e: &E, t: DType, u: u64, rows: usize, r: usize, ld: usize) -> Result<E::Scratch> {
+///
+/// # Safety
+/// `u` holds U's `rows` × `r` f32 values until the executor's launches finish.
+pub(super) unsafe fn pack_u<E: Executor>(
+    e: &E,
+    t: DType,
+    u: u64,
+    rows: usize,
+    r: usize,
+    ld: usize,
+) -> Result<E::Scratch> {
     let packed = e.scratch_uninit(rows * ld * t.size())?;
     let pack = LoraPackParams {
         u,
@@ -106,15 +127,20 @@ pub(super) fn pack_u<E: Executor>(e: &E, t: DType, u: u64, rows: usize, r: usize
         _pad: 0,
     };
     let grid = blocks(rows * ld, THREADS).min(e.multiprocessors() * 8);
-    let plan = LaunchPlan::linear(by_dtype!(t, "tl_lora_pack_", ""), grid.max(1), THREADS);
+    let plan = LaunchPlan::linear(select::by_dtype("tl_lora_pack_", t, "")?, grid.max(1), THREADS);
     // SAFETY: U rows [rows, r] f32 (caller), packed [rows, ld] allocated above.
     unsafe { e.launch(&plan, &pack)? };
     Ok(packed)
 }
 
+#[cfg(feature = "experimental-kernels")]
 /// `out[i] = [x_i | y_i]` for `rows` rows, d + r elements each in the storage
 /// dtype `t`; y is f32 when `y_f32` (U), else in `t` (p).
-pub(super) fn concat_rows<E: Executor>(
+///
+/// # Safety
+/// `x` [rows, d] and `y` [rows, r] (f32 with `y_f32`, else `t`) and `out`
+/// [rows, d + r] in `t`, valid until the executor's launches finish.
+pub(super) unsafe fn concat_rows<E: Executor>(
     e: &E,
     t: DType,
     (x, y, y_f32): (u64, u64, bool),
@@ -134,7 +160,7 @@ pub(super) fn concat_rows<E: Executor>(
     };
     // One warp per row, rows grid-strided (lora_small.cu).
     let grid = blocks(rows, THREADS / 32).min(e.multiprocessors() * 16);
-    let plan = LaunchPlan::linear(by_dtype!(t, "tl_concat_rows_", ""), grid.max(1), THREADS);
+    let plan = LaunchPlan::linear(select::by_dtype("tl_concat_rows_", t, "")?, grid.max(1), THREADS);
     // SAFETY: x [rows, d] and y [rows, r] (callers), out [rows, d + r] (the op's scratch).
     unsafe { e.launch(&plan, &params) }
 }

@@ -3,7 +3,19 @@
 use super::*;
 
 /// `W ± s·U·Vh` in place, rounded once to W's dtype.
-pub fn merge<E: Executor>(e: &E, cfg: &LoraConfig, t: DType, w: u64, u: u64, vh: u64, subtract: bool) -> Result<()> {
+///
+/// # Safety
+/// `w` holds W [V, d] in `t` (updated in place), `u` U [V, r] and `vh` Vh
+/// [r, d] f32, valid until the executor's launches finish.
+pub unsafe fn merge<E: Executor>(
+    e: &E,
+    cfg: &LoraConfig,
+    t: DType,
+    w: u64,
+    u: u64,
+    vh: u64,
+    subtract: bool,
+) -> Result<()> {
     let (v, d, r) = (cfg.vocab(), cfg.hidden(), cfg.rank());
     let params = MergeParams {
         w,
@@ -17,7 +29,7 @@ pub fn merge<E: Executor>(e: &E, cfg: &LoraConfig, t: DType, w: u64, u: u64, vh:
         _pad: 0,
     };
     let plan = LaunchPlan {
-        kernel: by_dtype!(t, "tl_merge_", ""),
+        kernel: select::by_dtype("tl_merge_", t, "")?,
         grid: (blocks(d, THREADS), blocks(v, 8).min(65535), 1),
         block: (THREADS, 1, 1),
         shared_bytes: 0,

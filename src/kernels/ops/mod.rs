@@ -5,10 +5,12 @@
 //! Inputs are addresses of buffers whose lengths the caller (a [`crate::Backend`]
 //! impl) has already checked against the config.
 
+#[cfg(feature = "experimental-kernels")]
 use super::dense::{DenseGemm, Operand};
 use super::exec::{Executor, KernelOptions};
 use super::params::*;
 use super::plan::LaunchPlan;
+use super::select::{self, Gemm, HeadOp, Site};
 use crate::config::LoraConfig;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
@@ -66,8 +68,6 @@ const THREADS: u32 = 256;
 const GEMM_TILE: u32 = 128;
 /// Fewest tokens per partial sum in the deterministic dVh reduction.
 const UP_CHUNK: usize = 256;
-/// Largest rank the fused head backward keeps in its extra tile columns.
-pub const MAX_HEAD_RANK: usize = 64;
 
 fn i32_of(what: &str, v: usize) -> Result<i32> {
     i32::try_from(v).map_err(|_| Error::ShapeMismatch(format!("{what} = {v} does not fit the kernels' 32-bit sizes")))
@@ -83,29 +83,19 @@ fn row_plan(kernel: &'static str, rows: usize, cols: usize) -> LaunchPlan {
     LaunchPlan { kernel, grid: (rows as u32, blocks(cols, THREADS), 1), block: (THREADS, 1, 1), shared_bytes: 0 }
 }
 
-macro_rules! by_dtype {
-    ($dt:expr, $prefix:literal, $suffix:literal) => {
-        match $dt {
-            DType::F32 => concat!($prefix, "f32", $suffix),
-            DType::F16 => concat!($prefix, "f16", $suffix),
-            DType::BF16 => concat!($prefix, "bf16", $suffix),
-        }
-    };
-}
-
 /// `base + index · bytes`: the address of element `index` of `bytes` each.
 fn at(base: u64, index: usize, bytes: usize) -> u64 {
     base + (index * bytes) as u64
 }
 
+#[cfg(feature = "experimental-kernels")]
+mod cublas;
 mod embed;
-mod engine;
 mod head;
 mod head_grads;
 mod ids;
 mod lora_small;
 mod merge;
-mod names;
 mod shared_mem;
 mod xent_backward;
 mod xent_forward;
@@ -116,8 +106,9 @@ pub use embed::sort_ids;
 pub use embed::{embed_backward, embed_forward};
 pub use head::{head_backward, head_forward};
 pub use ids::prepare_ids;
+#[cfg_attr(not(any(feature = "cuda", test)), allow(unused_imports))]
 pub use ids::{DEFERRED_ARG_IDS, ID_RECORD_LEN};
-pub use lora_small::{lora_down, lora_up};
+pub use lora_small::{lora_hidden_grad, lora_project};
 pub use merge::merge;
 pub use xent_backward::head_xent_backward;
 pub use xent_forward::head_xent_forward;
@@ -126,10 +117,12 @@ pub use xent_memory::{
 };
 
 // The pieces the op files share.
-use engine::{engine_grads, engine_logits, engine_u, EngineGrads};
-use head_grads::{grad_finish, grad_h, grad_h_rx, grad_param, GradH, GradParam};
+use head_grads::{grad_finish, grad_h, grad_param, GradH, GradParam};
 use ids::{check_ids, prepare_embed_ids};
+#[cfg(feature = "experimental-kernels")]
 use lora_small::{concat_rows, pack_u};
-use names::{backward_gemm_variant, intern, stage_suffix, tg_name};
-use shared_mem::{gemm_shared_bytes, wg_mn_shared_bytes, wg_nmajor_shared_bytes, wg_shared_bytes};
-use xent_memory::{chunk_cols, engine_xent_block, xent_du_partial_bytes, xent_du_split, xent_splits};
+use shared_mem::gemm_shared_bytes;
+#[cfg(feature = "experimental-kernels")]
+use shared_mem::{wg_mn_shared_bytes, wg_nmajor_shared_bytes, wg_shared_bytes};
+use xent_forward::xent_logits_shared_bytes;
+use xent_memory::{backward_block_shape, chunk_cols, xent_du_partial_bytes, xent_du_split, xent_splits};

@@ -12,35 +12,39 @@ const XENT_F16_G_UNIT: f64 = 32768.0;
 /// every per-token operand (h, p in the storage dtype; the validated targets,
 /// lse; gu f32) and its own f32 `dh` accumulator [tokens, d] (zeroed).
 #[derive(Clone, Copy)]
-struct XentRows {
-    h: u64,
-    p: u64,
-    targets: u64,
-    lse: u64,
-    dh_acc: u64,
-    gu: u64,
-    tokens: usize,
+pub(super) struct XentRows {
+    pub(super) h: u64,
+    pub(super) p: u64,
+    pub(super) targets: u64,
+    pub(super) lse: u64,
+    pub(super) dh_acc: u64,
+    pub(super) gu: u64,
+    pub(super) tokens: usize,
 }
 
 /// How G is stored and scaled (`kernels/xent_grad.cu`): G' = G / factor ·
 /// g_unit; the f32 sums over it get `g_scale` = factor / g_unit; `filter` > 0
 /// zeroes the 128 × 128 tiles whose |G| entries are all below it.
 #[derive(Clone, Copy)]
-struct XentGradScale {
-    g_unit: f32,
-    g_scale: f32,
-    filter: f32,
+pub(super) struct XentGradScale {
+    pub(super) g_unit: f32,
+    pub(super) g_scale: f32,
+    pub(super) filter: f32,
 }
 
 /// The fused kernels' part of one token block: per vocabulary chunk of
 /// `chunk` columns, one kernel recomputes the logits and writes G [tb, C]
 /// (and its tile flags with a filter); the head backward's GEMMs consume it
 /// while it is in L2 (`dh_acc += G W`, `gu += G U`, `dU += Gᵀ p`, `dW += Gᵀ h`;
-/// on the GEMM engine with `KernelOptions::cublas`, which a filter keeps on
-/// this path; `u_eng` is then U in the storage dtype, [`engine_u`]).
+/// on cuBLAS with `KernelOptions::cublas`, which a filter keeps on this
+/// path; `u_cublas` is then U in the storage dtype).
 /// `bufs`: G [rows, chunk], the flags, the dU split partials.
+///
+/// # Safety
+/// As [`head_xent_backward`] for the block's rows `b`, with the buffers
+/// `(g, live, du_part)` sized by the caller for [rows, chunk].
 #[allow(clippy::too_many_arguments)]
-fn fused_xent_block<E: Executor>(
+unsafe fn fused_xent_block<E: Executor>(
     e: &E,
     cfg: &LoraConfig,
     t: DType,
@@ -48,18 +52,15 @@ fn fused_xent_block<E: Executor>(
     b: XentRows,
     s: XentGradScale,
     grads: GradAddrs,
-    u_eng: u64,
+    u_cublas: u64,
     chunk: usize,
     (g, live, du_part): (u64, u64, u64),
 ) -> Result<()> {
     let (v, d, r) = (cfg.vocab(), cfg.hidden(), cfg.rank());
-    let logits_wgmma = e.options().wgmma && t != DType::F32;
-    let logits_mma = e.options().mma && t != DType::F32;
-    let shared_bytes = if logits_wgmma {
-        wg_shared_bytes(128, 3)
-    } else {
-        gemm_shared_bytes(t.size(), 128, 128, 32, false, true, 0, if logits_mma { 3 } else { 1 })
-    };
+    #[cfg(not(feature = "experimental-kernels"))]
+    let _ = u_cublas;
+    let gemm = select::gemm(Site::XentLogits, t, t, &e.options());
+    let (kernel, shared_bytes) = (select::xent_grad_logits_kernel(t, gemm)?, xent_logits_shared_bytes(t, gemm, false));
     let tokens = b.tokens;
     for col0 in (0..v).step_by(chunk) {
         let cols = chunk.min(v - col0);
@@ -84,13 +85,7 @@ fn fused_xent_block<E: Executor>(
             _pad: 0,
         };
         let plan = LaunchPlan {
-            kernel: if logits_wgmma {
-                by_dtype!(t, "tl_xent_grad_logits_", "_wgmma")
-            } else if logits_mma {
-                by_dtype!(t, "tl_xent_grad_logits_", "_mma")
-            } else {
-                by_dtype!(t, "tl_xent_grad_logits_", "")
-            },
+            kernel,
             grid: (blocks(tokens, GEMM_TILE), blocks(cols, GEMM_TILE), 1),
             block: (THREADS, 1, 1),
             shared_bytes,
@@ -104,24 +99,27 @@ fn fused_xent_block<E: Executor>(
         let flags = (s.filter > 0.0).then(|| (live, cols.div_ceil(GEMM_TILE as usize)));
         let (w_rows, u_rows) = (wt.w + (col0 * d * t.size()) as u64, wt.u + (col0 * r * 4) as u64);
         let du = grads.u + (col0 * r * 4) as u64;
-        if e.options().cublas {
-            // Filtered tiles of G hold zeros, so the engine's sums equal the skipping kernels'.
-            let op = EngineGrads {
-                g,
-                w: w_rows,
-                u: at(u_eng, col0 * r, t.size()),
-                h: b.h,
-                p: b.p,
-                dh_acc: b.dh_acc,
-                gu: b.gu,
-                du,
-                dw: grads.w.map(|dw| dw + (col0 * d * 4) as u64),
-                rows: cols,
-                beta: 1.0,
-                scale: s.g_scale,
-            };
-            engine_grads(e, cfg, t, op, tokens)?;
-            continue;
+        #[cfg(feature = "experimental-kernels")]
+        {
+            if select::cublas(HeadOp::XentBackward, t, t, &e.options()) {
+                // Filtered tiles of G hold zeros, so cuBLAS's sums equal the skipping kernels'.
+                let op = cublas::CublasGrads {
+                    g,
+                    w: w_rows,
+                    u: at(u_cublas, col0 * r, t.size()),
+                    h: b.h,
+                    p: b.p,
+                    dh_acc: b.dh_acc,
+                    gu: b.gu,
+                    du,
+                    dw: grads.w.map(|dw| dw + (col0 * d * 4) as u64),
+                    rows: cols,
+                    beta: 1.0,
+                    scale: s.g_scale,
+                };
+                cublas::cublas_grads(e, cfg, t, op, tokens)?;
+                continue;
+            }
         }
         let op = GradH {
             g,
@@ -142,7 +140,7 @@ fn fused_xent_block<E: Executor>(
             |grad, k_split| GradParam { g, b: b.p, grad, rows: cols, ncols: r, live: flags, k_split, scale: s.g_scale };
         if k_split < tokens {
             grad_param(e, t, t, du_op(du_part, k_split), tokens)?;
-            let reduce = LoraUpReduceParams {
+            let reduce = SumPartialsParams {
                 partial: du_part,
                 out: du,
                 chunks: tokens.div_ceil(k_split) as i32,
@@ -150,7 +148,7 @@ fn fused_xent_block<E: Executor>(
                 scale: 1.0,
                 _pad: 0,
             };
-            let plan = LaunchPlan::linear("tl_lora_up_reduce", blocks(cols * r, THREADS), THREADS);
+            let plan = LaunchPlan::linear(select::kernel("tl_sum_partials")?, blocks(cols * r, THREADS), THREADS);
             // SAFETY: du_part holds the [splits, cols, r] partials written
             // above; du is the caller's dU rows [col0, col0 + cols).
             unsafe { e.launch(&plan, &reduce)? };
@@ -174,75 +172,21 @@ fn fused_xent_block<E: Executor>(
     Ok(())
 }
 
-/// The GEMM-engine part of one token block (`KernelOptions::cublas`, no
-/// gradient filter): per vocabulary chunk of `cols_b` columns the f32 logits
-/// on the engine, G' from them (`tl_xent_chunk_grad_*`, as the fused logit
-/// kernels store it), then the engine's `dh_acc += G W`, `gu += G U`,
-/// `dU += Gᵀ p`, `dW += Gᵀ h` on it. `bufs`: f32 logits and G, each
-/// [rows, cols_b]; `u`: U in the storage dtype ([`engine_u`]).
-#[allow(clippy::too_many_arguments)]
-fn engine_xent_block_grads<E: Executor>(
-    e: &E,
-    cfg: &LoraConfig,
-    t: DType,
-    wt: WeightAddrs,
-    u: u64,
-    b: XentRows,
-    s: XentGradScale,
-    grads: GradAddrs,
-    cols_b: usize,
-    (z, g): (u64, u64),
-) -> Result<()> {
-    let (v, d, r, es) = (cfg.vocab(), cfg.hidden(), cfg.rank(), t.size());
-    for col0 in (0..v).step_by(cols_b) {
-        let cols = cols_b.min(v - col0);
-        let (w_c, u_c) = (at(wt.w, col0 * d, es), at(u, col0 * r, es));
-        engine_logits(e, cfg, t, (b.h, b.p), (w_c, u_c), z, b.tokens, cols)?;
-        let grad = XentChunkGradParams {
-            z,
-            targets: b.targets,
-            lse: b.lse,
-            g,
-            tokens: b.tokens as i32,
-            cols: cols as i32,
-            col0: col0 as i32,
-            softcap: cfg.logit_softcap().unwrap_or(0.0) as f32,
-            g_unit: s.g_unit,
-            _pad: 0,
-        };
-        let plan = row_plan(by_dtype!(t, "tl_xent_chunk_grad_", ""), b.tokens, cols);
-        // SAFETY: z [tb, cols] written above; the block's targets and lse
-        // rows [tb]; g [rows, cols_b] >= [tb, cols] (the caller's allocation).
-        unsafe { e.launch(&plan, &grad)? };
-        let op = EngineGrads {
-            g,
-            w: w_c,
-            u: u_c,
-            h: b.h,
-            p: b.p,
-            dh_acc: b.dh_acc,
-            gu: b.gu,
-            du: at(grads.u, col0 * r, 4),
-            dw: grads.w.map(|dw| at(dw, col0 * d, 4)),
-            rows: cols,
-            beta: 1.0,
-            scale: s.g_scale,
-        };
-        engine_grads(e, cfg, t, op, b.tokens)?;
-    }
-    Ok(())
-}
-
 /// Fused head + cross-entropy backward, no [T, V] buffer, bitwise
 /// deterministic. Per block of token rows ([`xent_backward_block`], or
-/// the GEMM engine's block), a zeroed f32 `dh` accumulator of just those rows,
+/// cuBLAS's block), a zeroed f32 `dh` accumulator of just those rows,
 /// then per vocabulary chunk: the chunk's logits recomputed, G = ∂loss/∂z,
 /// and the head backward's GEMMs on it while it is in L2 (`dh += G W`,
 /// `gu += G U`, `dU += Gᵀ p`, `dW += Gᵀ h`); the block's `dh` rows get their
 /// LoRA term `s·gu·Vh` before the next block. Finally `dVh += s·guᵀ h`. The
 /// logits are computed once, as in the forward; no scratch grows with T·d.
+///
+/// # Safety
+/// As [`super::head_xent_forward`], with `lse` [T] f32 (the forward's), `dh`
+/// [T, d] in `t` (written) and the f32 gradients of `grads` (added into)
+/// valid and overlapping none of the inputs.
 #[allow(clippy::too_many_arguments)]
-pub fn head_xent_backward<E: Executor>(
+pub unsafe fn head_xent_backward<E: Executor>(
     e: &E,
     cfg: &LoraConfig,
     t: DType,
@@ -257,7 +201,7 @@ pub fn head_xent_backward<E: Executor>(
     tokens: usize,
 ) -> Result<()> {
     let (v, d, r, es) = (cfg.vocab(), cfg.hidden(), cfg.rank(), t.size());
-    grad_h_rx(r)?;
+    select::grad_h_u_cols(r, Gemm::Tile, &e.options())?;
     let (t32, valid) = prepare_ids(e, "targets", targets, kind, tokens, v, Some(cfg.ignore_index()))?;
     // G is stored without the loss factor and times g_unit (xent_grad.cu):
     // in f16, G itself (~1 / (V N)) would be subnormal or 0. The f32 sums
@@ -267,21 +211,22 @@ pub fn head_xent_backward<E: Executor>(
     let filter = cfg.xent_grad_filter().unwrap_or(0.0) as f32;
     let s = XentGradScale { g_unit: g_unit as f32, g_scale: g_scale_f64 as f32, filter };
     let p = e.scratch_uninit(tokens * r * es)?;
-    lora_down(e, cfg, t, t, h, wt.vh, e.addr(&p), tokens, cfg.scale())?;
+    lora_project(e, cfg, t, t, h, wt.vh, e.addr(&p), tokens, cfg.scale())?;
     let gu = e.scratch(tokens * r * 4)?;
-    let engine = e.options().cublas && filter == 0.0;
+    let on_cublas = select::cublas(HeadOp::XentBackward, t, t, &e.options());
+    // With a gradient filter the fused logit kernels write G (and its tile
+    // flags) and cuBLAS consumes it; without, cuBLAS computes the logits too.
+    let cublas_blocks = on_cublas && filter == 0.0;
     let chunk_bytes = e.options().xent_chunk_bytes;
-    let (rows_b, cols_b) = if engine {
-        engine_xent_block(cfg, t, tokens, chunk_bytes)
-    } else {
-        xent_backward_block(cfg, t, tokens, chunk_bytes)
-    };
-    // Scratch of one block, reused by every block: the engine's f32 logits,
-    // G and U in the storage dtype; the fused kernels' G, tile flags and dU
-    // split partials.
-    // U as the GEMM engine's operand (storage dtype), packed once per call.
-    let (_packed_u, u_eng) = if e.options().cublas { engine_u(e, t, wt.u, v, r)? } else { (None, wt.u) };
-    let (buf_a, buf_b, buf_c) = if engine {
+    let (rows_b, cols_b) = backward_block_shape(cfg, t, tokens, chunk_bytes, cublas_blocks);
+    // U as a cuBLAS operand (storage dtype), packed once per call.
+    #[cfg(feature = "experimental-kernels")]
+    let (_packed_u, u_cublas) = if on_cublas { cublas::cublas_u(e, t, wt.u, v, r)? } else { (None, wt.u) };
+    #[cfg(not(feature = "experimental-kernels"))]
+    let u_cublas = wt.u;
+    // Scratch of one block, reused by every block: cuBLAS's f32 logits and
+    // G; the fused kernels' G, tile flags and dU split partials.
+    let (buf_a, buf_b, buf_c) = if cublas_blocks {
         let z = e.scratch_uninit(rows_b * cols_b * 4)?;
         let g = e.scratch_uninit(rows_b * cols_b * es)?;
         (z, g, None)
@@ -308,19 +253,30 @@ pub fn head_xent_backward<E: Executor>(
             tokens: tb,
         };
         if valid > 0 {
-            if engine {
-                let bufs = (e.addr(&buf_a), e.addr(&buf_b));
-                engine_xent_block_grads(e, cfg, t, wt, u_eng, b, s, grads, cols_b, bufs)?;
+            if cublas_blocks {
+                #[cfg(feature = "experimental-kernels")]
+                cublas::xent_block_grads(
+                    e,
+                    cfg,
+                    t,
+                    wt,
+                    u_cublas,
+                    b,
+                    s,
+                    grads,
+                    cols_b,
+                    (e.addr(&buf_a), e.addr(&buf_b)),
+                )?;
             } else {
                 let du_part = buf_c.as_ref().map_or(0, |x| e.addr(x));
                 let bufs = (e.addr(&buf_a), e.addr(&buf_b), du_part);
-                fused_xent_block(e, cfg, t, wt, b, s, grads, u_eng, cols_b, bufs)?;
+                fused_xent_block(e, cfg, t, wt, b, s, grads, u_cublas, cols_b, bufs)?;
             }
         }
         grad_finish(e, cfg, t, b.dh_acc, b.gu, wt.vh, at(dh, t0 * d, es), tb, s.g_scale)?;
     }
     if valid > 0 {
-        lora_up(e, cfg, t, e.addr(&gu), 0, h, grads.vh, tokens, cfg.scale() * g_scale_f64)?;
+        lora_hidden_grad(e, cfg, t, e.addr(&gu), 0, h, grads.vh, tokens, cfg.scale() * g_scale_f64)?;
     }
     Ok(())
 }

@@ -6,8 +6,14 @@ use super::*;
 /// Fused head + cross-entropy forward, no [T, V] buffer: `loss` \[1\] and `lse`
 /// \[T\] of the softcapped logits, from per-(token tile, vocabulary split)
 /// online logsumexp partials merged in a fixed order.
+///
+/// # Safety
+/// `wt` holds W [V, d] (storage dtype `t`), U [V, r] and Vh [r, d] (f32),
+/// `h` is [T, d] in `t`, `targets` [T] ids of `kind`, `loss` [1] and `lse`
+/// [T] f32, all valid on the executor's device until its launches finish,
+/// the outputs overlapping none of the inputs.
 #[allow(clippy::too_many_arguments)]
-pub fn head_xent_forward<E: Executor>(
+pub unsafe fn head_xent_forward<E: Executor>(
     e: &E,
     cfg: &LoraConfig,
     t: DType,
@@ -22,9 +28,10 @@ pub fn head_xent_forward<E: Executor>(
     let (v, d, r) = (cfg.vocab(), cfg.hidden(), cfg.rank());
     let (t32, valid) = prepare_ids(e, "targets", targets, kind, tokens, v, Some(cfg.ignore_index()))?;
     let p = e.scratch_uninit(tokens * r * t.size())?;
-    lora_down(e, cfg, t, t, h, wt.vh, e.addr(&p), tokens, cfg.scale())?;
-    let (split_cols, splits) = if e.options().cublas {
-        // One running (max, sum) pair per row across the engine's chunks.
+    lora_project(e, cfg, t, t, h, wt.vh, e.addr(&p), tokens, cfg.scale())?;
+    let on_cublas = select::cublas(HeadOp::XentForward, t, t, &e.options());
+    let (split_cols, splits) = if on_cublas {
+        // One running (max, sum) pair per row across cuBLAS's chunks.
         (chunk_cols(cfg, tokens.max(1) * 4, e.options().xent_chunk_bytes), 1)
     } else {
         xent_splits(cfg, tokens, e.multiprocessors())
@@ -33,34 +40,10 @@ pub fn head_xent_forward<E: Executor>(
     let part_sum = e.scratch(splits * tokens * 4)?;
     let target_logit = e.scratch(tokens * 4)?;
     let row_loss = e.scratch(tokens * 4)?;
-    if e.options().cublas {
-        // Per vocabulary chunk: f32 logits on the GEMM engine (in L2), then
-        // their logsumexp folded into the rows' running pairs, in order.
-        let z = e.scratch_uninit(tokens * split_cols * 4)?;
-        let (_packed, u) = engine_u(e, t, wt.u, v, r)?;
-        for (chunk, col0) in (0..v).step_by(split_cols).enumerate() {
-            let cols = split_cols.min(v - col0);
-            let rows = (wt.w + (col0 * d * t.size()) as u64, u + (col0 * r * t.size()) as u64);
-            engine_logits(e, cfg, t, (h, e.addr(&p)), rows, e.addr(&z), tokens, cols)?;
-            let partial = XentChunkPartialParams {
-                z: e.addr(&z),
-                targets: e.addr(&t32),
-                part_max: e.addr(&part_max),
-                part_sum: e.addr(&part_sum),
-                target_logit: e.addr(&target_logit),
-                tokens: i32_of("tokens", tokens)?,
-                cols: cols as i32,
-                col0: col0 as i32,
-                chunk: chunk as i32,
-                softcap: cfg.logit_softcap().unwrap_or(0.0) as f32,
-                _pad: 0,
-            };
-            // One warp per token row.
-            let plan = LaunchPlan::linear("tl_xent_chunk_partial", blocks(tokens, THREADS / 32), THREADS);
-            // SAFETY: z [T, cols] written above; targets [T], the running
-            // pairs [T] and target_logit [T] allocated above.
-            unsafe { e.launch(&plan, &partial)? };
-        }
+    let partials = (e.addr(&part_max), e.addr(&part_sum), e.addr(&target_logit));
+    if on_cublas {
+        #[cfg(feature = "experimental-kernels")]
+        cublas::xent_forward_chunks(e, cfg, t, wt, (h, e.addr(&p)), e.addr(&t32), partials, tokens, split_cols)?;
     } else {
         let tiles_m = tokens.div_ceil(GEMM_TILE as usize);
         let params = XentPartialParams {
@@ -69,9 +52,9 @@ pub fn head_xent_forward<E: Executor>(
             w: wt.w,
             u: wt.u,
             targets: e.addr(&t32),
-            part_max: e.addr(&part_max),
-            part_sum: e.addr(&part_sum),
-            target_logit: e.addr(&target_logit),
+            part_max: partials.0,
+            part_sum: partials.1,
+            target_logit: partials.2,
             tokens: i32_of("tokens", tokens)?,
             vocab: i32_of("vocab", v)?,
             hidden: i32_of("hidden", d)?,
@@ -79,30 +62,12 @@ pub fn head_xent_forward<E: Executor>(
             split_cols: i32_of("vocabulary split", split_cols)?,
             softcap: cfg.logit_softcap().unwrap_or(0.0) as f32,
         };
-        let z_tile = (128 * 129 * 4) as u32;
-        // The _mma kernels park the logit tile over the drained ring (xent.cu).
-        let plan = if e.options().wgmma && t != DType::F32 {
-            // The logit tile stays in registers (xent.cu).
-            LaunchPlan {
-                kernel: by_dtype!(t, "tl_xent_partial_", "_wgmma"),
-                grid: (tiles_m as u32, splits as u32, 1),
-                block: (THREADS, 1, 1),
-                shared_bytes: wg_shared_bytes(128, 3),
-            }
-        } else if e.options().mma && t != DType::F32 {
-            LaunchPlan {
-                kernel: by_dtype!(t, "tl_xent_partial_", "_mma"),
-                grid: (tiles_m as u32, splits as u32, 1),
-                block: (THREADS, 1, 1),
-                shared_bytes: gemm_shared_bytes(t.size(), 128, 128, 32, false, true, 0, 3).max(z_tile),
-            }
-        } else {
-            LaunchPlan {
-                kernel: by_dtype!(t, "tl_xent_partial_", ""),
-                grid: (tiles_m as u32, splits as u32, 1),
-                block: (THREADS, 1, 1),
-                shared_bytes: gemm_shared_bytes(t.size(), 128, 128, 32, false, true, 0, 1) + z_tile,
-            }
+        let gemm = select::gemm(Site::XentLogits, t, t, &e.options());
+        let plan = LaunchPlan {
+            kernel: select::xent_partial_kernel(t, gemm)?,
+            grid: (tiles_m as u32, splits as u32, 1),
+            block: (THREADS, 1, 1),
+            shared_bytes: xent_logits_shared_bytes(t, gemm, true),
         };
         // SAFETY: h [T, d], p [T, r], W [V, d], U [V, r] (caller or above),
         // targets validated [T], partials [splits, T] and target_logit [T] above.
@@ -122,7 +87,23 @@ pub fn head_xent_forward<E: Executor>(
         scale,
         _pad: 0,
     };
-    let plan = LaunchPlan::linear("tl_xent_combine", 1, THREADS);
+    let plan = LaunchPlan::linear(select::kernel("tl_xent_combine")?, 1, THREADS);
     // SAFETY: the buffers above, lse [T] and loss [1] f32 (caller).
     unsafe { e.launch(&plan, &combine) }
+}
+
+/// Dynamic shared memory of a fused cross-entropy logit kernel
+/// (`kernels/xent.cu`, `kernels/xent_grad.cu`): the GEMM tile, and in the
+/// forward (`partials`) the 128 × 129 f32 logit tile beside it (the `_mma`
+/// kernels park it over the drained ring, the `_wgmma` ones keep it in
+/// registers).
+pub(super) fn xent_logits_shared_bytes(t: DType, gemm: Gemm, partials: bool) -> u32 {
+    let z_tile = if partials { (128 * 129 * 4) as u32 } else { 0 };
+    match gemm {
+        #[cfg(feature = "experimental-kernels")]
+        Gemm::Wgmma { .. } => wg_shared_bytes(128, 3),
+        #[cfg(feature = "experimental-kernels")]
+        Gemm::Mma { .. } => gemm_shared_bytes(t.size(), 128, 128, 32, false, true, 0, 3).max(z_tile),
+        _ => gemm_shared_bytes(t.size(), 128, 128, 32, false, true, 0, 1) + z_tile,
+    }
 }

@@ -50,7 +50,8 @@ pub(super) fn chunk_cols(cfg: &LoraConfig, col_bytes: usize, chunk_bytes: usize)
 /// `dh` rows: traffic ~ T·V·d·(10/C + 2/rows) bytes at C·rows = B elements,
 /// least at C ≈ √(5B) (C = 5248, rows = 1024 at the Gemma-2-2B shape and 32
 /// MiB); multiples of 128, and all tokens in one block when they fit.
-pub(super) fn engine_xent_block(cfg: &LoraConfig, t: DType, tokens: usize, chunk_bytes: usize) -> (usize, usize) {
+#[cfg(feature = "experimental-kernels")]
+pub(super) fn cublas_xent_block(cfg: &LoraConfig, t: DType, tokens: usize, chunk_bytes: usize) -> (usize, usize) {
     let tile = GEMM_TILE as usize;
     let elems = chunk_budget(chunk_bytes) / (4 + t.size());
     let v_max = cfg.vocab().div_ceil(tile) * tile;
@@ -129,14 +130,37 @@ pub fn head_xent_forward_scratch_bytes(
     let (v, r, es) = (cfg.vocab(), cfg.rank(), t.size());
     // The id check's 16-byte status is freed before anything below exists.
     let base = m(tokens * 4) + m(tokens * r * es) + 2 * m(tokens * 4);
-    if opts.cublas {
-        let cols = chunk_cols(cfg, tokens.max(1) * 4, opts.xent_chunk_bytes);
-        let packed_u = if t == DType::F32 { 0 } else { m(v * r * es) };
-        base + 2 * m(tokens * 4) + m(tokens * cols * 4) + packed_u
-    } else {
-        let (_, splits) = xent_splits(cfg, tokens, sms);
-        base + 2 * m(splits * tokens * 4)
+    #[cfg(feature = "experimental-kernels")]
+    {
+        if select::cublas(select::HeadOp::XentForward, t, t, opts) {
+            let cols = chunk_cols(cfg, tokens.max(1) * 4, opts.xent_chunk_bytes);
+            let packed_u = if t == DType::F32 { 0 } else { m(v * r * es) };
+            return base + 2 * m(tokens * 4) + m(tokens * cols * 4) + packed_u;
+        }
     }
+    let _ = (v, opts);
+    let (_, splits) = xent_splits(cfg, tokens, sms);
+    base + 2 * m(splits * tokens * 4)
+}
+
+/// (token rows, vocabulary columns) of one block of the cross-entropy
+/// backward: [`xent_backward_block`], or on the cuBLAS path without a
+/// gradient filter (`cublas_blocks`) its own blocks of f32 logits and G.
+pub(super) fn backward_block_shape(
+    cfg: &LoraConfig,
+    t: DType,
+    tokens: usize,
+    chunk_bytes: usize,
+    cublas_blocks: bool,
+) -> (usize, usize) {
+    #[cfg(feature = "experimental-kernels")]
+    {
+        if cublas_blocks {
+            return cublas_xent_block(cfg, t, tokens, chunk_bytes);
+        }
+    }
+    let _ = cublas_blocks;
+    xent_backward_block(cfg, t, tokens, chunk_bytes)
 }
 
 /// Peak extra device memory of `Backend::head_xent_backward` on the kernel
@@ -165,20 +189,16 @@ pub fn head_xent_backward_scratch_bytes(
     let (v, d, r, es) = (cfg.vocab(), cfg.hidden(), cfg.rank(), t.size());
     let half = t != DType::F32;
     let filtered = cfg.xent_grad_filter().is_some_and(|f| f > 0.0);
-    let engine = opts.cublas && !filtered;
-    let (rows_b, cols_b) = if engine {
-        engine_xent_block(cfg, t, tokens, opts.xent_chunk_bytes)
-    } else {
-        xent_backward_block(cfg, t, tokens, opts.xent_chunk_bytes)
-    };
-    let first_cols = cols_b.min(v);
-    // Held from start to end: targets, p, gu, U packed for the GEMM engine,
-    // and one block's buffers.
+    let on_cublas = select::cublas(select::HeadOp::XentBackward, t, t, opts);
+    let cublas_blocks = on_cublas && !filtered;
+    let (rows_b, cols_b) = backward_block_shape(cfg, t, tokens, opts.xent_chunk_bytes, cublas_blocks);
+    // Held from start to end: targets, p, gu, U packed for cuBLAS, and one
+    // block's buffers.
     let held = m(tokens * 4)
         + m(tokens * r * es)
         + m(tokens * r * 4)
-        + if opts.cublas && half { m(v * r * es) } else { 0 }
-        + if engine {
+        + if on_cublas && half { m(v * r * es) } else { 0 }
+        + if cublas_blocks {
             m(rows_b * cols_b * 4) + m(rows_b * cols_b * es)
         } else {
             m(rows_b * cols_b * es)
@@ -186,13 +206,13 @@ pub fn head_xent_backward_scratch_bytes(
                 + m(xent_du_partial_bytes(cfg, tokens, rows_b, sms, cols_b))
         };
     // Per chunk, freed before the next: U rows packed for a wgmma grad_h.
-    let per_chunk = if !half || opts.cublas {
-        0
-    } else if opts.wgmma && !filtered {
-        let rx = if opts.wgmma_whole_atoms { MAX_HEAD_RANK } else { grad_h_rx(r).unwrap_or(MAX_HEAD_RANK) };
-        m(first_cols * rx * es)
-    } else {
-        0
+    let u_cols = select::grad_h_u_cols(r, Gemm::Tile, opts).unwrap_or(select::MAX_HEAD_RANK);
+    let per_chunk = match select::gemm(Site::GradH { u_cols, filtered }, t, t, opts) {
+        #[cfg(feature = "experimental-kernels")]
+        gemm @ Gemm::Wgmma { .. } if !on_cublas => {
+            m(cols_b.min(v) * select::grad_h_u_cols(r, gemm, opts).unwrap_or(select::MAX_HEAD_RANK) * es)
+        }
+        _ => 0,
     };
     let up_chunk = UP_CHUNK.max(tokens.div_ceil(4 * sms as usize));
     let dvh_partials = m(tokens.div_ceil(up_chunk) * r * d * 4);
@@ -213,13 +233,17 @@ mod tests {
         for tokens in [0, 1, 127, 129, 100_000] {
             for sms in [0, 1, 132] {
                 for bits in 0..16u32 {
-                    let opts = KernelOptions {
-                        cublas: bits & 1 != 0,
-                        wgmma: bits & 2 != 0,
-                        wgmma_whole_atoms: bits & 4 != 0,
+                    #[allow(unused_mut, clippy::needless_update)]
+                    let mut opts = KernelOptions {
                         xent_chunk_bytes: if bits & 8 != 0 { 1 } else { 0 },
                         ..KernelOptions::default()
                     };
+                    #[cfg(feature = "experimental-kernels")]
+                    {
+                        opts.cublas = bits & 1 != 0;
+                        opts.wgmma = bits & 2 != 0;
+                        opts.wgmma_whole_atoms = bits & 4 != 0;
+                    }
                     for c in [&cfg, &exact] {
                         for t in [DType::F32, DType::F16, DType::BF16] {
                             assert!(head_xent_forward_scratch_bytes(c, t, tokens, sms, &opts) >= 16);
@@ -237,17 +261,18 @@ mod tests {
         }
     }
 
-    /// The GEMM-engine backward's blocks: multiples of 128 (or all tokens),
+    /// The cuBLAS backward's blocks: multiples of 128 (or all tokens),
     /// within the byte budget whenever the 128 × 128 minimum allows, and the
     /// √(5B) split at the Gemma-2-2B shape.
     #[test]
-    fn engine_xent_blocks_fit_the_budget() {
+    #[cfg(feature = "experimental-kernels")]
+    fn cublas_xent_blocks_fit_the_budget() {
         let gemma = LoraConfig::builder(256_000, 2304, 16).build().unwrap();
-        assert_eq!(engine_xent_block(&gemma, DType::BF16, 8192, 0), (1024, 5248));
+        assert_eq!(cublas_xent_block(&gemma, DType::BF16, 8192, 0), (1024, 5248));
         for (v, tokens, bytes) in [(256_000, 8192, 0), (300, 150, 1), (1000, 40, 0), (50_000, 3000, 8 << 20)] {
             let cfg = LoraConfig::builder(v, 64, 8).build().unwrap();
             for t in [DType::F32, DType::BF16] {
-                let (rows, cols) = engine_xent_block(&cfg, t, tokens, bytes);
+                let (rows, cols) = cublas_xent_block(&cfg, t, tokens, bytes);
                 assert!(rows == tokens || (rows % 128 == 0 && rows < tokens), "rows {rows} of {tokens}");
                 assert!(cols % 128 == 0 && cols <= v.div_ceil(128) * 128, "cols {cols} of {v}");
                 let budget = chunk_budget(bytes);
@@ -257,6 +282,6 @@ mod tests {
         }
         // Few tokens: one block of all of them, as many columns as fit.
         let cfg = LoraConfig::builder(1000, 64, 8).build().unwrap();
-        assert_eq!(engine_xent_block(&cfg, DType::BF16, 40, 0), (40, 1024));
+        assert_eq!(cublas_xent_block(&cfg, DType::BF16, 40, 0), (40, 1024));
     }
 }
