@@ -503,7 +503,11 @@ impl NvccCache {
             }
         }
         let name = format!("{:016x}", fnv1a(key.as_bytes()));
-        Some(CacheEntry { object: self.dir.join(&name), log: self.dir.join(format!("{name}.log")), out: out.to_path_buf() })
+        Some(CacheEntry {
+            object: self.dir.join(&name),
+            log: self.dir.join(format!("{name}.log")),
+            out: out.to_path_buf(),
+        })
     }
 }
 

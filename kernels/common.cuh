@@ -184,3 +184,62 @@ TL_DEVICE int tl_checked_id(const void* ids, int id_bytes, long long t, int voca
   const unsigned raw = __ldg(static_cast<const unsigned*>(ids) + t);
   return raw < static_cast<unsigned>(vocab) ? static_cast<int>(raw) : -2;
 }
+
+// ------------------------------------------------------------- cp.async ---
+// Asynchronous global -> shared copies (sm_80+ cp.async; the shim copies
+// synchronously). Completion: tl_cp_async_commit() closes a group,
+// tl_cp_async_wait<N>() waits until at most N groups are pending (for this
+// thread's own copies; a barrier then publishes them to the block). The
+// "memory" clobbers keep the compiler from moving shared-memory accesses
+// across them.
+
+// A copy of 4, 8 (.ca) or 16 (.cg: L2 only) bytes.
+template <int BYTES>
+TL_DEVICE void tl_cp_async(void* smem, const void* gmem) {
+#if defined(__CUDA_ARCH__)
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  if constexpr (BYTES == 16) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem) : "memory");
+  } else {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2;\n" ::"r"(dst), "l"(gmem), "n"(BYTES) : "memory");
+  }
+#elif !defined(__CUDACC__)
+  // 16-byte copies as one vector access: the shim's alignment check traps a
+  // misaligned one, as cp.async faults on a GPU.
+  if constexpr (BYTES == 16) {
+    *reinterpret_cast<uint4*>(smem) = *reinterpret_cast<const uint4*>(gmem);
+  } else {
+    std::memcpy(smem, gmem, BYTES);
+  }
+#else
+  (void)smem, (void)gmem;  // nvcc host pass: never runs
+#endif
+}
+TL_DEVICE void tl_cp_async16(void* smem, const void* gmem) { tl_cp_async<16>(smem, gmem); }
+// As tl_cp_async16, but writes 16 zero bytes (and reads nothing) when !full:
+// the src-size operand of cp.async, so there is no branch around the copy.
+TL_DEVICE void tl_cp_async16_zfill(void* smem, const void* gmem, bool full) {
+#if defined(__CUDA_ARCH__)
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(full ? 16 : 0) : "memory");
+#elif !defined(__CUDACC__)
+  if (full) {
+    *reinterpret_cast<uint4*>(smem) = *reinterpret_cast<const uint4*>(gmem);
+  } else {
+    *reinterpret_cast<uint4*>(smem) = make_uint4(0u, 0u, 0u, 0u);
+  }
+#else
+  (void)smem, (void)gmem, (void)full;  // nvcc host pass: never runs
+#endif
+}
+TL_DEVICE void tl_cp_async_commit() {
+#if defined(__CUDA_ARCH__)
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+template <int N>
+TL_DEVICE void tl_cp_async_wait() {
+#if defined(__CUDA_ARCH__)
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
+}

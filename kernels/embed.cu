@@ -168,37 +168,6 @@ TL_DEVICE void tl_prefetch_l1(const void* p) {
 #endif
 }
 
-// Asynchronous global -> shared copies of 4, 8 or 16 bytes (sm_80+ cp.async;
-// the shim copies synchronously). Completion: tl_cp_async_commit() closes a
-// group, tl_cp_async_wait<N>() waits until at most N groups are pending (for
-// this thread's own copies; a __syncwarp() then publishes them to the warp).
-template <int BYTES>
-TL_DEVICE void tl_cp_async(void* smem, const void* gmem) {
-#if defined(__CUDA_ARCH__)
-  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  if constexpr (BYTES == 16) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem) : "memory");
-  } else {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], %2;\n" ::"r"(dst), "l"(gmem), "n"(BYTES) : "memory");
-  }
-#elif !defined(__CUDACC__)
-  std::memcpy(smem, gmem, BYTES);
-#else
-  (void)smem, (void)gmem;  // nvcc host pass: never runs
-#endif
-}
-TL_DEVICE void tl_cp_async_commit() {
-#if defined(__CUDA_ARCH__)
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
-#endif
-}
-template <int N>
-TL_DEVICE void tl_cp_async_wait() {
-#if defined(__CUDA_ARCH__)
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-#endif
-}
-
 TL_DEVICE float4 tl_lds_f4(const float* p) {
 #if defined(__CUDACC__)
   return *reinterpret_cast<const float4*>(p);

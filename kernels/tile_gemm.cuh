@@ -53,43 +53,6 @@ struct Vec16 {
   static constexpr int N = 16 / sizeof(CT);
 };
 
-// 16-byte global -> shared copy: cp.async on sm_80+ (completes at
-// tl_cp_async_wait), a plain copy in the CPU shim.
-TL_DEVICE void tl_cp_async16(void* smem, const void* gmem) {
-#if defined(__CUDA_ARCH__)
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
-#else
-  *reinterpret_cast<uint4*>(smem) = *reinterpret_cast<const uint4*>(gmem);
-#endif
-}
-// As tl_cp_async16, but writes 16 zero bytes (and reads nothing) when !full:
-// the src-size operand of cp.async, so there is no branch around the copy.
-TL_DEVICE void tl_cp_async16_zfill(void* smem, const void* gmem, bool full) {
-#if defined(__CUDA_ARCH__)
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(full ? 16 : 0));
-#else
-  if (full) {
-    *reinterpret_cast<uint4*>(smem) = *reinterpret_cast<const uint4*>(gmem);
-  } else {
-    *reinterpret_cast<uint4*>(smem) = make_uint4(0u, 0u, 0u, 0u);
-  }
-#endif
-}
-TL_DEVICE void tl_cp_async_commit() {
-#if defined(__CUDA_ARCH__)
-  asm volatile("cp.async.commit_group;\n" ::);
-#endif
-}
-// Waits until at most N committed groups are still in flight.
-template <int N>
-TL_DEVICE void tl_cp_async_wait() {
-#if defined(__CUDA_ARCH__)
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-#endif
-}
-
 // Loads VEC values of logical row `o`, columns [i, i + VEC) as CT (zeros past the end).
 template <class CT, class S0, class S1>
 TL_DEVICE void seg_load(const SegRows<S0, S1>& s, int o, int i, CT* out) {

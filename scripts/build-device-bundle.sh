@@ -11,10 +11,11 @@
 #
 #   bash scripts/gpu-check.sh OUTDIR          # e.g. "$OUT"
 #
-# What it builds (release, --features cuda; x86-64, glibc of this machine):
+# What it builds (release, --features cuda,experimental-kernels: the default
+# kernels and the variants a GPU run measures for promotion; x86-64, glibc of this machine):
 #   - the integration-test executables `kernels_gpu` (GPU parity tests, ignored
 #     without a device) and `goldens` (golden harness), picked from
-#     `cargo test --release --features cuda --no-run --message-format=json`;
+#     `cargo test --release --features cuda,experimental-kernels --no-run --message-format=json`;
 #   - `examples/gpu_bench` (the benchmark; see examples/gpu_bench/main.rs) and
 #     `examples/cuda_step` (one fused training step on the GPU vs the CPU reference);
 #   - device-bundle/peft-export/: the golden PEFT adapter re-written by
@@ -84,16 +85,16 @@ print(found[-1])
 PY
 }
 
-echo "== building test executables (cargo test --release --features cuda --no-run)"
-if ! cargo test --release --features cuda --no-run --message-format=json >"$TMP/tests.json" 2>"$TMP/tests.err"; then
+echo "== building test executables (cargo test --release --features cuda,experimental-kernels --no-run)"
+if ! cargo test --release --features cuda,experimental-kernels --no-run --message-format=json >"$TMP/tests.json" 2>"$TMP/tests.err"; then
   cat "$TMP/tests.err" >&2
   die "cargo test --no-run failed"
 fi
 KERNELS_GPU="$(pick "$TMP/tests.json" kernels_gpu test)" || die "kernels_gpu test target not found (tests/kernels_gpu.rs)"
 GOLDENS="$(pick "$TMP/tests.json" goldens test)" || die "goldens test target not found (tests/goldens.rs)"
 
-echo "== building examples/gpu_bench and examples/cuda_step (cargo build --release --features cuda)"
-if ! cargo build --release --features cuda --example gpu_bench --example cuda_step --message-format=json \
+echo "== building examples/gpu_bench and examples/cuda_step (cargo build --release --features cuda,experimental-kernels)"
+if ! cargo build --release --features cuda,experimental-kernels --example gpu_bench --example cuda_step --message-format=json \
   >"$TMP/bench.json" 2>"$TMP/bench.err"; then
   cat "$TMP/bench.err" >&2
   die "building the examples failed"
@@ -130,7 +131,7 @@ echo "== packing the binaries (xz, 256 MiB dictionary: ~1.5 min)"
 
 echo "== exporting the golden adapter through PeftAdapter::write (device-bundle/peft-export)"
 TIEDLORA_PEFT_EXPORT="$BUNDLE/peft-export" \
-  cargo test --release --features cuda --test peft_adapter -q -- round_trip_golden_bitwise --exact >"$TMP/peft.log" 2>&1 ||
+  cargo test --release --features cuda,experimental-kernels --test peft_adapter -q -- round_trip_golden_bitwise --exact >"$TMP/peft.log" 2>&1 ||
   { cat "$TMP/peft.log" >&2; die "peft_adapter round_trip_golden_bitwise failed"; }
 [ -f "$BUNDLE/peft-export/adapter_config.json" ] || die "no adapter was exported to $BUNDLE/peft-export"
 

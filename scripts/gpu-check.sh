@@ -2,10 +2,10 @@
 # All GPU checks in one bounded run, ON the device machine (CUDA 13 driver,
 # compute-sanitizer, python3 with torch/peft; no Rust, no network), from the
 # repository root, with the binaries built here by scripts/build-device-bundle.sh
-# in device-bundle/ (git-ignored: the device tool must carry it).
+# in device-bundle/ (git-ignored: the device machine must carry it).
 #
 #   bash scripts/gpu-check.sh OUTDIR
-#   # device tool: run(command='bash scripts/gpu-check.sh "$OUT"', carry=["device-bundle"], timeout_s=600)
+#   # device machine: run(command='bash scripts/gpu-check.sh "$OUT"', carry=["device-bundle"], timeout_s=600)
 #
 # Steps (each with its own timeout; one failing never stops the others):
 #   env         nvidia-smi, tool versions, libcublas location
@@ -56,7 +56,7 @@
 #   expected total ~6-8 min; hard cap 9 min + packing (steps past the budget are
 #   SKIPped in this order of importance: ... sanitizers, then ncu last).
 #
-# OUTDIR receives at most 8 files (the device tool returns at most 8):
+# OUTDIR receives at most 8 files (the device machine returns at most 8):
 #   summary.txt (PASS/FAIL/SKIP per step), gpu-check.log (every step's output,
 #   each capped at 2 MB), results.json, results.md, verify.json, verify.md,
 #   results_py.md, ncu.txt.
@@ -228,7 +228,7 @@ SMALL_FILTER="gpu_small_"
 # out of verify / bench / ncu (gpu_bench --variants) and of the sanitizer
 # runs, so it cannot take the other paths' rows and checks with it.
 KG=("$BIN/kernels_gpu" --ignored --nocapture --test-threads=1)
-step kernels_gpu 150 "${KG[@]}" --skip _mma --skip wgmma --skip gemm_engine --skip wide_tiles --skip deferred_id
+step kernels_gpu 150 "${KG[@]}" --skip _mma --skip wgmma --skip gemm_engine --skip wide_tiles --skip two_blocks --skip deferred_id
 VARIANTS="none"
 FAILED_SKIPS=()
 family() { # NAME VARIANT TEST_FILTER...: one family's tests; on PASS its variant joins VARIANTS
@@ -241,7 +241,7 @@ family() { # NAME VARIANT TEST_FILTER...: one family's tests; on PASS its varian
     for f in "$@"; do FAILED_SKIPS+=(--skip "$f"); done
   fi
 }
-family kg_tiles tiles wide_tiles
+family kg_tiles tiles wide_tiles two_blocks
 family kg_defer defer deferred_id
 family kg_engine cublas gemm_engine
 family kg_mma mma _mma
@@ -287,7 +287,7 @@ if [ -n "$NCU" ] && [ "${GPU_CHECK_NCU:-1}" != 0 ]; then
   # Durations only, of the small kernels around the GEMMs (the embedding
   # ops are launch- and latency-bound; their per-kernel split says where the
   # time goes): one CSV row per launch, appended to OUTDIR/ncu.txt (the
-  # device tool returns at most 8 files).
+  # device machine returns at most 8 files).
   step ncu_small 60 bash -c "\"$NCU\" --kernel-name regex:'tl_(prepare_ids|lora_project|lora_hidden_grad|lora_pack|sort_ids|group_rows|embed_forward|xent_combine|xent_grad_finish)' \
       --launch-count 120 --metrics gpu__time_duration.sum --csv \"$BIN/gpu_bench\" --shapes llama --warmup 0 --iters 1 \
       --copy-mib 64 --variants \"$VARIANTS\" --out \"$WORK/ncu-small\" >>\"$OUTDIR/ncu.txt\" 2>&1"

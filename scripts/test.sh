@@ -3,10 +3,11 @@
 #   1. installs the pinned nvcc into .nvcc/ (repo-local, idempotent), so the
 #      CUDA kernels are compiled for real (the build fails on register spills);
 #   2. runs every test with the CUDA backend and the CPU-executed kernels built
-#      in: the CPU reference, the goldens, the PEFT files, and the same
-#      kernels/*.cu run on CPU threads through the shim. Tests that need a GPU
-#      are listed as ignored (run them with scripts/gpu-check.sh on a GPU machine).
+#      in, the experimental kernel variants included: the CPU reference, the
+#      goldens, the PEFT files, and the same kernels/*.cu run on CPU threads
+#      through the shim. Tests that need a GPU are listed as ignored (run them
+#      with scripts/gpu-check.sh on a GPU machine).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install-nvcc.sh
-cargo test --features cuda,cpu-kernels "$@"
+cargo test --features cuda,cpu-kernels,experimental-kernels "$@"

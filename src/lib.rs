@@ -8,6 +8,7 @@ pub mod cpu;
 pub mod cuda;
 pub mod dtype;
 pub mod error;
+pub mod host;
 pub mod init;
 pub mod io;
 #[cfg(any(feature = "cuda", feature = "cpu-kernels"))]
@@ -21,6 +22,9 @@ pub use cpu::Cpu;
 pub use dtype::{DType, Element, TokenId};
 pub use error::{Error, Result};
 pub use half::{bf16, f16};
+/// The `rand` crate [`init::init_lora`] takes an RNG from (re-exported so
+/// callers need no version of their own).
+pub use rand;
 
 /// Checks that the CUDA backend can be used in this build on this machine:
 /// the kernels were compiled in (feature `cuda`) and a CUDA driver library is

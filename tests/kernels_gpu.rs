@@ -79,6 +79,20 @@ fn gpu_small_head_forward_wide_tiles() {
     assert_all(head_case::<f16, _>(&g, 257, 24, 1, 3, false));
 }
 
+/// The two-blocks-per-SM grad_h (`Cuda::with_grad_h_two_blocks`, `_2blocks`:
+/// rank <= 16, half precision, no gradient filter), G in the storage dtype
+/// and (through the fused cross-entropy backward's accumulate mode) per chunk.
+#[cfg(feature = "experimental-kernels")]
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_small_head_grad_h_two_blocks() {
+    let g = gpu().with_grad_h_two_blocks(true);
+    assert_all(head_case::<bf16, _>(&g, 300, 40, 16, 130, true));
+    assert_all(head_case::<f16, _>(&g, 257, 24, 1, 3, false));
+    use common::parity::{xent_backward_case, XentCase};
+    assert_all(xent_backward_case::<bf16, _>(&g.with_xent_chunk_bytes(1), XentCase::SOFTCAP_SUM));
+}
+
 #[cfg(feature = "experimental-kernels")]
 /// The ldmatrix + mma.sync kernels (`Cuda::with_mma`): forward (128 x 128 and
 /// wide tiles), grad_h at every extra-column width, grad_param for dU and dW
@@ -792,4 +806,11 @@ fn gpu_small_misaligned_buffers_wgmma() {
 #[ignore = "needs a CUDA device"]
 fn gpu_small_misaligned_buffers_gemm_engine() {
     misaligned_buffers(&gpu().with_cublas(true).expect("cuBLAS"));
+}
+
+#[cfg(feature = "experimental-kernels")]
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_small_misaligned_buffers_two_blocks() {
+    misaligned_buffers(&gpu().with_grad_h_two_blocks(true));
 }

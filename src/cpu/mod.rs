@@ -228,17 +228,3 @@ impl Backend for Cpu {
         Ok(())
     }
 }
-
-impl<'a, T: Element> Weights<'a, Cpu, T> {
-    /// Borrows host slices as the tied parameters (`&vec` coerces to a slice here).
-    pub fn host(w: &'a [T], lora_vocab: &'a [f32], lora_hidden: &'a [f32]) -> Self {
-        Weights { w, lora_vocab, lora_hidden }
-    }
-}
-
-impl<'a> Grads<'a, Cpu> {
-    /// Borrows host gradient accumulators; `w` is `Some` only for full tied fine-tuning.
-    pub fn host(lora_vocab: &'a mut [f32], lora_hidden: &'a mut [f32], w: Option<&'a mut [f32]>) -> Self {
-        Grads { lora_vocab, lora_hidden, w }
-    }
-}
