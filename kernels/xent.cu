@@ -37,6 +37,23 @@ constexpr int kZld = kTile + 1;  // skew: row-wise reads by thread pairs
 // z' = kappa tanh(z / kappa), or z without a softcap (kappa = 0).
 [[maybe_unused]] TL_DEVICE float softcapped(float z, float kappa) { return kappa > 0.0f ? kappa * tanhf(z / kappa) : z; }
 
+// Non-finite logits give the reference's logsumexp (src/cpu/xent.rs): NaN if
+// any logit is NaN, else +inf if any is +inf, else -inf if all are -inf. So
+// the running max propagates NaN (fmaxf would drop it: a row of NaN logits
+// came out as lse = -inf), and once the max is not finite it alone is the
+// lse: the sums of exp(z - max) are formed and merged only while it is finite
+// (exp(inf - inf) would turn a +inf lse into NaN).
+TL_DEVICE float max_nan(float a, float b) { return a > b || a != a ? a : b; }
+TL_DEVICE bool finite(float x) { return fabsf(x) < INFINITY; }
+
+// Merges (m2, s2) into the online (max, sum of exp(z - max)) pair (m, s); an
+// empty pair has m = -inf, s = 0; s is meaningless once m is not finite.
+TL_DEVICE void lse_merge(float& m, float& s, float m2, float s2) {
+  const float nm = max_nan(m, m2);
+  if (finite(nm)) s = s * __expf(m - nm) + s2 * __expf(m2 - nm);
+  m = nm;
+}
+
 template <class T, int STAGES = 1, bool MMA = false>
 TL_DEVICE void xent_partial(const XentPartialParams& p) {
   using S = tl::GemmShape<T, 128, 128, 32, false, true, 0, STAGES, MMA>;
@@ -71,20 +88,14 @@ TL_DEVICE void xent_partial(const XentPartialParams& p) {
     const int lo = half * (kTile / 2), hi = min(cols, lo + kTile / 2);
     const float* zr = z + row * kZld;
     float m = -INFINITY;
-    for (int c = lo; c < hi; ++c) m = fmaxf(m, zr[c]);
-    m = fmaxf(m, __shfl_xor_sync(TL_FULL_MASK, m, 1));
+    for (int c = lo; c < hi; ++c) m = max_nan(m, zr[c]);
+    m = max_nan(m, __shfl_xor_sync(TL_FULL_MASK, m, 1));
     float s = 0.0f;
-    if (m != -INFINITY) {
+    if (finite(m)) {
       for (int c = lo; c < hi; ++c) s += __expf(zr[c] - m);
     }
     s += __shfl_xor_sync(TL_FULL_MASK, s, 1);
-    if (m != -INFINITY) {
-      const float nm = fmaxf(run_max, m);
-      run_sum = run_sum * __expf(run_max - nm) + s * __expf(m - nm);
-      run_max = nm;
-    } else if (m != m) {  // NaN propagates
-      run_sum = m;
-    }
+    lse_merge(run_max, run_sum, m, s);
     // The one thread whose columns hold the target writes its logit (target
     // is -1 past the last token and for ignored rows: never in range).
     if (target >= n0 + lo && target < n0 + hi) p.target_logit[t] = zr[target - n0];
@@ -130,23 +141,17 @@ TL_DEVICE void xent_partial_wgmma(const XentPartialParams& p) {
       for (int h = 0; h < 2; ++h) {
         float m = -INFINITY;
 #pragma unroll
-        for (int e = 2 * h; e < Acc::REGS; e += 4) m = fmaxf(m, fmaxf(acc.v[e], acc.v[e + 1]));
-        m = fmaxf(m, __shfl_xor_sync(TL_FULL_MASK, m, 1));
-        m = fmaxf(m, __shfl_xor_sync(TL_FULL_MASK, m, 2));
+        for (int e = 2 * h; e < Acc::REGS; e += 4) m = max_nan(m, max_nan(acc.v[e], acc.v[e + 1]));
+        m = max_nan(m, __shfl_xor_sync(TL_FULL_MASK, m, 1));
+        m = max_nan(m, __shfl_xor_sync(TL_FULL_MASK, m, 2));
         float s = 0.0f;
-        if (m != -INFINITY) {
+        if (finite(m)) {
 #pragma unroll
           for (int e = 2 * h; e < Acc::REGS; e += 4) s += __expf(acc.v[e] - m) + __expf(acc.v[e + 1] - m);
         }
         s += __shfl_xor_sync(TL_FULL_MASK, s, 1);
         s += __shfl_xor_sync(TL_FULL_MASK, s, 2);
-        if (m != -INFINITY) {
-          const float nm = fmaxf(run_max[h], m);
-          run_sum[h] = run_sum[h] * __expf(run_max[h] - nm) + s * __expf(m - nm);
-          run_max[h] = nm;
-        } else if (m != m) {  // NaN propagates
-          run_sum[h] = m;
-        }
+        lse_merge(run_max[h], run_sum[h], m, s);
         // The one lane whose columns hold the target writes its logit (target
         // is -1 for ignored rows and rows past T; columns past c_end belong
         // to the next split).
@@ -178,19 +183,6 @@ TL_DEVICE void xent_partial_wgmma(const XentPartialParams& p) {
 }
 
 #if TL_EXPERIMENTAL
-// Merges (m2, s2) into the online (max, sum of exp) pair (m, s); an empty
-// pair has m = -inf, s = 0. A NaN logit makes the sum NaN for good.
-TL_DEVICE void lse_merge(float& m, float& s, float m2, float s2) {
-  if (m2 != m2 || s2 != s2) {
-    s = m2 != m2 ? m2 : s2;
-    return;
-  }
-  const float nm = fmaxf(m, m2);
-  if (nm == -INFINITY) return;  // both empty
-  s = s * __expf(m - nm) + s2 * __expf(m2 - nm);
-  m = nm;
-}
-
 TL_DEVICE void xent_chunk_partial(const XentChunkPartialParams& p) {
   const unsigned lane = threadIdx.x % 32;
   const long long t = static_cast<long long>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
@@ -258,15 +250,17 @@ TL_KERNEL_BOUNDED(tl_xent_combine, XentCombineParams, 256) {
   float acc = 0.0f;
   for (int t = tid; t < p.tokens; t += 256) {
     float m = -INFINITY;
-    for (int s = 0; s < p.splits; ++s) m = fmaxf(m, p.part_max[static_cast<long long>(s) * p.tokens + t]);
-    float sum = 0.0f;
-    for (int s = 0; s < p.splits; ++s) {
-      const long long i = static_cast<long long>(s) * p.tokens + t;
-      const float pm = p.part_max[i];
-      if (pm != -INFINITY) sum += p.part_sum[i] * __expf(pm - m);
-      else if (p.part_sum[i] != p.part_sum[i]) sum += p.part_sum[i];
+    for (int s = 0; s < p.splits; ++s) m = max_nan(m, p.part_max[static_cast<long long>(s) * p.tokens + t]);
+    float lse = m;  // NaN, +inf, or -inf (every logit -inf): decided by the max
+    if (finite(m)) {
+      float sum = 0.0f;
+      for (int s = 0; s < p.splits; ++s) {
+        const long long i = static_cast<long long>(s) * p.tokens + t;
+        const float pm = p.part_max[i];
+        if (pm != -INFINITY) sum += p.part_sum[i] * __expf(pm - m);
+      }
+      lse = m + logf(sum);
     }
-    const float lse = m + logf(sum);
     p.lse[t] = lse;
     const float l = p.targets[t] >= 0 ? lse - p.target_logit[t] : 0.0f;
     p.row_loss[t] = l;

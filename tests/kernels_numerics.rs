@@ -1,0 +1,162 @@
+//! Numerics of the kernels (run on the CPU through the shim) against the
+//! reference at the edges: NaN and infinity in the fused cross-entropy.
+#![cfg(feature = "cpu-kernels")]
+
+mod common;
+
+use common::golden::{rel_err, Check};
+use common::harness::{widen, Harness, HostGrads, HostWeights};
+use common::parity::assert_all;
+use common::rand_inputs::{fresh_rng, ids, normal};
+use tiedlora::kernels::CpuKernels;
+use tiedlora::{bf16, f16, Cpu, Element, LoraConfig};
+
+/// The kernel variants of the fused cross-entropy: the default tile kernels
+/// (register-staged and cp.async main loops), `_mma`, `_wgmma`, and the GEMM
+/// engine with one and with several vocabulary chunks.
+fn xent_variants() -> Vec<(&'static str, CpuKernels)> {
+    let d = CpuKernels::default();
+    vec![
+        ("default", d),
+        ("pipelined", CpuKernels { pipelined: true, ..d }),
+        ("mma", CpuKernels { mma: true, ..d }),
+        ("wgmma", CpuKernels { wgmma: true, ..d }),
+        ("cublas", CpuKernels { cublas: true, ..d }),
+        ("cublas chunked", CpuKernels { cublas: true, xent_chunk_bytes: 1, ..d }),
+    ]
+}
+
+/// 0 finite, 1 NaN, 2 +inf, 3 -inf.
+fn class(x: f64) -> u8 {
+    if x.is_nan() {
+        1
+    } else if x == f64::INFINITY {
+        2
+    } else if x == f64::NEG_INFINITY {
+        3
+    } else {
+        0
+    }
+}
+
+/// Two checks of `got` against `want`: the positions whose class (finite,
+/// NaN, +inf, -inf) differs (tolerance 0), and the relative error over the
+/// positions finite in both.
+fn nonfinite_checks(case: &str, backend: &str, tensor: &str, got: &[f64], want: &[f64], tol: f64) -> [Check; 2] {
+    let mismatched = got.iter().zip(want).filter(|(a, b)| class(**a) != class(**b)).count();
+    if mismatched > 0 && got.len() <= 16 {
+        println!("{case} {backend} {tensor}: got {got:?}, reference {want:?}");
+    }
+    let (g, w): (Vec<f64>, Vec<f64>) =
+        got.iter().zip(want).filter(|(a, b)| a.is_finite() && b.is_finite()).map(|(a, b)| (*a, *b)).unzip();
+    let check = |tensor: String, err: f64, tol: f64| Check {
+        case: case.to_string(),
+        op: "nonfinite",
+        backend: backend.to_string(),
+        tensor,
+        err,
+        tol,
+        skipped: false,
+    };
+    [
+        check(format!("{tensor} class mismatches"), mismatched as f64, 0.0),
+        check(format!("{tensor} finite part"), rel_err(&g, &w), tol),
+    ]
+}
+
+/// How the hidden states of one token are made non-finite.
+#[derive(Debug, Clone, Copy)]
+enum Poison {
+    /// One NaN entry: every logit of the row is NaN.
+    Nan,
+    /// One +inf entry with random weights: ±inf and NaN logits (inf − inf).
+    Inf,
+    /// One +inf entry where W, U and Vh are positive in that column: every
+    /// logit of the row is +inf and none is NaN (lse = +inf).
+    InfNoNan,
+}
+
+/// The fused cross-entropy forward and backward of `k` against the reference
+/// with token 2's hidden state poisoned (target valid) and token 4's too
+/// (target ignored): lse, loss, dh, dU, dVh and dW must be NaN / ±inf exactly
+/// where the reference's are, and the finite values within tolerance.
+fn xent_nonfinite<T: Element>(name: &str, k: &CpuKernels, poison: Poison, softcap: Option<f64>) -> Vec<Check> {
+    let (v, d, r, t) = (300, 24, 4, 6);
+    let mut rng = fresh_rng(&format!("xent nonfinite {name} {} {poison:?} softcap={softcap:?}", T::DTYPE));
+    let cfg = LoraConfig::builder(v, d, r).alpha(2.0 * r as f64).logit_softcap_opt(softcap).build().unwrap();
+    let mut w: Vec<f32> = normal(&mut rng, v * d, 0.5);
+    let mut u: Vec<f32> = normal(&mut rng, v * r, 0.1);
+    let mut vh: Vec<f32> = normal(&mut rng, r * d, 0.5);
+    let mut h: Vec<f32> = normal(&mut rng, t * d, 1.0);
+    let mut targets = ids(&mut rng, t, v);
+    targets[4] = -100;
+    let bad = match poison {
+        Poison::Nan => f32::NAN,
+        Poison::Inf | Poison::InfNoNan => f32::INFINITY,
+    };
+    if let Poison::InfNoNan = poison {
+        (0..v).for_each(|vi| w[vi * d] = w[vi * d].abs() + 0.1);
+        u.iter_mut().for_each(|x| *x = x.abs() + 0.01);
+        (0..r).for_each(|j| vh[j * d] = vh[j * d].abs() + 0.1);
+    }
+    h[2 * d] = bad;
+    h[4 * d + 5] = bad;
+    let w: Vec<T> = w.iter().map(|&x| T::from_f64(x as f64)).collect();
+    let h: Vec<T> = h.iter().map(|&x| T::from_f64(x as f64)).collect();
+    let wt = HostWeights { w: &w, u: &u, vh: &vh };
+    let tol = T::DTYPE.tolerance();
+    let case = format!("{poison:?} softcap={softcap:?}");
+    let backend = format!("{name} {}", T::DTYPE);
+    let mut checks = Vec::new();
+    let (loss_ref, lse_ref) = Harness::xent_forward(&Cpu::new(), &cfg, wt, &h, &targets).unwrap();
+    let (loss, lse) = Harness::xent_forward(k, &cfg, wt, &h, &targets).unwrap();
+    if let Poison::InfNoNan = poison {
+        if softcap.is_none() {
+            assert_eq!(lse_ref[2], f32::INFINITY, "the case must give the reference an lse of +inf");
+        }
+    }
+    checks.extend(nonfinite_checks(&case, &backend, "lse", &widen(&lse), &widen(&lse_ref), tol));
+    checks.extend(nonfinite_checks(&case, &backend, "loss", &[loss as f64], &[loss_ref as f64], tol));
+    // Without token 2 (token 4's target is ignored): a finite loss.
+    let mut rest = targets.clone();
+    rest[2] = -100;
+    let (loss_ref, _) = Harness::xent_forward(&Cpu::new(), &cfg, wt, &h, &rest).unwrap();
+    let (loss, _) = Harness::xent_forward(k, &cfg, wt, &h, &rest).unwrap();
+    checks.extend(nonfinite_checks(&case, &backend, "loss w/o token 2", &[loss as f64], &[loss_ref as f64], tol));
+    // Backward, each backend from its own forward's lse.
+    let mut g_ref = HostGrads::zeros(&cfg, true);
+    let dh_ref = Harness::xent_backward(&Cpu::new(), &cfg, wt, &h, &targets, &lse_ref, 1.0, &mut g_ref).unwrap();
+    let mut g_k = HostGrads::zeros(&cfg, true);
+    let dh = Harness::xent_backward(k, &cfg, wt, &h, &targets, &lse, 1.0, &mut g_k).unwrap();
+    checks.extend(nonfinite_checks(&case, &backend, "dh", &widen(&dh), &widen(&dh_ref), tol));
+    let pairs = [
+        ("dU", &g_k.lora_vocab, &g_ref.lora_vocab),
+        ("dVh", &g_k.lora_hidden, &g_ref.lora_hidden),
+        ("dW", g_k.w.as_ref().unwrap(), g_ref.w.as_ref().unwrap()),
+    ];
+    for (tensor, got, want) in pairs {
+        checks.extend(nonfinite_checks(&case, &backend, tensor, &widen(got), &widen(want), tol));
+    }
+    checks
+}
+
+/// A token whose hidden state holds a NaN has lse NaN (and so the loss, and
+/// its gradients), as in the reference and IEEE arithmetic; an infinite
+/// entry gives what the reference gives (NaN where inf − inf meets, +inf for
+/// an lse whose logits are +inf and none NaN); the other tokens are
+/// unaffected. Every kernel variant of the fused cross-entropy.
+#[test]
+fn xent_nan_and_inf_propagate() {
+    let mut checks = Vec::new();
+    for (name, k) in xent_variants() {
+        checks.extend(xent_nonfinite::<bf16>(name, &k, Poison::Nan, None));
+        checks.extend(xent_nonfinite::<f16>(name, &k, Poison::Inf, None));
+        checks.extend(xent_nonfinite::<bf16>(name, &k, Poison::InfNoNan, None));
+    }
+    let k = CpuKernels::default();
+    checks.extend(xent_nonfinite::<f32>("default", &k, Poison::Nan, None));
+    checks.extend(xent_nonfinite::<f32>("default", &k, Poison::InfNoNan, None));
+    checks.extend(xent_nonfinite::<f16>("default", &k, Poison::Nan, Some(30.0)));
+    checks.extend(xent_nonfinite::<f16>("default", &k, Poison::InfNoNan, Some(30.0)));
+    assert_all(checks);
+}
