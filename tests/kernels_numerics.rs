@@ -12,18 +12,23 @@ use tiedlora::kernels::CpuKernels;
 use tiedlora::{bf16, f16, Cpu, Element, LoraConfig};
 
 /// The kernel variants of the fused cross-entropy: the default tile kernels
-/// (register-staged and cp.async main loops), `_mma`, `_wgmma`, and the GEMM
-/// engine with one and with several vocabulary chunks.
+/// and, with the feature `experimental-kernels`, `_mma`, `_wgmma`, and the
+/// cuBLAS path with one and with several vocabulary chunks.
 fn xent_variants() -> Vec<(&'static str, CpuKernels)> {
-    let d = CpuKernels::default();
-    vec![
-        ("default", d),
-        ("pipelined", CpuKernels { pipelined: true, ..d }),
-        ("mma", CpuKernels { mma: true, ..d }),
-        ("wgmma", CpuKernels { wgmma: true, ..d }),
-        ("cublas", CpuKernels { cublas: true, ..d }),
-        ("cublas chunked", CpuKernels { cublas: true, xent_chunk_bytes: 1, ..d }),
-    ]
+    #[allow(unused_mut)]
+    let mut v = vec![("default", CpuKernels::default())];
+    #[cfg(feature = "experimental-kernels")]
+    {
+        use tiedlora::kernels::KernelOptions;
+        let d = KernelOptions::default();
+        v.extend([
+            ("mma", CpuKernels::new(KernelOptions { mma: true, ..d })),
+            ("wgmma", CpuKernels::new(KernelOptions { wgmma: true, ..d })),
+            ("cublas", CpuKernels::new(KernelOptions { cublas: true, ..d })),
+            ("cublas chunked", CpuKernels::new(KernelOptions { cublas: true, xent_chunk_bytes: 1, ..d })),
+        ]);
+    }
+    v
 }
 
 /// 0 finite, 1 NaN, 2 +inf, 3 -inf.
