@@ -1,5 +1,5 @@
 // ids.cu: validate token ids / targets once and narrow them to int32, so no
-// kernel ever indexes with an unchecked id (DESIGN.md: an out-of-range id
+// kernel ever indexes with an unchecked id (DESIGN.md §5: an out-of-range id
 // must not read or write out of bounds): the others read these int32 ids or,
 // like embed_forward, check each raw id as they load it (tl_checked_id).
 //

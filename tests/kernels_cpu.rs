@@ -6,13 +6,13 @@
 
 mod common;
 
-use common::golden::{all_cases, rel_err};
-use common::harness::{run_case, widen, Harness, HostGrads, HostWeights};
+use common::golden::all_cases;
+use common::harness::run_case;
 use common::kernel_cases::assert_placed_buffers_bitwise_equal;
 use common::parity::{assert_all, bad_ids_are_errors, embed_case, head_case};
 use common::rand_inputs::{fresh_rng, normal};
 use tiedlora::kernels::{CpuKernels, KernelOptions};
-use tiedlora::{bf16, f16, Backend, Cpu, DType, LoraConfig};
+use tiedlora::{bf16, f16, Backend, DType, LoraConfig};
 
 /// The default kernels, and the same with the smallest cross-entropy blocks
 /// (several token blocks and vocabulary chunks on small shapes).
@@ -67,26 +67,10 @@ fn head_t1_r1_and_r64() {
     assert_all(head_case::<f32, _>(k, 40, 16, 33, 2, false));
 }
 
+/// The upstream gradient may be f32 for bf16 weights (mixed precision).
 #[test]
 fn head_f32_gradients_for_half_weights() {
-    // The upstream gradient may be f32 for bf16 weights (mixed precision).
-    let mut rng = fresh_rng("f32 grads");
-    let cfg = LoraConfig::builder(150, 40, 8).alpha(16.0).build().unwrap();
-    let w: Vec<bf16> = normal(&mut rng, 150 * 40, 0.5);
-    let u: Vec<f32> = normal(&mut rng, 150 * 8, 0.5);
-    let vh: Vec<f32> = normal(&mut rng, 8 * 40, 0.5);
-    let h: Vec<bf16> = normal(&mut rng, 3 * 40, 1.0);
-    let g: Vec<f32> = normal(&mut rng, 3 * 150, 1.0);
-    let wt = HostWeights { w: &w, u: &u, vh: &vh };
-    let mut gr = HostGrads::zeros(&cfg, false);
-    let dh_ref = Harness::head_backward(&Cpu::new(), &cfg, wt, &h, &g, &mut gr).unwrap();
-    let k = &CpuKernels::default();
-    let mut gk = HostGrads::zeros(&cfg, false);
-    let dh = Harness::head_backward(k, &cfg, wt, &h, &g, &mut gk).unwrap();
-    let tol = DType::BF16.tolerance();
-    assert!(rel_err(&widen(&dh), &widen(&dh_ref)) < tol);
-    assert!(rel_err(&widen(&gk.lora_vocab), &widen(&gr.lora_vocab)) < tol);
-    assert!(rel_err(&widen(&gk.lora_hidden), &widen(&gr.lora_hidden)) < tol);
+    common::kernel_cases::head_f32_gradients_for_half_weights(&CpuKernels::default());
 }
 
 #[test]

@@ -7,13 +7,12 @@
 
 mod common;
 
-use common::golden::rel_err;
-use common::harness::{widen, Harness, HostGrads, HostWeights};
+use common::harness::{Harness, HostGrads, HostWeights};
 use common::kernel_cases::assert_placed_buffers_bitwise_equal;
 use common::parity::{assert_all, head_case};
 use common::rand_inputs::{fresh_rng, normal};
 use tiedlora::kernels::{CpuKernels, KernelOptions};
-use tiedlora::{bf16, f16, Backend, Cpu, DType, LoraConfig};
+use tiedlora::{bf16, f16, Backend, DType, LoraConfig};
 
 fn kernels(options: KernelOptions) -> CpuKernels {
     CpuKernels::new(options)
@@ -140,34 +139,14 @@ fn head_grad_h_two_blocks() {
     let k = kernels(KernelOptions { grad_h_two_blocks: true, ..defaults() });
     assert_all(head_case::<bf16, _>(&k, 300, 40, 16, 130, true));
     assert_all(head_case::<f16, _>(&k, 257, 24, 1, 3, false));
-    head_f32_gradients_for_half_weights(&k);
-}
-
-/// The upstream gradient in f32 for bf16 weights (mixed precision) on `k`.
-fn head_f32_gradients_for_half_weights(k: &CpuKernels) {
-    let mut rng = fresh_rng("f32 grads");
-    let cfg = LoraConfig::builder(150, 40, 8).alpha(16.0).build().unwrap();
-    let w: Vec<bf16> = normal(&mut rng, 150 * 40, 0.5);
-    let u: Vec<f32> = normal(&mut rng, 150 * 8, 0.5);
-    let vh: Vec<f32> = normal(&mut rng, 8 * 40, 0.5);
-    let h: Vec<bf16> = normal(&mut rng, 3 * 40, 1.0);
-    let g: Vec<f32> = normal(&mut rng, 3 * 150, 1.0);
-    let wt = HostWeights { w: &w, u: &u, vh: &vh };
-    let mut gr = HostGrads::zeros(&cfg, false);
-    let dh_ref = Harness::head_backward(&Cpu::new(), &cfg, wt, &h, &g, &mut gr).unwrap();
-    let mut gk = HostGrads::zeros(&cfg, false);
-    let dh = Harness::head_backward(k, &cfg, wt, &h, &g, &mut gk).unwrap();
-    let tol = DType::BF16.tolerance();
-    assert!(rel_err(&widen(&dh), &widen(&dh_ref)) < tol);
-    assert!(rel_err(&widen(&gk.lora_vocab), &widen(&gr.lora_vocab)) < tol);
-    assert!(rel_err(&widen(&gk.lora_hidden), &widen(&gr.lora_hidden)) < tol);
+    common::kernel_cases::head_f32_gradients_for_half_weights(&k);
 }
 
 /// f32 gradients for bf16 weights on the cuBLAS backend (which leaves that
 /// combination to the fused kernels).
 #[test]
 fn cublas_f32_gradients_for_half_weights() {
-    head_f32_gradients_for_half_weights(&kernels(KernelOptions { cublas: true, ..defaults() }));
+    common::kernel_cases::head_f32_gradients_for_half_weights(&kernels(KernelOptions { cublas: true, ..defaults() }));
 }
 
 /// The gradient filter on the wgmma G kernel (its per-element test is its

@@ -1,10 +1,11 @@
 //! Cases the kernel test files share: the peak scratch of the fused
 //! cross-entropy, and every op on misaligned buffers.
 
-use super::harness::{Harness, HostGrads, HostWeights};
+use super::golden::rel_err;
+use super::harness::{widen, Harness, HostGrads, HostWeights};
 use super::rand_inputs::{fresh_rng, normal};
 use tiedlora::kernels::CpuKernels;
-use tiedlora::{bf16, f16, Backend, DType, LoraConfig};
+use tiedlora::{bf16, f16, Backend, Cpu, DType, LoraConfig};
 
 /// Peak scratch of one fused cross-entropy forward and one backward on the
 /// shim (the most bytes live at once, as `Cuda::scratch_peak_bytes` on a GPU).
@@ -162,4 +163,24 @@ pub fn assert_xent_memory_formula_scales(opts: &tiedlora::kernels::KernelOptions
             + (8 << 20); // one block's tile flags and dU split partials
         assert!(bwd <= bound, "T = {tokens}: {bwd} B over {bound} B");
     }
+}
+
+/// The upstream gradient in f32 for bf16 weights (mixed precision) on `k`.
+pub fn head_f32_gradients_for_half_weights(k: &CpuKernels) {
+    let mut rng = fresh_rng("f32 grads");
+    let cfg = LoraConfig::builder(150, 40, 8).alpha(16.0).build().unwrap();
+    let w: Vec<bf16> = normal(&mut rng, 150 * 40, 0.5);
+    let u: Vec<f32> = normal(&mut rng, 150 * 8, 0.5);
+    let vh: Vec<f32> = normal(&mut rng, 8 * 40, 0.5);
+    let h: Vec<bf16> = normal(&mut rng, 3 * 40, 1.0);
+    let g: Vec<f32> = normal(&mut rng, 3 * 150, 1.0);
+    let wt = HostWeights { w: &w, u: &u, vh: &vh };
+    let mut gr = HostGrads::zeros(&cfg, false);
+    let dh_ref = Harness::head_backward(&Cpu::new(), &cfg, wt, &h, &g, &mut gr).unwrap();
+    let mut gk = HostGrads::zeros(&cfg, false);
+    let dh = Harness::head_backward(k, &cfg, wt, &h, &g, &mut gk).unwrap();
+    let tol = DType::BF16.tolerance();
+    assert!(rel_err(&widen(&dh), &widen(&dh_ref)) < tol);
+    assert!(rel_err(&widen(&gk.lora_vocab), &widen(&gr.lora_vocab)) < tol);
+    assert!(rel_err(&widen(&gk.lora_hidden), &widen(&gr.lora_hidden)) < tol);
 }
