@@ -104,7 +104,7 @@ fn head_wgmma() {
     assert_eq!(scratch(true) - scratch(false), v * (64 - 16) * 2);
 }
 
-/// The GEMM-engine paths (`Cuda::with_cublas`; on the CPU a host f32 GEMM
+/// The cuBLAS paths (`Cuda::with_cublas`; on the CPU a host f32 GEMM
 /// stands in for cuBLAS, so this checks the op sequences around it: operand
 /// layouts and leading dimensions, U packed to the storage dtype, beta, the
 /// dU / dW scale, the chunk epilogue kernels, the running logsumexp pairs),

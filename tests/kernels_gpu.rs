@@ -147,7 +147,7 @@ fn gpu_small_head_wgmma_whole_atoms() {
 }
 
 #[cfg(feature = "experimental-kernels")]
-/// The GEMM-engine paths on cuBLAS (`Cuda::with_cublas`):
+/// The cuBLAS paths on cuBLAS (`Cuda::with_cublas`):
 /// tests/kernels_cpu.rs::gemm_engine_paths on the device (there a host GEMM
 /// stands in for cuBLAS; here the transposes, leading dimensions and data
 /// types of the real `cublasGemmEx` calls are checked).
@@ -471,7 +471,7 @@ fn gpu_xent_memory_gemma_shape() {
 }
 
 #[cfg(feature = "experimental-kernels")]
-/// The same bound on the GEMM engine (own test: it runs in gpu-check.sh's
+/// The same bound on the cuBLAS path (own test: it runs in gpu-check.sh's
 /// `kg_engine` process).
 #[test]
 #[ignore = "needs a CUDA device"]

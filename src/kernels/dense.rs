@@ -1,4 +1,4 @@
-//! [`DenseGemm`]: one plain GEMM handed to an executor's GEMM engine
+//! [`DenseGemm`]: one plain GEMM handed to an executor's cuBLAS (the cuBLAS path)
 //! (`KernelOptions::cublas`: cuBLAS on a GPU, [`host_gemm`] on the CPU shim).
 //!
 //! The head backward's `dh = G·W` is a textbook GEMM with nothing to fuse in
@@ -182,7 +182,7 @@ unsafe fn widen(t: DType, x: &Operand, rows: usize, cols: usize) -> Vec<f32> {
     out
 }
 
-/// The GEMM engine of the CPU shim: what cuBLAS computes for a
+/// The CPU shim's stand-in for cuBLAS: what cuBLAS computes for a
 /// [`DenseGemm`] (f32 products summed in f32, in order of k), on host memory.
 /// It executes the [`ColMajorGemm`] cuBLAS would receive, with cuBLAS's
 /// column-major meaning of every argument, after the same argument checks.

@@ -569,7 +569,7 @@ pub fn xent_filter_case<H: Harness>(k: &H, v: usize, d: usize, r: usize, t: usiz
     checks
 }
 
-/// The GEMM-engine checks (`cublas` on; `chunked` also with 1-byte chunks:
+/// The cuBLAS-path checks (`cublas` on; `chunked` also with 1-byte chunks:
 /// 128-column logit chunks, 128 × 128 backward blocks): head ops in all three
 /// dtypes, one and several chunks, r = 1, 16, 64, dW on and off; every golden
 /// case; the fused cross-entropy forward (several chunks, softcap, extreme
@@ -582,7 +582,7 @@ pub fn assert_gemm_engine_paths<H: Harness>(k: &H, chunked: &H) {
     assert_all(head_case::<f16, _>(k, 257, 24, 1, 3, false));
     assert_all(head_case::<f32, _>(chunked, 131, 37, 64, 5, true));
     let failures = super::harness::golden_failures(k);
-    assert!(failures.is_empty(), "GEMM-engine golden failures: {failures:?}");
+    assert!(failures.is_empty(), "cuBLAS-path golden failures: {failures:?}");
     assert_all(xent_forward_case::<bf16, _>(chunked, 517, 40, 16, 9, Some(30.0), 1.0));
     assert_all(xent_forward_case::<f16, _>(chunked, 264, 136, 1, 150, None, 1.0));
     assert_all(xent_forward_case::<f32, _>(k, 260, 16, 4, 3, Some(30.0), 2000.0));

@@ -113,7 +113,7 @@ pub(super) unsafe fn cublas_u<E: Executor>(
 }
 
 /// `z[rows, cols] = h · W_cᵀ + p · U_cᵀ` (f32, row length `cols`) on the GEMM
-/// engine: the logits of `rows` tokens (h, p from their first row) for the
+/// path: the logits of `rows` tokens (h, p from their first row) for the
 /// vocabulary rows W_c, U_c (U in the storage dtype, [`cublas_u`]).
 ///
 /// # Safety

@@ -1,6 +1,6 @@
 //! The small LoRA products and operand packings (`kernels/lora_small.cu`):
 //! p = s·x·Vhᵀ, the deterministic dVh sums, U packed to the storage dtype,
-//! rows concatenated for the GEMM engine.
+//! rows concatenated for the cuBLAS path.
 
 use super::*;
 

@@ -5,12 +5,12 @@
 use super::*;
 
 /// Default bytes of each per-block buffer of the fused cross-entropy (G, the
-/// f32 `dh` accumulator, the engine's f32 logits): a block is produced and
+/// f32 `dh` accumulator, cuBLAS's f32 logits): a block is produced and
 /// consumed while it is (mostly) in L2 (50 MB on an H100 / H200).
 pub const XENT_CHUNK_BYTES: usize = 32 << 20;
 
 /// (token rows, vocabulary columns) of one block of the kernel backends'
-/// `head_xent_backward` with the fused kernels (the GEMM engine has its own
+/// `head_xent_backward` with the fused kernels (the cuBLAS path has its own
 /// blocks): the block's f32 `dh` accumulator (rows·d·4) and its G
 /// (rows·C·elem) each within `chunk_bytes` (0 = [`XENT_CHUNK_BYTES`]), so
 /// neither grows with T and the accumulator stays in L2 while the vocabulary
@@ -44,7 +44,7 @@ pub(super) fn chunk_cols(cfg: &LoraConfig, col_bytes: usize, chunk_bytes: usize)
     (chunk_budget(chunk_bytes) / col_bytes / tile * tile).clamp(tile, cfg.vocab().div_ceil(tile) * tile)
 }
 
-/// (token rows, vocabulary columns) of one block of the GEMM-engine
+/// (token rows, vocabulary columns) of one block of the cuBLAS-path
 /// cross-entropy backward: an f32 logits block and its G (storage dtype) in
 /// at most the chunk bytes. Each block's GEMM re-reads W_c and adds into f32
 /// `dh` rows: traffic ~ T·V·d·(10/C + 2/rows) bytes at C·rows = B elements,
