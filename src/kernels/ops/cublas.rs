@@ -112,8 +112,8 @@ pub(super) unsafe fn cublas_u<E: Executor>(
     Ok((Some(packed), addr))
 }
 
-/// `z[rows, cols] = h · W_cᵀ + p · U_cᵀ` (f32, row length `cols`) on the GEMM
-/// path: the logits of `rows` tokens (h, p from their first row) for the
+/// `z[rows, cols] = h · W_cᵀ + p · U_cᵀ` (f32, row length `cols`) on
+/// cuBLAS: the logits of `rows` tokens (h, p from their first row) for the
 /// vocabulary rows W_c, U_c (U in the storage dtype, [`cublas_u`]).
 ///
 /// # Safety
