@@ -9,6 +9,12 @@
 //! implementation per op, [`Gemm::Tile`] (the WMMA tile GEMM, register-staged:
 //! the path measured on an H200, BENCHMARKS.md 2026-11-28); the others exist
 //! with the feature `experimental-kernels` until a GPU run measures them.
+//! The fused cross-entropy has no measured path yet: its default is the
+//! same tile GEMM with the logit tile kept in shared memory, because that
+//! GEMM is the one that has passed the GPU parity tests. The performance
+//! model (DESIGN.md §7) expects the cuBLAS path to be faster, but its cuBLAS
+//! calls have never run, so it stays experimental until a GPU run checks and
+//! times it.
 
 use super::exec::KernelOptions;
 use crate::dtype::DType;
