@@ -125,6 +125,25 @@ TL_DEVICE __half tl_from_float<__half>(float x) { return __float2half_rn(x); }
 template <>
 TL_DEVICE __nv_bfloat16 tl_from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
+// An f32 value as two storage-dtype values for a tensor-core product that must
+// keep f32 precision (U, p in the head backward): x = hi + lo * 2^-shift with
+// hi = x rounded, lo = (x - hi) * 2^shift rounded, so x is carried to about
+// the square of T's unit roundoff (2^-22 in f16, 2^-16 in bf16) instead of to
+// it. The shift (T's significand bits) keeps lo about as large as x: a normal
+// f16 number wherever hi is one, and never above |x| (no overflow).
+template <class T>
+TL_DEVICE constexpr float tl_lo_scale();
+template <>
+TL_DEVICE constexpr float tl_lo_scale<float>() { return 1.0f; }
+template <>
+TL_DEVICE constexpr float tl_lo_scale<__half>() { return 2048.0f; }
+template <>
+TL_DEVICE constexpr float tl_lo_scale<__nv_bfloat16>() { return 256.0f; }
+template <class T>
+TL_DEVICE T tl_lo_part(float x) {
+  return tl_from_float<T>((x - tl_to_float(tl_from_float<T>(x))) * tl_lo_scale<T>());
+}
+
 // ------------------------------------------------ deferred id errors ----
 // The backend's record (`Cuda::with_deferred_id_errors`), TL_ID_RECORD_LEN
 // i64 owned by the backend, zeroed at creation and when read:

@@ -13,7 +13,9 @@
 //             Used for dVh = s·(G U)ᵀ h (head) and c·s·U[ids]ᵀ dE (embedding).
 // pack        out[v, j] = U[v, j] rounded to the storage dtype, zero for
 //             r <= j < ld_out: U as the wgmma grad_h stages it (16-byte rows,
-//             cp.async). Grid-stride, block 256.
+//             cp.async). With `lo`: the low parts of U's values instead
+//             (common.cuh's tl_lo_part; U and p for the head backward's second,
+//             low-part products). Grid-stride, block 256.
 // concat_rows out[i] = [x_i | y_i] in the storage dtype (y f32 or storage):
 //             the K = d + r operands [h | p] and [W | U] of the GEMM engine's
 //             head forward (KernelOptions::cublas). One warp per row
@@ -186,7 +188,8 @@ TL_DEVICE void lora_pack(const LoraPackParams& p) {
        e += static_cast<long long>(gridDim.x) * blockDim.x) {
     const long long v = e / p.ld_out;
     const int j = static_cast<int>(e % p.ld_out);
-    static_cast<T*>(p.out)[e] = tl_from_float<T>(j < p.cols ? p.u[v * p.cols + j] : 0.0f);
+    const float x = j < p.cols ? p.u[v * p.cols + j] : 0.0f;
+    static_cast<T*>(p.out)[e] = p.lo ? tl_lo_part<T>(x) : tl_from_float<T>(x);
   }
 }
 template <class T>
@@ -220,11 +223,13 @@ TL_DEVICE void concat_rows(const ConcatRowsParams& p) {
     }
   }
 }
+// U or p in the storage dtype, or their low parts: the default head
+// backward's second products (f16 / bf16), and the wgmma / cuBLAS operands.
+TL_KERNEL_BOUNDED(tl_lora_pack_f16, LoraPackParams, 256) { lora_pack<__half>(p); }
+TL_KERNEL_BOUNDED(tl_lora_pack_bf16, LoraPackParams, 256) { lora_pack<__nv_bfloat16>(p); }
 #if TL_EXPERIMENTAL
-// Operand packing for the cuBLAS and wgmma paths (`KernelOptions::cublas`, `wgmma`).
+// Operand concatenation for the cuBLAS path (`KernelOptions::cublas`).
 TL_KERNEL_BOUNDED(tl_concat_rows_f32, ConcatRowsParams, 256) { concat_rows<float>(p); }
 TL_KERNEL_BOUNDED(tl_concat_rows_f16, ConcatRowsParams, 256) { concat_rows<__half>(p); }
 TL_KERNEL_BOUNDED(tl_concat_rows_bf16, ConcatRowsParams, 256) { concat_rows<__nv_bfloat16>(p); }
-TL_KERNEL_BOUNDED(tl_lora_pack_f16, LoraPackParams, 256) { lora_pack<__half>(p); }
-TL_KERNEL_BOUNDED(tl_lora_pack_bf16, LoraPackParams, 256) { lora_pack<__nv_bfloat16>(p); }
 #endif  // TL_EXPERIMENTAL

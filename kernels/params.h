@@ -68,7 +68,7 @@ struct LoraPackParams {
   int rows;
   int cols;
   int ld_out;
-  unsigned _pad;
+  int lo;          // 0: u rounded; 1: the low parts (common.cuh's tl_lo_part)
 };
 TL_CHECK_PARAMS(LoraPackParams, 32);
 

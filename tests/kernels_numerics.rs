@@ -1,5 +1,6 @@
 //! Numerics of the kernels (run on the CPU through the shim) against the
-//! reference at the edges: NaN and infinity in the fused cross-entropy.
+//! reference at the edges: NaN and infinity in the fused cross-entropy, and
+//! the head backward on ill-conditioned cases whose sums cancel.
 #![cfg(feature = "cpu-kernels")]
 
 mod common;
@@ -8,6 +9,9 @@ use common::golden::{rel_err, Check};
 use common::harness::{widen, Harness, HostGrads, HostWeights};
 use common::parity::assert_all;
 use common::rand_inputs::{fresh_rng, ids, normal};
+use rand::rngs::StdRng;
+use rand::Rng;
+use rand_distr::{Distribution, StandardNormal};
 use tiedlora::kernels::CpuKernels;
 use tiedlora::{bf16, f16, Cpu, Element, LoraConfig};
 
@@ -163,5 +167,163 @@ fn xent_nan_and_inf_propagate() {
     checks.extend(xent_nonfinite::<f32>("default", &k, Poison::InfNoNan, None));
     checks.extend(xent_nonfinite::<f16>("default", &k, Poison::Nan, Some(30.0)));
     checks.extend(xent_nonfinite::<f16>("default", &k, Poison::InfNoNan, Some(30.0)));
+    assert_all(checks);
+}
+
+fn gauss(rng: &mut StdRng) -> f64 {
+    <StandardNormal as Distribution<f64>>::sample(&StandardNormal, rng)
+}
+
+/// Removes from `x` its components along the orthonormal vectors `basis`.
+fn project_out(x: &mut [f64], basis: &[Vec<f64>]) {
+    for b in basis {
+        let dot: f64 = x.iter().zip(b).map(|(a, c)| a * c).sum();
+        x.iter_mut().zip(b).for_each(|(a, c)| *a -= dot * c);
+    }
+}
+
+/// An orthonormal basis of the span of `vectors` (modified Gram–Schmidt).
+fn orthonormal(vectors: Vec<Vec<f64>>) -> Vec<Vec<f64>> {
+    let mut basis: Vec<Vec<f64>> = Vec::new();
+    for mut x in vectors {
+        project_out(&mut x, &basis);
+        let norm = x.iter().map(|a| a * a).sum::<f64>().sqrt();
+        if norm > 1e-9 {
+            x.iter_mut().for_each(|a| *a /= norm);
+            basis.push(x);
+        }
+    }
+    basis
+}
+
+/// A head backward case whose sums cancel, G = α·X + Y:
+/// - every row of X is orthogonal to U's columns, and Y's component along
+///   them has a fixed size (±1 on an orthonormal basis of their span, the
+///   rest of Y ~ N(0, 1)): gu = G·U is Y·U, ~α times smaller than the norm of
+///   its terms, so dVh = s·guᵀ·h (and dh's LoRA term) have condition ~α, with
+///   no heavy tail from a gu that happens to be near 0 (one token, rank 1:
+///   dVh is that one sum times h);
+/// - with T > r, every column of X is also orthogonal to the columns of
+///   p = s·h·Vhᵀ, so dU = Gᵀ·p has condition ~α too.
+///
+/// Every output of `k` against the f64 reference within the storage dtype's
+/// tolerance (DESIGN.md §3), dh poisoned before the call.
+fn head_cancel_case<T: Element, G: Element>(
+    name: &str,
+    k: &CpuKernels,
+    (v, d, r, t): (usize, usize, usize, usize),
+    alpha: f64,
+    with_w: bool,
+) -> Vec<Check> {
+    let mut rng =
+        fresh_rng(&format!("head cancel {name} {}/{} V={v} d={d} r={r} T={t} alpha={alpha}", T::DTYPE, G::DTYPE));
+    let cfg = LoraConfig::builder(v, d, r).alpha(2.0 * r as f64).build().unwrap();
+    let w: Vec<T> = normal(&mut rng, v * d, 0.5);
+    let u: Vec<f32> = normal(&mut rng, v * r, 0.5);
+    let vh: Vec<f32> = normal(&mut rng, r * d, 0.5);
+    let h: Vec<T> = normal(&mut rng, t * d, 1.0);
+    // p = s·h·Vhᵀ as the reference forms it (f64 from the stored h).
+    let s = cfg.scale();
+    let p_cols: Vec<Vec<f64>> = (0..r)
+        .map(|j| {
+            (0..t).map(|ti| s * (0..d).map(|kk| h[ti * d + kk].to_f64() * vh[j * d + kk] as f64).sum::<f64>()).collect()
+        })
+        .collect();
+    let u_cols: Vec<Vec<f64>> = (0..r).map(|j| (0..v).map(|vi| u[vi * r + j] as f64).collect()).collect();
+    let (p_basis, u_basis) = (orthonormal(p_cols), orthonormal(u_cols));
+    // X = (I − P_p)·Z·(I − P_U).
+    let mut x: Vec<f64> = (0..t * v).map(|_| gauss(&mut rng)).collect();
+    for row in x.chunks_exact_mut(v) {
+        project_out(row, &u_basis);
+    }
+    if t > r {
+        for vi in 0..v {
+            let mut col: Vec<f64> = (0..t).map(|ti| x[ti * v + vi]).collect();
+            project_out(&mut col, &p_basis);
+            (0..t).for_each(|ti| x[ti * v + vi] = col[ti]);
+        }
+    }
+    let mut y: Vec<f64> = (0..t * v).map(|_| gauss(&mut rng)).collect();
+    for row in y.chunks_exact_mut(v) {
+        project_out(row, &u_basis);
+        for q in &u_basis {
+            let b = if rng.random::<bool>() { 1.0 } else { -1.0 };
+            row.iter_mut().zip(q).for_each(|(a, c)| *a += b * c);
+        }
+    }
+    // G in the storage dtype's values (also when stored as f32: the kernels
+    // round an f32 G to the tensor-core dtype, which no split of U or p undoes).
+    let g: Vec<G> = x.iter().zip(&y).map(|(xv, yv)| G::from_f64(T::from_f64(alpha * xv + yv).to_f64())).collect();
+    let wt = HostWeights { w: &w, u: &u, vh: &vh };
+    let mut g_ref = HostGrads::zeros(&cfg, with_w);
+    let dh_ref = Harness::head_backward(&Cpu::new(), &cfg, wt, &h, &g, &mut g_ref).unwrap();
+    let mut g_k = HostGrads::zeros(&cfg, with_w);
+    let dh = Harness::head_backward(k, &cfg, wt, &h, &g, &mut g_k).unwrap();
+    let mut tensors = vec![
+        ("dh", widen(&dh), widen(&dh_ref)),
+        ("dU", widen(&g_k.lora_vocab), widen(&g_ref.lora_vocab)),
+        ("dVh", widen(&g_k.lora_hidden), widen(&g_ref.lora_hidden)),
+    ];
+    if let (Some(kw), Some(rw)) = (&g_k.w, &g_ref.w) {
+        tensors.push(("dW", widen(kw), widen(rw)));
+    }
+    tensors
+        .into_iter()
+        .map(|(tensor, got, want)| Check {
+            case: format!("cancel V={v} d={d} r={r} T={t} a={alpha}"),
+            op: "head_backward",
+            backend: format!("{name} {}/{}", T::DTYPE, G::DTYPE),
+            tensor: tensor.into(),
+            err: rel_err(&got, &want),
+            tol: T::DTYPE.tolerance(),
+            skipped: false,
+        })
+        .collect()
+}
+
+/// The head backward's kernel variants: the default tile kernels and, with
+/// the feature `experimental-kernels`, the two-block grad_h, ldmatrix +
+/// mma.sync, and Hopper warpgroup MMAs.
+fn head_variants() -> Vec<(&'static str, CpuKernels)> {
+    #[allow(unused_mut)]
+    let mut v = vec![("default", CpuKernels::default())];
+    #[cfg(feature = "experimental-kernels")]
+    {
+        use tiedlora::kernels::KernelOptions;
+        let d = KernelOptions::default();
+        v.extend([
+            ("two blocks", CpuKernels::new(KernelOptions { grad_h_two_blocks: true, ..d })),
+            ("mma", CpuKernels::new(KernelOptions { mma: true, ..d })),
+            ("wgmma", CpuKernels::new(KernelOptions { wgmma: true, ..d })),
+        ]);
+    }
+    v
+}
+
+/// One token, rank 1: dVh is one cancelling sum over V times h (the case
+/// that missed the f16 tolerance by 4x when U was rounded for the MMAs).
+#[test]
+fn head_backward_cancelling_t1_r1() {
+    let mut checks = Vec::new();
+    for (name, k) in head_variants() {
+        checks.extend(head_cancel_case::<f16, f16>(name, &k, (300, 40, 1, 1), 128.0, false));
+        checks.extend(head_cancel_case::<bf16, bf16>(name, &k, (300, 40, 1, 1), 128.0, true));
+    }
+    assert_all(checks);
+}
+
+/// More tokens (dU cancels too), every extra-column width of grad_h (r = 16,
+/// 33, 64), d off the 128 tile and over it, G in f32 for half weights.
+#[test]
+fn head_backward_cancelling_ranks() {
+    let mut checks = Vec::new();
+    for (name, k) in head_variants() {
+        checks.extend(head_cancel_case::<f16, f16>(name, &k, (300, 40, 16, 150), 64.0, true));
+        checks.extend(head_cancel_case::<bf16, bf16>(name, &k, (260, 136, 33, 70), 64.0, false));
+        checks.extend(head_cancel_case::<f16, f16>(name, &k, (200, 24, 64, 90), 64.0, false));
+    }
+    let k = CpuKernels::default();
+    checks.extend(head_cancel_case::<bf16, f32>("default", &k, (300, 40, 16, 150), 64.0, true));
+    checks.extend(head_cancel_case::<f16, f32>("default", &k, (200, 24, 33, 90), 64.0, false));
     assert_all(checks);
 }

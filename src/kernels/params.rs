@@ -40,10 +40,10 @@ params! {
         partial: u64, out: u64,
         chunks: i32, count: i32, scale: f32, _pad: u32,
     }
-    /// `lora_small.cu`: U rows in the storage dtype, zero-padded to `ld_out` columns.
+    /// `lora_small.cu`: U rows in the storage dtype (or their low parts), zero-padded to `ld_out` columns.
     LoraPackParams (32) {
         u: u64, out: u64,
-        rows: i32, cols: i32, ld_out: i32, _pad: u32,
+        rows: i32, cols: i32, ld_out: i32, lo: i32,
     }
     /// `lora_small.cu`: rows `[x | y]` in the storage dtype (y f32 or storage).
     ConcatRowsParams (40) {

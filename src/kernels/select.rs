@@ -53,6 +53,10 @@ pub(crate) enum Site {
     GradH { u_cols: usize, filtered: bool },
     /// The head backward's `dU` / `dW`; `filtered` as for `GradH`.
     GradParam { filtered: bool },
+    /// The head backward's second G·U product, with U's low parts as the B
+    /// matrix of a plain grad_h launch (f16 / bf16): the tile kernels, or
+    /// their mma.sync variant (the wgmma kernels stage U differently).
+    GuLowPart,
 }
 
 /// The implementation of the GEMM at `site`, for storage dtype `t` and
@@ -93,6 +97,7 @@ pub(crate) fn gemm(site: Site, t: DType, g: DType, opts: &KernelOptions) -> Gemm
                     return Gemm::TileTwoBlocks;
                 }
             }
+            Site::GuLowPart if half && same && opts.mma => return Gemm::Mma { wide: false },
             Site::GradParam { filtered } if half && same => {
                 if opts.wgmma && !filtered {
                     return Gemm::Wgmma { wide: false };
@@ -311,6 +316,7 @@ mod tests {
                             let cols = grad_h_u_cols(r, k, &opts).unwrap();
                             grad_h_kernel(t, g, cols, k).unwrap();
                         }
+                        grad_h_kernel(t, g, 16, gemm(Site::GuLowPart, t, g, &opts)).unwrap();
                         for bn in [64, 128] {
                             grad_param_kernel(t, g, bn, gemm(Site::GradParam { filtered }, t, g, &opts)).unwrap();
                         }

@@ -71,6 +71,14 @@ pub unsafe fn head_forward<E: Executor>(
 
 /// Head backward: `dh = G W + s (G U) Vh`, `dU += Gᵀ (s h Vhᵀ)`, `dVh += s (G U)ᵀ h`, `dW += Gᵀ h`.
 ///
+/// f16 / bf16 (not on the cuBLAS path): the tensor-core operands U and
+/// p = s·h·Vhᵀ are f32 values, and a sum that cancels (G·U over V, Gᵀ·p over
+/// T) would amplify their rounding to the storage dtype by its condition
+/// number. So G·U and Gᵀ·p get a second product with their low parts
+/// ([`head_backward_split`]), and dh's LoRA term is formed from that gu: G·W
+/// into a zeroed f32 accumulator [T, d], then `dh = acc + s·gu·Vh` with one
+/// rounding, as in the fused cross-entropy backward.
+///
 /// # Safety
 /// As [`head_forward`], with G [T, V] in `gt` at `g` instead of the logits,
 /// `dh` [T, d] in `t` (written) and the f32 gradients of `grads` (dU [V, r],
@@ -90,6 +98,9 @@ pub unsafe fn head_backward<E: Executor>(
 ) -> Result<()> {
     let (v, d, r) = (cfg.vocab(), cfg.hidden(), cfg.rank());
     select::grad_h_u_cols(r, Gemm::Tile, &e.options())?;
+    if t != DType::F32 && !select::cublas(HeadOp::Backward, t, gt, &e.options()) {
+        return head_backward_split(e, cfg, (t, gt), wt, (h, g, dh), grads, tokens);
+    }
     let p = e.scratch_uninit(tokens * r * t.size())?;
     lora_project(e, cfg, t, t, h, wt.vh, e.addr(&p), tokens, cfg.scale())?;
     let gu = e.scratch_uninit(tokens * r * 4)?;
@@ -106,9 +117,83 @@ pub unsafe fn head_backward<E: Executor>(
     grad_param(e, t, gt, du, tokens)?;
     // dVh += s · guᵀ h.
     lora_hidden_grad(e, cfg, t, e.addr(&gu), 0, h, grads.vh, tokens, cfg.scale())?;
-    if let Some(dw) = grads.w {
-        let dw = GradParam { g, b: h, grad: dw, rows: v, ncols: d, live: None, k_split: 0, scale: 1.0 };
-        grad_param(e, t, gt, dw, tokens)?;
+    head_grad_w(e, t, gt, g, h, grads.w, (v, d), tokens)
+}
+
+/// [`head_backward`] in f16 / bf16 on the kernels, with U and p split in two.
+///
+/// The low parts go through second launches of the unchanged GEMM kernels:
+/// one column of grad_h blocks (1/⌈d/128⌉ of grad_h) and a second dU pass
+/// (one more read of G), plus O(V·r + T·d) of packing and f32 accumulator
+/// traffic. The alternatives cost more: U_lo as more extra columns of every
+/// grad_h block is that many more MMA columns in all of them; a gu-only
+/// column of blocks inside the same kernel, whose operands then differ per
+/// block, took ptxas from 128 to 157 registers at 16 U columns, likewise
+/// parking [p_hi | p_lo] for dU in one grad_param pass (80 -> 94 registers:
+/// 3 -> 2 blocks per SM); an f32 FMA G·U beside the MMAs would take ~r/14 of
+/// the tile's time by estimate (128 FMA against ~1200 tensor-core MAC per
+/// clock and SM), more than the tile at r = 16.
+///
+/// # Safety
+/// As [`head_backward`].
+unsafe fn head_backward_split<E: Executor>(
+    e: &E,
+    cfg: &LoraConfig,
+    (t, gt): (DType, DType),
+    wt: WeightAddrs,
+    (h, g, dh): (u64, u64, u64),
+    grads: GradAddrs,
+    tokens: usize,
+) -> Result<()> {
+    let (v, d, r) = (cfg.vocab(), cfg.hidden(), cfg.rank());
+    let (dh_acc, gu) = (e.scratch(tokens * d * 4)?, e.scratch(tokens * r * 4)?);
+    let op = GradH {
+        g,
+        w: wt.w,
+        u: wt.u,
+        vh: wt.vh,
+        dh: e.addr(&dh_acc),
+        gu: e.addr(&gu),
+        rows: v,
+        accumulate: true,
+        live: None,
+    };
+    grad_h(e, cfg, t, gt, op, tokens)?;
+    grad_gu_lo(e, cfg, (t, gt), g, wt.u, e.addr(&gu), v, tokens)?;
+    grad_finish(e, cfg, t, e.addr(&dh_acc), e.addr(&gu), wt.vh, dh, tokens, 1.0)?;
+    // dU += Gᵀ p_hi + 2⁻ˢʰⁱᶠᵗ·Gᵀ p_lo, both parts of p = s·h·Vhᵀ (f32).
+    let p = e.scratch_uninit(tokens * r * 4)?;
+    lora_project(e, cfg, t, DType::F32, h, wt.vh, e.addr(&p), tokens, cfg.scale())?;
+    let (p_hi, p_lo) = pack_parts(e, t, e.addr(&p), tokens, r)?;
+    for (b, scale) in [(e.addr(&p_hi), 1.0), (e.addr(&p_lo), lo_unit(t) as f32)] {
+        let du = GradParam { g, b, grad: grads.u, rows: v, ncols: r, live: None, k_split: 0, scale };
+        grad_param(e, t, gt, du, tokens)?;
     }
-    Ok(())
+    // dVh += s · guᵀ h.
+    lora_hidden_grad(e, cfg, t, e.addr(&gu), 0, h, grads.vh, tokens, cfg.scale())?;
+    head_grad_w(e, t, gt, g, h, grads.w, (v, d), tokens)
+}
+
+/// `dW += Gᵀ h` when `dw` is given (full tied fine-tune).
+///
+/// # Safety
+/// As [`head_backward`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn head_grad_w<E: Executor>(
+    e: &E,
+    t: DType,
+    gt: DType,
+    g: u64,
+    h: u64,
+    dw: Option<u64>,
+    (v, d): (usize, usize),
+    tokens: usize,
+) -> Result<()> {
+    match dw {
+        Some(grad) => {
+            let op = GradParam { g, b: h, grad, rows: v, ncols: d, live: None, k_split: 0, scale: 1.0 };
+            grad_param(e, t, gt, op, tokens)
+        }
+        None => Ok(()),
+    }
 }

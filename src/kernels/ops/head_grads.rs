@@ -91,6 +91,73 @@ pub(super) unsafe fn grad_h<E: Executor>(
     unsafe { e.launch(&plan, &params) }
 }
 
+/// `gu += 2⁻ˢʰⁱᶠᵗ·G·U_lo` for f16 / bf16 `t` (`U_lo`: the low parts of U
+/// [rows, r] f32, [`pack_parts`]): after a grad_h, whose G·U takes U rounded
+/// to `t`, gu holds G·U with U to ~2⁻²² (f16) / 2⁻¹⁶ (bf16), so a G·U sum that
+/// cancels keeps its precision. The same grad_h kernels (no new code or
+/// registers), launched with U_lo as the B matrix (d := r, one column of
+/// blocks) and no extra columns (rank 0), into a zeroed f32 [T, r], then
+/// added in with its weight (`tl_sum_partials`).
+///
+/// # Safety
+/// G [T, rows] in `gt`, U [rows, r] f32 and `gu` [T, r] f32 valid until the
+/// executor's launches finish.
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn grad_gu_lo<E: Executor>(
+    e: &E,
+    cfg: &LoraConfig,
+    (t, gt): (DType, DType),
+    g: u64,
+    u: u64,
+    gu: u64,
+    rows: usize,
+    tokens: usize,
+) -> Result<()> {
+    let r = cfg.rank();
+    let (_u_hi, u_lo) = pack_parts(e, t, u, rows, r)?;
+    let gu_lo = e.scratch(tokens * r * 4)?;
+    let params = HeadGradHParams {
+        g,
+        w: e.addr(&u_lo),
+        u,
+        vh: 0,
+        dh: e.addr(&gu_lo),
+        gu: 0,
+        tokens: i32_of("tokens", tokens)?,
+        vocab: i32_of("vocab", rows)?,
+        hidden: i32_of("rank", r)?,
+        rank: 0,
+        scale: 0.0,
+        accumulate: 1,
+        live: 0,
+        live_ld: 0,
+        _pad: 0,
+    };
+    let gemm = select::gemm(Site::GuLowPart, t, gt, &e.options());
+    let stages = if gemm == Gemm::Tile { 1 } else { 3 };
+    let plan = LaunchPlan {
+        kernel: select::grad_h_kernel(t, gt, 16, gemm)?,
+        grid: (blocks(tokens, GEMM_TILE), blocks(r, GEMM_TILE), 1),
+        block: (THREADS, 1, 1),
+        shared_bytes: gemm_shared_bytes(t.size(), 128, 128, 32, false, false, 16, stages),
+    };
+    // SAFETY: G [T, rows] in gt (caller), U_lo [rows, r] in t and gu_lo
+    // [T, r] f32 allocated above; rank 0 and accumulate: U, Vh and gu are
+    // never read or written.
+    unsafe { e.launch(&plan, &params)? };
+    let add = SumPartialsParams {
+        partial: e.addr(&gu_lo),
+        out: gu,
+        chunks: 1,
+        count: i32_of("tokens * rank", tokens * r)?,
+        scale: lo_unit(t) as f32,
+        _pad: 0,
+    };
+    let plan = LaunchPlan::linear(select::kernel("tl_sum_partials")?, blocks(tokens * r, THREADS), THREADS);
+    // SAFETY: gu_lo [T, r] written above, gu [T, r] f32 (caller).
+    unsafe { e.launch(&plan, &add) }
+}
+
 /// Operands of one grad_param launch, `grad[v, :] += scale · Gᵀ[v, :] · b`
 /// over `rows` vocabulary rows: G [T, rows] (dtype `gt`), `b` [T, ncols]
 /// (storage dtype), `grad` [rows, ncols] f32.

@@ -102,13 +102,13 @@ pub unsafe fn lora_hidden_grad<E: Executor>(
     unsafe { e.launch(&plan, &reduce) }
 }
 
-#[cfg(feature = "experimental-kernels")]
 /// U's rows [rows, r] (f32) in the half-precision storage dtype `t`, each
 /// row padded with zeros to `ld` columns: the operand the tensor-core GEMMs
 /// that take U as a B matrix read.
 ///
 /// # Safety
 /// `u` holds U's `rows` × `r` f32 values until the executor's launches finish.
+#[cfg(feature = "experimental-kernels")]
 pub(super) unsafe fn pack_u<E: Executor>(
     e: &E,
     t: DType,
@@ -117,18 +117,54 @@ pub(super) unsafe fn pack_u<E: Executor>(
     r: usize,
     ld: usize,
 ) -> Result<E::Scratch> {
+    pack(e, t, u, rows, r, ld, false)
+}
+
+/// f32 values `x` [rows, cols] rounded to the half-precision storage dtype
+/// `t` (`hi`), or their low parts (`tl_lo_part` in `kernels/common.cuh`):
+/// `x` ≈ hi + [`lo_unit`]`(t)` · lo, to about the square of `t`'s unit
+/// roundoff.
+///
+/// # Safety
+/// `x` holds `rows` × `cols` f32 values until the executor's launches finish.
+pub(super) unsafe fn pack_parts<E: Executor>(
+    e: &E,
+    t: DType,
+    x: u64,
+    rows: usize,
+    cols: usize,
+) -> Result<(E::Scratch, E::Scratch)> {
+    Ok((pack(e, t, x, rows, cols, cols, false)?, pack(e, t, x, rows, cols, cols, true)?))
+}
+
+/// The weight of the low parts of [`pack_parts`]: 2⁻¹¹ for f16, 2⁻⁸ for
+/// bf16 (`tl_lo_scale` in `kernels/common.cuh` is its inverse).
+pub(super) fn lo_unit(t: DType) -> f64 {
+    match t {
+        DType::F16 => 2f64.powi(-11),
+        DType::BF16 => 2f64.powi(-8),
+        DType::F32 => 1.0,
+    }
+}
+
+/// `x` [rows, r] f32 in `t`, rows padded with zeros to `ld` columns; their
+/// low parts with `lo`.
+///
+/// # Safety
+/// As [`pack_parts`].
+unsafe fn pack<E: Executor>(e: &E, t: DType, x: u64, rows: usize, r: usize, ld: usize, lo: bool) -> Result<E::Scratch> {
     let packed = e.scratch_uninit(rows * ld * t.size())?;
     let pack = LoraPackParams {
-        u,
+        u: x,
         out: e.addr(&packed),
         rows: i32_of("vocab", rows)?,
         cols: i32_of("rank", r)?,
         ld_out: i32_of("packed rank", ld)?,
-        _pad: 0,
+        lo: i32::from(lo),
     };
     let grid = blocks(rows * ld, THREADS).min(e.multiprocessors() * 8);
     let plan = LaunchPlan::linear(select::by_dtype("tl_lora_pack_", t, "")?, grid.max(1), THREADS);
-    // SAFETY: U rows [rows, r] f32 (caller), packed [rows, ld] allocated above.
+    // SAFETY: x rows [rows, r] f32 (caller), packed [rows, ld] allocated above.
     unsafe { e.launch(&plan, &pack)? };
     Ok(packed)
 }
