@@ -262,6 +262,7 @@ macro_rules! host_backend {
 }
 
 host_backend!(Cpu);
+host_backend!(crate::cpu_fast::CpuFast);
 #[cfg(feature = "cpu-kernels")]
 host_backend!(crate::kernels::CpuKernels);
 
