@@ -13,11 +13,17 @@
 //! Threads: scoped threads over token rows (head forward, embedding forward,
 //! merge) or over vocabulary ranges (head backward, cross-entropy forward and
 //! backward), partial results combined in a fixed order, so every result is
-//! bitwise deterministic for a given thread count and input.
+//! bitwise deterministic for a given thread count and input (on a given
+//! machine: the GEMM picks its SIMD kernel at run time).
+//!
+//! Like the reference, it computes the cross-entropy backward exactly: the
+//! kernels' optional gradient filter (`LoraConfigBuilder::xent_grad_filter`)
+//! is ignored.
 
 mod blocks;
 mod convert;
 mod embed;
+mod expf;
 mod gemm;
 mod head;
 mod merge;

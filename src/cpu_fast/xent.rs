@@ -3,10 +3,11 @@
 //!
 //! `z' = κ·tanh(z/κ)` (or z), `loss_t = lse(z'_t) − z'_t[y_t]`,
 //! `G_t = (softmax(z'_t) − onehot(y_t)) · (1 − tanh²(z_t/κ)) · grad_loss / N`.
-//! Logits and exponentials are f32; the per-token sums of exponentials, the
-//! log-sum-exp and the loss sum are f64.
+//! Logits and exponentials are f32 (a vectorised `exp`, `expf.rs`); the
+//! per-token sums of exponentials, the log-sum-exp and the loss sum are f64.
 
 use super::blocks::{blocks, hidden_aug, par_map, vocab_block, weight_aug, TOKEN_BLOCK};
+use super::expf::{exp, sum_exp};
 use super::gemm::{gemm, Mat, MatMut};
 use super::head::GradTile;
 use crate::config::LoraConfig;
@@ -62,8 +63,7 @@ impl Lse {
         if !m.is_finite() {
             return Lse { m: m as f64, sum: 1.0, nan };
         }
-        let sum: f64 = z.iter().map(|&x| (x - m).exp() as f64).sum();
-        Lse { m: m as f64, sum, nan }
+        Lse { m: m as f64, sum: sum_exp(z, m), nan }
     }
 
     fn value(self) -> f64 {
@@ -207,12 +207,12 @@ impl<I: TokenId> GradTile for XentGrad<'_, I> {
                 Some(kp) => {
                     for x in row.iter_mut() {
                         let th = (*x / kp).tanh();
-                        *x = (kp * th - lse_t).exp() * (1.0 - th * th) * factor;
+                        *x = exp(kp * th - lse_t) * (1.0 - th * th) * factor;
                     }
                 }
                 None => {
                     for x in row.iter_mut() {
-                        *x = (*x - lse_t).exp() * factor;
+                        *x = exp(*x - lse_t) * factor;
                     }
                 }
             }
