@@ -16,7 +16,7 @@ use crate::dtype::{Element, TokenId};
 use crate::error::Result;
 
 /// A read-only host buffer: the `Src` of the backends over host memory
-/// ([`crate::Cpu`], `CpuKernels`).
+/// ([`crate::Cpu`], [`crate::CpuFast`], `CpuKernels`).
 pub type HostSrc<'a, T> = &'a [T];
 /// A writable host buffer: the `Dst` of the backends over host memory.
 pub type HostDst<'a, T> = &'a mut [T];

@@ -4,8 +4,9 @@
 //! types, so code generic over it cannot pass a `&[f32]` without bounds on
 //! those types and a turbofish on every call. [`HostBackend`] is the same
 //! ops with host slices in their signatures, implemented by every backend
-//! whose buffers are host memory ([`Cpu`], and `CpuKernels` with the feature
-//! `cpu-kernels`), so generic code reads like code for one backend:
+//! whose buffers are host memory ([`Cpu`], [`crate::CpuFast`], and
+//! `CpuKernels` with the feature `cpu-kernels`), so generic code reads like
+//! code for one backend:
 //!
 //! ```
 //! use tiedlora::host::{HostBackend, HostGrads, HostWeights};
@@ -262,6 +263,7 @@ macro_rules! host_backend {
 }
 
 host_backend!(Cpu);
+host_backend!(crate::cpu_fast::CpuFast);
 #[cfg(feature = "cpu-kernels")]
 host_backend!(crate::kernels::CpuKernels);
 

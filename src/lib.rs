@@ -4,6 +4,7 @@
 pub mod backend;
 pub mod config;
 pub mod cpu;
+pub mod cpu_fast;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod dtype;
@@ -19,6 +20,7 @@ pub mod validate;
 pub use backend::{Backend, Grads, Weights};
 pub use config::{LoraConfig, LoraConfigBuilder, Reduction};
 pub use cpu::Cpu;
+pub use cpu_fast::CpuFast;
 pub use dtype::{DType, Element, TokenId};
 pub use error::{Error, Result};
 pub use half::{bf16, f16};

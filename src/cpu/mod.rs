@@ -10,7 +10,7 @@ mod embed;
 mod head;
 mod math;
 mod merge;
-mod parallel;
+pub(crate) mod parallel;
 mod xent;
 
 pub use xent::logsumexp;

@@ -504,3 +504,6 @@ pub fn kernel_ops(_op: &str) -> bool {
 
 #[cfg(feature = "cpu-kernels")]
 host_harness!(tiedlora::kernels::CpuKernels, true, kernel_ops);
+
+// The fast CPU backend computes in f32 like the kernels: their tolerances.
+host_harness!(tiedlora::CpuFast, true, kernel_ops);
