@@ -337,7 +337,7 @@ mod tests {
     #[test]
     fn default_build_has_one_path_per_op() {
         let names = compiled_kernels();
-        let experimental = ["_mma", "_wgmma", "_w256", "_2blocks", "tl_concat_rows_", "tl_lora_pack_", "_chunk_"];
+        let experimental = ["_mma", "_wgmma", "_w256", "_2blocks", "tl_concat_rows_", "_chunk_"];
         let found: Vec<&str> = names.iter().copied().filter(|n| experimental.iter().any(|x| n.contains(x))).collect();
         println!(
             "{} kernels compiled, {} of them experimental (feature experimental-kernels: {})",
