@@ -8,6 +8,7 @@
 //! cargo run --release --example cpu_bench -- --large --with-reference   # the reference there too (~1 min a run)
 //! cargo run --release --example cpu_bench -- --dtype bf16        # bf16 weights and hidden states
 //! cargo run --release --example cpu_bench -- --threads 1         # fixed worker count
+//! cargo run --release --example cpu_bench -- --softcap 30        # logit softcap κ = 30 (Gemma)
 //! ```
 
 use std::time::Instant;
@@ -28,10 +29,11 @@ struct Opts {
     dtype: DType,
     threads: Option<usize>,
     reps: usize,
+    softcap: Option<f64>,
 }
 
 fn parse() -> Opts {
-    let mut o = Opts { large: false, with_reference: false, dtype: DType::F32, threads: None, reps: 3 };
+    let mut o = Opts { large: false, with_reference: false, dtype: DType::F32, threads: None, reps: 3, softcap: None };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -39,6 +41,7 @@ fn parse() -> Opts {
             "--with-reference" => o.with_reference = true,
             "--dtype" => o.dtype = args.next().and_then(|s| DType::parse(&s)).expect("--dtype f32|f16|bf16"),
             "--threads" => o.threads = Some(args.next().and_then(|s| s.parse().ok()).expect("--threads N")),
+            "--softcap" => o.softcap = Some(args.next().and_then(|s| s.parse().ok()).expect("--softcap KAPPA")),
             "--reps" => o.reps = args.next().and_then(|s| s.parse().ok()).expect("--reps N"),
             other => panic!("unknown argument {other:?} (see the example's docs)"),
         }
@@ -59,9 +62,9 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn time_xent<B: HostBackend, T: Element>(b: &B, shape: Shape, reps: usize) -> Timing {
+fn time_xent<B: HostBackend, T: Element>(b: &B, shape: Shape, o: &Opts) -> Timing {
     let (t, v, d, r) = shape;
-    let cfg = LoraConfig::builder(v, d, r).alpha(2.0 * r as f64).build().expect("config");
+    let cfg = LoraConfig::builder(v, d, r).alpha(2.0 * r as f64).logit_softcap_opt(o.softcap).build().expect("config");
     let mut rng = StdRng::seed_from_u64(0x7133d);
     let mut normal =
         |n: usize, std: f64| -> Vec<f64> { (0..n).map(|_| std * (rng.random::<f64>() * 2.0 - 1.0)).collect() };
@@ -73,7 +76,7 @@ fn time_xent<B: HostBackend, T: Element>(b: &B, shape: Shape, reps: usize) -> Ti
     let weights: HostWeights<'_, T> = Weights::host(&w, &u, &vh);
     let (mut fwd, mut bwd, mut total) = (Vec::new(), Vec::new(), Vec::new());
     let mut loss = [0f32];
-    for _ in 0..reps {
+    for _ in 0..o.reps {
         let mut lse = vec![0f32; t];
         let mut dh = vec![T::default(); t * d];
         let (mut du, mut dvh) = (vec![0f32; v * r], vec![0f32; r * d]);
@@ -94,8 +97,9 @@ fn run<T: Element>(o: &Opts) {
     let fast = o.threads.map_or_else(CpuFast::new, CpuFast::with_threads);
     let reference = o.threads.map_or_else(Cpu::new, Cpu::with_threads);
     println!(
-        "head_xent forward + backward, {} weights, median of {} runs, {} threads ({} cores available)",
+        "head_xent forward + backward, {} weights, softcap {:?}, median of {} runs, {} threads ({} cores available)",
         T::DTYPE,
+        o.softcap,
         o.reps,
         fast.threads(),
         std::thread::available_parallelism().map_or(1, |n| n.get())
@@ -110,7 +114,7 @@ fn run<T: Element>(o: &Opts) {
     }
     for (shape, with_reference) in shapes {
         let (t, v, d, r) = shape;
-        let f = time_xent::<_, T>(&fast, shape, o.reps);
+        let f = time_xent::<_, T>(&fast, shape, o);
         let row = |name: &str, x: &Timing, ratio: String| {
             println!(
                 "{t:>6} {v:>6} {d:>5} {r:>3}  {name:<14} {:>10.4} {:>10.4} {:>10.4} {:>12.6}  {ratio:>9}",
@@ -119,7 +123,7 @@ fn run<T: Element>(o: &Opts) {
         };
         row(HostBackend::name(&fast), &f, String::new());
         if with_reference {
-            let c = time_xent::<_, T>(&reference, shape, o.reps);
+            let c = time_xent::<_, T>(&reference, shape, o);
             row(HostBackend::name(&reference), &c, format!("{:.1}x", c.total / f.total));
         }
     }

@@ -1,7 +1,9 @@
-//! A branch-free f32 `exp` the compiler vectorises (the library `expf` is a
-//! call per element): Cephes' range reduction and degree-6 polynomial,
-//! relative error about 2⁻²³. IEEE edges as `f32::exp`: NaN → NaN,
-//! −∞ and anything below the smallest normal result → 0, overflow → +∞.
+//! Branch-free f32 `exp` and `tanh` the compiler vectorises (the library
+//! functions are a call per element), after Cephes. `exp`: range reduction
+//! and a degree-6 polynomial, relative error about 2⁻²³; IEEE edges as
+//! `f32::exp`: NaN → NaN, −∞ and anything below the smallest normal result
+//! → 0, overflow → +∞. `tanh`: an odd polynomial below 0.625, `1 − 2/(e^{2x}+1)`
+//! above; NaN → NaN, ±∞ → ±1.
 
 /// e^x.
 #[inline(always)]
@@ -33,6 +35,27 @@ pub fn exp(x: f32) -> f32 {
         f32::INFINITY
     } else {
         out
+    }
+}
+
+/// tanh(x).
+#[inline(always)]
+pub fn tanh(x: f32) -> f32 {
+    let a = x.abs();
+    let z = x * x;
+    let mut p = -5.704_988_7e-3f32;
+    p = p * z + 2.063_909e-2;
+    p = p * z - 5.373_971_6e-2;
+    p = p * z + 1.333_144_2e-1;
+    p = p * z - 3.333_328e-1;
+    let small = p * z * x + x;
+    let large = (1.0 - 2.0 / (exp(2.0 * a) + 1.0)).copysign(x);
+    if a < 0.625 {
+        small
+    } else if a >= 0.625 {
+        large
+    } else {
+        x // NaN
     }
 }
 
@@ -77,6 +100,20 @@ mod tests {
         assert_eq!(exp(f32::INFINITY), f32::INFINITY);
         assert_eq!(exp(100.0), f32::INFINITY);
         assert!(exp(f32::NAN).is_nan());
+        let mut worst = 0f64;
+        let mut x = -12.0f32;
+        while x < 12.0 {
+            let (got, want) = (tanh(x) as f64, (x as f64).tanh());
+            worst = worst.max(((got - want) / want).abs());
+            x += 0.00731;
+        }
+        assert!(worst < 4e-7, "tanh: worst relative error {worst:e}");
+        assert_eq!(tanh(0.0), 0.0);
+        assert_eq!(tanh(1e-30), 1e-30);
+        assert_eq!(tanh(f32::INFINITY), 1.0);
+        assert_eq!(tanh(f32::NEG_INFINITY), -1.0);
+        assert_eq!(tanh(-100.0), -1.0);
+        assert!(tanh(f32::NAN).is_nan());
         let z: Vec<f32> = (0..37).map(|i| i as f32 * 0.1 - 2.0).collect();
         let want: f64 = z.iter().map(|&x| ((x - 1.0) as f64).exp()).sum();
         assert!((sum_exp(&z, 1.0) - want).abs() < 1e-6 * want);

@@ -3,11 +3,11 @@
 //!
 //! `z' = κ·tanh(z/κ)` (or z), `loss_t = lse(z'_t) − z'_t[y_t]`,
 //! `G_t = (softmax(z'_t) − onehot(y_t)) · (1 − tanh²(z_t/κ)) · grad_loss / N`.
-//! Logits and exponentials are f32 (a vectorised `exp`, `expf.rs`); the
+//! Logits and exponentials are f32 (vectorised `exp` and `tanh`, `expf.rs`); the
 //! per-token sums of exponentials, the log-sum-exp and the loss sum are f64.
 
 use super::blocks::{blocks, hidden_aug, par_map, vocab_block, weight_aug, TOKEN_BLOCK};
-use super::expf::{exp, sum_exp};
+use super::expf::{exp, sum_exp, tanh};
 use super::gemm::{gemm, Mat, MatMut};
 use super::head::GradTile;
 use crate::config::LoraConfig;
@@ -82,7 +82,7 @@ fn softcap(kappa: Option<f64>, z: &mut [f32]) {
     if let Some(k) = kappa {
         let k = k as f32;
         for x in z.iter_mut() {
-            *x = k * (*x / k).tanh();
+            *x = k * tanh(*x / k);
         }
     }
 }
@@ -206,7 +206,7 @@ impl<I: TokenId> GradTile for XentGrad<'_, I> {
             match kappa {
                 Some(kp) => {
                     for x in row.iter_mut() {
-                        let th = (*x / kp).tanh();
+                        let th = tanh(*x / kp);
                         *x = exp(kp * th - lse_t) * (1.0 - th * th) * factor;
                     }
                 }
@@ -219,7 +219,7 @@ impl<I: TokenId> GradTile for XentGrad<'_, I> {
             if let Some(z) = target_z {
                 let slope = match kappa {
                     Some(kp) => {
-                        let th = (z / kp).tanh();
+                        let th = tanh(z / kp);
                         1.0 - th * th
                     }
                     None => 1.0,
