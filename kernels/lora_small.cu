@@ -17,7 +17,7 @@
 //             (common.cuh's tl_lo_part; U and p for the head backward's second,
 //             low-part products). Grid-stride, block 256.
 // concat_rows out[i] = [x_i | y_i] in the storage dtype (y f32 or storage):
-//             the K = d + r operands [h | p] and [W | U] of the GEMM engine's
+//             the K = d + r operands [h | p] and [W | U] of the cuBLAS path's
 //             head forward (KernelOptions::cublas). One warp per row
 //             (grid-stride over rows, block 256): x in 16-byte vectors when
 //             both row lengths and both bases allow, else element-wise.

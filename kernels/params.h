@@ -73,7 +73,7 @@ struct LoraPackParams {
 TL_CHECK_PARAMS(LoraPackParams, 32);
 
 // lora_small.cu: out[i] = [x_i | y_i], rows of d + r elements in the storage
-// dtype (the GEMM engine's K = d + r operands [h | p] and [W | U]).
+// dtype (the cuBLAS path's K = d + r operands [h | p] and [W | U]).
 struct ConcatRowsParams {
   const void* x;   // [rows, d] storage dtype
   const void* y;   // [rows, r] f32 (y_f32) or storage dtype
@@ -219,7 +219,7 @@ struct XentGradFinishParams {
 };
 TL_CHECK_PARAMS(XentGradFinishParams, 56);
 
-// The GEMM-engine paths (KernelOptions::cublas): a chunk z [rows, cols] of f32
+// The cuBLAS paths (KernelOptions::cublas): a chunk z [rows, cols] of f32
 // logits, row length cols, computed by the engine as h W_c^T + p U_c^T for the
 // vocabulary columns [col0, col0 + cols); these kernels consume it.
 

@@ -18,7 +18,7 @@
 // combine   grid 1 block of 256 threads: merges the splits of each row in
 //           order (lse), forms the per-row losses, then sums them in a fixed
 //           tree order: loss[0] = scale * sum. Bitwise deterministic.
-// chunk_partial  (the GEMM-engine path, KernelOptions::cublas) grid ceil(T / 8),
+// chunk_partial  (the cuBLAS path, KernelOptions::cublas) grid ceil(T / 8),
 //           256 threads, one warp per token row of an f32 logits chunk z
 //           [T, cols] the engine computed: lane l folds columns l, l + 32, ...
 //           into its (max, sum of exp) of z', then the lanes merge in a fixed

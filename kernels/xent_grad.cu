@@ -19,7 +19,7 @@
 //           (G itself, ~1 / (V N) at a flat softmax, is below f16's smallest
 //           subnormal). The consumers' f32 sums get factor / g_unit once, at
 //           the end (finish, lora_hidden_grad, the dU / dW GEMMs' scale).
-// chunk_grad  (the GEMM-engine path, KernelOptions::cublas) grid (tokens,
+// chunk_grad  (the cuBLAS path, KernelOptions::cublas) grid (tokens,
 //           ceil(cols / 256)), 256 threads: g = G' from an f32 logits chunk z
 //           [tokens, cols] the engine computed, for one block of tokens.
 // finish    grid (T, ceil(d / 256)), 256 threads:
