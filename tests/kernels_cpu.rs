@@ -221,17 +221,7 @@ fn xent_extra_memory_matches_its_formula_and_has_no_tv_term() {
 fn xent_backward_extreme_logits() {
     use common::parity::{xent_backward_case, XentCase};
     let k = CpuKernels::default();
-    let base = XentCase {
-        v: 600,
-        d: 16,
-        r: 4,
-        t: 3,
-        softcap: Some(30.0),
-        sum: false,
-        with_w: true,
-        logit_scale: 2000.0,
-        tol: Some(5e-3),
-    };
+    let base = XentCase::EXTREME;
     assert_all(xent_backward_case::<f32, _>(&k, base));
     assert_all(xent_backward_case::<f32, _>(&k, XentCase { softcap: None, ..base }));
     assert_all(xent_backward_case::<bf16, _>(&k, XentCase { tol: Some(f64::INFINITY), ..base }));

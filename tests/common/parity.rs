@@ -371,6 +371,21 @@ impl XentCase {
         logit_scale: 1.0,
         tol: None,
     };
+
+    /// Extreme logits (|z| ~ 1e3..1e4 before a softcap of 30): V = 600,
+    /// d = 16, r = 4, T = 3, dW on, an f32 tolerance of 5e-3 (the logits' own
+    /// resolution at that magnitude).
+    pub const EXTREME: XentCase = XentCase {
+        v: 600,
+        d: 16,
+        r: 4,
+        t: 3,
+        softcap: Some(30.0),
+        sum: false,
+        with_w: true,
+        logit_scale: 2000.0,
+        tol: Some(5e-3),
+    };
 }
 
 /// Fused cross-entropy backward of backend `k` against the reference, each
