@@ -6,7 +6,7 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::hint::black_box;
-use tiedlora::{bf16, Backend, Cpu, Element, Grads, LoraConfig, Weights};
+use tiedlora::{bf16, Backend, CpuReference, Element, Grads, LoraConfig, Weights};
 
 struct Shape {
     name: &'static str,
@@ -26,7 +26,7 @@ fn random<T: Element>(rng: &mut StdRng, n: usize) -> Vec<T> {
 }
 
 fn bench_dtype<T: Element>(c: &mut Criterion) {
-    let cpu = Cpu::new();
+    let cpu = CpuReference::new();
     let dt = T::DTYPE.name();
     let mut rng = StdRng::seed_from_u64(7);
     for s in &SHAPES {

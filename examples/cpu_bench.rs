@@ -1,5 +1,5 @@
 //! Fused head + cross-entropy forward and backward on the CPU: the fast
-//! backend (`CpuFast`) against the f64 reference (`Cpu`), median of 3 timed
+//! backend (`Cpu`) against the f64 reference (`CpuReference`), median of 3 timed
 //! runs each, one table row per shape and backend, and the speed-up.
 //!
 //! ```text
@@ -15,7 +15,7 @@ use std::time::Instant;
 use tiedlora::host::{HostBackend, HostGrads, HostWeights};
 use tiedlora::rand::rngs::StdRng;
 use tiedlora::rand::{Rng, SeedableRng};
-use tiedlora::{bf16, f16, Cpu, CpuFast, DType, Element, Grads, LoraConfig, Weights};
+use tiedlora::{bf16, f16, Cpu, CpuReference, DType, Element, Grads, LoraConfig, Weights};
 
 /// T, V, d, r.
 type Shape = (usize, usize, usize, usize);
@@ -94,8 +94,8 @@ fn time_xent<B: HostBackend, T: Element>(b: &B, shape: Shape, o: &Opts) -> Timin
 }
 
 fn run<T: Element>(o: &Opts) {
-    let fast = o.threads.map_or_else(CpuFast::new, CpuFast::with_threads);
-    let reference = o.threads.map_or_else(Cpu::new, Cpu::with_threads);
+    let fast = o.threads.map_or_else(Cpu::new, Cpu::with_threads);
+    let reference = o.threads.map_or_else(CpuReference::new, CpuReference::with_threads);
     println!(
         "head_xent forward + backward, {} weights, softcap {:?}, median of {} runs, {} threads ({} cores available)",
         T::DTYPE,

@@ -20,7 +20,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, StandardNormal};
 use tiedlora::cuda::Cuda;
-use tiedlora::{bf16, Backend, Cpu, Grads, LoraConfig, Weights};
+use tiedlora::{bf16, Backend, CpuReference, Grads, LoraConfig, Weights};
 
 const V: usize = 16_000;
 const D: usize = 512;
@@ -110,7 +110,7 @@ fn run() -> Result<bool, Box<dyn std::error::Error>> {
     let (loss, du, dvh) = (s.clone_dtoh(&loss_d)?[0], s.clone_dtoh(&du_d)?, s.clone_dtoh(&dvh_d)?);
 
     // The same step on the CPU reference (f64 math on the same bf16 inputs).
-    let cpu = Cpu::new();
+    let cpu = CpuReference::new();
     let cw = Weights::host(&w, &u, &vh);
     let (mut loss_c, mut lse_c) = ([0f32], vec![0f32; T]);
     cpu.head_xent_forward(&cfg, &cw, &h, &targets, &mut loss_c, &mut lse_c)?;

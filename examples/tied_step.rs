@@ -14,7 +14,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, StandardNormal};
 use std::time::Instant;
-use tiedlora::{Backend, Cpu, Grads, LoraConfig, Weights};
+use tiedlora::{Backend, CpuReference, Grads, LoraConfig, Weights};
 
 const V: usize = 512;
 const D: usize = 64;
@@ -23,9 +23,9 @@ const T: usize = 48;
 
 /// The step's loss: mean cross-entropy of `head(tanh(embed(ids)))` against `targets`.
 fn loss(
-    cpu: &Cpu,
+    cpu: &CpuReference,
     cfg: &LoraConfig,
-    wt: &Weights<'_, Cpu, f32>,
+    wt: &Weights<'_, CpuReference, f32>,
     ids: &[u32],
     targets: &[i64],
 ) -> tiedlora::Result<f32> {
@@ -52,7 +52,7 @@ fn main() -> tiedlora::Result<()> {
     let ids: Vec<u32> = (0..T).map(|_| rng.random_range(0..V as u32)).collect();
     let mut targets: Vec<i64> = ids[1..].iter().map(|&x| x as i64).collect();
     targets.push(-100); // the last position has no next token
-    let cpu = Cpu::new();
+    let cpu = CpuReference::new();
     let wt = Weights::host(&w, &u, &vh);
 
     // Forward.

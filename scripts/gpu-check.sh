@@ -21,7 +21,7 @@
 #   cuda_step   examples/cuda_step: one fused tied-LoRA step on the GPU vs the CPU reference
 #   cuda_step_cublas  the same with --cublas (Cuda::with_cublas)
 #   verify      gpu_bench --verify: every GPU path (ours and the cuBLAS baselines)
-#               once at T=512 V=8192 d=512, vs tiedlora::Cpu  -> OUTDIR/verify.{json,md}
+#               once at T=512 V=8192 d=512, vs tiedlora::CpuReference  -> OUTDIR/verify.{json,md}
 #   bench       gpu_bench: Gemma-2-2B and Llama-3.2-1B shapes  -> OUTDIR/results.{json,md}
 #   memcheck    compute-sanitizer --tool memcheck  on kernels_gpu's gpu_small_* tests
 #   racecheck   compute-sanitizer --tool racecheck on kernels_gpu's gpu_small_* tests

@@ -1,6 +1,6 @@
 //! The one API every backend implements, so a trainer is written once.
 //!
-//! A backend fixes how borrowed buffers look: host slices for [`crate::Cpu`],
+//! A backend fixes how borrowed buffers look: host slices for [`crate::CpuReference`],
 //! device views for the CUDA backend. The ops, their argument order and their
 //! semantics are the same everywhere:
 //!
@@ -16,7 +16,7 @@ use crate::dtype::{Element, TokenId};
 use crate::error::Result;
 
 /// A read-only host buffer: the `Src` of the backends over host memory
-/// ([`crate::Cpu`], [`crate::CpuFast`], `CpuKernels`).
+/// ([`crate::CpuReference`], [`crate::Cpu`], `CpuKernels`).
 pub type HostSrc<'a, T> = &'a [T];
 /// A writable host buffer: the `Dst` of the backends over host memory.
 pub type HostDst<'a, T> = &'a mut [T];

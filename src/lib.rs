@@ -4,7 +4,6 @@
 pub mod backend;
 pub mod config;
 pub mod cpu;
-pub mod cpu_fast;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod dtype;
@@ -15,18 +14,19 @@ pub mod io;
 #[cfg(any(feature = "cuda", feature = "cpu-kernels"))]
 pub mod kernels;
 pub mod peft;
+pub mod reference;
 pub mod validate;
 
 pub use backend::{Backend, Grads, Weights};
 pub use config::{LoraConfig, LoraConfigBuilder, Reduction};
 pub use cpu::Cpu;
-pub use cpu_fast::CpuFast;
 pub use dtype::{DType, Element, TokenId};
 pub use error::{Error, Result};
 pub use half::{bf16, f16};
 /// The `rand` crate [`init::init_lora`] takes an RNG from (re-exported so
 /// callers need no version of their own).
 pub use rand;
+pub use reference::CpuReference;
 
 /// Checks that the CUDA backend can be used in this build on this machine:
 /// the kernels were compiled in (feature `cuda`) and a CUDA driver library is

@@ -6,7 +6,7 @@ mod common;
 
 use common::rand_inputs::{fresh_rng, ids as random_ids, normal};
 use tiedlora::io::TensorFile;
-use tiedlora::{bf16, Backend, Cpu, Error, Grads, LoraConfig, Weights};
+use tiedlora::{bf16, Backend, CpuReference, Error, Grads, LoraConfig, Weights};
 
 const V: usize = 11;
 const D: usize = 6;
@@ -34,7 +34,7 @@ fn setup() -> Setup {
     }
 }
 
-fn wt(s: &Setup) -> Weights<'_, Cpu, f32> {
+fn wt(s: &Setup) -> Weights<'_, CpuReference, f32> {
     Weights { w: &s.w, lora_vocab: &s.u, lora_hidden: &s.vh }
 }
 
@@ -55,7 +55,7 @@ fn expect_len(err: Error, arg: &str, expected: usize, actual: usize) {
 #[test]
 fn wrong_weight_lengths() {
     let s = setup();
-    let cpu = Cpu::new();
+    let cpu = CpuReference::new();
     let mut out = vec![f32::NAN; T * D];
     let short_w = &s.w[..V * D - 1];
     let bad = Weights::host(short_w, &s.u, &s.vh);
@@ -71,7 +71,7 @@ fn wrong_weight_lengths() {
 #[test]
 fn wrong_output_and_gradient_lengths() {
     let s = setup();
-    let cpu = Cpu::new();
+    let cpu = CpuReference::new();
     let mut out = vec![f32::NAN; T * D + 1];
     expect_len(cpu.embed_forward(&s.cfg, &wt(&s), &s.ids, &mut out).unwrap_err(), "out", T * D, T * D + 1);
     let mut logits = vec![f32::NAN; T * V - 1];
@@ -80,7 +80,7 @@ fn wrong_output_and_gradient_lengths() {
     let mut du = vec![0f32; V * R];
     let mut dvh = vec![0f32; R * D - 1];
     let d_embed = vec![1f32; T * D];
-    let mut g = Grads::<Cpu> { lora_vocab: &mut du, lora_hidden: &mut dvh, w: None };
+    let mut g = Grads::<CpuReference> { lora_vocab: &mut du, lora_hidden: &mut dvh, w: None };
     expect_len(
         cpu.embed_backward(&s.cfg, &wt(&s), &s.ids, &d_embed, &mut g).unwrap_err(),
         "grad_lora_hidden",
@@ -89,10 +89,10 @@ fn wrong_output_and_gradient_lengths() {
     );
     let mut dvh = vec![0f32; R * D];
     let mut dw = vec![0f32; V * D + 3];
-    let mut g = Grads::<Cpu> { lora_vocab: &mut du, lora_hidden: &mut dvh, w: Some(&mut dw) };
+    let mut g = Grads::<CpuReference> { lora_vocab: &mut du, lora_hidden: &mut dvh, w: Some(&mut dw) };
     expect_len(cpu.embed_backward(&s.cfg, &wt(&s), &s.ids, &d_embed, &mut g).unwrap_err(), "grad_w", V * D, V * D + 3);
     // d_embed must match ids: T x d.
-    let mut g = Grads::<Cpu> { lora_vocab: &mut du, lora_hidden: &mut dvh, w: None };
+    let mut g = Grads::<CpuReference> { lora_vocab: &mut du, lora_hidden: &mut dvh, w: None };
     expect_len(cpu.embed_backward(&s.cfg, &wt(&s), &s.ids, &d_embed[..D], &mut g).unwrap_err(), "d_embed", T * D, D);
     assert!(du.iter().chain(&dvh).all(|&x| x == 0.0), "gradients touched on error");
 }
@@ -100,7 +100,7 @@ fn wrong_output_and_gradient_lengths() {
 #[test]
 fn head_and_xent_shape_mismatches() {
     let s = setup();
-    let cpu = Cpu::new();
+    let cpu = CpuReference::new();
     // h not a whole number of rows.
     let mut logits = vec![f32::NAN; T * V];
     let err = cpu.head_forward(&s.cfg, &wt(&s), &s.h[..T * D - 1], &mut logits).unwrap_err();
@@ -108,7 +108,7 @@ fn head_and_xent_shape_mismatches() {
     // d_logits of the wrong size.
     let (mut du, mut dvh) = (vec![0f32; V * R], vec![0f32; R * D]);
     let mut dh = vec![f32::NAN; T * D];
-    let mut g = Grads::<Cpu> { lora_vocab: &mut du, lora_hidden: &mut dvh, w: None };
+    let mut g = Grads::<CpuReference> { lora_vocab: &mut du, lora_hidden: &mut dvh, w: None };
     let d_logits = vec![0.5f32; T * V - V];
     let err = cpu.head_backward(&s.cfg, &wt(&s), &s.h, &d_logits, &mut dh, &mut g).unwrap_err();
     expect_len(err, "d_logits", T * V, (T - 1) * V);
@@ -141,7 +141,7 @@ fn head_and_xent_shape_mismatches() {
 #[test]
 fn ids_out_of_range() {
     let s = setup();
-    let cpu = Cpu::new();
+    let cpu = CpuReference::new();
     let mut out = vec![f32::NAN; T * D];
     for bad in [V as i64, -1, i64::MAX, i64::MIN, -100] {
         let mut ids = s.ids.clone();
@@ -154,7 +154,7 @@ fn ids_out_of_range() {
     let err = cpu.embed_forward(&s.cfg, &wt(&s), &ids_u32, &mut out).unwrap_err();
     assert!(matches!(err, Error::TokenOutOfRange { index: 2, .. }), "{err}");
     let (mut du, mut dvh) = (vec![0f32; V * R], vec![0f32; R * D]);
-    let mut g = Grads::<Cpu> { lora_vocab: &mut du, lora_hidden: &mut dvh, w: None };
+    let mut g = Grads::<CpuReference> { lora_vocab: &mut du, lora_hidden: &mut dvh, w: None };
     let err = cpu.embed_backward(&s.cfg, &wt(&s), &ids_u32, &[1f32; T * D], &mut g).unwrap_err();
     assert!(matches!(err, Error::TokenOutOfRange { arg: "ids", .. }), "{err}");
     assert!(out.iter().all(|x| x.is_nan()));
@@ -163,7 +163,7 @@ fn ids_out_of_range() {
 #[test]
 fn targets_out_of_range_but_ignore_index_is_fine() {
     let s = setup();
-    let cpu = Cpu::new();
+    let cpu = CpuReference::new();
     let (mut loss, mut lse) = ([f32::NAN], vec![f32::NAN; T]);
     let mut targets: Vec<i64> = vec![0, 1, 2, 3, -100];
     cpu.head_xent_forward(&s.cfg, &wt(&s), &s.h, &targets, &mut loss, &mut lse).unwrap();
@@ -173,7 +173,7 @@ fn targets_out_of_range_but_ignore_index_is_fine() {
         let err = cpu.head_xent_forward(&s.cfg, &wt(&s), &s.h, &targets, &mut loss, &mut lse).unwrap_err();
         assert!(matches!(err, Error::TokenOutOfRange { arg: "targets", index: 1, .. }), "{err}");
         let (mut du, mut dvh, mut dh) = (vec![0f32; V * R], vec![0f32; R * D], vec![f32::NAN; T * D]);
-        let mut g = Grads::<Cpu> { lora_vocab: &mut du, lora_hidden: &mut dvh, w: None };
+        let mut g = Grads::<CpuReference> { lora_vocab: &mut du, lora_hidden: &mut dvh, w: None };
         let err = cpu.head_xent_backward(&s.cfg, &wt(&s), &s.h, &targets, &lse, 1.0, &mut dh, &mut g).unwrap_err();
         assert!(matches!(err, Error::TokenOutOfRange { arg: "targets", .. }), "{err}");
         assert!(dh.iter().all(|x| x.is_nan()) && du.iter().all(|&x| x == 0.0));
@@ -231,7 +231,7 @@ fn unknown_dtype_in_a_file() {
 #[test]
 fn nan_inputs_propagate_without_panicking() {
     let mut s = setup();
-    let cpu = Cpu::new();
+    let cpu = CpuReference::new();
     let row = s.ids[0] as usize;
     s.w[row * D] = f32::NAN;
     let mut out = vec![0f32; T * D];
@@ -243,7 +243,7 @@ fn nan_inputs_propagate_without_panicking() {
     cpu.head_xent_forward(&s.cfg, &wt(&s), &s.h, &targets, &mut loss, &mut lse).unwrap();
     assert!(loss[0].is_nan() && lse[0].is_nan());
     let (mut du, mut dvh, mut dh) = (vec![0f32; V * R], vec![0f32; R * D], vec![0f32; T * D]);
-    let mut g = Grads::<Cpu> { lora_vocab: &mut du, lora_hidden: &mut dvh, w: None };
+    let mut g = Grads::<CpuReference> { lora_vocab: &mut du, lora_hidden: &mut dvh, w: None };
     cpu.head_xent_backward(&s.cfg, &wt(&s), &s.h, &targets, &lse, 1.0, &mut dh, &mut g).unwrap();
     assert!(dh[..D].iter().all(|x| x.is_nan()));
     // NaN alpha is rejected at build time, but a NaN upstream gradient just propagates.

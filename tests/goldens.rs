@@ -6,7 +6,7 @@ mod common;
 
 use common::golden::{all_cases, discover, Check};
 use common::harness::run_case;
-use tiedlora::Cpu;
+use tiedlora::CpuReference;
 
 fn report(checks: &[Check]) -> usize {
     for c in checks {
@@ -19,7 +19,7 @@ fn report(checks: &[Check]) -> usize {
 fn goldens_cpu_reference() {
     let cases = all_cases().expect("golden discovery");
     assert!(cases.len() >= 4, "expected the four built-in cases, found {}", cases.len());
-    let backend = Cpu::new();
+    let backend = CpuReference::new();
     let mut failures = Vec::new();
     let mut lines = 0;
     for (label, case) in &cases {
@@ -48,7 +48,7 @@ fn builtin_goldens_cover_every_op_and_dtype() {
     for want in ["small_f32", "f16_dups_sum", "bf16_rslora_softcap", "peft_llama_tied"] {
         assert!(names.contains(&want.to_string()), "missing golden {want}: {names:?}");
     }
-    let checks = run_case(&Cpu::new(), &cases[0], "builtin").unwrap();
+    let checks = run_case(&CpuReference::new(), &cases[0], "builtin").unwrap();
     assert!(checks.len() >= 10, "too few comparisons: {}", checks.len());
 }
 
@@ -72,7 +72,7 @@ fn extra_golden_directory_is_discovered_and_run() {
     let cases = discover(&dir).unwrap();
     assert_eq!(cases.len(), 2);
     for case in &cases {
-        let checks = run_case(&Cpu::new(), case, "extra").unwrap();
+        let checks = run_case(&CpuReference::new(), case, "extra").unwrap();
         assert!(checks.iter().all(Check::passed), "{checks:#?}");
     }
 }
@@ -83,14 +83,14 @@ fn malformed_golden_is_an_error_not_a_skip() {
     std::fs::write(dir.join("garbage.safetensors"), b"this is not a safetensors file").unwrap();
     let cases = discover(&dir).unwrap();
     assert_eq!(cases.len(), 1);
-    let err = run_case(&Cpu::new(), &cases[0], "malformed").unwrap_err();
+    let err = run_case(&CpuReference::new(), &cases[0], "malformed").unwrap_err();
     assert!(matches!(err, tiedlora::Error::File { .. }), "{err}");
 
     // A valid safetensors file that is not a golden (no format metadata).
     let dir = temp_dir("not-golden");
     tiedlora::io::write_f32(dir.join("plain.safetensors"), &[("w", vec![2, 2], &[1.0, 2.0, 3.0, 4.0])], None).unwrap();
     let cases = discover(&dir).unwrap();
-    let err = run_case(&Cpu::new(), &cases[0], "plain").unwrap_err();
+    let err = run_case(&CpuReference::new(), &cases[0], "plain").unwrap_err();
     assert!(err.to_string().contains("format"), "{err}");
 
     // A missing directory is an error too.
@@ -131,7 +131,7 @@ fn golden_with_a_wrong_expected_value_fails() {
     }
     let out = safetensors::serialize(all, Some(src.metadata().clone())).unwrap();
     std::fs::write(&path, out).unwrap();
-    let checks = run_case(&Cpu::new(), &common::golden::CasePath::Standard(path), "perturbed").unwrap();
+    let checks = run_case(&CpuReference::new(), &common::golden::CasePath::Standard(path), "perturbed").unwrap();
     let bad: Vec<&Check> = checks.iter().filter(|c| !c.passed()).collect();
     assert_eq!(bad.len(), 1, "{checks:#?}");
     assert_eq!(bad[0].tensor, "xent_grad_lora_vocab");

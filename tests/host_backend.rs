@@ -5,7 +5,7 @@
 
 use tiedlora::host::{HostBackend, HostGrads, HostWeights};
 use tiedlora::rand::SeedableRng;
-use tiedlora::{Cpu, DType, Grads, LoraConfig, Weights};
+use tiedlora::{CpuReference, DType, Grads, LoraConfig, Weights};
 
 /// One tied step, embed → head + cross-entropy, written as a trainer would:
 /// returns the loss and the shared gradients dU, dVh.
@@ -47,7 +47,7 @@ fn one_generic_step_runs_on_every_host_backend() {
     let ids: Vec<u32> = (0..40u32).map(|t| (t * 13 + 5) % 300).collect();
     let targets: Vec<i64> = ids.iter().map(|&i| i64::from((i + 1) % 300)).collect();
 
-    let (loss, du, dvh) = tied_step(&Cpu::new(), &cfg, &weights, &ids, &targets).unwrap();
+    let (loss, du, dvh) = tied_step(&CpuReference::new(), &cfg, &weights, &ids, &targets).unwrap();
     assert!(loss.is_finite() && loss > 0.0);
     assert!(du.iter().any(|&x| x != 0.0) && dvh.iter().any(|&x| x != 0.0));
 
@@ -70,6 +70,6 @@ fn host_backend_errors_are_the_backend_errors() {
     let cfg = LoraConfig::builder(10, 4, 2).build().unwrap();
     let (w, u, vh) = (vec![0.0f32; 40], vec![0.0f32; 20], vec![0.0f32; 8]);
     let mut e = vec![0.0f32; 8];
-    let err = HostBackend::embed_forward(&Cpu::new(), &cfg, &Weights::host(&w, &u, &vh), &[1u32, 10], &mut e);
+    let err = HostBackend::embed_forward(&CpuReference::new(), &cfg, &Weights::host(&w, &u, &vh), &[1u32, 10], &mut e);
     assert_eq!(err, Err(tiedlora::Error::TokenOutOfRange { arg: "ids", index: 1, value: 10, vocab: 10 }));
 }

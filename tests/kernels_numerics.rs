@@ -13,7 +13,7 @@ use rand::rngs::StdRng;
 use rand::Rng;
 use rand_distr::{Distribution, StandardNormal};
 use tiedlora::kernels::CpuKernels;
-use tiedlora::{bf16, f16, Cpu, Element, LoraConfig};
+use tiedlora::{bf16, f16, CpuReference, Element, LoraConfig};
 
 /// The kernel variants of the fused cross-entropy: the default tile kernels
 /// and, with the feature `experimental-kernels`, `_mma`, `_wgmma`, and the
@@ -117,7 +117,7 @@ fn xent_nonfinite<T: Element>(name: &str, k: &CpuKernels, poison: Poison, softca
     let case = format!("{poison:?} softcap={softcap:?}");
     let backend = format!("{name} {}", T::DTYPE);
     let mut checks = Vec::new();
-    let (loss_ref, lse_ref) = Harness::xent_forward(&Cpu::new(), &cfg, wt, &h, &targets).unwrap();
+    let (loss_ref, lse_ref) = Harness::xent_forward(&CpuReference::new(), &cfg, wt, &h, &targets).unwrap();
     let (loss, lse) = Harness::xent_forward(k, &cfg, wt, &h, &targets).unwrap();
     if let Poison::InfNoNan = poison {
         if softcap.is_none() {
@@ -129,12 +129,13 @@ fn xent_nonfinite<T: Element>(name: &str, k: &CpuKernels, poison: Poison, softca
     // Without token 2 (token 4's target is ignored): a finite loss.
     let mut rest = targets.clone();
     rest[2] = -100;
-    let (loss_ref, _) = Harness::xent_forward(&Cpu::new(), &cfg, wt, &h, &rest).unwrap();
+    let (loss_ref, _) = Harness::xent_forward(&CpuReference::new(), &cfg, wt, &h, &rest).unwrap();
     let (loss, _) = Harness::xent_forward(k, &cfg, wt, &h, &rest).unwrap();
     checks.extend(nonfinite_checks(&case, &backend, "loss w/o token 2", &[loss as f64], &[loss_ref as f64], tol));
     // Backward, each backend from its own forward's lse.
     let mut g_ref = HostGrads::zeros(&cfg, true);
-    let dh_ref = Harness::xent_backward(&Cpu::new(), &cfg, wt, &h, &targets, &lse_ref, 1.0, &mut g_ref).unwrap();
+    let dh_ref =
+        Harness::xent_backward(&CpuReference::new(), &cfg, wt, &h, &targets, &lse_ref, 1.0, &mut g_ref).unwrap();
     let mut g_k = HostGrads::zeros(&cfg, true);
     let dh = Harness::xent_backward(k, &cfg, wt, &h, &targets, &lse, 1.0, &mut g_k).unwrap();
     checks.extend(nonfinite_checks(&case, &backend, "dh", &widen(&dh), &widen(&dh_ref), tol));
@@ -256,7 +257,7 @@ fn head_cancel_case<T: Element, G: Element>(
     let g: Vec<G> = x.iter().zip(&y).map(|(xv, yv)| G::from_f64(T::from_f64(alpha * xv + yv).to_f64())).collect();
     let wt = HostWeights { w: &w, u: &u, vh: &vh };
     let mut g_ref = HostGrads::zeros(&cfg, with_w);
-    let dh_ref = Harness::head_backward(&Cpu::new(), &cfg, wt, &h, &g, &mut g_ref).unwrap();
+    let dh_ref = Harness::head_backward(&CpuReference::new(), &cfg, wt, &h, &g, &mut g_ref).unwrap();
     let mut g_k = HostGrads::zeros(&cfg, with_w);
     let dh = Harness::head_backward(k, &cfg, wt, &h, &g, &mut g_k).unwrap();
     let mut tensors = vec![

@@ -8,7 +8,7 @@ use common::golden::rel_err;
 use common::harness::{widen, Harness, HostGrads, HostWeights};
 use common::rand_inputs::{fresh_rng, ids, normal};
 use rand::rngs::StdRng;
-use tiedlora::{bf16, f16, Cpu, Element, LoraConfig, Reduction};
+use tiedlora::{bf16, f16, CpuReference, Element, LoraConfig, Reduction};
 
 struct Case {
     cfg: LoraConfig,
@@ -68,7 +68,7 @@ const FD_TOL: f64 = 1e-3;
 #[test]
 fn xent_backward_matches_finite_differences() {
     let mut rng = fresh_rng("xent_fd");
-    let cpu = Cpu::new();
+    let cpu = CpuReference::new();
     for (softcap, reduction) in [(None, Reduction::Mean), (Some(3.0), Reduction::Sum)] {
         let mut c = case(&mut rng, 13, 7, 3, 6, softcap, reduction);
         let mut g = HostGrads::zeros(&c.cfg, true);
@@ -100,7 +100,7 @@ fn xent_backward_matches_finite_differences() {
 #[test]
 fn embed_and_head_backward_match_finite_differences() {
     let mut rng = fresh_rng("embed_head_fd");
-    let cpu = Cpu::new();
+    let cpu = CpuReference::new();
     let mut c = case(&mut rng, 9, 5, 2, 7, None, Reduction::Mean);
     c.ids[1] = c.ids[0]; // a duplicate id
     let t = c.ids.len();
@@ -141,7 +141,7 @@ fn embed_and_head_backward_match_finite_differences() {
 #[test]
 fn both_paths_add_into_one_shared_gradient() {
     let mut rng = fresh_rng("shared_grad");
-    let cpu = Cpu::new();
+    let cpu = CpuReference::new();
     let c = case(&mut rng, 31, 12, 4, 9, Some(5.0), Reduction::Mean);
     let d = c.cfg.hidden();
     let de: Vec<f32> = normal(&mut rng, c.ids.len() * d, 1.0);
@@ -179,7 +179,7 @@ fn ulp<T: Element>(x: f64) -> f64 {
 }
 
 fn merge_roundtrip<T: Element>(rng: &mut StdRng) {
-    let cpu = Cpu::with_threads(2);
+    let cpu = CpuReference::with_threads(2);
     let cfg = LoraConfig::builder(23, 10, 3).alpha(6.0).build().unwrap();
     let w: Vec<T> = normal(rng, 230, 1.0);
     let u: Vec<f32> = normal(rng, 69, 0.3);
@@ -216,7 +216,7 @@ fn merge_then_unmerge_restores_w_up_to_one_rounding() {
 #[test]
 fn cross_entropy_edge_cases() {
     let mut rng = fresh_rng("xent_edges");
-    let cpu = Cpu::new();
+    let cpu = CpuReference::new();
     let mut c = case(&mut rng, 40, 8, 2, 6, None, Reduction::Mean);
     // All targets ignored: loss 0 and zero gradients, not NaN.
     let all_ignored = vec![-100i64; 6];
@@ -233,9 +233,9 @@ fn cross_entropy_edge_cases() {
     let z = cpu.head_forward(&c.cfg, c.wt(), &c.h).unwrap();
     let v = c.cfg.vocab();
     let row: Vec<f64> = z[4 * v..5 * v].iter().map(|&x| x as f64).collect();
-    let want = tiedlora::cpu::logsumexp(&row) - row[7];
+    let want = tiedlora::reference::logsumexp(&row) - row[7];
     assert!((loss as f64 - want).abs() <= 1e-5 * want.abs(), "{loss} vs {want}");
-    assert!((lse[4] as f64 - tiedlora::cpu::logsumexp(&row)).abs() < 1e-5);
+    assert!((lse[4] as f64 - tiedlora::reference::logsumexp(&row)).abs() < 1e-5);
     // Extreme logits (|z| ~ 1e4): no overflow.
     c.h.iter_mut().for_each(|x| *x *= 3000.0);
     let (loss, lse) = cpu.xent_forward(&c.cfg, c.wt(), &c.h, &c.targets).unwrap();
@@ -251,16 +251,16 @@ fn cross_entropy_edge_cases() {
 fn results_are_deterministic_and_independent_of_threads() {
     let mut rng = fresh_rng("determinism");
     let c = case(&mut rng, 57, 16, 4, 11, Some(10.0), Reduction::Mean);
-    let run = |cpu: &Cpu| {
+    let run = |cpu: &CpuReference| {
         let (loss, lse) = cpu.xent_forward(&c.cfg, c.wt(), &c.h, &c.targets).unwrap();
         let mut g = HostGrads::zeros(&c.cfg, true);
         let dh = cpu.xent_backward(&c.cfg, c.wt(), &c.h, &c.targets, &lse, 1.0, &mut g).unwrap();
         (loss, lse, dh, g.lora_vocab, g.lora_hidden, g.w.unwrap())
     };
-    let a = run(&Cpu::with_threads(3));
-    let b = run(&Cpu::with_threads(3));
+    let a = run(&CpuReference::with_threads(3));
+    let b = run(&CpuReference::with_threads(3));
     assert_eq!(format!("{a:?}"), format!("{b:?}"), "same thread count must give identical bits");
-    let one = run(&Cpu::with_threads(1));
+    let one = run(&CpuReference::with_threads(1));
     assert!(rel_err(&widen(&one.3), &widen(&a.3)) < 1e-7);
     assert!(rel_err(&widen(&one.5), &widen(&a.5)) < 1e-7);
 }
@@ -280,7 +280,7 @@ fn sampled_row_checks_agree_with_the_reference_and_catch_a_wrong_row() {
     let h: Vec<f32> = normal(&mut rng, t * d, 1.0);
     let g: Vec<f32> = normal(&mut rng, t * v, 1.0);
     let wt = HostWeights { w: &w, u: &u, vh: &vh };
-    let cpu = Cpu::new();
+    let cpu = CpuReference::new();
     let mut logits = Harness::head_forward(&cpu, &cfg, wt, &h).unwrap();
     let mut grads = HostGrads::zeros(&cfg, false);
     let mut dh = Harness::head_backward(&cpu, &cfg, wt, &h, &g, &mut grads).unwrap();

@@ -63,7 +63,7 @@ pub(crate) const USAGE: &str = "usage: gpu_bench [--quick | --shapes gemma,llama
                  [--warmup N] [--iters N] [--copy-mib N] [--variants LIST]
   --quick        the small smoke shape only (T=512, V=8192, d=512, r=16)
   --shapes LIST  comma-separated: gemma (T=8192 V=256000 d=2304), llama (T=8192 V=128256 d=2048), quick
-  --verify       quick shape: every GPU path once, downloaded and compared with tiedlora::Cpu (no timing)
+  --verify       quick shape: every GPU path once, downloaded and compared with tiedlora::CpuReference (no timing)
   --out DIR      where results.json/results.md (verify.json/verify.md with --verify) go (default .)
   --warmup N     untimed calls per path (default 5)
   --iters N      timed calls per path, median reported (default 20; fewer is allowed but flagged)

@@ -7,7 +7,7 @@
 //! target/release/examples/gpu_bench                     # Gemma-2-2B and Llama-3.2-1B head shapes
 //! target/release/examples/gpu_bench --shapes llama --out results/
 //! target/release/examples/gpu_bench --quick             # small smoke shape (T=512, V=8192, d=512)
-//! target/release/examples/gpu_bench --verify            # quick shape, every GPU path vs tiedlora::Cpu
+//! target/release/examples/gpu_bench --verify            # quick shape, every GPU path vs tiedlora::CpuReference
 //! target/release/examples/gpu_bench --variants cublas,defer   # only these optional backends
 //! ```
 //!
@@ -56,7 +56,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use tiedlora::cuda::Cuda;
-use tiedlora::{bf16, Backend, Cpu, Element, Grads, LoraConfig, Weights};
+use tiedlora::{bf16, Backend, CpuReference, Element, Grads, LoraConfig, Weights};
 
 type Res<T> = Result<T, String>;
 

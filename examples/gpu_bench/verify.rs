@@ -1,4 +1,4 @@
-//! `--verify`: every GPU path at the quick shape against `tiedlora::Cpu`.
+//! `--verify`: every GPU path at the quick shape against `tiedlora::CpuReference`.
 
 use super::*;
 
@@ -18,7 +18,7 @@ pub(crate) fn run_verify(gpu: &Gpu, rep: &mut Report) -> Res<()> {
     let sh = QUICK;
     let m = Model::new(gpu, sh)?;
     let (t, v, d, r) = m.dims();
-    let cpu = Cpu::new();
+    let cpu = CpuReference::new();
     let mut h = gpu.alloc::<bf16>(t * d)?;
     gpu.fill_bf16(&mut h, 1.0, 10)?;
     let mut g = gpu.alloc::<bf16>(t * v)?;
@@ -28,9 +28,9 @@ pub(crate) fn run_verify(gpu: &Gpu, rep: &mut Report) -> Res<()> {
     let (ids, ids_host) = make_ids(gpu, t, v, 1)?;
     let (w, u, vh) = (to_f32(&down(gpu, &m.w)?), to_f32(&down(gpu, &m.u)?), to_f32(&down(gpu, &m.vh)?));
     let (hh, gh, deh) = (to_f32(&down(gpu, &h)?), to_f32(&down(gpu, &g)?), to_f32(&down(gpu, &de)?));
-    let cw = Weights::<Cpu, f32> { w: &w, lora_vocab: &u, lora_hidden: &vh };
+    let cw = Weights::<CpuReference, f32> { w: &w, lora_vocab: &u, lora_hidden: &vh };
     let zero_u = vec![0f32; v * r];
-    let cw0 = Weights::<Cpu, f32> { w: &w, lora_vocab: &zero_u, lora_hidden: &vh };
+    let cw0 = Weights::<CpuReference, f32> { w: &w, lora_vocab: &zero_u, lora_hidden: &vh };
     let wide = |x: &[f32]| x.iter().map(|&y| f64::from(y)).collect::<Vec<f64>>();
     let cpu_t0 = Instant::now();
 
@@ -84,7 +84,7 @@ pub(crate) fn run_verify(gpu: &Gpu, rep: &mut Report) -> Res<()> {
     // head backward
     let (mut dh_c, mut du_c, mut dvh_c) = (vec![0f32; t * d], vec![0f32; v * r], vec![0f32; r * d]);
     {
-        let mut gr = Grads::<Cpu> { lora_vocab: &mut du_c, lora_hidden: &mut dvh_c, w: None };
+        let mut gr = Grads::<CpuReference> { lora_vocab: &mut du_c, lora_hidden: &mut dvh_c, w: None };
         tl(cpu.head_backward::<f32, f32>(&m.cfg, &cw, &hh, &gh, &mut dh_c, &mut gr))?;
     }
     let (dh_c, du_c, dvh_c) = (wide(&dh_c), wide(&du_c), wide(&dvh_c));
@@ -145,7 +145,7 @@ pub(crate) fn run_verify(gpu: &Gpu, rep: &mut Report) -> Res<()> {
     // embedding backward
     let (mut du_c, mut dvh_c) = (vec![0f32; v * r], vec![0f32; r * d]);
     {
-        let mut gr = Grads::<Cpu> { lora_vocab: &mut du_c, lora_hidden: &mut dvh_c, w: None };
+        let mut gr = Grads::<CpuReference> { lora_vocab: &mut du_c, lora_hidden: &mut dvh_c, w: None };
         tl(cpu.embed_backward::<f32, f32, u32>(&m.cfg, &cw, &ids_host, &deh, &mut gr))?;
     }
     let (du_c, dvh_c) = (wide(&du_c), wide(&dvh_c));
@@ -172,7 +172,7 @@ pub(crate) fn run_verify(gpu: &Gpu, rep: &mut Report) -> Res<()> {
     let mut loss_c = [0f32];
     tl(cpu.head_xent_forward::<f32, u32>(&xcfg, &cw, &hh, &ids_host, &mut loss_c, &mut lse_c))?;
     {
-        let mut gr = Grads::<Cpu> { lora_vocab: &mut du_c, lora_hidden: &mut dvh_c, w: None };
+        let mut gr = Grads::<CpuReference> { lora_vocab: &mut du_c, lora_hidden: &mut dvh_c, w: None };
         tl(cpu.head_xent_backward::<f32, u32>(&xcfg, &cw, &hh, &ids_host, &lse_c, 1.0, &mut dh_c, &mut gr))?;
     }
     let (mut loss, mut lse) = (gpu.zeros::<f32>(1)?, gpu.zeros::<f32>(t)?);

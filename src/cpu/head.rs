@@ -1,21 +1,16 @@
-//! Reference LM head: `z = h Wᵀ + s·(h Vhᵀ) Uᵀ` and its backward. The logit
-//! row and the backward-from-one-row pieces are shared with the fused
+//! The LM head on f32 GEMMs, one vocabulary block at a time:
+//! `z_b = [h | s·p]·[W_b | U_b]ᵀ`, and the backward shared with the fused
 //! cross-entropy (`xent.rs`), which only differs in where G comes from.
 
-use super::math::{add_into, dot, project_hidden, widen};
-use super::parallel::for_row_chunks;
+use super::blocks::{blocks, hidden_aug, par_map, split_rows, vocab_block, weight_aug, TOKEN_BLOCK};
+use super::convert::{narrow_into, widen_into};
+use super::gemm::{gemm, Mat, MatMut};
 use crate::config::LoraConfig;
 use crate::dtype::Element;
+use crate::host::parallel::{for_row_chunks, ranges};
+use std::ops::Range;
 
-/// One logit row: `z[v] = W[v]·h_t + s·U[v]·p_t` with `p_t = h_t Vhᵀ`.
-pub fn logit_row<T: Element>(cfg: &LoraConfig, w: &[T], lora_vocab: &[f32], h_row: &[f64], p: &[f64], z: &mut [f64]) {
-    let (d, r) = (cfg.hidden(), cfg.rank());
-    let s = cfg.scale();
-    for (v, zv) in z.iter_mut().enumerate() {
-        *zv = dot(&w[v * d..(v + 1) * d], h_row) + s * dot(&lora_vocab[v * r..(v + 1) * r], p);
-    }
-}
-
+/// `logits = h Wᵀ + s·(h Vhᵀ) Uᵀ`, token rows split over the threads.
 pub fn forward<T: Element>(
     cfg: &LoraConfig,
     threads: usize,
@@ -26,32 +21,49 @@ pub fn forward<T: Element>(
     logits: &mut [T],
 ) {
     let (v, d, r) = (cfg.vocab(), cfg.hidden(), cfg.rank());
-    for_row_chunks(logits, v, threads, |rows, chunk| {
-        let mut p = vec![0f64; r];
-        let mut z = vec![0f64; v];
-        for (t, out_row) in rows.zip(chunk.chunks_exact_mut(v)) {
-            let h_row = widen(&h[t * d..(t + 1) * d]);
-            project_hidden(&h_row, lora_hidden, r, &mut p);
-            logit_row(cfg, w, lora_vocab, &h_row, &p, &mut z);
-            for (o, &zv) in out_row.iter_mut().zip(&z) {
-                *o = T::from_f64(zv);
+    let k = d + r;
+    let hp = hidden_aug(cfg, h, lora_hidden);
+    let vblock = vocab_block(cfg);
+    for_row_chunks(logits, v, threads, |rows, out| {
+        let mut wa = Vec::new();
+        let mut z = vec![0f32; TOKEN_BLOCK * vblock];
+        for vb in blocks(0..v, vblock) {
+            weight_aug(cfg, w, lora_vocab, vb.clone(), &mut wa);
+            for tb in blocks(rows.clone(), TOKEN_BLOCK) {
+                let (tn, vn) = (tb.len(), vb.len());
+                gemm(
+                    1.0,
+                    Mat::rows(&hp[tb.start * k..], tn, k, k),
+                    Mat::rows(&wa, vn, k, k).t(),
+                    0.0,
+                    MatMut::rows(&mut z, tn, vn, vn),
+                );
+                for (i, t) in tb.enumerate() {
+                    let o = (t - rows.start) * v + vb.start;
+                    narrow_into(&mut out[o..o + vn], &z[i * vn..(i + 1) * vn]);
+                }
             }
         }
     });
 }
 
-/// f64 partial sums of the parameter gradients over a range of rows.
-pub struct Partial {
-    pub lora_vocab: Vec<f64>,
-    pub lora_hidden: Vec<f64>,
-    pub w: Option<Vec<f64>>,
+/// Fills the G tile `[tb.len(), vb.len()]` (row-major, f32) for tokens `tb`
+/// and vocabulary entries `vb`, given the augmented hidden rows `hp` and the
+/// block's augmented weights `wa` `[vb.len(), d + r]`.
+pub trait GradTile: Sync {
+    /// Writes ∂L/∂z for the tile into `g`.
+    fn fill(&self, tb: Range<usize>, vb: Range<usize>, hp: &[f32], wa: &[f32], g: &mut [f32]);
 }
 
-/// The head backward for any source of G rows. `g_row(t, g)` fills `g` [V] with
-/// ∂L/∂z_t. Writes `dh` [T, d] and adds the parameter gradients into the
-/// f32 accumulators (one rounding per element).
+/// The head backward for any source of G: writes `dh` [T, d] and adds the
+/// parameter gradients into the f32 accumulators.
+///
+/// The vocabulary is split over the threads (each owns its rows of dU and
+/// dW); each thread sums `G·[W_b | U_b]` over its blocks into its own
+/// `[T, d + r]` partial, and the partials are summed in thread order, so
+/// results depend only on the thread count.
 #[allow(clippy::too_many_arguments)]
-pub fn backward_from_rows<T: Element, F>(
+pub fn backward<T: Element, F: GradTile>(
     cfg: &LoraConfig,
     threads: usize,
     w: &[T],
@@ -62,79 +74,103 @@ pub fn backward_from_rows<T: Element, F>(
     grad_lora_vocab: &mut [f32],
     grad_lora_hidden: &mut [f32],
     grad_w: Option<&mut [f32]>,
-    g_row: F,
-) where
-    F: Fn(usize, &[f64], &[f64], &mut [f64]) + Sync,
-{
+    tile: &F,
+) {
     let (v, d, r) = (cfg.vocab(), cfg.hidden(), cfg.rank());
-    let s = cfg.scale();
+    let k = d + r;
+    let t = h.len() / d;
+    let s = cfg.scale() as f32;
+    let hp = hidden_aug(cfg, h, lora_hidden);
+    let vblock = vocab_block(cfg);
     let want_w = grad_w.is_some();
-    let partials = for_row_chunks(dh, d, threads, |rows, chunk| {
-        let mut part = Partial {
-            lora_vocab: vec![0f64; v * r],
-            lora_hidden: vec![0f64; r * d],
-            w: want_w.then(|| vec![0f64; v * d]),
-        };
-        let mut p = vec![0f64; r];
-        let mut g = vec![0f64; v];
-        let mut gu = vec![0f64; r];
-        for (t, dh_row) in rows.zip(chunk.chunks_exact_mut(d)) {
-            let h_row = widen(&h[t * d..(t + 1) * d]);
-            project_hidden(&h_row, lora_hidden, r, &mut p);
-            g_row(t, &h_row, &p, &mut g);
-            // gU = G_t · U  (r values)
-            gu.iter_mut().for_each(|x| *x = 0.0);
-            for (vi, &gv) in g.iter().enumerate() {
-                for j in 0..r {
-                    gu[j] += gv * lora_vocab[vi * r + j] as f64;
+    // Columns of [h | s·p] the parameter gradient needs: all for dW and dU, the
+    // last r (s·p) for dU alone.
+    let (col0, kk) = if want_w { (0, k) } else { (d, r) };
+
+    let parts = ranges(v, threads);
+    let du_parts = split_rows(grad_lora_vocab, r, &parts);
+    let dw_parts: Vec<Option<&mut [f32]>> = match grad_w {
+        Some(gw) => split_rows(gw, d, &parts).into_iter().map(Some).collect(),
+        None => parts.iter().map(|_| None).collect(),
+    };
+    let items: Vec<_> = parts.into_iter().zip(du_parts).zip(dw_parts).collect();
+    let partials = par_map(items, |((range, du), mut dw)| {
+        let mut acc = vec![0f32; t * k];
+        let mut wa = Vec::new();
+        let mut g = vec![0f32; TOKEN_BLOCK * vblock];
+        let mut dwa = vec![0f32; vblock * kk];
+        for vb in blocks(range.clone(), vblock) {
+            let vn = vb.len();
+            weight_aug(cfg, w, lora_vocab, vb.clone(), &mut wa);
+            dwa[..vn * kk].iter_mut().for_each(|x| *x = 0.0);
+            for tb in blocks(0..t, TOKEN_BLOCK) {
+                let tn = tb.len();
+                tile.fill(tb.clone(), vb.clone(), &hp, &wa, &mut g[..tn * vn]);
+                // [dh | G·U] += G·[W_b | U_b]
+                gemm(
+                    1.0,
+                    Mat::rows(&g, tn, vn, vn),
+                    Mat::rows(&wa, vn, k, k),
+                    1.0,
+                    MatMut::rows(&mut acc[tb.start * k..], tn, k, k),
+                );
+                // [dW_b | dU_b] += Gᵀ·[h | s·p]
+                gemm(
+                    1.0,
+                    Mat::rows(&g, tn, vn, vn).t(),
+                    Mat::rows(&hp[tb.start * k + col0..], tn, kk, k),
+                    1.0,
+                    MatMut::rows(&mut dwa, vn, kk, kk),
+                );
+            }
+            let off = vb.start - range.start;
+            for (i, row) in dwa[..vn * kk].chunks_exact(kk).enumerate() {
+                let vi = off + i;
+                for (a, &b) in du[vi * r..(vi + 1) * r].iter_mut().zip(&row[kk - r..]) {
+                    *a += b;
                 }
-            }
-            // dh_t = G_t W + s (G_t U) Vh
-            for (k, o) in dh_row.iter_mut().enumerate() {
-                let base: f64 = g.iter().enumerate().map(|(vi, &gv)| gv * w[vi * d + k].to_f64()).sum();
-                let lora: f64 = (0..r).map(|j| gu[j] * lora_hidden[j * d + k] as f64).sum();
-                *o = T::from_f64(base + s * lora);
-            }
-            // dU[v] += s G_t[v] p_t ; dVh[j] += s gU[j] h_t ; dW[v] += G_t[v] h_t
-            for (vi, &gv) in g.iter().enumerate() {
-                for j in 0..r {
-                    part.lora_vocab[vi * r + j] += s * gv * p[j];
-                }
-            }
-            for j in 0..r {
-                for k in 0..d {
-                    part.lora_hidden[j * d + k] += s * gu[j] * h_row[k];
-                }
-            }
-            if let Some(pw) = part.w.as_mut() {
-                for (vi, &gv) in g.iter().enumerate() {
-                    for k in 0..d {
-                        pw[vi * d + k] += gv * h_row[k];
+                if let Some(dw) = dw.as_deref_mut() {
+                    for (a, &b) in dw[vi * d..(vi + 1) * d].iter_mut().zip(&row[..d]) {
+                        *a += b;
                     }
                 }
             }
         }
-        part
+        acc
     });
-    // Combine the partials in row order, then round once into the f32 buffers.
-    let mut total =
-        Partial { lora_vocab: vec![0f64; v * r], lora_hidden: vec![0f64; r * d], w: want_w.then(|| vec![0f64; v * d]) };
-    for part in &partials {
-        sum_into(&mut total.lora_vocab, &part.lora_vocab);
-        sum_into(&mut total.lora_hidden, &part.lora_hidden);
-        if let (Some(tw), Some(pw)) = (total.w.as_mut(), part.w.as_ref()) {
-            sum_into(tw, pw);
+    // Fixed order: partial 0, then 1, ...
+    let mut parts = partials.into_iter();
+    let mut acc = parts.next().expect("at least one vocabulary range");
+    for p in parts {
+        for (a, b) in acc.iter_mut().zip(&p) {
+            *a += b;
         }
     }
-    add_into(grad_lora_vocab, &total.lora_vocab);
-    add_into(grad_lora_hidden, &total.lora_hidden);
-    if let (Some(gw), Some(tw)) = (grad_w, total.w) {
-        add_into(gw, &tw);
+    // dVh += s·(G·U)ᵀ·h
+    gemm(s, Mat::rows(&acc[d..], t, r, k).t(), Mat::rows(&hp, t, d, k), 1.0, MatMut::rows(grad_lora_hidden, r, d, d));
+    // dh = G·W + s·(G·U)·Vh
+    let mut dh32 = vec![0f32; t * d];
+    for (dst, src) in dh32.chunks_exact_mut(d).zip(acc.chunks_exact(k)) {
+        dst.copy_from_slice(&src[..d]);
     }
+    gemm(s, Mat::rows(&acc[d..], t, r, k), Mat::rows(lora_hidden, r, d, d), 1.0, MatMut::rows(&mut dh32, t, d, d));
+    narrow_into(dh, &dh32);
 }
 
-fn sum_into(acc: &mut [f64], part: &[f64]) {
-    for (a, &p) in acc.iter_mut().zip(part) {
-        *a += p;
+/// G from an upstream `d_logits` [T, V] of any storage dtype.
+pub struct GivenGrad<'a, G> {
+    /// ∂L/∂logits, row-major [T, V].
+    pub d_logits: &'a [G],
+    /// V.
+    pub vocab: usize,
+}
+
+impl<G: Element> GradTile for GivenGrad<'_, G> {
+    fn fill(&self, tb: Range<usize>, vb: Range<usize>, _hp: &[f32], _wa: &[f32], g: &mut [f32]) {
+        let vn = vb.len();
+        for (row, t) in g.chunks_exact_mut(vn).zip(tb) {
+            let o = t * self.vocab + vb.start;
+            widen_into(row, &self.d_logits[o..o + vn]);
+        }
     }
 }

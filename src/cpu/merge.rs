@@ -1,8 +1,14 @@
-//! Reference merge / unmerge: `W ± s·U·Vh`, computed in f64 and rounded once to W's dtype.
+//! Merge / unmerge: `W ± s·U·Vh`, the product on f32 GEMMs per block of rows,
+//! the sum rounded once to W's dtype.
 
-use super::parallel::for_row_chunks;
+use super::blocks::blocks;
+use super::gemm::{gemm, Mat, MatMut};
 use crate::config::LoraConfig;
 use crate::dtype::Element;
+use crate::host::parallel::for_row_chunks;
+
+/// Rows of W per GEMM.
+const ROW_BLOCK: usize = 256;
 
 /// `sign` = +1 merges, −1 unmerges.
 pub fn apply<T: Element>(
@@ -16,11 +22,19 @@ pub fn apply<T: Element>(
     let (d, r) = (cfg.hidden(), cfg.rank());
     let s = sign * cfg.scale();
     for_row_chunks(w, d, threads, |rows, chunk| {
-        for (v, w_row) in rows.zip(chunk.chunks_exact_mut(d)) {
-            let u_row = &lora_vocab[v * r..(v + 1) * r];
-            for (k, wk) in w_row.iter_mut().enumerate() {
-                let delta: f64 = (0..r).map(|j| u_row[j] as f64 * lora_hidden[j * d + k] as f64).sum();
-                *wk = T::from_f64(wk.to_f64() + s * delta);
+        let mut delta = vec![0f32; ROW_BLOCK * d];
+        for b in blocks(rows.clone(), ROW_BLOCK) {
+            let n = b.len();
+            gemm(
+                1.0,
+                Mat::rows(&lora_vocab[b.start * r..], n, r, r),
+                Mat::rows(lora_hidden, r, d, d),
+                0.0,
+                MatMut::rows(&mut delta, n, d, d),
+            );
+            let o = (b.start - rows.start) * d;
+            for (wk, &dl) in chunk[o..o + n * d].iter_mut().zip(&delta) {
+                *wk = T::from_f64(wk.to_f64() + s * dl as f64);
             }
         }
     });

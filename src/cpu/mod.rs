@@ -1,33 +1,40 @@
-//! The CPU reference backend: f64 accumulation, code that reads like the
-//! formulas in DESIGN.md §2. It is the yardstick the kernels are tested
-//! against, and a usable backend for small models and tests.
+//! The fast CPU backend: f32 arithmetic on blocked, vectorised GEMMs
+//! (`matrixmultiply`), with f64 only where a reduction needs it (the
+//! log-sum-exp sums, the loss, the per-id sums of the embedding backward).
+//!
+//! The head and the fused cross-entropy have the structure of the GPU kernels:
+//! one GEMM per tile over d + r columns, `[h | s·p]·[W_b | U_b]ᵀ` with
+//! `p = h·Vhᵀ`, so the LoRA term rides along as r extra columns; the
+//! cross-entropy walks the vocabulary in blocks with an online log-sum-exp and
+//! never holds a [T, V] buffer. f16 / bf16 weights are widened to f32 one
+//! vocabulary block at a time. Results are checked against the f64 reference
+//! ([`crate::CpuReference`]) with the kernels' tolerances (by storage dtype, DESIGN.md §3).
+//!
+//! Threads: scoped threads over token rows (head forward, embedding forward,
+//! merge) or over vocabulary ranges (head backward, cross-entropy forward and
+//! backward), partial results combined in a fixed order, so every result is
+//! bitwise deterministic for a given thread count and input (on a given
+//! machine: the GEMM picks its SIMD kernel at run time).
+//!
+//! Like the reference, it computes the cross-entropy backward exactly: the
+//! kernels' optional gradient filter (`LoraConfigBuilder::xent_grad_filter`)
+//! is ignored.
 
-// The reference spells the formulas with explicit indices on purpose: a reader
-// checks `dU[v*r + j] += s * G[v] * p[j]` against DESIGN.md line by line.
-#![allow(clippy::needless_range_loop)]
-
+mod blocks;
+mod convert;
 mod embed;
+mod expf;
+mod gemm;
 mod head;
-mod math;
 mod merge;
-pub(crate) mod parallel;
 mod xent;
-
-pub use xent::logsumexp;
-
-mod checked;
-
-pub(crate) use checked::{checked_host_backend, GradBufs, HostOps, Params};
 
 use crate::config::LoraConfig;
 use crate::dtype::{Element, TokenId};
-use crate::validate::{GradLens, WeightLens};
+use crate::host::{checked_host_backend, GradBufs, HostOps, Params};
 
-/// The CPU reference backend. Buffers are host slices.
-///
-/// Ops that loop over token rows (embedding, head and cross-entropy forward
-/// and backward, merge) split the rows over `threads` scoped threads; partial
-/// gradients are summed in row order, so results depend only on the thread count.
+/// The fast CPU backend (f32 GEMMs, fused cross-entropy, all cores). Buffers
+/// are host slices, as for [`crate::CpuReference`]; see the module docs.
 #[derive(Debug, Clone)]
 pub struct Cpu {
     threads: usize,
@@ -57,17 +64,7 @@ impl Cpu {
     }
 }
 
-/// Lengths of host-slice weights (shared by every host-buffer backend).
-pub(crate) fn weight_lens<T>(w: &[T], u: &[f32], vh: &[f32]) -> WeightLens {
-    WeightLens { w: w.len(), lora_vocab: u.len(), lora_hidden: vh.len() }
-}
-
-/// Lengths of host-slice gradients.
-pub(crate) fn grad_lens(u: &[f32], vh: &[f32], w: Option<&[f32]>) -> GradLens {
-    GradLens { lora_vocab: u.len(), lora_hidden: vh.len(), w: w.map(<[f32]>::len) }
-}
-
-checked_host_backend!(Cpu, "cpu-reference");
+checked_host_backend!(Cpu, "cpu-fast");
 
 impl HostOps for Cpu {
     fn embed_forward<T: Element, I: TokenId>(
@@ -104,13 +101,8 @@ impl HostOps for Cpu {
         dh: &mut [T],
         (du, dvh, dw): GradBufs<'_, '_>,
     ) {
-        let v = cfg.vocab();
-        let g_row = |t: usize, _h: &[f64], _p: &[f64], g: &mut [f64]| {
-            for (gv, &x) in g.iter_mut().zip(&d_logits[t * v..(t + 1) * v]) {
-                *gv = x.to_f64();
-            }
-        };
-        head::backward_from_rows(cfg, self.threads, w, u, vh, h, dh, du, dvh, dw, g_row);
+        let given = head::GivenGrad { d_logits, vocab: cfg.vocab() };
+        head::backward(cfg, self.threads, w, u, vh, h, dh, du, dvh, dw, &given);
     }
 
     fn head_xent_forward<T: Element, I: TokenId>(
@@ -135,7 +127,8 @@ impl HostOps for Cpu {
         dh: &mut [T],
         (du, dvh, dw): GradBufs<'_, '_>,
     ) {
-        xent::backward(cfg, self.threads, w, u, vh, h, targets, lse, grad_loss, dh, du, dvh, dw);
+        let grad = xent::XentGrad::new(cfg, targets, lse, grad_loss);
+        head::backward(cfg, self.threads, w, u, vh, h, dh, du, dvh, dw, &grad);
     }
 
     fn merge<T: Element>(&self, cfg: &LoraConfig, sign: f64, w: &mut [T], u: &[f32], vh: &[f32]) {

@@ -1,40 +1,106 @@
-//! Reference fused head + cross-entropy, one token row at a time: memory O(V)
-//! per worker, never [T, V].
+//! Fused head + cross-entropy over vocabulary blocks with an online
+//! log-sum-exp: never a [T, V] buffer, only `[T_b, V_b]` tiles.
 //!
 //! `z' = κ·tanh(z/κ)` (or z), `loss_t = lse(z'_t) − z'_t[y_t]`,
 //! `G_t = (softmax(z'_t) − onehot(y_t)) · (1 − tanh²(z_t/κ)) · grad_loss / N`.
+//! Logits and exponentials are f32 (vectorised `exp` and `tanh`, `expf.rs`); the
+//! per-token sums of exponentials, the log-sum-exp and the loss sum are f64.
 
-use super::head::{backward_from_rows, logit_row};
-use super::math::{project_hidden, widen};
-use super::parallel::for_row_chunks;
+use super::blocks::{blocks, hidden_aug, par_map, vocab_block, weight_aug, TOKEN_BLOCK};
+use super::expf::{exp, sum_exp, tanh};
+use super::gemm::{gemm, Mat, MatMut};
+use super::head::GradTile;
 use crate::config::LoraConfig;
 use crate::dtype::{Element, TokenId};
+use crate::host::parallel::ranges;
 use crate::validate::is_ignored;
+use std::ops::Range;
 
-/// Applies the softcap in place; returns nothing, `z` becomes z'.
-fn softcap(kappa: Option<f64>, z: &mut [f64]) {
-    if let Some(k) = kappa {
-        for x in z.iter_mut() {
-            *x = k * (*x / k).tanh();
+/// Online log-sum-exp state of one token: running max `m` (NaN ignored),
+/// `sum` of `exp(z − m)`, and whether a NaN was seen.
+#[derive(Clone, Copy)]
+struct Lse {
+    m: f64,
+    sum: f64,
+    nan: bool,
+}
+
+impl Lse {
+    const EMPTY: Lse = Lse { m: f64::NEG_INFINITY, sum: 0.0, nan: false };
+
+    /// Merges another partial state into this one.
+    fn merge(&mut self, o: Lse) {
+        self.nan |= o.nan;
+        if o.m == f64::NEG_INFINITY {
+            return;
+        }
+        if self.m == f64::NEG_INFINITY {
+            self.m = o.m;
+            self.sum = o.sum;
+            return;
+        }
+        let m = self.m.max(o.m);
+        if m.is_infinite() {
+            // +inf max: the result is +inf (or NaN); the sum no longer matters.
+            self.m = m;
+            self.sum = 1.0;
+            return;
+        }
+        self.sum = self.sum * (self.m - m).exp() + o.sum * (o.m - m).exp();
+        self.m = m;
+    }
+
+    /// State of one row of (softcapped) logits.
+    fn of_row(z: &[f32]) -> Lse {
+        let mut m = f32::NEG_INFINITY;
+        let mut nan = false;
+        for &x in z {
+            if x > m {
+                m = x;
+            }
+            nan |= x.is_nan();
+        }
+        if !m.is_finite() {
+            return Lse { m: m as f64, sum: 1.0, nan };
+        }
+        Lse { m: m as f64, sum: sum_exp(z, m), nan }
+    }
+
+    fn value(self) -> f64 {
+        if self.nan {
+            f64::NAN
+        } else if self.m.is_infinite() {
+            self.m
+        } else {
+            self.m + self.sum.ln()
         }
     }
 }
 
-/// logsumexp with max-shift. NaN anywhere gives NaN; an infinite max gives that max.
-pub fn logsumexp(z: &[f64]) -> f64 {
-    let m = z.iter().fold(f64::NEG_INFINITY, |m, &x| if x > m { x } else { m });
-    if m.is_infinite() {
-        return if z.iter().any(|x| x.is_nan()) { f64::NAN } else { m };
+/// Applies the softcap in place.
+fn softcap(kappa: Option<f64>, z: &mut [f32]) {
+    if let Some(k) = kappa {
+        let k = k as f32;
+        for x in z.iter_mut() {
+            *x = k * tanh(*x / k);
+        }
     }
-    m + z.iter().map(|&x| (x - m).exp()).sum::<f64>().ln()
+}
+
+/// `z = [h | s·p]·[W_b | U_b]ᵀ` for the tile.
+fn logits_tile(k: usize, tb: &Range<usize>, vn: usize, hp: &[f32], wa: &[f32], z: &mut [f32]) {
+    let tn = tb.len();
+    gemm(1.0, Mat::rows(&hp[tb.start * k..], tn, k, k), Mat::rows(wa, vn, k, k).t(), 0.0, MatMut::rows(z, tn, vn, vn));
 }
 
 /// Number of targets that count (not `ignore_index`).
-pub fn valid_count<I: TokenId>(cfg: &LoraConfig, targets: &[I]) -> usize {
+fn valid_count<I: TokenId>(cfg: &LoraConfig, targets: &[I]) -> usize {
     targets.iter().filter(|&&t| !is_ignored(t, cfg.ignore_index())).count()
 }
 
-/// Writes `lse` [T] (every row, ignored ones included) and returns the reduced loss.
+/// Writes `lse` [T] (every row, ignored ones included) and returns the
+/// reduced loss. The vocabulary is split over the threads; their partial
+/// log-sum-exp states are merged in thread order.
 #[allow(clippy::too_many_arguments)]
 pub fn forward<T: Element, I: TokenId>(
     cfg: &LoraConfig,
@@ -47,78 +113,119 @@ pub fn forward<T: Element, I: TokenId>(
     lse: &mut [f32],
 ) -> f32 {
     let (v, d, r) = (cfg.vocab(), cfg.hidden(), cfg.rank());
-    let partial_sums = for_row_chunks(lse, 1, threads, |rows, chunk| {
-        let mut p = vec![0f64; r];
-        let mut z = vec![0f64; v];
-        let mut sum = 0f64;
-        for (t, lse_t) in rows.zip(chunk.iter_mut()) {
-            let h_row = widen(&h[t * d..(t + 1) * d]);
-            project_hidden(&h_row, lora_hidden, r, &mut p);
-            logit_row(cfg, w, lora_vocab, &h_row, &p, &mut z);
-            softcap(cfg.logit_softcap(), &mut z);
-            let l = logsumexp(&z);
-            *lse_t = l as f32;
-            if !is_ignored(targets[t], cfg.ignore_index()) {
-                sum += l - z[targets[t].to_i64() as usize];
+    let k = d + r;
+    let t = targets.len();
+    let hp = hidden_aug(cfg, h, lora_hidden);
+    let vblock = vocab_block(cfg);
+    let kappa = cfg.logit_softcap();
+    let target = |ti: usize| -> Option<usize> {
+        let y = targets[ti];
+        (!is_ignored(y, cfg.ignore_index())).then(|| y.to_i64() as usize)
+    };
+    let partials = par_map(ranges(v, threads), |range| {
+        let mut state = vec![Lse::EMPTY; t];
+        let mut zy = vec![0f64; t];
+        let mut wa = Vec::new();
+        let mut z = vec![0f32; TOKEN_BLOCK * vblock];
+        for vb in blocks(range, vblock) {
+            let vn = vb.len();
+            weight_aug(cfg, w, lora_vocab, vb.clone(), &mut wa);
+            for tb in blocks(0..t, TOKEN_BLOCK) {
+                let z = &mut z[..tb.len() * vn];
+                logits_tile(k, &tb, vn, &hp, &wa, z);
+                softcap(kappa, z);
+                for (row, ti) in z.chunks_exact(vn).zip(tb) {
+                    state[ti].merge(Lse::of_row(row));
+                    if let Some(y) = target(ti) {
+                        if vb.contains(&y) {
+                            zy[ti] = row[y - vb.start] as f64;
+                        }
+                    }
+                }
             }
         }
-        sum
+        (state, zy)
     });
-    let total: f64 = partial_sums.iter().sum();
+    let mut total = 0f64;
+    for ti in 0..t {
+        let mut s = Lse::EMPTY;
+        let mut zy = 0f64;
+        for (state, zys) in &partials {
+            s.merge(state[ti]);
+            zy += zys[ti]; // exactly one partial holds the target's logit
+        }
+        let l = s.value();
+        lse[ti] = l as f32;
+        if target(ti).is_some() {
+            total += l - zy;
+        }
+    }
     (total * cfg.loss_scale(valid_count(cfg, targets))) as f32
 }
 
-/// Recomputes each logit row, forms G_t and runs the shared head backward.
-#[allow(clippy::too_many_arguments)]
-pub fn backward<T: Element, I: TokenId>(
-    cfg: &LoraConfig,
-    threads: usize,
-    w: &[T],
-    lora_vocab: &[f32],
-    lora_hidden: &[f32],
-    h: &[T],
-    targets: &[I],
-    lse: &[f32],
-    grad_loss: f32,
-    dh: &mut [T],
-    grad_lora_vocab: &mut [f32],
-    grad_lora_hidden: &mut [f32],
-    grad_w: Option<&mut [f32]>,
-) {
-    let n = valid_count(cfg, targets);
-    let factor = grad_loss as f64 * cfg.loss_scale(n);
-    let kappa = cfg.logit_softcap();
-    let g_row = |t: usize, h_row: &[f64], p: &[f64], g: &mut [f64]| {
-        let target = targets[t];
-        if n == 0 || is_ignored(target, cfg.ignore_index()) {
+/// G of the cross-entropy, recomputed tile by tile from the forward's `lse`.
+pub struct XentGrad<'a, I> {
+    cfg: &'a LoraConfig,
+    targets: &'a [I],
+    lse: &'a [f32],
+    factor: f32,
+    valid: usize,
+}
+
+impl<'a, I: TokenId> XentGrad<'a, I> {
+    /// G for `targets` scaled by `grad_loss` and the loss reduction.
+    pub fn new(cfg: &'a LoraConfig, targets: &'a [I], lse: &'a [f32], grad_loss: f32) -> Self {
+        let valid = valid_count(cfg, targets);
+        let factor = (grad_loss as f64 * cfg.loss_scale(valid)) as f32;
+        XentGrad { cfg, targets, lse, factor, valid }
+    }
+}
+
+impl<I: TokenId> GradTile for XentGrad<'_, I> {
+    fn fill(&self, tb: Range<usize>, vb: Range<usize>, hp: &[f32], wa: &[f32], g: &mut [f32]) {
+        let vn = vb.len();
+        let k = self.cfg.hidden() + self.cfg.rank();
+        let all_ignored = tb.clone().all(|ti| self.valid == 0 || is_ignored(self.targets[ti], self.cfg.ignore_index()));
+        if all_ignored {
             g.iter_mut().for_each(|x| *x = 0.0);
             return;
         }
-        logit_row(cfg, w, lora_vocab, h_row, p, g);
-        let (lse_t, y) = (lse[t] as f64, target.to_i64() as usize);
-        for (v, gv) in g.iter_mut().enumerate() {
-            let (capped, slope) = match kappa {
-                Some(k) => {
-                    let th = (*gv / k).tanh();
-                    (k * th, 1.0 - th * th)
+        logits_tile(k, &tb, vn, hp, wa, g);
+        let factor = self.factor;
+        let kappa = self.cfg.logit_softcap().map(|x| x as f32);
+        for (row, ti) in g.chunks_exact_mut(vn).zip(tb) {
+            let y = self.targets[ti];
+            if is_ignored(y, self.cfg.ignore_index()) {
+                row.iter_mut().for_each(|x| *x = 0.0);
+                continue;
+            }
+            let lse_t = self.lse[ti];
+            let y = y.to_i64() as usize;
+            // The target's raw logit, before the row is turned into G.
+            let target_z = vb.contains(&y).then(|| row[y - vb.start]);
+            match kappa {
+                Some(kp) => {
+                    for x in row.iter_mut() {
+                        let th = tanh(*x / kp);
+                        *x = exp(kp * th - lse_t) * (1.0 - th * th) * factor;
+                    }
                 }
-                None => (*gv, 1.0),
-            };
-            let onehot = if v == y { 1.0 } else { 0.0 };
-            *gv = ((capped - lse_t).exp() - onehot) * slope * factor;
+                None => {
+                    for x in row.iter_mut() {
+                        *x = exp(*x - lse_t) * factor;
+                    }
+                }
+            }
+            if let Some(z) = target_z {
+                let slope = match kappa {
+                    Some(kp) => {
+                        let th = tanh(z / kp);
+                        1.0 - th * th
+                    }
+                    None => 1.0,
+                };
+                row[y - vb.start] -= slope * factor;
+            }
         }
-    };
-    backward_from_rows(
-        cfg,
-        threads,
-        w,
-        lora_vocab,
-        lora_hidden,
-        h,
-        dh,
-        grad_lora_vocab,
-        grad_lora_hidden,
-        grad_w,
-        g_row,
-    );
+    }
 }

@@ -5,7 +5,7 @@
 
 use super::golden::{rel_err, CasePath, Check, Golden};
 use tiedlora::io::TensorFile;
-use tiedlora::{bf16, f16, Backend, Cpu, DType, Element, Grads, LoraConfig, Result, Weights};
+use tiedlora::{bf16, f16, Backend, CpuReference, DType, Element, Grads, LoraConfig, Result, Weights};
 
 /// The tied parameters on the host.
 #[derive(Clone, Copy)]
@@ -187,7 +187,7 @@ macro_rules! host_harness {
     };
 }
 
-host_harness!(Cpu, false, |_: &str| true);
+host_harness!(CpuReference, false, |_: &str| true);
 
 fn weights<'a, B, T: Element>(wt: HostWeights<'a, T>) -> Weights<'a, B, T>
 where
@@ -460,7 +460,7 @@ fn xent_over_logits(cfg: &LoraConfig, z: &[f32], targets: &[i64]) -> (f64, Vec<f
             })
             .collect();
         let capped: Vec<f64> = row.iter().map(|p| p.0).collect();
-        let lse = tiedlora::cpu::logsumexp(&capped);
+        let lse = tiedlora::reference::logsumexp(&capped);
         loss += (lse - capped[y as usize]) * factor;
         for (vi, &(c, slope)) in row.iter().enumerate() {
             let onehot = if vi == y as usize { 1.0 } else { 0.0 };
@@ -506,4 +506,4 @@ pub fn kernel_ops(_op: &str) -> bool {
 host_harness!(tiedlora::kernels::CpuKernels, true, kernel_ops);
 
 // The fast CPU backend computes in f32 like the kernels: their tolerances.
-host_harness!(tiedlora::CpuFast, true, kernel_ops);
+host_harness!(tiedlora::Cpu, true, kernel_ops);

@@ -5,7 +5,7 @@ use super::golden::rel_err;
 use super::harness::{widen, Harness, HostGrads, HostWeights};
 use super::rand_inputs::{fresh_rng, normal};
 use tiedlora::kernels::CpuKernels;
-use tiedlora::{bf16, f16, Backend, Cpu, DType, LoraConfig};
+use tiedlora::{bf16, f16, Backend, CpuReference, DType, LoraConfig};
 
 /// Peak scratch of one fused cross-entropy forward and one backward on the
 /// shim (the most bytes live at once, as `Cuda::scratch_peak_bytes` on a GPU).
@@ -176,7 +176,7 @@ pub fn head_f32_gradients_for_half_weights(k: &CpuKernels) {
     let g: Vec<f32> = normal(&mut rng, 3 * 150, 1.0);
     let wt = HostWeights { w: &w, u: &u, vh: &vh };
     let mut gr = HostGrads::zeros(&cfg, false);
-    let dh_ref = Harness::head_backward(&Cpu::new(), &cfg, wt, &h, &g, &mut gr).unwrap();
+    let dh_ref = Harness::head_backward(&CpuReference::new(), &cfg, wt, &h, &g, &mut gr).unwrap();
     let mut gk = HostGrads::zeros(&cfg, false);
     let dh = Harness::head_backward(k, &cfg, wt, &h, &g, &mut gk).unwrap();
     let tol = DType::BF16.tolerance();

@@ -4,7 +4,7 @@
 use super::golden::{rel_err, Check};
 use super::harness::{widen, Harness, HostGrads, HostWeights};
 use super::rand_inputs::{fresh_rng, normal};
-use tiedlora::{Cpu, Element, LoraConfig};
+use tiedlora::{CpuReference, Element, LoraConfig};
 
 /// One randomized head case through the kernels and the reference.
 pub fn head_case<T: Element, H: Harness>(k: &H, v: usize, d: usize, r: usize, t: usize, with_w: bool) -> Vec<Check> {
@@ -52,12 +52,12 @@ pub fn head_case<T: Element, H: Harness>(k: &H, v: usize, d: usize, r: usize, t:
             skipped: false,
         })
     };
-    let z_ref = Harness::head_forward(&Cpu::new(), &cfg, wt, &h).unwrap();
+    let z_ref = Harness::head_forward(&CpuReference::new(), &cfg, wt, &h).unwrap();
     let z = Harness::head_forward(k, &cfg, wt, &h).unwrap();
     push("logits", widen(&z), widen(&z_ref));
 
     let mut g_ref = HostGrads::zeros(&cfg, with_w);
-    let dh_ref = Harness::head_backward(&Cpu::new(), &cfg, wt, &h, &g, &mut g_ref).unwrap();
+    let dh_ref = Harness::head_backward(&CpuReference::new(), &cfg, wt, &h, &g, &mut g_ref).unwrap();
     let mut g_k = HostGrads::zeros(&cfg, with_w);
     let dh = Harness::head_backward(k, &cfg, wt, &h, &g, &mut g_k).unwrap();
     push("dh", widen(&dh), widen(&dh_ref));
@@ -110,11 +110,11 @@ pub fn embed_case<T: Element, H: Harness>(k: &H, v: usize, d: usize, r: usize, t
             skipped: false,
         })
     };
-    let e_ref = Harness::embed_forward(&Cpu::new(), &cfg, wt, &ids).unwrap();
+    let e_ref = Harness::embed_forward(&CpuReference::new(), &cfg, wt, &ids).unwrap();
     let e = Harness::embed_forward(k, &cfg, wt, &ids).unwrap();
     push("embed_out", widen(&e), widen(&e_ref));
     let mut g_ref = HostGrads::zeros(&cfg, true);
-    Harness::embed_backward(&Cpu::new(), &cfg, wt, &ids, &de, &mut g_ref).unwrap();
+    Harness::embed_backward(&CpuReference::new(), &cfg, wt, &ids, &de, &mut g_ref).unwrap();
     let mut g_k = HostGrads::zeros(&cfg, true);
     Harness::embed_backward(k, &cfg, wt, &ids, &de, &mut g_k).unwrap();
     push("dU", widen(&g_k.lora_vocab), widen(&g_ref.lora_vocab));
@@ -128,7 +128,7 @@ pub fn embed_case<T: Element, H: Harness>(k: &H, v: usize, d: usize, r: usize, t
     assert_eq!(g_k.w, g_k2.w, "dW not deterministic");
     // merge / unmerge against the reference.
     let (mut m_ref, mut m_k) = (w.clone(), w.clone());
-    Harness::merge(&Cpu::new(), &cfg, &mut m_ref, &u, &vh, 1.0).unwrap();
+    Harness::merge(&CpuReference::new(), &cfg, &mut m_ref, &u, &vh, 1.0).unwrap();
     Harness::merge(k, &cfg, &mut m_k, &u, &vh, 1.0).unwrap();
     push("merged w", widen(&m_k), widen(&m_ref));
     Harness::merge(k, &cfg, &mut m_k, &u, &vh, -1.0).unwrap();
@@ -183,7 +183,7 @@ pub fn xent_forward_case<T: Element, H: Harness>(
     let case = format!("random V={v} d={d} r={r} T={t} softcap={softcap:?} x{logit_scale}");
     let mut checks = Vec::new();
     let mut one = |label: &str, targets: &[i64]| {
-        let (loss_ref, lse_ref) = Harness::xent_forward(&Cpu::new(), &cfg, wt, &h, targets).unwrap();
+        let (loss_ref, lse_ref) = Harness::xent_forward(&CpuReference::new(), &cfg, wt, &h, targets).unwrap();
         let (loss, lse) = Harness::xent_forward(k, &cfg, wt, &h, targets).unwrap();
         for (tensor, got, want) in
             [("loss", vec![loss as f64], vec![loss_ref as f64]), ("lse", widen(&lse), widen(&lse_ref))]
@@ -433,11 +433,12 @@ pub fn xent_backward_case<T: Element, H: Harness>(k: &H, c: XentCase) -> Vec<Che
         // cancels in softmax − onehot; with the exact lse it would not (an
         // absolute logit error is a relative error of G: up to ~3e-3 on one
         // f16 row at this case's |p·Uᵀ|).
-        let (_, lse_ref) = Harness::xent_forward(&Cpu::new(), &cfg, wt, &h, targets).unwrap();
+        let (_, lse_ref) = Harness::xent_forward(&CpuReference::new(), &cfg, wt, &h, targets).unwrap();
         let (_, lse) = Harness::xent_forward(k, &cfg, wt, &h, targets).unwrap();
         let mut g_ref = init.clone();
         let dh_ref =
-            Harness::xent_backward(&Cpu::new(), &cfg, wt, &h, targets, &lse_ref, grad_loss, &mut g_ref).unwrap();
+            Harness::xent_backward(&CpuReference::new(), &cfg, wt, &h, targets, &lse_ref, grad_loss, &mut g_ref)
+                .unwrap();
         let mut g_k = init.clone();
         let dh = Harness::xent_backward(k, &cfg, wt, &h, targets, &lse, grad_loss, &mut g_k).unwrap();
         let mut tensors = vec![
@@ -529,7 +530,7 @@ pub fn xent_filter_case<H: Harness>(k: &H, v: usize, d: usize, r: usize, t: usiz
     let targets = super::rand_inputs::ids(&mut rng, t, v - 256);
     let wt = HostWeights { w: &w, u: &u, vh: &vh };
     let grad_loss = 1.0f32;
-    let (_, lse) = Harness::xent_forward(&Cpu::new(), &exact, wt, &h, &targets).unwrap();
+    let (_, lse) = Harness::xent_forward(&CpuReference::new(), &exact, wt, &h, &targets).unwrap();
     let run = |cfg: &LoraConfig| {
         let mut g = HostGrads::zeros(cfg, true);
         let dh = Harness::xent_backward(k, cfg, wt, &h, &targets, &lse, grad_loss, &mut g).unwrap();

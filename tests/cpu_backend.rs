@@ -1,4 +1,4 @@
-//! The fast CPU backend (`CpuFast`) against the f64 reference: every golden
+//! The fast CPU backend (`Cpu`) against the f64 reference: every golden
 //! case, randomized shapes (several vocabulary and token blocks, partial last
 //! blocks, 1 to 3 threads), bitwise determinism, errors before any output is
 //! touched, and IEEE propagation of NaN.
@@ -13,13 +13,13 @@ use common::parity::{
 use common::rand_inputs::{fresh_rng, ids, normal};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
-use tiedlora::{bf16, f16, Backend, CpuFast, Error, Grads, LoraConfig, Weights};
+use tiedlora::{bf16, f16, Backend, Cpu, Error, Grads, LoraConfig, Weights};
 
 #[test]
 fn goldens_cpu_fast() {
     let cases = all_cases().expect("golden discovery");
     assert!(cases.len() >= 4, "expected the four built-in cases, found {}", cases.len());
-    for k in [CpuFast::new(), CpuFast::with_threads(3)] {
+    for k in [Cpu::new(), Cpu::with_threads(3)] {
         for (label, case) in &cases {
             for c in run_case(&k, case, label).expect("golden case runs") {
                 println!("{c}");
@@ -32,7 +32,7 @@ fn goldens_cpu_fast() {
 
 #[test]
 fn head_random_shapes_and_blocks() {
-    for k in [CpuFast::with_threads(1), CpuFast::with_threads(3)] {
+    for k in [Cpu::with_threads(1), Cpu::with_threads(3)] {
         assert_all(head_case::<f32, _>(&k, 131, 37, 3, 5, true));
         assert_all(head_case::<bf16, _>(&k, 141, 40, 16, 9, false));
         assert_all(head_case::<f16, _>(&k, 133, 24, 5, 3, true));
@@ -47,7 +47,7 @@ fn head_random_shapes_and_blocks() {
 
 #[test]
 fn embed_random_shapes_and_duplicates() {
-    for k in [CpuFast::with_threads(1), CpuFast::with_threads(3)] {
+    for k in [Cpu::with_threads(1), Cpu::with_threads(3)] {
         assert_all(embed_case::<f32, _>(&k, 37, 29, 1, 5, 0));
         assert_all(embed_case::<bf16, _>(&k, 301, 72, 16, 40, 0));
         assert_all(embed_case::<f16, _>(&k, 50, 48, 64, 1, 0));
@@ -58,7 +58,7 @@ fn embed_random_shapes_and_duplicates() {
 
 #[test]
 fn xent_forward_random_shapes_edges_and_extreme_logits() {
-    for k in [CpuFast::with_threads(1), CpuFast::with_threads(3)] {
+    for k in [Cpu::with_threads(1), Cpu::with_threads(3)] {
         assert_all(xent_forward_case::<f32, _>(&k, 301, 37, 3, 5, None, 1.0));
         assert_all(xent_forward_case::<bf16, _>(&k, 517, 40, 16, 9, Some(30.0), 1.0));
         assert_all(xent_forward_case::<f16, _>(&k, 300, 24, 1, 1, None, 1.0));
@@ -72,7 +72,7 @@ fn xent_forward_random_shapes_edges_and_extreme_logits() {
 fn xent_backward_random_shapes_and_edges() {
     let base =
         XentCase { v: 600, d: 40, r: 3, t: 130, softcap: None, sum: false, with_w: true, logit_scale: 1.0, tol: None };
-    for k in [CpuFast::with_threads(1), CpuFast::with_threads(3)] {
+    for k in [Cpu::with_threads(1), Cpu::with_threads(3)] {
         assert_all(xent_backward_case::<f32, _>(&k, base));
         assert_all(xent_backward_case::<bf16, _>(&k, XentCase::SOFTCAP_SUM));
         assert_all(xent_backward_case::<f16, _>(&k, XentCase { v: 300, d: 24, r: 1, t: 1, with_w: false, ..base }));
@@ -95,7 +95,7 @@ fn xent_backward_random_shapes_and_edges() {
 /// the logits' own f32 resolution (see tests/kernels_cpu.rs for the bound).
 #[test]
 fn xent_backward_extreme_logits() {
-    let k = CpuFast::new();
+    let k = Cpu::new();
     let base = XentCase::EXTREME;
     assert_all(xent_backward_case::<f32, _>(&k, base));
     assert_all(xent_backward_case::<f32, _>(&k, XentCase { softcap: None, ..base }));
@@ -114,7 +114,7 @@ struct Run {
 }
 
 /// Every op once, on fixed inputs, into fresh NaN-poisoned outputs.
-fn run_all(k: &CpuFast, seed: u64) -> Run {
+fn run_all(k: &Cpu, seed: u64) -> Run {
     let mut rng = StdRng::seed_from_u64(seed);
     let (v, d, r, t) = (1300, 520, 8, 200);
     let cfg = LoraConfig::builder(v, d, r).alpha(16.0).logit_softcap(30.0).build().unwrap();
@@ -145,7 +145,7 @@ fn bits<T: bytemuck::Pod>(v: &[T]) -> Vec<u8> {
 #[test]
 fn bitwise_deterministic_for_a_thread_count() {
     for threads in [1, 2, 3] {
-        let k = CpuFast::with_threads(threads);
+        let k = Cpu::with_threads(threads);
         let seed: u64 = rand::random();
         println!("determinism, {threads} threads: seed {seed}");
         let a = run_all(&k, seed);
@@ -166,14 +166,14 @@ fn bitwise_deterministic_for_a_thread_count() {
 
 #[test]
 fn out_of_range_ids_are_errors() {
-    bad_ids_are_errors(&CpuFast::new());
+    bad_ids_are_errors(&Cpu::new());
 }
 
 /// Bad targets and bad lengths: the reference's typed error, and no output
 /// or gradient touched.
 #[test]
 fn errors_leave_outputs_untouched() {
-    let k = CpuFast::new();
+    let k = Cpu::new();
     let (v, d, r, t) = (50, 16, 4, 6);
     let cfg = LoraConfig::builder(v, d, r).build().unwrap();
     let mut rng = fresh_rng("errors");
@@ -181,9 +181,9 @@ fn errors_leave_outputs_untouched() {
     let u: Vec<f32> = normal(&mut rng, v * r, 0.5);
     let vh: Vec<f32> = normal(&mut rng, r * d, 0.5);
     let h: Vec<f32> = normal(&mut rng, t * d, 1.0);
-    let wt = Weights::<CpuFast, f32> { w: &w, lora_vocab: &u, lora_hidden: &vh };
-    let reference = tiedlora::Cpu::new();
-    let wt_ref = Weights::<tiedlora::Cpu, f32> { w: &w, lora_vocab: &u, lora_hidden: &vh };
+    let wt = Weights::<Cpu, f32> { w: &w, lora_vocab: &u, lora_hidden: &vh };
+    let reference = tiedlora::CpuReference::new();
+    let wt_ref = Weights::<tiedlora::CpuReference, f32> { w: &w, lora_vocab: &u, lora_hidden: &vh };
     let targets = [1i64, 2, -100, 50, 3, 4];
     let (mut loss, mut lse) = ([f32::NAN], vec![f32::NAN; t]);
     let err = Backend::head_xent_forward(&k, &cfg, &wt, &h, &targets, &mut loss, &mut lse).unwrap_err();
@@ -194,7 +194,7 @@ fn errors_leave_outputs_untouched() {
     let (mut du, mut dvh, mut dw) = (vec![0.5f32; v * r], vec![0.5f32; r * d], vec![0.5f32; v * d]);
     let mut dh = vec![f32::NAN; t * d];
     let lse0 = vec![1f32; t];
-    let mut g = Grads::<CpuFast> { lora_vocab: &mut du, lora_hidden: &mut dvh, w: Some(&mut dw) };
+    let mut g = Grads::<Cpu> { lora_vocab: &mut du, lora_hidden: &mut dvh, w: Some(&mut dw) };
     let err = Backend::head_xent_backward(&k, &cfg, &wt, &h, &targets, &lse0, 1.0, &mut dh, &mut g).unwrap_err();
     assert_eq!(err, want);
     // A short dh: a length error naming `dh`.
@@ -226,7 +226,7 @@ fn errors_leave_outputs_untouched() {
 /// token's lse and the loss NaN (IEEE propagation, as in the reference).
 #[test]
 fn nan_weights_propagate() {
-    let k = CpuFast::new();
+    let k = Cpu::new();
     let (v, d, r, t) = (700, 16, 4, 5);
     let cfg = LoraConfig::builder(v, d, r).build().unwrap();
     let mut rng = fresh_rng("nan");

@@ -1,5 +1,5 @@
 //! The one `Backend` implementation of the backends that compute on the
-//! host ([`super::Cpu`], [`crate::CpuFast`]): every check of
+//! host ([`super::CpuReference`], [`crate::Cpu`]): every check of
 //! `crate::validate` first (nothing is written on a failed call), then the
 //! backend's unchecked op ([`HostOps`]). [`checked_host_backend!`] writes the
 //! `Backend` impl.
@@ -81,12 +81,12 @@ macro_rules! checked_host_backend {
                 use $crate::validate::*;
                 embed_forward_lens(
                     cfg,
-                    $crate::cpu::weight_lens(w.w, w.lora_vocab, w.lora_hidden),
+                    $crate::host::weight_lens(w.w, w.lora_vocab, w.lora_hidden),
                     ids.len(),
                     out.len(),
                 )?;
                 check_ids("ids", ids, cfg.vocab())?;
-                $crate::cpu::HostOps::embed_forward(self, cfg, (w.w, w.lora_vocab, w.lora_hidden), ids, out);
+                $crate::host::HostOps::embed_forward(self, cfg, (w.w, w.lora_vocab, w.lora_hidden), ids, out);
                 Ok(())
             }
 
@@ -99,12 +99,19 @@ macro_rules! checked_host_backend {
                 g: &mut $crate::Grads<'_, Self>,
             ) -> $crate::Result<()> {
                 use $crate::validate::*;
-                let gl = $crate::cpu::grad_lens(g.lora_vocab, g.lora_hidden, g.w.as_deref());
-                let wl = $crate::cpu::weight_lens(w.w, w.lora_vocab, w.lora_hidden);
+                let gl = $crate::host::grad_lens(g.lora_vocab, g.lora_hidden, g.w.as_deref());
+                let wl = $crate::host::weight_lens(w.w, w.lora_vocab, w.lora_hidden);
                 embed_backward_lens(cfg, wl, ids.len(), d_embed.len(), gl)?;
                 check_ids("ids", ids, cfg.vocab())?;
                 let bufs = (&mut *g.lora_vocab, &mut *g.lora_hidden, g.w.as_deref_mut());
-                $crate::cpu::HostOps::embed_backward(self, cfg, (w.w, w.lora_vocab, w.lora_hidden), ids, d_embed, bufs);
+                $crate::host::HostOps::embed_backward(
+                    self,
+                    cfg,
+                    (w.w, w.lora_vocab, w.lora_hidden),
+                    ids,
+                    d_embed,
+                    bufs,
+                );
                 Ok(())
             }
 
@@ -118,11 +125,11 @@ macro_rules! checked_host_backend {
                 use $crate::validate::*;
                 head_forward_lens(
                     cfg,
-                    $crate::cpu::weight_lens(w.w, w.lora_vocab, w.lora_hidden),
+                    $crate::host::weight_lens(w.w, w.lora_vocab, w.lora_hidden),
                     h.len(),
                     logits.len(),
                 )?;
-                $crate::cpu::HostOps::head_forward(self, cfg, (w.w, w.lora_vocab, w.lora_hidden), h, logits);
+                $crate::host::HostOps::head_forward(self, cfg, (w.w, w.lora_vocab, w.lora_hidden), h, logits);
                 Ok(())
             }
 
@@ -136,11 +143,11 @@ macro_rules! checked_host_backend {
                 g: &mut $crate::Grads<'_, Self>,
             ) -> $crate::Result<()> {
                 use $crate::validate::*;
-                let gl = $crate::cpu::grad_lens(g.lora_vocab, g.lora_hidden, g.w.as_deref());
-                let wl = $crate::cpu::weight_lens(w.w, w.lora_vocab, w.lora_hidden);
+                let gl = $crate::host::grad_lens(g.lora_vocab, g.lora_hidden, g.w.as_deref());
+                let wl = $crate::host::weight_lens(w.w, w.lora_vocab, w.lora_hidden);
                 head_backward_lens(cfg, wl, h.len(), d_logits.len(), dh.len(), gl)?;
                 let bufs = (&mut *g.lora_vocab, &mut *g.lora_hidden, g.w.as_deref_mut());
-                $crate::cpu::HostOps::head_backward(
+                $crate::host::HostOps::head_backward(
                     self,
                     cfg,
                     (w.w, w.lora_vocab, w.lora_hidden),
@@ -162,10 +169,10 @@ macro_rules! checked_host_backend {
                 lse: &mut [f32],
             ) -> $crate::Result<()> {
                 use $crate::validate::*;
-                let wl = $crate::cpu::weight_lens(w.w, w.lora_vocab, w.lora_hidden);
+                let wl = $crate::host::weight_lens(w.w, w.lora_vocab, w.lora_hidden);
                 xent_forward_lens(cfg, wl, h.len(), targets.len(), loss.len(), lse.len())?;
                 check_targets("targets", targets, cfg.vocab(), cfg.ignore_index())?;
-                loss[0] = $crate::cpu::HostOps::head_xent_forward(
+                loss[0] = $crate::host::HostOps::head_xent_forward(
                     self,
                     cfg,
                     (w.w, w.lora_vocab, w.lora_hidden),
@@ -188,13 +195,13 @@ macro_rules! checked_host_backend {
                 g: &mut $crate::Grads<'_, Self>,
             ) -> $crate::Result<()> {
                 use $crate::validate::*;
-                let gl = $crate::cpu::grad_lens(g.lora_vocab, g.lora_hidden, g.w.as_deref());
-                let wl = $crate::cpu::weight_lens(w.w, w.lora_vocab, w.lora_hidden);
+                let gl = $crate::host::grad_lens(g.lora_vocab, g.lora_hidden, g.w.as_deref());
+                let wl = $crate::host::weight_lens(w.w, w.lora_vocab, w.lora_hidden);
                 xent_backward_lens(cfg, wl, h.len(), targets.len(), lse.len(), dh.len(), gl)?;
                 check_targets("targets", targets, cfg.vocab(), cfg.ignore_index())?;
                 let bufs = (&mut *g.lora_vocab, &mut *g.lora_hidden, g.w.as_deref_mut());
                 let p = (w.w, w.lora_vocab, w.lora_hidden);
-                $crate::cpu::HostOps::head_xent_backward(self, cfg, p, h, targets, lse, grad_loss, dh, bufs);
+                $crate::host::HostOps::head_xent_backward(self, cfg, p, h, targets, lse, grad_loss, dh, bufs);
                 Ok(())
             }
 
@@ -206,7 +213,7 @@ macro_rules! checked_host_backend {
                 vh: &[f32],
             ) -> $crate::Result<()> {
                 $crate::validate::check_weights(cfg, w.len(), u.len(), vh.len())?;
-                $crate::cpu::HostOps::merge(self, cfg, 1.0, w, u, vh);
+                $crate::host::HostOps::merge(self, cfg, 1.0, w, u, vh);
                 Ok(())
             }
 
@@ -218,7 +225,7 @@ macro_rules! checked_host_backend {
                 vh: &[f32],
             ) -> $crate::Result<()> {
                 $crate::validate::check_weights(cfg, w.len(), u.len(), vh.len())?;
-                $crate::cpu::HostOps::merge(self, cfg, -1.0, w, u, vh);
+                $crate::host::HostOps::merge(self, cfg, -1.0, w, u, vh);
                 Ok(())
             }
         }

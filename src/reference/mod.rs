@@ -1,61 +1,49 @@
-//! The fast CPU backend: f32 arithmetic on blocked, vectorised GEMMs
-//! (`matrixmultiply`), with f64 only where a reduction needs it (the
-//! log-sum-exp sums, the loss, the per-id sums of the embedding backward).
-//!
-//! The head and the fused cross-entropy have the structure of the GPU kernels:
-//! one GEMM per tile over d + r columns, `[h | s·p]·[W_b | U_b]ᵀ` with
-//! `p = h·Vhᵀ`, so the LoRA term rides along as r extra columns; the
-//! cross-entropy walks the vocabulary in blocks with an online log-sum-exp and
-//! never holds a [T, V] buffer. f16 / bf16 weights are widened to f32 one
-//! vocabulary block at a time. Results are checked against the f64 reference
-//! ([`crate::Cpu`]) with the kernels' tolerances (by storage dtype, DESIGN.md §3).
-//!
-//! Threads: scoped threads over token rows (head forward, embedding forward,
-//! merge) or over vocabulary ranges (head backward, cross-entropy forward and
-//! backward), partial results combined in a fixed order, so every result is
-//! bitwise deterministic for a given thread count and input (on a given
-//! machine: the GEMM picks its SIMD kernel at run time).
-//!
-//! Like the reference, it computes the cross-entropy backward exactly: the
-//! kernels' optional gradient filter (`LoraConfigBuilder::xent_grad_filter`)
-//! is ignored.
+//! The CPU reference backend: f64 accumulation, code that reads like the
+//! formulas in DESIGN.md §2. It is the yardstick the kernels are tested
+//! against, and a usable backend for small models and tests.
 
-mod blocks;
-mod convert;
+// The reference spells the formulas with explicit indices on purpose: a reader
+// checks `dU[v*r + j] += s * G[v] * p[j]` against DESIGN.md line by line.
+#![allow(clippy::needless_range_loop)]
+
 mod embed;
-mod expf;
-mod gemm;
 mod head;
+mod math;
 mod merge;
 mod xent;
 
-use crate::config::LoraConfig;
-use crate::cpu::{checked_host_backend, GradBufs, HostOps, Params};
-use crate::dtype::{Element, TokenId};
+pub use xent::logsumexp;
 
-/// The fast CPU backend (f32 GEMMs, fused cross-entropy, all cores). Buffers
-/// are host slices, as for [`crate::Cpu`]; see the module docs.
+use crate::config::LoraConfig;
+use crate::dtype::{Element, TokenId};
+use crate::host::{checked_host_backend, GradBufs, HostOps, Params};
+
+/// The CPU reference backend. Buffers are host slices.
+///
+/// Ops that loop over token rows (embedding, head and cross-entropy forward
+/// and backward, merge) split the rows over `threads` scoped threads; partial
+/// gradients are summed in row order, so results depend only on the thread count.
 #[derive(Debug, Clone)]
-pub struct CpuFast {
+pub struct CpuReference {
     threads: usize,
 }
 
-impl Default for CpuFast {
+impl Default for CpuReference {
     fn default() -> Self {
         Self::new()
     }
 }
 
-impl CpuFast {
+impl CpuReference {
     /// One worker per available core.
     pub fn new() -> Self {
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        CpuFast { threads }
+        CpuReference { threads }
     }
 
     /// A fixed number of workers (at least 1); `with_threads(1)` runs everything on the caller's thread.
     pub fn with_threads(threads: usize) -> Self {
-        CpuFast { threads: threads.max(1) }
+        CpuReference { threads: threads.max(1) }
     }
 
     /// The number of workers.
@@ -64,9 +52,9 @@ impl CpuFast {
     }
 }
 
-checked_host_backend!(CpuFast, "cpu-fast");
+checked_host_backend!(CpuReference, "cpu-reference");
 
-impl HostOps for CpuFast {
+impl HostOps for CpuReference {
     fn embed_forward<T: Element, I: TokenId>(
         &self,
         cfg: &LoraConfig,
@@ -101,8 +89,13 @@ impl HostOps for CpuFast {
         dh: &mut [T],
         (du, dvh, dw): GradBufs<'_, '_>,
     ) {
-        let given = head::GivenGrad { d_logits, vocab: cfg.vocab() };
-        head::backward(cfg, self.threads, w, u, vh, h, dh, du, dvh, dw, &given);
+        let v = cfg.vocab();
+        let g_row = |t: usize, _h: &[f64], _p: &[f64], g: &mut [f64]| {
+            for (gv, &x) in g.iter_mut().zip(&d_logits[t * v..(t + 1) * v]) {
+                *gv = x.to_f64();
+            }
+        };
+        head::backward_from_rows(cfg, self.threads, w, u, vh, h, dh, du, dvh, dw, g_row);
     }
 
     fn head_xent_forward<T: Element, I: TokenId>(
@@ -127,8 +120,7 @@ impl HostOps for CpuFast {
         dh: &mut [T],
         (du, dvh, dw): GradBufs<'_, '_>,
     ) {
-        let grad = xent::XentGrad::new(cfg, targets, lse, grad_loss);
-        head::backward(cfg, self.threads, w, u, vh, h, dh, du, dvh, dw, &grad);
+        xent::backward(cfg, self.threads, w, u, vh, h, targets, lse, grad_loss, dh, du, dvh, dw);
     }
 
     fn merge<T: Element>(&self, cfg: &LoraConfig, sign: f64, w: &mut [T], u: &[f32], vh: &[f32]) {

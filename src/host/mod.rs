@@ -4,13 +4,13 @@
 //! types, so code generic over it cannot pass a `&[f32]` without bounds on
 //! those types and a turbofish on every call. [`HostBackend`] is the same
 //! ops with host slices in their signatures, implemented by every backend
-//! whose buffers are host memory ([`Cpu`], [`crate::CpuFast`], and
+//! whose buffers are host memory ([`CpuReference`], [`crate::Cpu`], and
 //! `CpuKernels` with the feature `cpu-kernels`), so generic code reads like
 //! code for one backend:
 //!
 //! ```
 //! use tiedlora::host::{HostBackend, HostGrads, HostWeights};
-//! use tiedlora::{Cpu, Grads, LoraConfig, Weights};
+//! use tiedlora::{CpuReference, Grads, LoraConfig, Weights};
 //!
 //! /// One embedding forward + backward into the shared gradient, on any host backend.
 //! fn embed_step<B: HostBackend>(
@@ -29,7 +29,7 @@
 //! let cfg = LoraConfig::builder(10, 4, 2).build()?;
 //! let (w, u, vh) = (vec![0.1f32; 40], vec![0.2f32; 20], vec![0.3f32; 8]);
 //! let (mut du, mut dvh) = (vec![0.0; 20], vec![0.0; 8]);
-//! let e = embed_step(&Cpu::new(), &cfg, &Weights::host(&w, &u, &vh), &[1, 7], &mut Grads::host(&mut du, &mut dvh, None))?;
+//! let e = embed_step(&CpuReference::new(), &cfg, &Weights::host(&w, &u, &vh), &[1, 7], &mut Grads::host(&mut du, &mut dvh, None))?;
 //! assert_eq!(e.len(), 8);
 //! # Ok::<(), tiedlora::Error>(())
 //! ```
@@ -42,6 +42,13 @@ use crate::config::LoraConfig;
 use crate::cpu::Cpu;
 use crate::dtype::{Element, TokenId};
 use crate::error::Result;
+use crate::reference::CpuReference;
+use crate::validate::{GradLens, WeightLens};
+
+mod checked;
+pub(crate) mod parallel;
+
+pub(crate) use checked::{checked_host_backend, GradBufs, HostOps, Params};
 
 /// The tied parameters as host slices, for every [`HostBackend`]
 /// (`Weights::host(w, u, vh)` builds one).
@@ -262,24 +269,40 @@ macro_rules! host_backend {
     };
 }
 
+host_backend!(CpuReference);
 host_backend!(Cpu);
-host_backend!(crate::cpu_fast::CpuFast);
 #[cfg(feature = "cpu-kernels")]
 host_backend!(crate::kernels::CpuKernels);
 
-impl<'a, T: Element> Weights<'a, Cpu, T> {
+impl<'a, B, T: Element> Weights<'a, B, T>
+where
+    B: Backend<Src<'a, T> = &'a [T], Src<'a, f32> = &'a [f32]> + ?Sized,
+{
     /// Borrows host slices as the tied parameters (`&vec` coerces to a slice
-    /// here): a [`HostWeights`] for every [`HostBackend`], and the weights of
-    /// [`Cpu`] as a [`Backend`].
+    /// here), for any backend whose buffers are host slices ([`Cpu`],
+    /// [`CpuReference`], `CpuKernels`); a [`HostWeights`] for every [`HostBackend`].
     pub fn host(w: &'a [T], lora_vocab: &'a [f32], lora_hidden: &'a [f32]) -> Self {
         Weights { w, lora_vocab, lora_hidden }
     }
 }
 
-impl<'a> Grads<'a, Cpu> {
-    /// Borrows host gradient accumulators (a [`HostGrads`]); `w` is `Some`
-    /// only for full tied fine-tuning.
+impl<'a, B> Grads<'a, B>
+where
+    B: Backend<Dst<'a, f32> = &'a mut [f32]> + ?Sized,
+{
+    /// Borrows host gradient accumulators (a [`HostGrads`] for every
+    /// [`HostBackend`]); `w` is `Some` only for full tied fine-tuning.
     pub fn host(lora_vocab: &'a mut [f32], lora_hidden: &'a mut [f32], w: Option<&'a mut [f32]>) -> Self {
         Grads { lora_vocab, lora_hidden, w }
     }
+}
+
+/// Lengths of host-slice weights (shared by every host-buffer backend).
+pub(crate) fn weight_lens<T>(w: &[T], u: &[f32], vh: &[f32]) -> WeightLens {
+    WeightLens { w: w.len(), lora_vocab: u.len(), lora_hidden: vh.len() }
+}
+
+/// Lengths of host-slice gradients.
+pub(crate) fn grad_lens(u: &[f32], vh: &[f32], w: Option<&[f32]>) -> GradLens {
+    GradLens { lora_vocab: u.len(), lora_hidden: vh.len(), w: w.map(<[f32]>::len) }
 }
