@@ -25,8 +25,6 @@ fn gpu_lora_f32_rank_one_one_token_softcap() {
     cases::lora_f32_rank_one_one_token_softcap(&gpu());
 }
 
-/// Ranks above 64: the kernels' head backward refuses them today (an `Err`
-/// naming the limit), so this case fails until they take r ≤ 256.
 #[test]
 #[ignore = "needs a CUDA device"]
 fn gpu_lora_f32_rank_256() {

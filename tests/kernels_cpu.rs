@@ -236,46 +236,32 @@ fn xent_backward_gradient_filter() {
     assert_all(common::parity::xent_filter_case(&k, 2000, 24, 16, 9, 2f64.powi(-12)));
 }
 
-/// Rank above the head kernels' 64 extra columns: a clear error from both
-/// head backward ops, before any output is touched.
+/// Ranks above the 64 U columns a grad_h tile holds (PEFT's r = 128 and
+/// 256 among them): both head backward ops take G·W and G·U as two GEMMs
+/// of the same kernels, in every dtype, with dW and several vocabulary
+/// chunks (`small_blocks`).
 #[test]
-fn head_backward_ops_reject_rank_above_64() {
-    let (v, d, r, t) = (130, 16, 65, 3);
-    let cfg = LoraConfig::builder(v, d, r).build().unwrap();
-    let mut rng = fresh_rng("rank 65");
-    let w: Vec<f32> = normal(&mut rng, v * d, 0.5);
-    let u: Vec<f32> = normal(&mut rng, v * r, 0.1);
-    let vh: Vec<f32> = normal(&mut rng, r * d, 0.5);
-    let h: Vec<f32> = normal(&mut rng, t * d, 1.0);
-    let k = CpuKernels::default();
-    let wt = tiedlora::Weights::<CpuKernels, f32> { w: &w, lora_vocab: &u, lora_hidden: &vh };
-    let (mut du, mut dvh) = (vec![0f32; v * r], vec![0f32; r * d]);
-    let mut dh = vec![f32::NAN; t * d];
-    let g = vec![0.5f32; t * v];
-    let err = Backend::head_backward(
-        &k,
-        &cfg,
-        &wt,
-        &h,
-        &g,
-        &mut dh,
-        &mut tiedlora::Grads::<CpuKernels> { lora_vocab: &mut du, lora_hidden: &mut dvh, w: None },
-    );
-    assert!(matches!(err, Err(tiedlora::Error::UnsupportedCombination(ref m)) if m.contains("rank 65")), "{err:?}");
-    let (targets, lse) = (vec![1i64, 2, 3], vec![0f32; t]);
-    let err = Backend::head_xent_backward(
-        &k,
-        &cfg,
-        &wt,
-        &h,
-        &targets,
-        &lse,
-        1.0,
-        &mut dh,
-        &mut tiedlora::Grads::<CpuKernels> { lora_vocab: &mut du, lora_hidden: &mut dvh, w: None },
-    );
-    assert!(matches!(err, Err(tiedlora::Error::UnsupportedCombination(ref m)) if m.contains("rank 65")), "{err:?}");
-    assert!(dh.iter().all(|x| x.is_nan()) && du.iter().all(|&x| x == 0.0) && dvh.iter().all(|&x| x == 0.0));
+fn head_backward_ops_take_ranks_above_64() {
+    use common::parity::{xent_backward_case, XentCase};
+    let k = &CpuKernels::default();
+    assert_all(head_case::<f32, _>(k, 150, 40, 65, 7, true));
+    assert_all(head_case::<bf16, _>(k, 140, 24, 130, 5, true));
+    assert_all(head_case::<f16, _>(k, 131, 16, 256, 3, false));
+    let chunked = small_blocks();
+    let base = XentCase {
+        v: 300,
+        d: 24,
+        r: 96,
+        t: 20,
+        softcap: Some(30.0),
+        sum: false,
+        with_w: true,
+        logit_scale: 1.0,
+        tol: None,
+    };
+    assert_all(xent_backward_case::<f32, _>(&chunked, base));
+    assert_all(xent_backward_case::<bf16, _>(&chunked, XentCase { r: 130, t: 9, with_w: false, ..base }));
+    assert_all(xent_backward_case::<f16, _>(k, XentCase { v: 140, r: 128, t: 3, softcap: None, sum: true, ..base }));
 }
 
 /// Every op on buffers one element past 16-byte alignment, as a trainer's

@@ -160,7 +160,8 @@ pub(crate) fn grad_h_u_cols(r: usize, gemm: Gemm, opts: &KernelOptions) -> Resul
     Ok(cols)
 }
 
-/// Largest rank the fused head backward keeps in its extra tile columns.
+/// Largest rank the head backward keeps in its grad_h tiles' extra columns;
+/// above it, G·W and G·U are two GEMMs (`ops::head_grads::grad_h_wide_rank`).
 pub const MAX_HEAD_RANK: usize = 64;
 
 /// The kernel-name suffix of an implementation (the `.cu` instantiations'

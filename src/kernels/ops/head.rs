@@ -97,8 +97,8 @@ pub unsafe fn head_backward<E: Executor>(
     tokens: usize,
 ) -> Result<()> {
     let (v, d, r) = (cfg.vocab(), cfg.hidden(), cfg.rank());
-    select::grad_h_u_cols(r, Gemm::Tile, &e.options())?;
-    if t != DType::F32 && !select::cublas(HeadOp::Backward, t, gt, &e.options()) {
+    let wide = r > select::MAX_HEAD_RANK;
+    if wide || (t != DType::F32 && !select::cublas(HeadOp::Backward, t, gt, &e.options())) {
         return head_backward_split(e, cfg, (t, gt), wt, (h, g, dh), grads, tokens);
     }
     let p = e.scratch_uninit(tokens * r * t.size())?;
@@ -120,7 +120,8 @@ pub unsafe fn head_backward<E: Executor>(
     head_grad_w(e, t, gt, g, h, grads.w, (v, d), tokens)
 }
 
-/// [`head_backward`] in f16 / bf16 on the kernels, with U and p split in two.
+/// [`head_backward`] in f16 / bf16 on the kernels, with U and p split in
+/// two; and, in every dtype, at ranks above [`select::MAX_HEAD_RANK`].
 ///
 /// The low parts go through second launches of the unchanged GEMM kernels:
 /// one column of grad_h blocks (1/⌈d/128⌉ of grad_h) and a second dU pass
@@ -134,6 +135,11 @@ pub unsafe fn head_backward<E: Executor>(
 /// the tile's time by estimate (128 FMA against ~1200 tensor-core MAC per
 /// clock and SM), more than the tile at r = 16.
 ///
+/// Above rank 64, U's columns no longer fit beside W's in a grad_h tile
+/// (their f32 tile would outgrow shared memory and the registers): G·W and
+/// G·U are then two GEMMs of the same kernels ([`grad_h_wide_rank`]), G read
+/// twice.
+///
 /// # Safety
 /// As [`head_backward`].
 unsafe fn head_backward_split<E: Executor>(
@@ -146,7 +152,10 @@ unsafe fn head_backward_split<E: Executor>(
     tokens: usize,
 ) -> Result<()> {
     let (v, d, r) = (cfg.vocab(), cfg.hidden(), cfg.rank());
+    let half = t != DType::F32;
     let (dh_acc, gu) = (e.scratch(tokens * d * 4)?, e.scratch(tokens * r * 4)?);
+    // U = hi + 2⁻ˢʰⁱᶠᵗ·lo in the storage dtype (f16 / bf16).
+    let u_parts = if half { Some(pack_parts(e, t, wt.u, v, r)?) } else { None };
     let op = GradH {
         g,
         w: wt.w,
@@ -158,14 +167,27 @@ unsafe fn head_backward_split<E: Executor>(
         accumulate: true,
         live: None,
     };
-    grad_h(e, cfg, t, gt, op, tokens)?;
-    grad_gu_lo(e, cfg, (t, gt), g, wt.u, e.addr(&gu), v, tokens)?;
+    if r > select::MAX_HEAD_RANK {
+        let u = u_parts.as_ref().map_or(wt.u, |(hi, _)| e.addr(hi));
+        grad_h_wide_rank(e, cfg, (t, gt), GradH { u, ..op }, tokens)?;
+    } else {
+        grad_h(e, cfg, t, gt, op, tokens)?;
+    }
+    if let Some((_, u_lo)) = &u_parts {
+        // gu += 2⁻ˢʰⁱᶠᵗ·G·U_lo: gu now holds G·U with U to ~2⁻²² (f16) /
+        // 2⁻¹⁶ (bf16), so a G·U sum that cancels keeps its precision.
+        grad_plain(e, (t, gt), (g, e.addr(u_lo), e.addr(&gu)), (v, r), tokens, None, lo_unit(t) as f32)?;
+    }
     grad_finish(e, cfg, t, e.addr(&dh_acc), e.addr(&gu), wt.vh, dh, tokens, 1.0)?;
-    // dU += Gᵀ p_hi + 2⁻ˢʰⁱᶠᵗ·Gᵀ p_lo, both parts of p = s·h·Vhᵀ (f32).
+    // dU += Gᵀ p (f32), in f16 / bf16 as Gᵀ p_hi + 2⁻ˢʰⁱᶠᵗ·Gᵀ p_lo; p = s·h·Vhᵀ.
     let p = e.scratch_uninit(tokens * r * 4)?;
     lora_project(e, cfg, t, DType::F32, h, wt.vh, e.addr(&p), tokens, cfg.scale())?;
-    let (p_hi, p_lo) = pack_parts(e, t, e.addr(&p), tokens, r)?;
-    for (b, scale) in [(e.addr(&p_hi), 1.0), (e.addr(&p_lo), lo_unit(t) as f32)] {
+    let p_parts = if half { Some(pack_parts(e, t, e.addr(&p), tokens, r)?) } else { None };
+    let operands = match &p_parts {
+        Some((p_hi, p_lo)) => vec![(e.addr(p_hi), 1.0), (e.addr(p_lo), lo_unit(t) as f32)],
+        None => vec![(e.addr(&p), 1.0)],
+    };
+    for (b, scale) in operands {
         let du = GradParam { g, b, grad: grads.u, rows: v, ncols: r, live: None, k_split: 0, scale };
         grad_param(e, t, gt, du, tokens)?;
     }

@@ -91,71 +91,95 @@ pub(super) unsafe fn grad_h<E: Executor>(
     unsafe { e.launch(&plan, &params) }
 }
 
-/// `gu += 2⁻ˢʰⁱᶠᵗ·G·U_lo` for f16 / bf16 `t` (`U_lo`: the low parts of U
-/// [rows, r] f32, [`pack_parts`]): after a grad_h, whose G·U takes U rounded
-/// to `t`, gu holds G·U with U to ~2⁻²² (f16) / 2⁻¹⁶ (bf16), so a G·U sum that
-/// cancels keeps its precision. The same grad_h kernels (no new code or
-/// registers), launched with U_lo as the B matrix (d := r, one column of
-/// blocks) and no extra columns (rank 0), into a zeroed f32 [T, r], then
-/// added in with its weight (`tl_sum_partials`).
+/// `out += scale · G·B` in f32 [T, ncols]: a grad_h launch with no U
+/// columns (rank 0, accumulating), B [rows, ncols] in the storage dtype `t`
+/// as its W operand. The same kernels as [`grad_h`] (no new code), for
+/// products that cannot ride in W's tiles: U's low parts (`head_backward`'s
+/// f16 / bf16 split),
+/// and G·W and G·U apart at ranks above [`select::MAX_HEAD_RANK`]
+/// ([`grad_h_wide_rank`]). `scale` ≠ 1 goes through a zeroed f32 buffer and
+/// `tl_sum_partials`.
 ///
 /// # Safety
-/// G [T, rows] in `gt`, U [rows, r] f32 and `gu` [T, r] f32 valid until the
-/// executor's launches finish.
+/// G [T, rows] in `gt`, B [rows, ncols] in `t`, `out` [T, ncols] f32 and the
+/// tile flags `live` (as in [`GradH`]) valid until the executor's launches
+/// finish; `out` overlaps neither input.
 #[allow(clippy::too_many_arguments)]
-pub(super) unsafe fn grad_gu_lo<E: Executor>(
+pub(super) unsafe fn grad_plain<E: Executor>(
     e: &E,
-    cfg: &LoraConfig,
     (t, gt): (DType, DType),
-    g: u64,
-    u: u64,
-    gu: u64,
-    rows: usize,
+    (g, b, out): (u64, u64, u64),
+    (rows, ncols): (usize, usize),
     tokens: usize,
+    live: Option<(u64, usize)>,
+    scale: f32,
 ) -> Result<()> {
-    let r = cfg.rank();
-    let (_u_hi, u_lo) = pack_parts(e, t, u, rows, r)?;
-    let gu_lo = e.scratch(tokens * r * 4)?;
+    let tmp = if scale != 1.0 { Some(e.scratch(tokens * ncols * 4)?) } else { None };
     let params = HeadGradHParams {
         g,
-        w: e.addr(&u_lo),
-        u,
+        w: b,
+        u: 0,
         vh: 0,
-        dh: e.addr(&gu_lo),
+        dh: tmp.as_ref().map_or(out, |x| e.addr(x)),
         gu: 0,
         tokens: i32_of("tokens", tokens)?,
         vocab: i32_of("vocab", rows)?,
-        hidden: i32_of("rank", r)?,
+        hidden: i32_of("columns", ncols)?,
         rank: 0,
         scale: 0.0,
         accumulate: 1,
-        live: 0,
-        live_ld: 0,
+        live: live.map_or(0, |l| l.0),
+        live_ld: live.map_or(0, |l| l.1 as i32),
         _pad: 0,
     };
     let gemm = select::gemm(Site::GuLowPart, t, gt, &e.options());
     let stages = if gemm == Gemm::Tile { 1 } else { 3 };
     let plan = LaunchPlan {
         kernel: select::grad_h_kernel(t, gt, 16, gemm)?,
-        grid: (blocks(tokens, GEMM_TILE), blocks(r, GEMM_TILE), 1),
+        grid: (blocks(tokens, GEMM_TILE), blocks(ncols, GEMM_TILE), 1),
         block: (THREADS, 1, 1),
         shared_bytes: gemm_shared_bytes(t.size(), 128, 128, 32, false, false, 16, stages),
     };
-    // SAFETY: G [T, rows] in gt (caller), U_lo [rows, r] in t and gu_lo
-    // [T, r] f32 allocated above; rank 0 and accumulate: U, Vh and gu are
-    // never read or written.
+    // SAFETY: G [T, rows] in gt, B [rows, ncols] in t, out (or tmp) [T,
+    // ncols] f32 (caller / above); rank 0 and accumulate: the U, Vh and gu
+    // addresses are never read or written.
     unsafe { e.launch(&plan, &params)? };
+    let Some(tmp) = tmp else { return Ok(()) };
     let add = SumPartialsParams {
-        partial: e.addr(&gu_lo),
-        out: gu,
+        partial: e.addr(&tmp),
+        out,
         chunks: 1,
-        count: i32_of("tokens * rank", tokens * r)?,
-        scale: lo_unit(t) as f32,
+        count: i32_of("tokens * columns", tokens * ncols)?,
+        scale,
         _pad: 0,
     };
-    let plan = LaunchPlan::linear(select::kernel("tl_sum_partials")?, blocks(tokens * r, THREADS), THREADS);
-    // SAFETY: gu_lo [T, r] written above, gu [T, r] f32 (caller).
+    let plan = LaunchPlan::linear(select::kernel("tl_sum_partials")?, blocks(tokens * ncols, THREADS), THREADS);
+    // SAFETY: tmp [T, ncols] written above, out [T, ncols] f32 (caller).
     unsafe { e.launch(&plan, &add) }
+}
+
+/// The accumulating [`grad_h`] (`dh += G W`, `gu += G U`, both f32) at ranks
+/// above [`select::MAX_HEAD_RANK`], whose U columns do not fit beside W's in a
+/// tile: two [`grad_plain`]s, G·W into `dh` and G·U into `gu`, with U given
+/// in the storage dtype (`op.u` [rows, r] in `t`: U itself in f32, packed
+/// once by the caller in f16 / bf16).
+///
+/// # Safety
+/// As [`grad_h`] with `accumulate`, and `op.u` in `t`.
+pub(super) unsafe fn grad_h_wide_rank<E: Executor>(
+    e: &E,
+    cfg: &LoraConfig,
+    (t, gt): (DType, DType),
+    op: GradH,
+    tokens: usize,
+) -> Result<()> {
+    debug_assert!(op.accumulate);
+    let (d, r) = (cfg.hidden(), cfg.rank());
+    // SAFETY: the caller's G, W rows, dh [T, d] f32; U rows in t and gu [T, r] f32.
+    unsafe {
+        grad_plain(e, (t, gt), (op.g, op.w, op.dh), (op.rows, d), tokens, op.live, 1.0)?;
+        grad_plain(e, (t, gt), (op.g, op.u, op.gu), (op.rows, r), tokens, op.live, 1.0)
+    }
 }
 
 /// Operands of one grad_param launch, `grad[v, :] += scale · Gᵀ[v, :] · b`

@@ -108,7 +108,6 @@ pub unsafe fn lora_hidden_grad<E: Executor>(
 ///
 /// # Safety
 /// `u` holds U's `rows` × `r` f32 values until the executor's launches finish.
-#[cfg(feature = "experimental-kernels")]
 pub(super) unsafe fn pack_u<E: Executor>(
     e: &E,
     t: DType,

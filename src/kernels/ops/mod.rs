@@ -117,11 +117,11 @@ pub use xent_memory::{
 };
 
 // The pieces the op files share.
-use head_grads::{grad_finish, grad_gu_lo, grad_h, grad_param, GradH, GradParam};
+use head_grads::{grad_finish, grad_h, grad_h_wide_rank, grad_param, grad_plain, GradH, GradParam};
 use ids::{check_ids, prepare_embed_ids};
 #[cfg(feature = "experimental-kernels")]
-use lora_small::{concat_rows, pack_u};
-use lora_small::{lo_unit, pack_parts};
+use lora_small::concat_rows;
+use lora_small::{lo_unit, pack_parts, pack_u};
 use shared_mem::gemm_shared_bytes;
 #[cfg(feature = "experimental-kernels")]
 use shared_mem::{wg_mn_shared_bytes, wg_nmajor_shared_bytes, wg_shared_bytes};

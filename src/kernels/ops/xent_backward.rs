@@ -37,7 +37,8 @@ pub(super) struct XentGradScale {
 /// (and its tile flags with a filter); the head backward's GEMMs consume it
 /// while it is in L2 (`dh_acc += G W`, `gu += G U`, `dU += Gᵀ p`, `dW += Gᵀ h`;
 /// on cuBLAS with `KernelOptions::cublas`, which a filter keeps on this
-/// path; `u_cublas` is then U in the storage dtype).
+/// path; `u_cublas` is then U in the storage dtype). Above rank 64, `u_wide`
+/// is U in the storage dtype for [`grad_h_wide_rank`].
 /// `bufs`: G [rows, chunk], the flags, the dU split partials.
 ///
 /// # Safety
@@ -52,7 +53,7 @@ unsafe fn fused_xent_block<E: Executor>(
     b: XentRows,
     s: XentGradScale,
     grads: GradAddrs,
-    u_cublas: u64,
+    (u_cublas, u_wide): (u64, u64),
     chunk: usize,
     (g, live, du_part): (u64, u64, u64),
 ) -> Result<()> {
@@ -132,7 +133,11 @@ unsafe fn fused_xent_block<E: Executor>(
             accumulate: true,
             live: flags,
         };
-        grad_h(e, cfg, t, t, op, tokens)?;
+        if r > select::MAX_HEAD_RANK {
+            grad_h_wide_rank(e, cfg, (t, t), GradH { u: at(u_wide, col0 * r, t.size()), ..op }, tokens)?;
+        } else {
+            grad_h(e, cfg, t, t, op, tokens)?;
+        }
         // dU += Gᵀ p: few vocabulary tiles per chunk, so split the token
         // range for parallelism; the partials are summed in order.
         let k_split = xent_du_split(tokens, cols, e.multiprocessors());
@@ -201,7 +206,14 @@ pub unsafe fn head_xent_backward<E: Executor>(
     tokens: usize,
 ) -> Result<()> {
     let (v, d, r, es) = (cfg.vocab(), cfg.hidden(), cfg.rank(), t.size());
-    select::grad_h_u_cols(r, Gemm::Tile, &e.options())?;
+    let on_cublas = select::cublas(HeadOp::XentBackward, t, t, &e.options());
+    let wide = r > select::MAX_HEAD_RANK;
+    if wide && on_cublas {
+        return Err(Error::UnsupportedCombination(format!(
+            "rank {r}: the cuBLAS path's cross-entropy backward supports rank <= {}",
+            select::MAX_HEAD_RANK
+        )));
+    }
     let (t32, valid) = prepare_ids(e, "targets", targets, kind, tokens, v, Some(cfg.ignore_index()))?;
     // G is stored without the loss factor and times g_unit (xent_grad.cu):
     // in f16, G itself (~1 / (V N)) would be subnormal or 0. The f32 sums
@@ -213,7 +225,9 @@ pub unsafe fn head_xent_backward<E: Executor>(
     let p = e.scratch_uninit(tokens * r * es)?;
     lora_project(e, cfg, t, t, h, wt.vh, e.addr(&p), tokens, cfg.scale())?;
     let gu = e.scratch(tokens * r * 4)?;
-    let on_cublas = select::cublas(HeadOp::XentBackward, t, t, &e.options());
+    // Above rank 64, U in the storage dtype as a GEMM operand, packed once.
+    let packed_u = if wide && t != DType::F32 { Some(pack_u(e, t, wt.u, v, r, r)?) } else { None };
+    let u_wide = packed_u.as_ref().map_or(wt.u, |x| e.addr(x));
     // With a gradient filter the fused logit kernels write G (and its tile
     // flags) and cuBLAS consumes it; without, cuBLAS computes the logits too.
     let cublas_blocks = on_cublas && filter == 0.0;
@@ -270,7 +284,7 @@ pub unsafe fn head_xent_backward<E: Executor>(
             } else {
                 let du_part = buf_c.as_ref().map_or(0, |x| e.addr(x));
                 let bufs = (e.addr(&buf_a), e.addr(&buf_b), du_part);
-                fused_xent_block(e, cfg, t, wt, b, s, grads, u_cublas, cols_b, bufs)?;
+                fused_xent_block(e, cfg, t, wt, b, s, grads, (u_cublas, u_wide), cols_b, bufs)?;
             }
         }
         grad_finish(e, cfg, t, b.dh_acc, b.gu, wt.vh, at(dh, t0 * d, es), tb, s.g_scale)?;

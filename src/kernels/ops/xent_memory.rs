@@ -173,7 +173,8 @@ pub(super) fn backward_block_shape(
 /// the chunk bytes, [`xent_backward_block`], or a 128-row / 128-column
 /// minimum), the tile flags and dU partials of one block, the bounded dVh
 /// partials; with `KernelOptions::wgmma` one chunk's U rows packed to the
-/// storage dtype (C·RX·elem); with `KernelOptions::cublas` U in the storage
+/// storage dtype (C·RX·elem); above rank 64 in f16 / bf16, U in the storage
+/// dtype (V·r·elem); with `KernelOptions::cublas` U in the storage
 /// dtype (V·r·elem, f16 / bf16) and, without a gradient filter, an f32
 /// logits block beside G. No term in T·V, V·d or T·d: the tests check this formula
 /// against the op's measured peak for every path.
@@ -198,6 +199,7 @@ pub fn head_xent_backward_scratch_bytes(
         + m(tokens * r * es)
         + m(tokens * r * 4)
         + if on_cublas && half { m(v * r * es) } else { 0 }
+        + if r > select::MAX_HEAD_RANK && half { m(v * r * es) } else { 0 }
         + if cublas_blocks {
             m(rows_b * cols_b * 4) + m(rows_b * cols_b * es)
         } else {
@@ -209,7 +211,7 @@ pub fn head_xent_backward_scratch_bytes(
     let u_cols = select::grad_h_u_cols(r, Gemm::Tile, opts).unwrap_or(select::MAX_HEAD_RANK);
     let per_chunk = match select::gemm(Site::GradH { u_cols, filtered }, t, t, opts) {
         #[cfg(feature = "experimental-kernels")]
-        gemm @ Gemm::Wgmma { .. } if !on_cublas => {
+        gemm @ Gemm::Wgmma { .. } if !on_cublas && r <= select::MAX_HEAD_RANK => {
             m(cols_b.min(v) * select::grad_h_u_cols(r, gemm, opts).unwrap_or(select::MAX_HEAD_RANK) * es)
         }
         _ => 0,
