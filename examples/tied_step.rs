@@ -1,10 +1,11 @@
-//! The main job: one training step of LoRA on a tied embedding / LM head.
+//! One training step of LoRA on a tied embedding / LM head, over raw slices.
 //!
 //! Builds a small random tied model, runs
-//! `embed → tanh → head + cross-entropy` forward, then the backward of BOTH
-//! paths into ONE pair of gradient buffers, and checks that shared gradient
-//! against central finite differences of the loss. Prints a short table and
-//! exits non-zero if the check fails.
+//! `embed → tanh → head + cross-entropy` forward on the CPU backend
+//! (`tiedlora::Cpu`), then the backward of BOTH paths into ONE pair of
+//! gradient buffers, and checks that shared gradient against central finite
+//! differences of the f64 reference's loss (`CpuReference`). Prints a short
+//! table and exits non-zero if the check fails.
 //!
 //! ```text
 //! cargo run --release --example tied_step
@@ -14,14 +15,14 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, StandardNormal};
 use std::time::Instant;
-use tiedlora::{Backend, CpuReference, Grads, LoraConfig, Weights};
+use tiedlora::{Backend, Cpu, CpuReference, Grads, LoraConfig, Weights};
 
 const V: usize = 512;
 const D: usize = 64;
 const R: usize = 8;
 const T: usize = 48;
 
-/// The step's loss: mean cross-entropy of `head(tanh(embed(ids)))` against `targets`.
+/// The step's loss in f64: mean cross-entropy of `head(tanh(embed(ids)))` against `targets`.
 fn loss(
     cpu: &CpuReference,
     cfg: &LoraConfig,
@@ -52,7 +53,8 @@ fn main() -> tiedlora::Result<()> {
     let ids: Vec<u32> = (0..T).map(|_| rng.random_range(0..V as u32)).collect();
     let mut targets: Vec<i64> = ids[1..].iter().map(|&x| x as i64).collect();
     targets.push(-100); // the last position has no next token
-    let cpu = CpuReference::new();
+    let cpu = Cpu::new();
+    let reference = CpuReference::new();
     let wt = Weights::host(&w, &u, &vh);
 
     // Forward.
@@ -108,7 +110,7 @@ fn main() -> tiedlora::Result<()> {
                 "lora_vocab" => u2[idx] += delta,
                 _ => vh2[idx] += delta,
             }
-            Ok(loss(&cpu, &cfg, &Weights::host(&w, &u2, &vh2), &ids, &targets)? as f64)
+            Ok(loss(&reference, &cfg, &Weights::host(&w, &u2, &vh2), &ids, &targets)? as f64)
         };
         let fd = (eval(eps)? - eval(-eps)?) / (2.0 * eps as f64);
         let rel = (analytic as f64 - fd).abs() / fd.abs().max(1e-4);

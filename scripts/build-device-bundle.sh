@@ -102,8 +102,29 @@ fi
 GPU_BENCH="$(pick "$TMP/bench.json" gpu_bench example)" || die "gpu_bench executable not found"
 CUDA_STEP="$(pick "$TMP/bench.json" cuda_step example)" || die "cuda_step executable not found"
 
+# The candle integration on candle's CUDA device: candle's own kernels are
+# compiled for CUDA_COMPUTE_CAP (default 90: the H100 / H200 the device
+# machines have) with the nvcc on PATH (the repo-local one if none).
+echo "== building tests/candle_gpu.rs and examples/finetune (--features cuda,candle)"
+export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}"
+command -v nvcc >/dev/null || export PATH="$ROOT/.nvcc/site/nvidia/cu13/bin:$PATH"
+if ! cargo test --release --features cuda,candle --test candle_gpu --no-run --message-format=json \
+  >"$TMP/candle.json" 2>"$TMP/candle.err"; then
+  cat "$TMP/candle.err" >&2
+  die "building tests/candle_gpu.rs failed"
+fi
+CANDLE_GPU="$(pick "$TMP/candle.json" candle_gpu test)" || die "candle_gpu test target not found (tests/candle_gpu.rs)"
+if ! cargo build --release --features cuda,candle --example finetune --message-format=json \
+  >"$TMP/finetune.json" 2>"$TMP/finetune.err"; then
+  cat "$TMP/finetune.err" >&2
+  die "building examples/finetune failed"
+fi
+FINETUNE="$(pick "$TMP/finetune.json" finetune example)" || die "finetune executable not found"
+
 rm -rf "$BUNDLE"
 mkdir -p "$BUNDLE" "$TMP/bin"
+cp "$CANDLE_GPU" "$TMP/bin/candle_gpu"
+cp "$FINETUNE" "$TMP/bin/finetune"
 cp "$KERNELS_GPU" "$TMP/bin/kernels_gpu"
 cp "$GOLDENS" "$TMP/bin/goldens"
 cp "$GPU_BENCH" "$TMP/bin/gpu_bench"
@@ -113,6 +134,7 @@ cp "$CUDA_STEP" "$TMP/bin/cuda_step"
 # bench reports a missing GPU with exit status 2 (not a panic).
 "$TMP/bin/kernels_gpu" --list >"$TMP/kernels_gpu.list" || die "kernels_gpu --list failed"
 "$TMP/bin/goldens" --list >/dev/null || die "goldens --list failed"
+"$TMP/bin/candle_gpu" --list >/dev/null || die "candle_gpu --list failed"
 if ! grep -q 'gpu_small_' "$TMP/kernels_gpu.list"; then
   echo "build-device-bundle: warning: kernels_gpu has no gpu_small_* tests; gpu-check.sh's sanitizer steps will run none" >&2
 fi
@@ -159,7 +181,7 @@ fi
   echo "BUILD_DATE='$(date -u '+%Y-%m-%d %H:%M:%S UTC')'"
   echo "RUSTC='$(rustc --version 2>/dev/null || echo unknown)'"
   echo "BUILD_HOST_GLIBC='$(ldd --version 2>/dev/null | head -n1 | awk '{print $NF}')'"
-  for b in kernels_gpu goldens gpu_bench cuda_step; do
+  for b in kernels_gpu goldens gpu_bench cuda_step candle_gpu finetune; do
     echo "SHA256_${b}='$(sha256sum "$TMP/bin/$b" | cut -d' ' -f1)'"
   done
 } >"$BUNDLE/manifest.env"

@@ -20,6 +20,10 @@
 #               it has no ignored tests, so plain --ignored would run nothing)
 #   cuda_step   examples/cuda_step: one fused tied-LoRA step on the GPU vs the CPU reference
 #   cuda_step_cublas  the same with --cublas (Cuda::with_cublas)
+#   candle_gpu  tests/candle_gpu.rs: tiedlora::candle on candle's CUDA tensors vs
+#               candle's unfused f64 autograd on the CPU (limit 90)
+#   finetune_cuda, peft_finetune   examples/finetune --device cuda (limit 120), and
+#               scripts/peft_check.py --finetune on what it wrote (limit 120)
 #   verify      gpu_bench --verify: every GPU path (ours and the cuBLAS baselines)
 #               once at T=512 V=8192 d=512, vs tiedlora::CpuReference  -> OUTDIR/verify.{json,md}
 #   bench       gpu_bench: Gemma-2-2B and Llama-3.2-1B shapes  -> OUTDIR/results.{json,md}
@@ -250,6 +254,15 @@ echo "gpu_bench --variants $VARIANTS" | tee -a "$LOG"
 step goldens 45 "$BIN/goldens" --include-ignored --nocapture --test-threads=1
 step cuda_step 60 "$BIN/cuda_step"
 step cuda_step_cublas 60 "$BIN/cuda_step" --cublas
+# The candle integration on candle's CUDA tensors, then the fine-tune on the
+# GPU (short) and its adapter checked by PEFT against the run's own logits.
+step candle_gpu 90 "$BIN/candle_gpu" --ignored --nocapture --test-threads=1
+step finetune_cuda 120 "$BIN/finetune" --device cuda --out "$WORK/finetune"
+if [ -f "$WORK/finetune/check.safetensors" ]; then
+  step peft_finetune 120 python3 scripts/peft_check.py --finetune "$WORK/finetune"
+else
+  record peft_finetune SKIP "finetune wrote no check.safetensors"
+fi
 step verify 60 "$BIN/gpu_bench" --verify --variants "$VARIANTS" --out "$OUTDIR"
 step bench 200 "$BIN/gpu_bench" --variants "$VARIANTS" --out "$OUTDIR"
 if [ -n "$SANITIZER" ]; then

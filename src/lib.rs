@@ -2,6 +2,8 @@
 #![warn(missing_docs)]
 
 pub mod backend;
+#[cfg(feature = "candle")]
+pub mod candle;
 pub mod config;
 pub mod cpu;
 #[cfg(feature = "cuda")]

@@ -18,7 +18,20 @@
 //! [`PeftAdapter::read`] finds it; [`PeftAdapter::read_with_module`] takes it
 //! from the caller. [`PeftAdapter::write`] writes both views as F32 and a config
 //! that `PeftModel.from_pretrained` loads into a tied model
-//! (`scripts/peft_check.py` checks that with PEFT itself).
+//! (`scripts/peft_check.py` checks that with PEFT itself, for Llama and GPT-2).
+//!
+//! The written `target_modules` is `[<module>, its last component, "lm_head"]`,
+//! e.g. `["transformer.wte", "wte", "lm_head"]`. The head must be listed: PEFT
+//! (0.21) ties the head's adapter to the embedding's only if a `target_modules`
+//! entry ends in one of its embedding layer names (`embed_tokens`, `lm_head`).
+//! `wte` is not one of them, so a GPT-2 adapter listing only
+//! `["transformer.wte", "wte"]` reloads with LoRA on the embedding and none on
+//! `lm_head` (the head keys are dropped as unexpected). With `lm_head` listed,
+//! PEFT puts the adapter on the embedding and ties the head to it (Llama and
+//! GPT-2 alike); on an untied model the head gets its own LoRA, loaded from the
+//! head keys. The head module is `lm_head` in every supported family
+//! ([`HEAD_MODULE`]). [`PeftAdapter::read`] accepts either form (and any other
+//! `target_modules`: it finds the factors by their keys).
 //!
 //! ```
 //! use tiedlora::peft::PeftAdapter;
@@ -60,7 +73,9 @@ pub const KEY_PREFIX: &str = "base_model.model.";
 /// Embedding module paths [`PeftAdapter::read`] looks for first, in order:
 /// Llama / Qwen2 / Gemma, then GPT-2.
 pub const KNOWN_EMBEDDING_MODULES: &[&str] = &["model.embed_tokens", "transformer.wte"];
-/// The tied output projection's module path (the same in all the models above).
+/// The tied output projection's module path (the same in all the models above:
+/// `GPT2LMHeadModel`, `LlamaForCausalLM`, `Qwen2ForCausalLM`, `GemmaForCausalLM`).
+/// [`PeftAdapter::write`] lists it in `target_modules`.
 pub const HEAD_MODULE: &str = "lm_head";
 /// Key of the head's `lora_A` ([r, d] = `lora_hidden`).
 pub const HEAD_A_KEY: &str = "base_model.model.lm_head.lora_A.weight";
@@ -123,8 +138,9 @@ impl PeftAdapter {
     /// shapes, `alpha` and `use_rslora` of `cfg`, on the embedding module
     /// `embedding_module` (e.g. `"model.embed_tokens"`, `"transformer.wte"`).
     ///
-    /// `target_modules` becomes `[embedding_module, its last component]`, as PEFT
-    /// writes it; `base_model_name_or_path` starts empty.
+    /// `target_modules` becomes `[embedding_module, its last component, "lm_head"]`
+    /// (what [`write`](Self::write) writes; see the [module docs](self) for why the
+    /// head is listed); `base_model_name_or_path` starts empty.
     ///
     /// Errors: [`Error::BufferLength`] if a buffer does not match `cfg`,
     /// [`Error::InvalidConfig`] if a factor holds a non-finite value or the
@@ -203,8 +219,9 @@ impl PeftAdapter {
     /// with F32 tensors under both the embedding and the head keys (see the
     /// [module docs](self)), and an `adapter_config.json` that PEFT's
     /// `PeftModel.from_pretrained` loads into a tied model (`peft_type` LORA,
-    /// `ensure_weight_tying` true, `target_modules` = `[module, last component]`,
-    /// no dropout, no bias, `task_type` CAUSAL_LM). Existing files are replaced.
+    /// `ensure_weight_tying` true, `target_modules` =
+    /// `[module, last component, "lm_head"]` whatever [`target_modules`](Self::target_modules)
+    /// holds, no dropout, no bias, `task_type` CAUSAL_LM). Existing files are replaced.
     ///
     /// Errors: [`Error::BufferLength`] / [`Error::InvalidConfig`] if the public
     /// factor buffers were changed to a wrong length or a non-finite value,
@@ -271,9 +288,10 @@ impl PeftAdapter {
         &self.embedding_module
     }
     /// `target_modules` as the json gave it (for [`new`](Self::new):
-    /// `[module, last component]`). [`write`](Self::write) always writes
-    /// `[embedding_module, its last component]`, since it writes only the
-    /// embedding and head factors.
+    /// `[module, last component, "lm_head"]`). [`write`](Self::write) always writes
+    /// `[embedding_module, its last component, "lm_head"]`, since it writes only the
+    /// embedding and head factors, so an adapter read from a config without
+    /// `lm_head` gains it when written.
     pub fn target_modules(&self) -> &[String] {
         &self.target_modules
     }
@@ -355,14 +373,18 @@ impl PeftAdapter {
     }
 }
 
-/// `[module, last component]` (just `[module]` if it has no dot).
+/// `[module, last component, "lm_head"]`, without repeats (`[module, "lm_head"]`
+/// if it has no dot). The head is listed so that PEFT ties it for any embedding
+/// name (see the module docs).
 fn default_target_modules(module: &str) -> Vec<String> {
     let last = module.rsplit('.').next().unwrap_or(module);
-    if last == module {
-        vec![module.to_string()]
-    } else {
-        vec![module.to_string(), last.to_string()]
+    let mut targets = vec![module.to_string()];
+    for t in [last, HEAD_MODULE] {
+        if !targets.iter().any(|x| x == t) {
+            targets.push(t.to_string());
+        }
     }
+    targets
 }
 
 fn validate_module(module: &str) -> Result<()> {
@@ -840,8 +862,10 @@ mod tests {
 
     #[test]
     fn target_modules_like_peft() {
-        assert_eq!(default_target_modules("model.embed_tokens"), vec!["model.embed_tokens", "embed_tokens"]);
-        assert_eq!(default_target_modules("wte"), vec!["wte"]);
+        assert_eq!(default_target_modules("model.embed_tokens"), vec!["model.embed_tokens", "embed_tokens", "lm_head"]);
+        assert_eq!(default_target_modules("transformer.wte"), vec!["transformer.wte", "wte", "lm_head"]);
+        assert_eq!(default_target_modules("wte"), vec!["wte", "lm_head"]);
+        assert_eq!(default_target_modules("lm_head"), vec!["lm_head"]);
         assert!(validate_module("a..b").is_err());
         assert!(validate_module("").is_err());
         assert!(validate_module("transformer.wte").is_ok());

@@ -131,10 +131,18 @@ fn round_trip_golden_bitwise() {
     assert_eq!(a.alpha(), b.alpha());
     assert_eq!(a.use_rslora(), b.use_rslora());
     assert_eq!(a.embedding_module(), b.embedding_module());
-    assert_eq!(a.target_modules(), b.target_modules());
+    // PEFT wrote the golden's target_modules without the head; ours lists it (see `src/peft.rs`).
+    assert_eq!(a.target_modules(), ["model.embed_tokens", "embed_tokens"]);
+    assert_eq!(b.target_modules(), ["model.embed_tokens", "embed_tokens", "lm_head"]);
     assert_eq!(a.base_model_name_or_path(), b.base_model_name_or_path());
     assert_eq!(b.stored_views(), StoredViews::Both);
-    assert_eq!(a, b);
+    // Apart from target_modules, nothing changed; and a second round trip is the identity.
+    let cfg = a.config_builder().build().unwrap();
+    let a2 = PeftAdapter::new(&cfg, a.lora_vocab.clone(), a.lora_hidden.clone(), a.embedding_module()).unwrap();
+    assert_eq!(a2, b);
+    let dir2 = tmp("roundtrip-2");
+    b.write(&dir2).unwrap();
+    assert_eq!(PeftAdapter::read(&dir2).unwrap(), b);
 
     // `TIEDLORA_PEFT_EXPORT=dir` keeps a copy for scripts/peft_check.py (PEFT itself loads it).
     if let Some(out) = std::env::var_os("TIEDLORA_PEFT_EXPORT") {
@@ -146,6 +154,27 @@ fn round_trip_golden_bitwise() {
     c.lora_vocab[0] = 0.5;
     c.write(&dir).unwrap();
     assert_eq!(PeftAdapter::read(&dir).unwrap().lora_vocab[0], 0.5);
+}
+
+#[test]
+fn round_trip_golden_factors_gpt2_layout() {
+    // The golden factors under GPT-2's embedding module `transformer.wte`.
+    let g = PeftAdapter::read(GOLDEN).unwrap();
+    let cfg = g.config_builder().build().unwrap();
+    let a = PeftAdapter::new(&cfg, g.lora_vocab.clone(), g.lora_hidden.clone(), "transformer.wte").unwrap();
+    let dir = tmp("roundtrip-gpt2");
+    a.write(&dir).unwrap();
+    assert_eq!(read_json(&dir)["target_modules"], serde_json::json!(["transformer.wte", "wte", "lm_head"]));
+    let b = PeftAdapter::read(&dir).unwrap();
+    assert_eq!(b.embedding_module(), "transformer.wte");
+    assert_eq!(b.stored_views(), StoredViews::Both);
+    assert_eq!(b.target_modules(), ["transformer.wte", "wte", "lm_head"]);
+    assert_eq!(b, a);
+
+    // `TIEDLORA_PEFT_EXPORT_GPT2=dir` keeps a copy for scripts/peft_check.py (GPT-2 layout).
+    if let Some(out) = std::env::var_os("TIEDLORA_PEFT_EXPORT_GPT2") {
+        a.write(&out).unwrap();
+    }
 }
 
 #[test]
@@ -175,7 +204,7 @@ fn written_file_has_peft_layout_and_config() {
         ("r", serde_json::json!(3)),
         ("lora_alpha", serde_json::json!(12)),
         ("use_rslora", serde_json::json!(false)),
-        ("target_modules", serde_json::json!(["model.embed_tokens", "embed_tokens"])),
+        ("target_modules", serde_json::json!(["model.embed_tokens", "embed_tokens", "lm_head"])),
         ("ensure_weight_tying", serde_json::json!(true)),
         ("lora_dropout", serde_json::json!(0.0)),
         ("bias", serde_json::json!("none")),
@@ -207,7 +236,8 @@ fn gpt2_module_is_detected() {
     let f = TensorFile::open(dir.join(WEIGHTS_FILE)).unwrap();
     assert!(f.contains("base_model.model.transformer.wte.lora_embedding_A"));
     assert!(f.contains("base_model.model.transformer.wte.lora_embedding_B"));
-    assert_eq!(read_json(&dir)["target_modules"], serde_json::json!(["transformer.wte", "wte"]));
+    assert_eq!(read_json(&dir)["target_modules"], serde_json::json!(["transformer.wte", "wte", "lm_head"]));
+    assert_eq!(a.target_modules(), ["transformer.wte", "wte", "lm_head"]);
     let b = PeftAdapter::read(&dir).unwrap();
     assert_eq!(b.embedding_module(), "transformer.wte");
     assert_eq!(b, a);
@@ -221,7 +251,7 @@ fn custom_module_with_read_with_module() {
     a.write(&dir).unwrap();
     let b = PeftAdapter::read_with_module(&dir, module).unwrap();
     assert_eq!(b.embedding_module(), module);
-    assert_eq!(b.target_modules(), [module, "embed_tokens"]);
+    assert_eq!(b.target_modules(), [module, "embed_tokens", "lm_head"]);
     assert_eq!(b, a);
     // The single unknown module is also found automatically.
     assert_eq!(PeftAdapter::read(&dir).unwrap(), a);
@@ -266,6 +296,43 @@ fn head_only_file_takes_factors_from_head() {
     assert_eq!(a.lora_vocab, g.lora_vocab);
     assert_eq!(a.lora_hidden, g.lora_hidden);
     assert_eq!(a.scale(), 2.0);
+
+    // The module of a head-only file comes from target_modules, with or without `lm_head`
+    // listed (files written before the head was listed, and now).
+    for targets in [r#"["transformer.wte", "wte"]"#, r#"["transformer.wte", "wte", "lm_head"]"#] {
+        let config = format!(r#"{{"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": {targets}}}"#);
+        let a = PeftAdapter::read(adapter_dir("head-only-gpt2", &config, &t)).unwrap();
+        assert_eq!(a.embedding_module(), "transformer.wte", "{targets}");
+        assert_eq!(a.lora_vocab, g.lora_vocab);
+    }
+    // Only the head listed: the default module.
+    let config = r#"{"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["lm_head"]}"#;
+    let a = PeftAdapter::read(adapter_dir("head-only-lm-head", config, &t)).unwrap();
+    assert_eq!(a.embedding_module(), "model.embed_tokens");
+}
+
+#[test]
+fn reads_both_target_module_forms() {
+    // A GPT-2 adapter with the embedding and head keys reads the same whether its
+    // config lists `lm_head` (as written now) or not (as written before).
+    let a = small_adapter("transformer.wte", false);
+    let dir = tmp("forms");
+    a.write(&dir).unwrap();
+    let mut j = read_json(&dir);
+    j["target_modules"] = serde_json::json!(["transformer.wte", "wte"]);
+    std::fs::write(dir.join(CONFIG_FILE), serde_json::to_string(&j).unwrap()).unwrap();
+    let b = PeftAdapter::read(&dir).unwrap();
+    assert_eq!(b.target_modules(), ["transformer.wte", "wte"]);
+    assert_eq!((b.embedding_module(), b.stored_views()), ("transformer.wte", StoredViews::Both));
+    assert_eq!((&b.lora_vocab, &b.lora_hidden, b.scale()), (&a.lora_vocab, &a.lora_hidden, a.scale()));
+    // Written again, it lists the head.
+    b.write(&dir).unwrap();
+    assert_eq!(read_json(&dir)["target_modules"], serde_json::json!(["transformer.wte", "wte", "lm_head"]));
+    assert_eq!(PeftAdapter::read(&dir).unwrap(), a);
+    // A single string is accepted too.
+    j["target_modules"] = serde_json::json!("transformer.wte");
+    std::fs::write(dir.join(CONFIG_FILE), serde_json::to_string(&j).unwrap()).unwrap();
+    assert_eq!(PeftAdapter::read(&dir).unwrap().target_modules(), ["transformer.wte"]);
 }
 
 #[test]

@@ -1,6 +1,8 @@
 //! Shared test support: golden-file loading, comparison, random inputs.
 #![allow(dead_code)]
 
+#[cfg(feature = "candle")]
+pub mod candle_cases;
 pub mod golden;
 pub mod gpu_harness;
 pub mod harness;

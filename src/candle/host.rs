@@ -1,0 +1,192 @@
+//! The ops on candle's CPU device: candle's `CpuStorage` read in place as
+//! slices, the work done by [`crate::Cpu`].
+
+use candle_core::backend::BackendStorage;
+use candle_core::op::BackpropOp;
+use candle_core::{CpuStorage, DType, Device, Layout, Result, Shape, Storage, Tensor, WithDType};
+
+use super::ops::{Kind, OpGrads, Params};
+use super::{err, msg};
+use crate::backend::{Backend, Grads, Weights};
+use crate::cpu::Cpu;
+use crate::dtype::Element;
+use crate::{bf16, f16};
+
+/// A CPU storage and the layout to read it with.
+pub(crate) type In<'a> = (&'a CpuStorage, &'a Layout);
+
+pub(crate) fn cpu_storage<'a>(s: &'a Storage, what: &str) -> Result<&'a CpuStorage> {
+    match s {
+        Storage::Cpu(c) => Ok(c),
+        _ => Err(msg(format!("`{what}` is not on the CPU device like the op's other inputs"))),
+    }
+}
+
+/// The contiguous elements of `x` as `T`, or an `Err` naming `what`.
+fn slice<'a, T: WithDType>(x: In<'a>, what: &str) -> Result<&'a [T]> {
+    if x.0.dtype() != <T as WithDType>::DTYPE {
+        return Err(msg(format!("`{what}` is {:?}, expected {:?}", x.0.dtype(), <T as WithDType>::DTYPE)));
+    }
+    let (a, b) = x.1.contiguous_offsets().ok_or_else(|| msg(format!("`{what}` is not contiguous")))?;
+    Ok(&x.0.as_slice::<T>()?[a..b])
+}
+
+/// Token ids as u32 or i64: calls `$body` with `$ids` bound to the slice.
+macro_rules! with_ids {
+    ($x:expr, $what:expr, |$ids:ident| $body:expr) => {
+        match $x.0.dtype() {
+            DType::U32 => {
+                let $ids = slice::<u32>($x, $what)?;
+                $body
+            }
+            DType::I64 => {
+                let $ids = slice::<i64>($x, $what)?;
+                $body
+            }
+            other => return Err(msg(format!("`{}` is {other:?}; token ids must be u32 or i64", $what))),
+        }
+    };
+}
+
+/// W's dtype picks the storage dtype `T` of W, h, embeddings and logits.
+macro_rules! with_float {
+    ($dtype:expr, $f:ident ( $($arg:expr),* )) => {
+        match $dtype {
+            DType::F32 => $f::<f32>($($arg),*),
+            DType::F16 => $f::<f16>($($arg),*),
+            DType::BF16 => $f::<bf16>($($arg),*),
+            other => Err(msg(format!("W is {other:?}; f32, f16 or bf16 expected"))),
+        }
+    };
+}
+
+pub(crate) fn forward(p: &Params, kind: &Kind, x: In, w: In, u: In, vh: In) -> Result<(CpuStorage, Shape)> {
+    let shape = kind.out_shape(&p.cfg, x.1.dims())?;
+    let n = shape.elem_count();
+    let out = with_float!(w.0.dtype(), forward_t(p, kind, n, x, w, u, vh))?;
+    Ok((out, shape))
+}
+
+fn forward_t<T: Element + WithDType>(
+    p: &Params,
+    kind: &Kind,
+    n: usize,
+    x: In,
+    w: In,
+    u: In,
+    vh: In,
+) -> Result<CpuStorage> {
+    let (cpu, cfg) = (&p.engine.cpu, &p.cfg);
+    let weights = Weights::<Cpu, T>::host(slice(w, "W")?, slice(u, "U")?, slice(vh, "Vh")?);
+    // Poisoned: the backends write every element.
+    let poison = || vec![<T as Element>::from_f64(f64::NAN); n];
+    match kind {
+        Kind::Embed => {
+            let mut out = poison();
+            with_ids!(x, "ids", |ids| cpu.embed_forward(cfg, &weights, ids, &mut out)).map_err(err)?;
+            Ok(T::to_cpu_storage_owned(out))
+        }
+        Kind::Logits => {
+            let mut out = poison();
+            cpu.head_forward(cfg, &weights, slice(x, "h")?, &mut out).map_err(err)?;
+            Ok(T::to_cpu_storage_owned(out))
+        }
+        Kind::Loss { targets } => {
+            let h = slice::<T>(x, "h")?;
+            let (ts, tl) = targets.storage_and_layout();
+            let t = (cpu_storage(&ts, "targets")?, tl);
+            let mut out = vec![f32::NAN; n];
+            let (loss, lse) = out.split_at_mut(1);
+            with_ids!(t, "targets", |tg| cpu.head_xent_forward(cfg, &weights, h, tg, loss, lse)).map_err(err)?;
+            Ok(f32::to_cpu_storage_owned(out))
+        }
+    }
+}
+
+pub(crate) fn backward(
+    p: &Params,
+    kind: &Kind,
+    x: &Tensor,
+    res: &Tensor,
+    grad: &Tensor,
+    want_dw: bool,
+) -> Result<OpGrads> {
+    let (xs, xl) = x.storage_and_layout();
+    let (ws, wl) = p.w.storage_and_layout();
+    let (us, ul) = p.u.storage_and_layout();
+    let (vs, vl) = p.vh.storage_and_layout();
+    let (rs, rl) = res.storage_and_layout();
+    let (gs, gl) = grad.storage_and_layout();
+    let ins = Ins {
+        x: (cpu_storage(&xs, "x")?, xl),
+        w: (cpu_storage(&ws, "W")?, wl),
+        u: (cpu_storage(&us, "U")?, ul),
+        vh: (cpu_storage(&vs, "Vh")?, vl),
+        res: (cpu_storage(&rs, "the op's result")?, rl),
+        grad: (cpu_storage(&gs, "the upstream gradient")?, gl),
+    };
+    let (dx, du, dvh, dw) = with_float!(p.w.dtype(), backward_t(p, kind, &ins, want_dw))?;
+    let (v, d, r) = (p.cfg.vocab(), p.cfg.hidden(), p.cfg.rank());
+    let dev = Device::Cpu;
+    Ok(OpGrads {
+        dx: dx.map(|s| Tensor::from_storage(Storage::Cpu(s), x.shape(), BackpropOp::none(), false)),
+        du: Tensor::from_vec(du, (v, r), &dev)?,
+        dvh: Tensor::from_vec(dvh, (r, d), &dev)?,
+        dw: dw.map(|g| Tensor::from_vec(g, (v, d), &dev)?.to_dtype(p.w.dtype())).transpose()?,
+    })
+}
+
+struct Ins<'a> {
+    x: In<'a>,
+    w: In<'a>,
+    u: In<'a>,
+    vh: In<'a>,
+    res: In<'a>,
+    grad: In<'a>,
+}
+
+type HostGradsOut = (Option<CpuStorage>, Vec<f32>, Vec<f32>, Option<Vec<f32>>);
+
+fn backward_t<T: Element + WithDType>(p: &Params, kind: &Kind, a: &Ins, want_dw: bool) -> Result<HostGradsOut> {
+    let (cpu, cfg) = (&p.engine.cpu, &p.cfg);
+    let (v, d, r) = (cfg.vocab(), cfg.hidden(), cfg.rank());
+    let weights = Weights::<Cpu, T>::host(slice(a.w, "W")?, slice(a.u, "U")?, slice(a.vh, "Vh")?);
+    let (mut du, mut dvh) = (vec![0f32; v * r], vec![0f32; r * d]);
+    let mut dw = want_dw.then(|| vec![0f32; v * d]);
+    let mut grads = Grads::host(&mut du, &mut dvh, dw.as_deref_mut());
+    let dx = match kind {
+        Kind::Embed => {
+            let de = slice::<T>(a.grad, "the embedding's gradient")?;
+            with_ids!(a.x, "ids", |ids| cpu.embed_backward(cfg, &weights, ids, de, &mut grads)).map_err(err)?;
+            None
+        }
+        Kind::Logits => {
+            let h = slice::<T>(a.x, "h")?;
+            let mut dh = vec![<T as Element>::from_f64(f64::NAN); h.len()];
+            let g = slice::<T>(a.grad, "the logits' gradient")?;
+            cpu.head_backward(cfg, &weights, h, g, &mut dh, &mut grads).map_err(err)?;
+            Some(T::to_cpu_storage_owned(dh))
+        }
+        Kind::Loss { targets } => {
+            let h = slice::<T>(a.x, "h")?;
+            let res = slice::<f32>(a.res, "the loss op's result")?;
+            let grad_loss = slice::<f32>(a.grad, "the loss's gradient")?[0];
+            let (ts, tl) = targets.storage_and_layout();
+            let t = (cpu_storage(&ts, "targets")?, tl);
+            let mut dh = vec![<T as Element>::from_f64(f64::NAN); h.len()];
+            with_ids!(t, "targets", |tg| cpu.head_xent_backward(
+                cfg,
+                &weights,
+                h,
+                tg,
+                &res[1..],
+                grad_loss,
+                &mut dh,
+                &mut grads
+            ))
+            .map_err(err)?;
+            Some(T::to_cpu_storage_owned(dh))
+        }
+    };
+    Ok((dx, du, dvh, dw))
+}

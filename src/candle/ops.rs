@@ -1,0 +1,201 @@
+//! The candle custom ops: one struct per training mode, one `Kind` per op.
+//!
+//! LoRA mode is `op3(x, U, Vh)` with W captured, full mode `op2(x, W)` with
+//! U and Vh captured: candle asks each op's backward for the gradients of its
+//! arguments only, so the trainable tensors are exactly the arguments. The
+//! device work is in `host.rs` (candle's CPU device, on [`crate::Cpu`]) and
+//! `cuda.rs` (candle's CUDA device, on the kernels).
+
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Device, Layout, Result, Shape, Tensor};
+
+use super::{host, msg};
+use crate::config::LoraConfig;
+use crate::cpu::Cpu;
+
+/// The backends of one device, made once per [`super::TiedLora`].
+pub(crate) struct Engine {
+    pub(crate) cpu: Cpu,
+    #[cfg(feature = "cuda")]
+    pub(crate) cuda: Option<crate::cuda::Cuda>,
+}
+
+impl Engine {
+    pub(crate) fn new(dev: &Device) -> Result<Self> {
+        match dev {
+            Device::Cpu => Ok(Engine {
+                cpu: Cpu::new(),
+                #[cfg(feature = "cuda")]
+                cuda: None,
+            }),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(d) => Ok(Engine {
+                cpu: Cpu::new(),
+                cuda: Some(crate::cuda::Cuda::with_stream(d.cuda_stream()).map_err(super::err)?),
+            }),
+            #[cfg(not(feature = "cuda"))]
+            Device::Cuda(_) => {
+                Err(msg("this build of tiedlora has no CUDA kernels: build it with `--features cuda,candle`"))
+            }
+            Device::Metal(_) => Err(msg("candle's Metal device is not supported (CPU and CUDA are)")),
+        }
+    }
+}
+
+/// The tied parameters and config an op reads.
+#[derive(Clone)]
+pub(crate) struct Params {
+    pub(crate) cfg: LoraConfig,
+    pub(crate) w: Tensor,
+    pub(crate) u: Tensor,
+    pub(crate) vh: Tensor,
+    pub(crate) engine: std::sync::Arc<Engine>,
+}
+
+/// Which op; `x` is the ids (embed) or h (logits, loss).
+#[derive(Clone)]
+pub(crate) enum Kind {
+    Embed,
+    Logits,
+    /// Output: [1 + N] f32, the loss then the N log-sum-exps.
+    Loss {
+        targets: Tensor,
+    },
+}
+
+impl Kind {
+    fn name(&self) -> &'static str {
+        match self {
+            Kind::Embed => "tiedlora-embed",
+            Kind::Logits => "tiedlora-logits",
+            Kind::Loss { .. } => "tiedlora-loss",
+        }
+    }
+
+    /// The output shape for input dims `x`.
+    pub(crate) fn out_shape(&self, cfg: &LoraConfig, x: &[usize]) -> Result<Shape> {
+        match self {
+            Kind::Embed => Ok([x, &[cfg.hidden()]].concat().into()),
+            Kind::Logits | Kind::Loss { .. } => {
+                let (&last, lead) = x.split_last().ok_or_else(|| msg("h must have at least one dimension"))?;
+                if last != cfg.hidden() {
+                    return Err(msg(format!("h is {x:?}: its last dimension must be d = {}", cfg.hidden())));
+                }
+                Ok(match self {
+                    Kind::Logits => [lead, &[cfg.vocab()]].concat().into(),
+                    _ => (1 + lead.iter().product::<usize>()).into(),
+                })
+            }
+        }
+    }
+}
+
+/// Gradients of one backward call, as tensors on the op's device.
+pub(crate) struct OpGrads {
+    /// dh (logits, loss); `None` for the ids.
+    pub(crate) dx: Option<Tensor>,
+    pub(crate) du: Tensor,
+    pub(crate) dvh: Tensor,
+    /// dW in W's dtype, when asked.
+    pub(crate) dw: Option<Tensor>,
+}
+
+fn backward(p: &Params, kind: &Kind, x: &Tensor, res: &Tensor, grad: &Tensor, want_dw: bool) -> Result<OpGrads> {
+    let grad = grad.contiguous()?;
+    match x.device() {
+        Device::Cpu => host::backward(p, kind, x, res, &grad, want_dw),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => super::cuda::backward(p, kind, x, res, &grad, want_dw),
+        d => Err(msg(format!("no tiedlora backend for {:?}", d.location()))),
+    }
+}
+
+/// LoRA mode: `x.apply_op3(U, Vh)`, W captured.
+pub(crate) struct LoraOp {
+    pub(crate) kind: Kind,
+    pub(crate) params: Params,
+}
+
+impl CustomOp3 for LoraOp {
+    fn name(&self) -> &'static str {
+        self.kind.name()
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        lx: &Layout,
+        u: &CpuStorage,
+        lu: &Layout,
+        vh: &CpuStorage,
+        lvh: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (w, lw) = self.params.w.storage_and_layout();
+        let w = host::cpu_storage(&w, "W")?;
+        host::forward(&self.params, &self.kind, (x, lx), (w, lw), (u, lu), (vh, lvh))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        lx: &Layout,
+        u: &candle_core::CudaStorage,
+        lu: &Layout,
+        vh: &candle_core::CudaStorage,
+        lvh: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (w, lw) = self.params.w.storage_and_layout();
+        let w = super::cuda::cuda_storage(&w, "W")?;
+        super::cuda::forward(&self.params, &self.kind, (x, lx), (w, lw), (u, lu), (vh, lvh))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        _u: &Tensor,
+        _vh: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let g = backward(&self.params, &self.kind, x, res, grad, false)?;
+        Ok((g.dx, Some(g.du), Some(g.dvh)))
+    }
+}
+
+/// Full mode: `x.apply_op2(W)`, U and Vh captured (frozen).
+pub(crate) struct FullOp {
+    pub(crate) kind: Kind,
+    pub(crate) params: Params,
+}
+
+impl CustomOp2 for FullOp {
+    fn name(&self) -> &'static str {
+        self.kind.name()
+    }
+
+    fn cpu_fwd(&self, x: &CpuStorage, lx: &Layout, w: &CpuStorage, lw: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (u, lu) = self.params.u.storage_and_layout();
+        let (vh, lvh) = self.params.vh.storage_and_layout();
+        let (u, vh) = (host::cpu_storage(&u, "U")?, host::cpu_storage(&vh, "Vh")?);
+        host::forward(&self.params, &self.kind, (x, lx), (w, lw), (u, lu), (vh, lvh))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        lx: &Layout,
+        w: &candle_core::CudaStorage,
+        lw: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (u, lu) = self.params.u.storage_and_layout();
+        let (vh, lvh) = self.params.vh.storage_and_layout();
+        let (u, vh) = (super::cuda::cuda_storage(&u, "U")?, super::cuda::cuda_storage(&vh, "Vh")?);
+        super::cuda::forward(&self.params, &self.kind, (x, lx), (w, lw), (u, lu), (vh, lvh))
+    }
+
+    fn bwd(&self, x: &Tensor, _w: &Tensor, res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = backward(&self.params, &self.kind, x, res, grad, true)?;
+        Ok((g.dx, g.dw))
+    }
+}
