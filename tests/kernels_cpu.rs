@@ -236,32 +236,11 @@ fn xent_backward_gradient_filter() {
     assert_all(common::parity::xent_filter_case(&k, 2000, 24, 16, 9, 2f64.powi(-12)));
 }
 
-/// Ranks above the 64 U columns a grad_h tile holds (PEFT's r = 128 and
-/// 256 among them): both head backward ops take G·W and G·U as two GEMMs
-/// of the same kernels, in every dtype, with dW and several vocabulary
-/// chunks (`small_blocks`).
+/// Ranks above the 64 U columns a grad_h tile holds: both head backward
+/// ops take G·W and G·U as two GEMMs of the same kernels.
 #[test]
 fn head_backward_ops_take_ranks_above_64() {
-    use common::parity::{xent_backward_case, XentCase};
-    let k = &CpuKernels::default();
-    assert_all(head_case::<f32, _>(k, 150, 40, 65, 7, true));
-    assert_all(head_case::<bf16, _>(k, 140, 24, 130, 5, true));
-    assert_all(head_case::<f16, _>(k, 131, 16, 256, 3, false));
-    let chunked = small_blocks();
-    let base = XentCase {
-        v: 300,
-        d: 24,
-        r: 96,
-        t: 20,
-        softcap: Some(30.0),
-        sum: false,
-        with_w: true,
-        logit_scale: 1.0,
-        tol: None,
-    };
-    assert_all(xent_backward_case::<f32, _>(&chunked, base));
-    assert_all(xent_backward_case::<bf16, _>(&chunked, XentCase { r: 130, t: 9, with_w: false, ..base }));
-    assert_all(xent_backward_case::<f16, _>(k, XentCase { v: 140, r: 128, t: 3, softcap: None, sum: true, ..base }));
+    common::parity::assert_wide_rank_cases(&CpuKernels::default(), &small_blocks());
 }
 
 /// Every op on buffers one element past 16-byte alignment, as a trainer's

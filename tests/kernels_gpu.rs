@@ -75,24 +75,7 @@ fn gpu_small_head_random_shapes() {
 #[test]
 #[ignore = "needs a CUDA device"]
 fn gpu_small_head_backward_ranks_above_64() {
-    use common::parity::{xent_backward_case, XentCase};
-    let g = gpu();
-    assert_all(head_case::<f32, _>(&g, 150, 40, 65, 7, true));
-    assert_all(head_case::<bf16, _>(&g, 140, 24, 130, 5, true));
-    assert_all(head_case::<f16, _>(&g, 131, 16, 256, 3, false));
-    let base = XentCase {
-        v: 300,
-        d: 24,
-        r: 96,
-        t: 20,
-        softcap: Some(30.0),
-        sum: false,
-        with_w: true,
-        logit_scale: 1.0,
-        tol: None,
-    };
-    assert_all(xent_backward_case::<f32, _>(&gpu().with_xent_chunk_bytes(1), base));
-    assert_all(xent_backward_case::<bf16, _>(&g, XentCase { r: 256, t: 130, with_w: false, ..base }));
+    common::parity::assert_wide_rank_cases(&gpu(), &gpu().with_xent_chunk_bytes(1));
 }
 
 #[cfg(feature = "experimental-kernels")]

@@ -7,10 +7,10 @@
 use candle_core::backend::BackendStorage;
 use candle_core::cuda::{CudaDType, CudaStorage};
 use candle_core::op::BackpropOp;
-use candle_core::{DType, Device, Layout, Result, Shape, Storage, Tensor, WithDType};
+use candle_core::{Device, Layout, Result, Shape, Storage, Tensor, WithDType};
 use cudarc::driver::{CudaSlice, CudaView, DeviceRepr, ValidAsZeroBits};
 
-use super::ops::{Kind, OpGrads, Params};
+use super::ops::{with_float, with_ids, Kind, OpGrads, Params};
 use super::{err, msg};
 use crate::backend::{Backend, Grads, Weights};
 use crate::cuda::Cuda;
@@ -55,34 +55,6 @@ fn wrap<T: CudaDType>(s: CudaSlice<T>, dev: &candle_core::CudaDevice, shape: imp
     Tensor::from_storage(st, shape, BackpropOp::none(), false)
 }
 
-/// Token ids as u32 or i64: calls `$body` with `$ids` bound to the view.
-macro_rules! with_ids {
-    ($x:expr, $what:expr, |$ids:ident| $body:expr) => {
-        match $x.0.dtype() {
-            DType::U32 => {
-                let $ids = view::<u32>($x, $what)?;
-                $body
-            }
-            DType::I64 => {
-                let $ids = view::<i64>($x, $what)?;
-                $body
-            }
-            other => return Err(msg(format!("`{}` is {other:?}; token ids must be u32 or i64", $what))),
-        }
-    };
-}
-
-macro_rules! with_float {
-    ($dtype:expr, $f:ident ( $($arg:expr),* )) => {
-        match $dtype {
-            DType::F32 => $f::<f32>($($arg),*),
-            DType::F16 => $f::<f16>($($arg),*),
-            DType::BF16 => $f::<bf16>($($arg),*),
-            other => Err(msg(format!("W is {other:?}; f32, f16 or bf16 expected"))),
-        }
-    };
-}
-
 pub(crate) fn forward(p: &Params, kind: &Kind, x: In, w: In, u: In, vh: In) -> Result<(CudaStorage, Shape)> {
     let shape = kind.out_shape(&p.cfg, x.1.dims())?;
     let n = shape.elem_count();
@@ -96,7 +68,7 @@ fn forward_t<T: Float>(p: &Params, kind: &Kind, n: usize, x: In, w: In, u: In, v
     match kind {
         Kind::Embed => {
             let mut out = alloc::<T>(g, n)?;
-            with_ids!(x, "ids", |ids| g.embed_forward(cfg, &weights, ids, out.as_view_mut())).map_err(err)?;
+            with_ids!(view, x, "ids", |ids| g.embed_forward(cfg, &weights, ids, out.as_view_mut())).map_err(err)?;
             Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
         }
         Kind::Logits => {
@@ -111,7 +83,8 @@ fn forward_t<T: Float>(p: &Params, kind: &Kind, n: usize, x: In, w: In, u: In, v
             let mut out = alloc::<f32>(g, n)?;
             {
                 let (loss, lse) = out.split_at_mut(1);
-                with_ids!(t, "targets", |tg| g.head_xent_forward(cfg, &weights, h, tg, loss, lse)).map_err(err)?;
+                with_ids!(view, t, "targets", |tg| g.head_xent_forward(cfg, &weights, h, tg, loss, lse))
+                    .map_err(err)?;
             }
             Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
         }
@@ -187,7 +160,7 @@ fn backward_t<T: Float>(p: &Params, kind: &Kind, a: &Ins, want_dw: bool) -> Resu
         match kind {
             Kind::Embed => {
                 let de = view::<T>(a.grad, "the embedding's gradient")?;
-                with_ids!(a.x, "ids", |ids| g.embed_backward(cfg, &weights, ids, de, &mut grads)).map_err(err)?;
+                with_ids!(view, a.x, "ids", |ids| g.embed_backward(cfg, &weights, ids, de, &mut grads)).map_err(err)?;
                 None
             }
             Kind::Logits => {
@@ -204,7 +177,7 @@ fn backward_t<T: Float>(p: &Params, kind: &Kind, a: &Ins, want_dw: bool) -> Resu
                 let (ts, tl) = targets.storage_and_layout();
                 let t = (cuda_storage(&ts, "targets")?, tl);
                 let mut dh = alloc::<T>(g, h.len())?;
-                with_ids!(t, "targets", |tg| g.head_xent_backward(
+                with_ids!(view, t, "targets", |tg| g.head_xent_backward(
                     cfg,
                     &weights,
                     h,

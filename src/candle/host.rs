@@ -3,14 +3,13 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::op::BackpropOp;
-use candle_core::{CpuStorage, DType, Device, Layout, Result, Shape, Storage, Tensor, WithDType};
+use candle_core::{CpuStorage, Device, Layout, Result, Shape, Storage, Tensor, WithDType};
 
-use super::ops::{Kind, OpGrads, Params};
+use super::ops::{with_float, with_ids, Kind, OpGrads, Params};
 use super::{err, msg};
 use crate::backend::{Backend, Grads, Weights};
 use crate::cpu::Cpu;
 use crate::dtype::Element;
-use crate::{bf16, f16};
 
 /// A CPU storage and the layout to read it with.
 pub(crate) type In<'a> = (&'a CpuStorage, &'a Layout);
@@ -29,35 +28,6 @@ fn slice<'a, T: WithDType>(x: In<'a>, what: &str) -> Result<&'a [T]> {
     }
     let (a, b) = x.1.contiguous_offsets().ok_or_else(|| msg(format!("`{what}` is not contiguous")))?;
     Ok(&x.0.as_slice::<T>()?[a..b])
-}
-
-/// Token ids as u32 or i64: calls `$body` with `$ids` bound to the slice.
-macro_rules! with_ids {
-    ($x:expr, $what:expr, |$ids:ident| $body:expr) => {
-        match $x.0.dtype() {
-            DType::U32 => {
-                let $ids = slice::<u32>($x, $what)?;
-                $body
-            }
-            DType::I64 => {
-                let $ids = slice::<i64>($x, $what)?;
-                $body
-            }
-            other => return Err(msg(format!("`{}` is {other:?}; token ids must be u32 or i64", $what))),
-        }
-    };
-}
-
-/// W's dtype picks the storage dtype `T` of W, h, embeddings and logits.
-macro_rules! with_float {
-    ($dtype:expr, $f:ident ( $($arg:expr),* )) => {
-        match $dtype {
-            DType::F32 => $f::<f32>($($arg),*),
-            DType::F16 => $f::<f16>($($arg),*),
-            DType::BF16 => $f::<bf16>($($arg),*),
-            other => Err(msg(format!("W is {other:?}; f32, f16 or bf16 expected"))),
-        }
-    };
 }
 
 pub(crate) fn forward(p: &Params, kind: &Kind, x: In, w: In, u: In, vh: In) -> Result<(CpuStorage, Shape)> {
@@ -83,7 +53,7 @@ fn forward_t<T: Element + WithDType>(
     match kind {
         Kind::Embed => {
             let mut out = poison();
-            with_ids!(x, "ids", |ids| cpu.embed_forward(cfg, &weights, ids, &mut out)).map_err(err)?;
+            with_ids!(slice, x, "ids", |ids| cpu.embed_forward(cfg, &weights, ids, &mut out)).map_err(err)?;
             Ok(T::to_cpu_storage_owned(out))
         }
         Kind::Logits => {
@@ -97,7 +67,7 @@ fn forward_t<T: Element + WithDType>(
             let t = (cpu_storage(&ts, "targets")?, tl);
             let mut out = vec![f32::NAN; n];
             let (loss, lse) = out.split_at_mut(1);
-            with_ids!(t, "targets", |tg| cpu.head_xent_forward(cfg, &weights, h, tg, loss, lse)).map_err(err)?;
+            with_ids!(slice, t, "targets", |tg| cpu.head_xent_forward(cfg, &weights, h, tg, loss, lse)).map_err(err)?;
             Ok(f32::to_cpu_storage_owned(out))
         }
     }
@@ -157,7 +127,7 @@ fn backward_t<T: Element + WithDType>(p: &Params, kind: &Kind, a: &Ins, want_dw:
     let dx = match kind {
         Kind::Embed => {
             let de = slice::<T>(a.grad, "the embedding's gradient")?;
-            with_ids!(a.x, "ids", |ids| cpu.embed_backward(cfg, &weights, ids, de, &mut grads)).map_err(err)?;
+            with_ids!(slice, a.x, "ids", |ids| cpu.embed_backward(cfg, &weights, ids, de, &mut grads)).map_err(err)?;
             None
         }
         Kind::Logits => {
@@ -174,7 +144,7 @@ fn backward_t<T: Element + WithDType>(p: &Params, kind: &Kind, a: &Ins, want_dw:
             let (ts, tl) = targets.storage_and_layout();
             let t = (cpu_storage(&ts, "targets")?, tl);
             let mut dh = vec![<T as Element>::from_f64(f64::NAN); h.len()];
-            with_ids!(t, "targets", |tg| cpu.head_xent_backward(
+            with_ids!(slice, t, "targets", |tg| cpu.head_xent_backward(
                 cfg,
                 &weights,
                 h,

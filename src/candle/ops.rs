@@ -12,6 +12,40 @@ use super::{host, msg};
 use crate::config::LoraConfig;
 use crate::cpu::Cpu;
 
+/// Token ids as u32 or i64: binds `$ids` to `$get::<u32 | i64>($x, $what)?`
+/// (a host slice or a device view) and evaluates `$body`; other dtypes are an
+/// `Err`. Needs `BackendStorage` in scope for the storage's dtype.
+macro_rules! with_ids {
+    ($get:ident, $x:expr, $what:expr, |$ids:ident| $body:expr) => {
+        match $x.0.dtype() {
+            candle_core::DType::U32 => {
+                let $ids = $get::<u32>($x, $what)?;
+                $body
+            }
+            candle_core::DType::I64 => {
+                let $ids = $get::<i64>($x, $what)?;
+                $body
+            }
+            other => return Err(super::msg(format!("`{}` is {other:?}; token ids must be u32 or i64", $what))),
+        }
+    };
+}
+
+/// W's dtype picks the storage dtype `T` of W, h, embeddings and logits:
+/// calls `$f::<f32 | f16 | bf16>(args)`.
+macro_rules! with_float {
+    ($dtype:expr, $f:ident ( $($arg:expr),* )) => {
+        match $dtype {
+            candle_core::DType::F32 => $f::<f32>($($arg),*),
+            candle_core::DType::F16 => $f::<crate::f16>($($arg),*),
+            candle_core::DType::BF16 => $f::<crate::bf16>($($arg),*),
+            other => Err(super::msg(format!("W is {other:?}; f32, f16 or bf16 expected"))),
+        }
+    };
+}
+
+pub(crate) use {with_float, with_ids};
+
 /// The backends of one device, made once per [`super::TiedLora`].
 pub(crate) struct Engine {
     pub(crate) cpu: Cpu,

@@ -4,7 +4,7 @@
 use super::golden::{rel_err, Check};
 use super::harness::{widen, Harness, HostGrads, HostWeights};
 use super::rand_inputs::{fresh_rng, normal};
-use tiedlora::{CpuReference, Element, LoraConfig};
+use tiedlora::{bf16, f16, CpuReference, Element, LoraConfig};
 
 /// One randomized head case through the kernels and the reference.
 pub fn head_case<T: Element, H: Harness>(k: &H, v: usize, d: usize, r: usize, t: usize, with_w: bool) -> Vec<Check> {
@@ -609,4 +609,27 @@ pub fn assert_gemm_engine_paths<H: Harness>(k: &H, chunked: &H) {
         XentCase { v: 700, d: 32, r: 4, t: 300, softcap: None, sum: false, with_w: true, logit_scale: 0.05, tol: None };
     assert_all(xent_backward_case::<f16, _>(chunked, flat));
     assert_all(xent_filter_case(chunked, 1000, 40, 4, 130, 1e-3));
+}
+
+/// Ranks above the 64 U columns a grad_h tile holds (PEFT's r = 128 and 256
+/// among them), in every dtype, with dW: both head backward ops, the fused
+/// one on `chunked` too (several vocabulary chunks).
+pub fn assert_wide_rank_cases<H: Harness>(k: &H, chunked: &H) {
+    assert_all(head_case::<f32, _>(k, 150, 40, 65, 7, true));
+    assert_all(head_case::<bf16, _>(k, 140, 24, 130, 5, true));
+    assert_all(head_case::<f16, _>(k, 131, 16, 256, 3, false));
+    let base = XentCase {
+        v: 300,
+        d: 24,
+        r: 96,
+        t: 20,
+        softcap: Some(30.0),
+        sum: false,
+        with_w: true,
+        logit_scale: 1.0,
+        tol: None,
+    };
+    assert_all(xent_backward_case::<f32, _>(chunked, base));
+    assert_all(xent_backward_case::<bf16, _>(chunked, XentCase { r: 130, t: 9, with_w: false, ..base }));
+    assert_all(xent_backward_case::<f16, _>(k, XentCase { v: 140, r: 128, t: 3, softcap: None, sum: true, ..base }));
 }
