@@ -44,8 +44,7 @@ pub fn require_cuda() -> Result<()> {
     }
     #[cfg(feature = "cuda")]
     {
-        // SAFETY: only probes whether the driver library can be loaded.
-        if unsafe { cudarc::driver::sys::is_culib_present() } {
+        if cuda::libs::driver_present() {
             Ok(())
         } else {
             Err(Error::BackendUnavailable(

@@ -37,8 +37,8 @@ fn data_type(t: DType) -> sys::cudaDataType {
 impl Cublas {
     /// A handle on `stream`; an `Err` (never a panic) without libcublas.
     pub(crate) fn new(stream: &Arc<CudaStream>) -> Result<Self> {
-        // SAFETY: only probes whether libcublas can be loaded (CudaBlas::new panics otherwise).
-        if !unsafe { sys::is_culib_present() } {
+        // CudaBlas::new panics without libcublas.
+        if !super::libs::cublas_present() {
             return Err(Error::BackendUnavailable(
                 "cuBLAS (libcublas.so.13) not found: put the CUDA toolkit's lib64, or pip's \
                  nvidia/cu13/lib, on LD_LIBRARY_PATH to use `Cuda::with_cublas`"

@@ -36,6 +36,7 @@
 mod blas;
 mod buffer_uses;
 mod exec;
+pub(crate) mod libs;
 
 use crate::backend::{Grads, Weights};
 use crate::error::{Error, Result};
