@@ -256,8 +256,13 @@ step cuda_step 60 "$BIN/cuda_step"
 step cuda_step_cublas 60 "$BIN/cuda_step" --cublas
 # The candle integration on candle's CUDA tensors, then the fine-tune on the
 # GPU (short) and its adapter checked by PEFT against the run's own logits.
-step candle_gpu 90 "$BIN/candle_gpu" --ignored --nocapture --test-threads=1
-step finetune_cuda 120 "$BIN/finetune" --device cuda --out "$WORK/finetune"
+if have_bin candle_gpu && have_bin finetune; then
+  step candle_gpu 90 "$BIN/candle_gpu" --ignored --nocapture --test-threads=1
+  step finetune_cuda 120 "$BIN/finetune" --device cuda --out "$WORK/finetune"
+else
+  record candle_gpu SKIP "no candle CUDA binaries in the bundle"
+  record finetune_cuda SKIP "no candle CUDA binaries in the bundle"
+fi
 if [ -f "$WORK/finetune/check.safetensors" ]; then
   step peft_finetune 120 python3 scripts/peft_check.py --finetune "$WORK/finetune"
 else
