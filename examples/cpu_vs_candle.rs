@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! cargo run --release --features candle --example cpu_vs_candle                        # a few minutes on 2 cores
-//! cargo run --release --features candle --example cpu_vs_candle -- --with-reference   # + the f64 reference, xent only (~10 min)
+//! cargo run --release --features candle --example cpu_vs_candle -- --with-reference   # + the f64 reference, xent only (~15 min)
 //! cargo run --release --features candle --example cpu_vs_candle -- --small            # the two small shapes only
 //! cargo run --release --features candle --example cpu_vs_candle -- --reps 5 --ops xent,head,embed
 //! ```
@@ -355,7 +355,7 @@ fn sanity(shape: Shape, names: &[&str], cpu: &Run, others: &[(&str, &Run)]) -> S
             .collect();
         parts.push(format!("vs {who}: {}", diffs.join(", ")));
     }
-    format!("sanity {t}×{v}×{d}×{r}: relative difference of Cpu's outputs {}", parts.join("; "))
+    format!("- sanity {t}×{v}×{d}×{r}: relative difference of Cpu's outputs {}", parts.join("; "))
 }
 
 type TlOp = fn(&Cpu, &Data) -> Run;
