@@ -26,7 +26,9 @@ pub fn forward<T: Element>(
     let vblock = vocab_block(cfg);
     for_row_chunks(logits, v, threads, |rows, out| {
         let mut wa = Vec::new();
-        let mut z = vec![0f32; TOKEN_BLOCK * vblock];
+        // Tiles no larger than the work: a small op does not fault in a
+        // megabyte of fresh pages per call.
+        let mut z = vec![0f32; TOKEN_BLOCK.min(rows.len()) * vblock.min(v)];
         for vb in blocks(0..v, vblock) {
             weight_aug(cfg, w, lora_vocab, vb.clone(), &mut wa);
             for tb in blocks(rows.clone(), TOKEN_BLOCK) {
@@ -97,8 +99,9 @@ pub fn backward<T: Element, F: GradTile>(
     let partials = par_map(items, |((range, du), mut dw)| {
         let mut acc = vec![0f32; t * k];
         let mut wa = Vec::new();
-        let mut g = vec![0f32; TOKEN_BLOCK * vblock];
-        let mut dwa = vec![0f32; vblock * kk];
+        let vmax = vblock.min(range.len());
+        let mut g = vec![0f32; TOKEN_BLOCK.min(t) * vmax];
+        let mut dwa = vec![0f32; vmax * kk];
         for vb in blocks(range.clone(), vblock) {
             let vn = vb.len();
             weight_aug(cfg, w, lora_vocab, vb.clone(), &mut wa);

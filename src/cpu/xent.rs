@@ -117,7 +117,7 @@ pub fn forward<T: Element, I: TokenId>(
         let mut state = vec![Lse::EMPTY; t];
         let mut zy = vec![0f64; t];
         let mut wa = Vec::new();
-        let mut z = vec![0f32; TOKEN_BLOCK * vblock];
+        let mut z = vec![0f32; TOKEN_BLOCK.min(t) * vblock.min(range.len())];
         for vb in blocks(range, vblock) {
             let vn = vb.len();
             weight_aug(cfg, w, lora_vocab, vb.clone(), &mut wa);
