@@ -6,7 +6,7 @@ use super::blocks::{blocks, hidden_aug, par_map, split_rows, vocab_block, weight
 use super::convert::{narrow_into, widen_into};
 use super::gemm::{gemm, Mat, MatMut};
 use crate::config::LoraConfig;
-use crate::dtype::Element;
+use crate::dtype::{DType, Element};
 use crate::host::parallel::{for_row_chunks, ranges};
 use std::ops::Range;
 
@@ -55,6 +55,13 @@ pub fn forward<T: Element>(
 pub trait GradTile: Sync {
     /// Writes ∂L/∂z for the tile into `g`.
     fn fill(&self, tb: Range<usize>, vb: Range<usize>, hp: &[f32], wa: &[f32], g: &mut [f32]);
+
+    /// The tile in place, as a slice starting at its first element and its
+    /// row stride, when G already exists as f32 (then `fill` is never called
+    /// for the tile: the GEMMs read it where it is, no copy).
+    fn borrowed(&self, _tb: Range<usize>, _vb: Range<usize>) -> Option<(&[f32], usize)> {
+        None
+    }
 }
 
 /// The head backward for any source of G: writes `dh` [T, d] and adds the
@@ -108,11 +115,17 @@ pub fn backward<T: Element, F: GradTile>(
             dwa[..vn * kk].iter_mut().for_each(|x| *x = 0.0);
             for tb in blocks(0..t, TOKEN_BLOCK) {
                 let tn = tb.len();
-                tile.fill(tb.clone(), vb.clone(), &hp, &wa, &mut g[..tn * vn]);
+                let (gt, ld) = match tile.borrowed(tb.clone(), vb.clone()) {
+                    Some(view) => view,
+                    None => {
+                        tile.fill(tb.clone(), vb.clone(), &hp, &wa, &mut g[..tn * vn]);
+                        (&g[..tn * vn], vn)
+                    }
+                };
                 // [dh | G·U] += G·[W_b | U_b]
                 gemm(
                     1.0,
-                    Mat::rows(&g, tn, vn, vn),
+                    Mat::rows(gt, tn, vn, ld),
                     Mat::rows(&wa, vn, k, k),
                     1.0,
                     MatMut::rows(&mut acc[tb.start * k..], tn, k, k),
@@ -120,7 +133,7 @@ pub fn backward<T: Element, F: GradTile>(
                 // [dW_b | dU_b] += Gᵀ·[h | s·p]
                 gemm(
                     1.0,
-                    Mat::rows(&g, tn, vn, vn).t(),
+                    Mat::rows(gt, tn, vn, ld).t(),
                     Mat::rows(&hp[tb.start * k + col0..], tn, kk, k),
                     1.0,
                     MatMut::rows(&mut dwa, vn, kk, kk),
@@ -175,5 +188,12 @@ impl<G: Element> GradTile for GivenGrad<'_, G> {
             let o = t * self.vocab + vb.start;
             widen_into(row, &self.d_logits[o..o + vn]);
         }
+    }
+
+    fn borrowed(&self, tb: Range<usize>, vb: Range<usize>) -> Option<(&[f32], usize)> {
+        (G::DTYPE == DType::F32).then(|| {
+            let all: &[f32] = bytemuck::cast_slice(self.d_logits);
+            (&all[tb.start * self.vocab + vb.start..], self.vocab)
+        })
     }
 }
