@@ -26,23 +26,30 @@ pub fn forward<T: Element>(
     let vblock = vocab_block(cfg);
     for_row_chunks(logits, v, threads, |rows, out| {
         let mut wa = Vec::new();
-        // Tiles no larger than the work: a small op does not fault in a
-        // megabyte of fresh pages per call.
-        let mut z = vec![0f32; TOKEN_BLOCK.min(rows.len()) * vblock.min(v)];
+        // The staging tile for narrowing to f16 / bf16 (f32 logits need none),
+        // no larger than the work: a small op does not fault in a megabyte of
+        // fresh pages per call.
+        let mut z = Vec::new();
+        if T::DTYPE != DType::F32 {
+            z.resize(TOKEN_BLOCK.min(rows.len()) * vblock.min(v), 0f32);
+        }
         for vb in blocks(0..v, vblock) {
             weight_aug(cfg, w, lora_vocab, vb.clone(), &mut wa);
             for tb in blocks(rows.clone(), TOKEN_BLOCK) {
                 let (tn, vn) = (tb.len(), vb.len());
-                gemm(
-                    1.0,
-                    Mat::rows(&hp[tb.start * k..], tn, k, k),
-                    Mat::rows(&wa, vn, k, k).t(),
-                    0.0,
-                    MatMut::rows(&mut z, tn, vn, vn),
-                );
-                for (i, t) in tb.enumerate() {
-                    let o = (t - rows.start) * v + vb.start;
-                    narrow_into(&mut out[o..o + vn], &z[i * vn..(i + 1) * vn]);
+                let a = Mat::rows(&hp[tb.start * k..], tn, k, k);
+                let b = Mat::rows(&wa, vn, k, k).t();
+                let o = (tb.start - rows.start) * v + vb.start;
+                if T::DTYPE == DType::F32 {
+                    // f32 logits: the GEMM writes the tile where it belongs
+                    // (row stride V), no staging copy.
+                    let out32: &mut [f32] = bytemuck::cast_slice_mut(&mut out[o..]);
+                    gemm(1.0, a, b, 0.0, MatMut::rows(out32, tn, vn, v));
+                    continue;
+                }
+                gemm(1.0, a, b, 0.0, MatMut::rows(&mut z, tn, vn, vn));
+                for (i, zr) in z[..tn * vn].chunks_exact(vn).enumerate() {
+                    narrow_into(&mut out[o + i * v..o + i * v + vn], zr);
                 }
             }
         }
