@@ -60,6 +60,21 @@ pub fn weight_aug<T: Element>(cfg: &LoraConfig, w: &[T], lora_vocab: &[f32], vb:
     }
 }
 
+/// Multiply-adds below which an op runs on the caller's thread: a spawned
+/// worker costs tens of microseconds, and on a busy machine it may wait a
+/// scheduler slice (milliseconds) for a core, far more than it would save.
+pub const PAR_MIN_WORK: usize = 1 << 22;
+
+/// The workers for an op of `work` multiply-adds: `threads`, or 1 when the op
+/// is too small to share.
+pub fn workers(threads: usize, work: usize) -> usize {
+    if work < PAR_MIN_WORK {
+        1
+    } else {
+        threads
+    }
+}
+
 /// Runs `f` on every item, one scoped thread per item (the last on the
 /// caller's thread), and returns the results in item order.
 pub fn par_map<S: Send, R: Send, F: Fn(S) -> R + Sync>(items: Vec<S>, f: F) -> Vec<R> {

@@ -1,4 +1,7 @@
-//! Branch-free f32 `exp` and `tanh` the compiler vectorises (the library
+//! Branch-free f32 `exp` and `tanh` the compiler vectorises, and the row
+//! kernels of the cross-entropy built on them, each compiled for AVX-512,
+//! AVX2 and SSE2 and picked at run time (`multiversion!`). `exp` and `tanh`
+//! are written the way the compiler vectorises (the library
 //! functions are a call per element), after Cephes. `exp`: range reduction
 //! and a degree-6 polynomial, relative error about 2⁻²³; IEEE edges as
 //! `f32::exp`: NaN → NaN, −∞ and anything below the smallest normal result
@@ -59,25 +62,123 @@ pub fn tanh(x: f32) -> f32 {
     }
 }
 
-/// Σ exp(x − m) over `z`, in f64, with 8 independent partial sums combined in
-/// a fixed order (deterministic, and the exponentials vectorise).
-pub fn sum_exp(z: &[f32], m: f32) -> f64 {
-    let mut acc = [0f64; 8];
-    let mut chunks = z.chunks_exact(8);
-    for c in &mut chunks {
-        let mut e = [0f32; 8];
-        for (o, &x) in e.iter_mut().zip(c) {
-            *o = exp(x - m);
+/// Defines `pub fn $name` whose body is compiled three times, for AVX-512,
+/// for AVX2 + FMA and for the baseline (SSE2), the widest the CPU supports
+/// picked at run time (the check is a cached atomic load). The loops here are
+/// elementwise or use a fixed number of accumulators, and Rust never fuses a
+/// multiply and an add into an FMA on its own, so all three compute the same
+/// bits: only the vector width changes.
+macro_rules! multiversion {
+    ($(#[$meta:meta])* pub fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+        $(#[$meta])*
+        pub fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[inline(always)]
+            fn body($($arg: $ty),*) $(-> $ret)? $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl,avx2,fma")]
+                fn avx512($($arg: $ty),*) $(-> $ret)? {
+                    body($($arg),*)
+                }
+                #[target_feature(enable = "avx2,fma")]
+                fn avx2($($arg: $ty),*) $(-> $ret)? {
+                    body($($arg),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx512f")
+                    && std::arch::is_x86_feature_detected!("avx512dq")
+                    && std::arch::is_x86_feature_detected!("avx512bw")
+                    && std::arch::is_x86_feature_detected!("avx512vl")
+                {
+                    // SAFETY: the CPU supports every feature `avx512` enables
+                    // (AVX-512F/DQ/BW/VL imply AVX2 and FMA), checked just above.
+                    return unsafe { avx512($($arg),*) };
+                }
+                if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                    // SAFETY: the CPU supports AVX2 and FMA, checked just above.
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            body($($arg),*)
         }
-        for (a, &v) in acc.iter_mut().zip(&e) {
-            *a += v as f64;
+    };
+}
+
+multiversion! {
+    /// The largest element of `z` (NaN skipped; −∞ for an empty or all-NaN
+    /// row) and whether `z` holds a NaN. 16 lanes, merged in a fixed order.
+    pub fn row_max(z: &[f32]) -> (f32, bool) {
+        let mut mx = [f32::NEG_INFINITY; 16];
+        let mut nan = [false; 16];
+        let mut chunks = z.chunks_exact(16);
+        for c in &mut chunks {
+            for j in 0..16 {
+                mx[j] = if c[j] > mx[j] { c[j] } else { mx[j] };
+                nan[j] |= c[j].is_nan();
+            }
+        }
+        let mut m = f32::NEG_INFINITY;
+        let mut any_nan = false;
+        for (&x, &n) in mx.iter().zip(&nan).chain(chunks.remainder().iter().map(|x| (x, &false))) {
+            if x > m {
+                m = x;
+            }
+            any_nan |= n || x.is_nan();
+        }
+        (m, any_nan)
+    }
+}
+
+multiversion! {
+    /// Σ exp(x − m) over `z`, in f64, with 16 independent partial sums
+    /// combined in a fixed order (deterministic, and the exponentials vectorise).
+    pub fn sum_exp(z: &[f32], m: f32) -> f64 {
+        let mut acc = [0f64; 16];
+        let mut chunks = z.chunks_exact(16);
+        for c in &mut chunks {
+            let mut e = [0f32; 16];
+            for (o, &x) in e.iter_mut().zip(c) {
+                *o = exp(x - m);
+            }
+            for (a, &v) in acc.iter_mut().zip(&e) {
+                *a += v as f64;
+            }
+        }
+        let mut tail = 0f64;
+        for &x in chunks.remainder() {
+            tail += exp(x - m) as f64;
+        }
+        acc.iter().sum::<f64>() + tail
+    }
+}
+
+multiversion! {
+    /// The softcap in place: `x ← κ·tanh(x/κ)`.
+    pub fn softcap_row(z: &mut [f32], kappa: f32) {
+        for x in z.iter_mut() {
+            *x = kappa * tanh(*x / kappa);
         }
     }
-    let mut tail = 0f64;
-    for &x in chunks.remainder() {
-        tail += exp(x - m) as f64;
+}
+
+multiversion! {
+    /// A row of logits into the softmax part of its gradient:
+    /// `x ← exp(x − lse)·factor`.
+    pub fn softmax_grad_row(row: &mut [f32], lse: f32, factor: f32) {
+        for x in row.iter_mut() {
+            *x = exp(*x - lse) * factor;
+        }
     }
-    acc.iter().sum::<f64>() + tail
+}
+
+multiversion! {
+    /// As [`softmax_grad_row`] through the softcap κ (`row` holds raw logits):
+    /// `x ← exp(κ·tanh(x/κ) − lse)·(1 − tanh²(x/κ))·factor`.
+    pub fn softmax_grad_row_capped(row: &mut [f32], kappa: f32, lse: f32, factor: f32) {
+        for x in row.iter_mut() {
+            let th = tanh(*x / kappa);
+            *x = exp(kappa * th - lse) * (1.0 - th * th) * factor;
+        }
+    }
 }
 
 #[cfg(test)]
@@ -117,5 +218,41 @@ mod tests {
         let z: Vec<f32> = (0..37).map(|i| i as f32 * 0.1 - 2.0).collect();
         let want: f64 = z.iter().map(|&x| ((x - 1.0) as f64).exp()).sum();
         assert!((sum_exp(&z, 1.0) - want).abs() < 1e-6 * want);
+        let mut z: Vec<f32> = (0..53).map(|i| (i as f32 * 0.7).sin()).collect();
+        assert_eq!(row_max(&z), (z.iter().copied().fold(f32::NEG_INFINITY, f32::max), false));
+        z[40] = f32::NAN;
+        z[50] = 3.0;
+        assert_eq!(row_max(&z), (3.0, true));
+        assert_eq!(row_max(&[]), (f32::NEG_INFINITY, false));
+    }
+
+    /// The row kernels (AVX-512 / AVX2 where the CPU has them) give the bits
+    /// of the scalar loop, so results do not depend on the vector width.
+    #[test]
+    fn row_kernels_match_the_scalar_loop_bitwise() {
+        let z: Vec<f32> = (0..1001).map(|i| (i as f32 * 0.731).sin() * 40.0 - 3.0).collect();
+        let (lse, factor, kappa) = (2.5f32, 0.37f32, 30f32);
+        let mut got = z.clone();
+        softmax_grad_row(&mut got, lse, factor);
+        let want: Vec<f32> = z.iter().map(|&x| std::hint::black_box(exp(x - lse)) * factor).collect();
+        assert_eq!(bits(&got), bits(&want));
+        let mut got = z.clone();
+        softmax_grad_row_capped(&mut got, kappa, lse, factor);
+        let want: Vec<f32> = z
+            .iter()
+            .map(|&x| {
+                let th = std::hint::black_box(tanh(x / kappa));
+                std::hint::black_box(exp(kappa * th - lse)) * (1.0 - th * th) * factor
+            })
+            .collect();
+        assert_eq!(bits(&got), bits(&want));
+        let mut got = z.clone();
+        softcap_row(&mut got, kappa);
+        let want: Vec<f32> = z.iter().map(|&x| kappa * std::hint::black_box(tanh(x / kappa))).collect();
+        assert_eq!(bits(&got), bits(&want));
+    }
+
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|x| x.to_bits()).collect()
     }
 }

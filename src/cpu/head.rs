@@ -6,7 +6,7 @@ use super::blocks::{blocks, hidden_aug, par_map, split_rows, vocab_block, weight
 use super::convert::{narrow_into, widen_into};
 use super::gemm::{gemm, Mat, MatMut};
 use crate::config::LoraConfig;
-use crate::dtype::Element;
+use crate::dtype::{DType, Element};
 use crate::host::parallel::{for_row_chunks, ranges};
 use std::ops::Range;
 
@@ -26,21 +26,30 @@ pub fn forward<T: Element>(
     let vblock = vocab_block(cfg);
     for_row_chunks(logits, v, threads, |rows, out| {
         let mut wa = Vec::new();
-        let mut z = vec![0f32; TOKEN_BLOCK * vblock];
+        // The staging tile for narrowing to f16 / bf16 (f32 logits need none),
+        // no larger than the work: a small op does not fault in a megabyte of
+        // fresh pages per call.
+        let mut z = Vec::new();
+        if T::DTYPE != DType::F32 {
+            z.resize(TOKEN_BLOCK.min(rows.len()) * vblock.min(v), 0f32);
+        }
         for vb in blocks(0..v, vblock) {
             weight_aug(cfg, w, lora_vocab, vb.clone(), &mut wa);
             for tb in blocks(rows.clone(), TOKEN_BLOCK) {
                 let (tn, vn) = (tb.len(), vb.len());
-                gemm(
-                    1.0,
-                    Mat::rows(&hp[tb.start * k..], tn, k, k),
-                    Mat::rows(&wa, vn, k, k).t(),
-                    0.0,
-                    MatMut::rows(&mut z, tn, vn, vn),
-                );
-                for (i, t) in tb.enumerate() {
-                    let o = (t - rows.start) * v + vb.start;
-                    narrow_into(&mut out[o..o + vn], &z[i * vn..(i + 1) * vn]);
+                let a = Mat::rows(&hp[tb.start * k..], tn, k, k);
+                let b = Mat::rows(&wa, vn, k, k).t();
+                let o = (tb.start - rows.start) * v + vb.start;
+                if T::DTYPE == DType::F32 {
+                    // f32 logits: the GEMM writes the tile where it belongs
+                    // (row stride V), no staging copy.
+                    let out32: &mut [f32] = bytemuck::cast_slice_mut(&mut out[o..]);
+                    gemm(1.0, a, b, 0.0, MatMut::rows(out32, tn, vn, v));
+                    continue;
+                }
+                gemm(1.0, a, b, 0.0, MatMut::rows(&mut z, tn, vn, vn));
+                for (i, zr) in z[..tn * vn].chunks_exact(vn).enumerate() {
+                    narrow_into(&mut out[o + i * v..o + i * v + vn], zr);
                 }
             }
         }
@@ -53,6 +62,13 @@ pub fn forward<T: Element>(
 pub trait GradTile: Sync {
     /// Writes ∂L/∂z for the tile into `g`.
     fn fill(&self, tb: Range<usize>, vb: Range<usize>, hp: &[f32], wa: &[f32], g: &mut [f32]);
+
+    /// The tile in place, as a slice starting at its first element and its
+    /// row stride, when G already exists as f32 (then `fill` is never called
+    /// for the tile: the GEMMs read it where it is, no copy).
+    fn borrowed(&self, _tb: Range<usize>, _vb: Range<usize>) -> Option<(&[f32], usize)> {
+        None
+    }
 }
 
 /// The head backward for any source of G: writes `dh` [T, d] and adds the
@@ -97,19 +113,26 @@ pub fn backward<T: Element, F: GradTile>(
     let partials = par_map(items, |((range, du), mut dw)| {
         let mut acc = vec![0f32; t * k];
         let mut wa = Vec::new();
-        let mut g = vec![0f32; TOKEN_BLOCK * vblock];
-        let mut dwa = vec![0f32; vblock * kk];
+        let vmax = vblock.min(range.len());
+        let mut g = vec![0f32; TOKEN_BLOCK.min(t) * vmax];
+        let mut dwa = vec![0f32; vmax * kk];
         for vb in blocks(range.clone(), vblock) {
             let vn = vb.len();
             weight_aug(cfg, w, lora_vocab, vb.clone(), &mut wa);
             dwa[..vn * kk].iter_mut().for_each(|x| *x = 0.0);
             for tb in blocks(0..t, TOKEN_BLOCK) {
                 let tn = tb.len();
-                tile.fill(tb.clone(), vb.clone(), &hp, &wa, &mut g[..tn * vn]);
+                let (gt, ld) = match tile.borrowed(tb.clone(), vb.clone()) {
+                    Some(view) => view,
+                    None => {
+                        tile.fill(tb.clone(), vb.clone(), &hp, &wa, &mut g[..tn * vn]);
+                        (&g[..tn * vn], vn)
+                    }
+                };
                 // [dh | G·U] += G·[W_b | U_b]
                 gemm(
                     1.0,
-                    Mat::rows(&g, tn, vn, vn),
+                    Mat::rows(gt, tn, vn, ld),
                     Mat::rows(&wa, vn, k, k),
                     1.0,
                     MatMut::rows(&mut acc[tb.start * k..], tn, k, k),
@@ -117,7 +140,7 @@ pub fn backward<T: Element, F: GradTile>(
                 // [dW_b | dU_b] += Gᵀ·[h | s·p]
                 gemm(
                     1.0,
-                    Mat::rows(&g, tn, vn, vn).t(),
+                    Mat::rows(gt, tn, vn, ld).t(),
                     Mat::rows(&hp[tb.start * k + col0..], tn, kk, k),
                     1.0,
                     MatMut::rows(&mut dwa, vn, kk, kk),
@@ -172,5 +195,12 @@ impl<G: Element> GradTile for GivenGrad<'_, G> {
             let o = t * self.vocab + vb.start;
             widen_into(row, &self.d_logits[o..o + vn]);
         }
+    }
+
+    fn borrowed(&self, tb: Range<usize>, vb: Range<usize>) -> Option<(&[f32], usize)> {
+        (G::DTYPE == DType::F32).then(|| {
+            let all: &[f32] = bytemuck::cast_slice(self.d_logits);
+            (&all[tb.start * self.vocab + vb.start..], self.vocab)
+        })
     }
 }

@@ -85,7 +85,7 @@ impl HostOps for Cpu {
         d_embed: &[G],
         (du, dvh, dw): GradBufs<'_, '_>,
     ) {
-        embed::backward(cfg, u, vh, ids, d_embed, du, dvh, dw);
+        embed::backward(cfg, self.threads, u, vh, ids, d_embed, du, dvh, dw);
     }
 
     fn head_forward<T: Element>(&self, cfg: &LoraConfig, (w, u, vh): Params<'_, T>, h: &[T], logits: &mut [T]) {

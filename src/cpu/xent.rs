@@ -3,11 +3,12 @@
 //!
 //! `z' = κ·tanh(z/κ)` (or z), `loss_t = lse(z'_t) − z'_t[y_t]`,
 //! `G_t = (softmax(z'_t) − onehot(y_t)) · (1 − tanh²(z_t/κ)) · grad_loss / N`.
-//! Logits and exponentials are f32 (vectorised `exp` and `tanh`, `expf.rs`); the
+//! Logits and exponentials are f32 (vectorised `exp` and `tanh`, `expf.rs`,
+//! AVX-512 / AVX2 where the CPU has them); the
 //! per-token sums of exponentials, the log-sum-exp and the loss sum are f64.
 
 use super::blocks::{blocks, hidden_aug, par_map, vocab_block, weight_aug, TOKEN_BLOCK};
-use super::expf::{exp, sum_exp, tanh};
+use super::expf::{row_max, softcap_row, softmax_grad_row, softmax_grad_row_capped, sum_exp, tanh};
 use super::gemm::{gemm, Mat, MatMut};
 use super::head::GradTile;
 use crate::config::LoraConfig;
@@ -52,14 +53,7 @@ impl Lse {
 
     /// State of one row of (softcapped) logits.
     fn of_row(z: &[f32]) -> Lse {
-        let mut m = f32::NEG_INFINITY;
-        let mut nan = false;
-        for &x in z {
-            if x > m {
-                m = x;
-            }
-            nan |= x.is_nan();
-        }
+        let (m, nan) = row_max(z);
         if !m.is_finite() {
             return Lse { m: m as f64, sum: 1.0, nan };
         }
@@ -80,10 +74,7 @@ impl Lse {
 /// Applies the softcap in place.
 fn softcap(kappa: Option<f64>, z: &mut [f32]) {
     if let Some(k) = kappa {
-        let k = k as f32;
-        for x in z.iter_mut() {
-            *x = k * tanh(*x / k);
-        }
+        softcap_row(z, k as f32);
     }
 }
 
@@ -126,7 +117,7 @@ pub fn forward<T: Element, I: TokenId>(
         let mut state = vec![Lse::EMPTY; t];
         let mut zy = vec![0f64; t];
         let mut wa = Vec::new();
-        let mut z = vec![0f32; TOKEN_BLOCK * vblock];
+        let mut z = vec![0f32; TOKEN_BLOCK.min(t) * vblock.min(range.len())];
         for vb in blocks(range, vblock) {
             let vn = vb.len();
             weight_aug(cfg, w, lora_vocab, vb.clone(), &mut wa);
@@ -204,17 +195,8 @@ impl<I: TokenId> GradTile for XentGrad<'_, I> {
             // The target's raw logit, before the row is turned into G.
             let target_z = vb.contains(&y).then(|| row[y - vb.start]);
             match kappa {
-                Some(kp) => {
-                    for x in row.iter_mut() {
-                        let th = tanh(*x / kp);
-                        *x = exp(kp * th - lse_t) * (1.0 - th * th) * factor;
-                    }
-                }
-                None => {
-                    for x in row.iter_mut() {
-                        *x = exp(*x - lse_t) * factor;
-                    }
-                }
+                Some(kp) => softmax_grad_row_capped(row, kp, lse_t, factor),
+                None => softmax_grad_row(row, lse_t, factor),
             }
             if let Some(z) = target_z {
                 let slope = match kappa {
