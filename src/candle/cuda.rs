@@ -7,10 +7,10 @@
 use candle_core::backend::BackendStorage;
 use candle_core::cuda::{CudaDType, CudaStorage};
 use candle_core::op::BackpropOp;
-use candle_core::{Device, Layout, Result, Shape, Storage, Tensor, WithDType};
+use candle_core::{Layout, Result, Shape, Storage, Tensor, WithDType};
 use cudarc::driver::{CudaSlice, CudaView, DeviceRepr, ValidAsZeroBits};
 
-use super::ops::{with_float, with_ids, Kind, OpGrads, Params};
+use super::ops::{with_float, with_ids, Ins, Kind, OpGrads, Params};
 use super::{err, msg};
 use crate::backend::{Backend, Grads, Weights};
 use crate::cuda::Cuda;
@@ -95,35 +95,12 @@ pub(crate) fn backward(
     p: &Params,
     kind: &Kind,
     x: &Tensor,
-    res: &Tensor,
-    grad: &Tensor,
+    dev: &candle_core::CudaDevice,
+    ins: &Ins<CudaStorage>,
     want_dw: bool,
 ) -> Result<OpGrads> {
-    let Device::Cuda(dev) = x.device() else {
-        return Err(msg("the CUDA path got a tensor on another device"));
-    };
-    // The loss's upstream gradient is one scalar the backward takes by value.
-    let grad_loss = match kind {
-        Kind::Loss { .. } => grad.get(0)?.to_scalar::<f32>()?,
-        _ => 0.0,
-    };
-    let (xs, xl) = x.storage_and_layout();
-    let (ws, wl) = p.w.storage_and_layout();
-    let (us, ul) = p.u.storage_and_layout();
-    let (vs, vl) = p.vh.storage_and_layout();
-    let (rs, rl) = res.storage_and_layout();
-    let (gs, gl) = grad.storage_and_layout();
-    let ins = Ins {
-        x: (cuda_storage(&xs, "x")?, xl),
-        w: (cuda_storage(&ws, "W")?, wl),
-        u: (cuda_storage(&us, "U")?, ul),
-        vh: (cuda_storage(&vs, "Vh")?, vl),
-        res: (cuda_storage(&rs, "the op's result")?, rl),
-        grad: (cuda_storage(&gs, "the upstream gradient")?, gl),
-        grad_loss,
-    };
     let (v, d, r) = (p.cfg.vocab(), p.cfg.hidden(), p.cfg.rank());
-    let (dx, du, dvh, dw) = with_float!(p.w.dtype(), backward_t(p, kind, &ins, want_dw))?;
+    let (dx, du, dvh, dw) = with_float!(p.w.dtype(), backward_t(p, kind, ins, want_dw))?;
     Ok(OpGrads {
         dx: dx.map(|s| Tensor::from_storage(Storage::Cuda(s), x.shape(), BackpropOp::none(), false)),
         du: wrap(du, dev, (v, r)),
@@ -132,19 +109,9 @@ pub(crate) fn backward(
     })
 }
 
-struct Ins<'a> {
-    x: In<'a>,
-    w: In<'a>,
-    u: In<'a>,
-    vh: In<'a>,
-    res: In<'a>,
-    grad: In<'a>,
-    grad_loss: f32,
-}
-
 type DeviceGrads = (Option<CudaStorage>, CudaSlice<f32>, CudaSlice<f32>, Option<CudaSlice<f32>>);
 
-fn backward_t<T: Float>(p: &Params, kind: &Kind, a: &Ins, want_dw: bool) -> Result<DeviceGrads> {
+fn backward_t<T: Float>(p: &Params, kind: &Kind, a: &Ins<CudaStorage>, want_dw: bool) -> Result<DeviceGrads> {
     let (g, cfg, dev) = (gpu(p)?, &p.cfg, &a.x.0.device);
     let (v, d, r) = (cfg.vocab(), cfg.hidden(), cfg.rank());
     let weights =

@@ -5,7 +5,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::op::BackpropOp;
 use candle_core::{CpuStorage, Device, Layout, Result, Shape, Storage, Tensor, WithDType};
 
-use super::ops::{with_float, with_ids, Kind, OpGrads, Params};
+use super::ops::{with_float, with_ids, Ins, Kind, OpGrads, Params};
 use super::{err, msg};
 use crate::backend::{Backend, Grads, Weights};
 use crate::cpu::Cpu;
@@ -73,29 +73,8 @@ fn forward_t<T: Element + WithDType>(
     }
 }
 
-pub(crate) fn backward(
-    p: &Params,
-    kind: &Kind,
-    x: &Tensor,
-    res: &Tensor,
-    grad: &Tensor,
-    want_dw: bool,
-) -> Result<OpGrads> {
-    let (xs, xl) = x.storage_and_layout();
-    let (ws, wl) = p.w.storage_and_layout();
-    let (us, ul) = p.u.storage_and_layout();
-    let (vs, vl) = p.vh.storage_and_layout();
-    let (rs, rl) = res.storage_and_layout();
-    let (gs, gl) = grad.storage_and_layout();
-    let ins = Ins {
-        x: (cpu_storage(&xs, "x")?, xl),
-        w: (cpu_storage(&ws, "W")?, wl),
-        u: (cpu_storage(&us, "U")?, ul),
-        vh: (cpu_storage(&vs, "Vh")?, vl),
-        res: (cpu_storage(&rs, "the op's result")?, rl),
-        grad: (cpu_storage(&gs, "the upstream gradient")?, gl),
-    };
-    let (dx, du, dvh, dw) = with_float!(p.w.dtype(), backward_t(p, kind, &ins, want_dw))?;
+pub(crate) fn backward(p: &Params, kind: &Kind, x: &Tensor, ins: &Ins<CpuStorage>, want_dw: bool) -> Result<OpGrads> {
+    let (dx, du, dvh, dw) = with_float!(p.w.dtype(), backward_t(p, kind, ins, want_dw))?;
     let (v, d, r) = (p.cfg.vocab(), p.cfg.hidden(), p.cfg.rank());
     let dev = Device::Cpu;
     Ok(OpGrads {
@@ -106,18 +85,14 @@ pub(crate) fn backward(
     })
 }
 
-struct Ins<'a> {
-    x: In<'a>,
-    w: In<'a>,
-    u: In<'a>,
-    vh: In<'a>,
-    res: In<'a>,
-    grad: In<'a>,
-}
-
 type HostGradsOut = (Option<CpuStorage>, Vec<f32>, Vec<f32>, Option<Vec<f32>>);
 
-fn backward_t<T: Element + WithDType>(p: &Params, kind: &Kind, a: &Ins, want_dw: bool) -> Result<HostGradsOut> {
+fn backward_t<T: Element + WithDType>(
+    p: &Params,
+    kind: &Kind,
+    a: &Ins<CpuStorage>,
+    want_dw: bool,
+) -> Result<HostGradsOut> {
     let (cpu, cfg) = (&p.engine.cpu, &p.cfg);
     let (v, d, r) = (cfg.vocab(), cfg.hidden(), cfg.rank());
     let weights = Weights::<Cpu, T>::host(slice(a.w, "W")?, slice(a.u, "U")?, slice(a.vh, "Vh")?);
@@ -140,7 +115,6 @@ fn backward_t<T: Element + WithDType>(p: &Params, kind: &Kind, a: &Ins, want_dw:
         Kind::Loss { targets } => {
             let h = slice::<T>(a.x, "h")?;
             let res = slice::<f32>(a.res, "the loss op's result")?;
-            let grad_loss = slice::<f32>(a.grad, "the loss's gradient")?[0];
             let (ts, tl) = targets.storage_and_layout();
             let t = (cpu_storage(&ts, "targets")?, tl);
             let mut dh = vec![<T as Element>::from_f64(f64::NAN); h.len()];
@@ -150,7 +124,7 @@ fn backward_t<T: Element + WithDType>(p: &Params, kind: &Kind, a: &Ins, want_dw:
                 h,
                 tg,
                 &res[1..],
-                grad_loss,
+                a.grad_loss,
                 &mut dh,
                 &mut grads
             ))

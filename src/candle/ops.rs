@@ -6,7 +6,7 @@
 //! device work is in `host.rs` (candle's CPU device, on [`crate::Cpu`]) and
 //! `cuda.rs` (candle's CUDA device, on the kernels).
 
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, Device, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Device, Layout, Result, Shape, Storage, StorageRef, Tensor};
 
 use super::{host, msg};
 use crate::config::LoraConfig;
@@ -133,12 +133,63 @@ pub(crate) struct OpGrads {
     pub(crate) dw: Option<Tensor>,
 }
 
+/// Read guards on what a backward reads: x, W, U, Vh, the op's result and
+/// the upstream gradient, in that order.
+pub(crate) struct Locked<'a>([(StorageRef<'a>, &'a Layout); 6]);
+
+/// The storages of [`Locked`] on one device (`S`: candle's CPU or CUDA
+/// storage), and the loss op's upstream gradient as a scalar.
+pub(crate) struct Ins<'a, S> {
+    pub(crate) x: (&'a S, &'a Layout),
+    pub(crate) w: (&'a S, &'a Layout),
+    pub(crate) u: (&'a S, &'a Layout),
+    pub(crate) vh: (&'a S, &'a Layout),
+    pub(crate) res: (&'a S, &'a Layout),
+    pub(crate) grad: (&'a S, &'a Layout),
+    pub(crate) grad_loss: f32,
+}
+
+impl<'a> Locked<'a> {
+    pub(crate) fn new(p: &'a Params, x: &'a Tensor, res: &'a Tensor, grad: &'a Tensor) -> Self {
+        Locked([x, &p.w, &p.u, &p.vh, res, grad].map(Tensor::storage_and_layout))
+    }
+
+    /// The six as `S` (`get`: the device's storage accessor, an `Err` for a
+    /// storage on another device).
+    pub(crate) fn ins<'s, S>(
+        &'s self,
+        get: fn(&'s Storage, &str) -> Result<&'s S>,
+        grad_loss: f32,
+    ) -> Result<Ins<'s, S>> {
+        let [x, w, u, vh, res, grad] = &self.0;
+        let one =
+            |(s, l): &'s (StorageRef<'a>, &'a Layout), what: &str| Ok::<_, candle_core::Error>((get(s, what)?, *l));
+        Ok(Ins {
+            x: one(x, "x")?,
+            w: one(w, "W")?,
+            u: one(u, "U")?,
+            vh: one(vh, "Vh")?,
+            res: one(res, "the op's result")?,
+            grad: one(grad, "the upstream gradient")?,
+            grad_loss,
+        })
+    }
+}
+
 fn backward(p: &Params, kind: &Kind, x: &Tensor, res: &Tensor, grad: &Tensor, want_dw: bool) -> Result<OpGrads> {
     let grad = grad.contiguous()?;
+    // The loss's upstream gradient is one scalar the backward takes by value.
+    let grad_loss = match kind {
+        Kind::Loss { .. } => grad.get(0)?.to_scalar::<f32>()?,
+        _ => 0.0,
+    };
+    let locked = Locked::new(p, x, res, &grad);
     match x.device() {
-        Device::Cpu => host::backward(p, kind, x, res, &grad, want_dw),
+        Device::Cpu => host::backward(p, kind, x, &locked.ins(host::cpu_storage, grad_loss)?, want_dw),
         #[cfg(feature = "cuda")]
-        Device::Cuda(_) => super::cuda::backward(p, kind, x, res, &grad, want_dw),
+        Device::Cuda(d) => {
+            super::cuda::backward(p, kind, x, d, &locked.ins(super::cuda::cuda_storage, grad_loss)?, want_dw)
+        }
         d => Err(msg(format!("no tiedlora backend for {:?}", d.location()))),
     }
 }
